@@ -1,0 +1,111 @@
+"""Masked-crop rendering, as OVSeg feeds mask proposals to CLIP.
+
+Follows the OVSeg reference (facebookresearch/ov-seg, ``open_vocab_seg/modeling/clip_adapter/utils.py``,
+``crop_with_mask`` and the adapter that resizes its output): for each mask, cut the image to the mask's
+tight box (no expansion), replace every background pixel inside the box with a fill colour (CLIP's mean
+pixel), and resize the crop to the CLIP input size with bicubic interpolation. All tensors stay on the
+device they come in on; the mask itself is kept alongside (mask prompt tuning needs it).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+
+def mask_bboxes(masks: "torch.Tensor") -> "torch.Tensor":
+    """Tight boxes of binary masks.
+
+    Args:
+        masks: bool ``[N, H, W]``.
+
+    Returns:
+        int64 ``[N, 4]`` boxes in XYWH pixels (x, y of the top-left pixel; w, h in pixels); an empty
+        mask gives ``[0, 0, 0, 0]`` (the same convention as pycocotools ``toBbox``).
+    """
+    import torch
+
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be [N, H, W], got shape {tuple(masks.shape)}")
+    n = masks.shape[0]
+    boxes = torch.zeros((n, 4), dtype=torch.int64, device=masks.device)
+    if n == 0:
+        return boxes
+    rows = masks.any(dim=2)  # [N, H]
+    cols = masks.any(dim=1)  # [N, W]
+    nonempty = rows.any(dim=1)
+    h, w = masks.shape[1], masks.shape[2]
+    row_idx = torch.arange(h, device=masks.device)
+    col_idx = torch.arange(w, device=masks.device)
+    y0 = torch.where(rows, row_idx, h).amin(dim=1)
+    y1 = torch.where(rows, row_idx, -1).amax(dim=1)
+    x0 = torch.where(cols, col_idx, w).amin(dim=1)
+    x1 = torch.where(cols, col_idx, -1).amax(dim=1)
+    boxes[:, 0] = x0
+    boxes[:, 1] = y0
+    boxes[:, 2] = x1 - x0 + 1
+    boxes[:, 3] = y1 - y0 + 1
+    boxes[~nonempty] = 0
+    return boxes
+
+
+def render_masked_crops(
+    image: "torch.Tensor",
+    masks: "torch.Tensor",
+    bboxes: "torch.Tensor",
+    *,
+    size: int,
+    fill: Sequence[float],
+) -> "torch.Tensor":
+    """Render one masked crop per mask.
+
+    Args:
+        image: uint8 or float ``[3, H, W]`` RGB, pixel values in [0, 255].
+        masks: bool ``[N, H, W]`` on the same device.
+        bboxes: integer ``[N, 4]`` XYWH pixel boxes (usually :func:`mask_bboxes`); must be non-empty.
+        size: output side in pixels (the CLIP input size, e.g. 224).
+        fill: RGB background value in [0, 255] (OVSeg uses CLIP's mean pixel, 255 * mean).
+
+    Returns:
+        float32 ``[N, 3, size, size]`` in the [0, 255] pixel scale (bicubic may overshoot slightly, as in
+        the reference, which does not clamp). Normalize with :func:`normalize` before CLIP.
+
+    Raises:
+        ValueError: shapes that do not match, or a box with zero width or height.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be [3, H, W], got shape {tuple(image.shape)}")
+    if masks.ndim != 3 or masks.shape[1:] != image.shape[1:]:
+        raise ValueError(f"masks must be [N, {image.shape[1]}, {image.shape[2]}], got {tuple(masks.shape)}")
+    if bboxes.shape != (masks.shape[0], 4):
+        raise ValueError(f"bboxes must be [{masks.shape[0]}, 4], got {tuple(bboxes.shape)}")
+    image_f = image.float()
+    fill_t = torch.tensor(list(fill), dtype=torch.float32, device=image.device).view(3, 1, 1)
+    out = torch.empty((masks.shape[0], 3, size, size), dtype=torch.float32, device=image.device)
+    for i, (x, y, w, h) in enumerate(bboxes.tolist()):
+        if w <= 0 or h <= 0:
+            raise ValueError(f"mask {i} has an empty box {[x, y, w, h]}; drop empty masks before cropping")
+        region = image_f[:, y : y + h, x : x + w]
+        keep = masks[i, y : y + h, x : x + w].unsqueeze(0)
+        crop = torch.where(keep, region, fill_t)
+        out[i] = F.interpolate(crop.unsqueeze(0), size=(size, size), mode="bicubic", align_corners=False)[0]
+    return out
+
+
+def normalize(crops: "torch.Tensor", mean: Sequence[float], std: Sequence[float]) -> "torch.Tensor":
+    """CLIP input normalization of crops in [0, 255]: ``(x / 255 - mean) / std``, per channel.
+
+    Args:
+        crops: float ``[N, 3, S, S]`` in [0, 255].
+        mean, std: per-channel values in [0, 1] (e.g. open_clip's OPENAI_DATASET_MEAN / STD).
+    """
+    import torch
+
+    mean_t = torch.tensor(list(mean), dtype=crops.dtype, device=crops.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(list(std), dtype=crops.dtype, device=crops.device).view(1, 3, 1, 1)
+    return (crops / 255.0 - mean_t) / std_t
