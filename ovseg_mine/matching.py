@@ -82,17 +82,17 @@ class TextEmbeddingCache:
         """float32 ``[len(nouns), D]`` unit-norm text embeddings on ``device``, in the order given."""
         import torch
 
-        missing = sorted({n for n in nouns if n not in self._cache})
-        if missing:
-            prompts = [t.format(n) for n in missing for t in self.templates]
-            tokens = self.tokenizer(prompts).to(self.device)
+        # One encode call per noun (a fixed batch of its prompts): the embedding of a noun then does not
+        # depend on which other nouns an actor happened to see first, so runs stay deterministic.
+        for noun in dict.fromkeys(nouns):
+            if noun in self._cache:
+                continue
+            tokens = self.tokenizer([t.format(noun) for t in self.templates]).to(self.device)
             with torch.inference_mode(), _autocast(self.device, self.precision):
                 feats = self.model.encode_text(tokens).float()
             feats = feats / feats.norm(dim=-1, keepdim=True)
-            feats = feats.view(len(missing), len(self.templates), -1).mean(dim=1)
-            feats = feats / feats.norm(dim=-1, keepdim=True)
-            for noun, feat in zip(missing, feats):
-                self._cache[noun] = feat
+            mean = feats.mean(dim=0)
+            self._cache[noun] = mean / mean.norm()
         if not nouns:
             return torch.empty((0, 0), device=self.device)
         return torch.stack([self._cache[n] for n in nouns])

@@ -1,0 +1,143 @@
+"""The ``ovseg-mine`` command line: parses, loads the config, calls the library. No logic of its own.
+
+Heavy libraries are imported inside the commands, so ``ovseg-mine --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+app = typer.Typer(
+    name="ovseg-mine",
+    help="Mine mask-noun pairs from image-caption data (COCO Captions) for mask-adapted CLIP (OVSeg).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_SET_HELP = "Override a recipe value, e.g. --set sam.points_per_side=16 --set clip.pretrained=/path/ckpt.pt (repeatable)."
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _parse_ids(image_ids: Optional[str]) -> list[int] | None:
+    if image_ids is None:
+        return None
+    path = Path(image_ids)
+    text = path.read_text(encoding="utf-8") if path.is_file() else image_ids
+    try:
+        return [int(tok) for tok in text.replace(",", " ").split()]
+    except ValueError:
+        _fail(f"--image-ids must be integers separated by commas or spaces, or a file of them: {image_ids[:80]!r}")
+    return None
+
+
+def _summary(manifest: dict[str, Any], out: Path) -> None:
+    counts, timings = manifest["counts"], manifest["timings"]
+    rejects = ", ".join(f"{k}: {v}" for k, v in sorted(counts["rejects_by_stage"].items())) or "none"
+    typer.echo(
+        f"{manifest['status']}: {counts['pairs']} pairs ({counts['unique_nouns']} unique nouns) from "
+        f"{counts['images_with_pairs']}/{counts['images']} images in {timings['wall_s']:.1f} s "
+        f"({timings['images_per_s']:.3f} images/s this run); rejected: {rejects}"
+    )
+    if manifest["weights"] == "random":
+        typer.secho("note: randomly initialised weights were used: the pairs are meaningless", fg=typer.colors.YELLOW)
+    typer.echo(f"shards and manifest: {out}")
+
+
+def _run_mine(pipeline: str, captions: Path, images: Path, out: Path, overrides: list[str], limit: Optional[int],
+              image_ids: Optional[str], ray_address: Optional[str], overwrite: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ovseg_mine.config import ConfigError, build_config
+    from ovseg_mine.models import WeightsError
+    from ovseg_mine.nouns import SpacyModelMissing
+    from ovseg_mine.pipeline import RunError, mine
+    from ovseg_mine.sources import SourceError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    extra = list(overrides)
+    if limit is not None:
+        extra.append(f"source.limit={limit}")
+    ids = _parse_ids(image_ids)
+    if ids is not None:
+        extra.append(f"source.image_ids={ids}")
+    started = time.perf_counter()
+    try:
+        cfg = build_config(pipeline, extra)
+        with Progress(TextColumn("mining"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                      TextColumn("{task.fields[pairs]} pairs"), TimeElapsedColumn(), transient=False) as progress:
+            task = progress.add_task("mine", total=None, rate="", pairs=0)
+
+            def on_progress(done: int, total: int, pairs: int) -> None:
+                rate = done / max(1e-9, time.perf_counter() - started)
+                progress.update(task, completed=done, total=total, rate=f"{rate:.2f} img/s", pairs=pairs)
+
+            manifest = mine(cfg, captions, images, out, ray_address=ray_address, overwrite=overwrite,
+                            on_progress=on_progress)
+    except (ConfigError, SourceError, RunError, WeightsError, SpacyModelMissing) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: finished shards are kept in {out}; rerun the same command to resume", err=True)
+        raise typer.Exit(130)
+    _summary(manifest, out)
+
+
+@app.command("mine")
+def mine_command(
+    captions: Path = typer.Option(..., "--captions", help="COCO captions JSON (e.g. annotations/captions_train2017.json)."),
+    images: Path = typer.Option(..., "--images", help="Image root the JSON's file_name entries are relative to."),
+    out: Path = typer.Option(..., "--out", help="Run folder for shards and manifest (resumed if it exists)."),
+    pipeline: str = typer.Option("coco-ovseg", "--pipeline", "-p", help="Recipe name (see `ovseg-mine pipelines`) or .toml path."),
+    overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Mine only the first N images (by image id)."),
+    image_ids: Optional[str] = typer.Option(None, "--image-ids", help="Comma-separated image ids, or a file of ids."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (default: start a local Ray)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard a run with another config in --out."),
+) -> None:
+    """Mine mask-noun pairs from a COCO Captions dataset into Parquet shards."""
+    _run_mine(pipeline, captions, images, out, overrides, limit, image_ids, ray_address, overwrite)
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
+    pipeline: str = typer.Option("demo", "--pipeline", "-p", help="Recipe: demo (real weights if reachable) or smoke."),
+    overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Mine only the first N sample images."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard a run with another config in --out."),
+) -> None:
+    """Mine the bundled sample (16 COCO val2017 images with their captions)."""
+    from ovseg_mine.resources import sample_dir
+
+    sample = sample_dir()
+    _run_mine(pipeline, sample / "captions.json", sample / "images", out, overrides, limit, None, ray_address, overwrite)
+
+
+@app.command("pipelines")
+def pipelines_command() -> None:
+    """List the bundled recipes with their first comment line."""
+    from ovseg_mine.resources import list_pipelines, pipeline_path
+
+    for name in list_pipelines():
+        path = pipeline_path(name)
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        typer.echo(f"{name:12s} {first}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
