@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovseg_mine import rle
+from ovseg_mine.crops import mask_bboxes, normalize, render_masked_crops
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+FILL = [255.0 * m for m in MEAN]
+
+
+def test_mask_bboxes_match_pycocotools():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 30, 40), dtype=bool)
+    masks[0, 5:9, 10:21] = True
+    masks[1, 0:30, 39] = True
+    masks[2] = rng.random((30, 40)) > 0.7
+    boxes = mask_bboxes(torch.from_numpy(masks)).tolist()
+    for mask, box in zip(masks, boxes):
+        assert box == [int(v) for v in rle.bbox(rle.encode(mask))]
+    assert boxes[0] == [10, 5, 11, 4]
+    assert boxes[3] == [0, 0, 0, 0]  # empty mask
+
+
+def test_crop_box_fill_and_size_are_exact():
+    # A 2-colour image; the mask covers a 4x6 (h x w) block and one extra pixel that widens the box.
+    image = torch.zeros((3, 20, 30), dtype=torch.uint8)
+    image[0] = 200
+    image[1, :, 15:] = 100
+    mask = torch.zeros((1, 20, 30), dtype=torch.bool)
+    mask[0, 4:8, 10:16] = True
+    mask[0, 9, 12] = True
+    boxes = mask_bboxes(mask)
+    assert boxes.tolist() == [[10, 4, 6, 6]]
+    crops = render_masked_crops(image, mask, boxes, size=6, fill=FILL)
+    assert crops.shape == (1, 3, 6, 6) and crops.dtype == torch.float32
+    # size equals the box: bicubic resize to the same size is the identity, so values are exact
+    expected = image[:, 4:10, 10:16].float().clone()
+    keep = mask[0, 4:10, 10:16]
+    for c in range(3):
+        expected[c][~keep] = FILL[c]
+    torch.testing.assert_close(crops[0], expected)
+    assert crops[0, 0, 5, 0].item() == pytest.approx(FILL[0])  # background inside the box is the mean pixel
+    assert crops[0, 0, 5, 2].item() == 200.0  # the extra foreground pixel
+
+
+def test_crop_resize_is_bicubic_of_the_composited_box():
+    rng = np.random.default_rng(1)
+    image = torch.from_numpy(rng.integers(0, 256, (3, 50, 60), dtype=np.uint8))
+    mask = torch.from_numpy(rng.random((1, 50, 60)) > 0.5)
+    mask[0, :3] = False
+    box = mask_bboxes(mask)
+    x, y, w, h = box[0].tolist()
+    crops = render_masked_crops(image, mask, box, size=16, fill=FILL)
+    region = image[:, y : y + h, x : x + w].float()
+    fill = torch.tensor(FILL).view(3, 1, 1)
+    composited = torch.where(mask[:, y : y + h, x : x + w], region, fill)
+    expected = F.interpolate(composited[None], size=(16, 16), mode="bicubic", align_corners=False)[0]
+    torch.testing.assert_close(crops[0], expected)
+
+
+def test_background_normalizes_to_zero():
+    crops = torch.tensor(FILL).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    assert normalize(crops, MEAN, STD).abs().max().item() < 1e-5
+
+
+def test_bad_shapes_are_clear_errors():
+    image = torch.zeros((3, 10, 10), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="masks must be"):
+        render_masked_crops(image, torch.zeros((1, 5, 5), dtype=torch.bool), torch.zeros((1, 4)), size=4, fill=FILL)
+    empty = torch.zeros((1, 10, 10), dtype=torch.bool)
+    with pytest.raises(ValueError, match="empty box"):
+        render_masked_crops(image, empty, mask_bboxes(empty), size=4, fill=FILL)

@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+
+from ovseg_mine.config import MatchingConfig
+from ovseg_mine.matching import VILD_TEMPLATES, TextEmbeddingCache, keep_match, match_nouns
+
+
+def _unit(*rows):
+    t = torch.tensor(rows, dtype=torch.float32)
+    return t / t.norm(dim=1, keepdim=True)
+
+
+def test_each_noun_gets_its_most_similar_mask_with_scores():
+    # 3 masks, 2 nouns in 2-D: noun 0 points at mask 1, noun 1 at mask 2.
+    masks = _unit([1.0, 0.0], [0.6, 0.8], [0.0, 1.0])
+    nouns = _unit([0.5, 0.8660254], [0.0, 1.0])
+    sims = nouns @ masks.T
+    matches = match_nouns(masks, nouns, temperature=100.0)
+    assert [(m.noun_index, m.mask_index) for m in matches] == [(0, 1), (1, 2)]
+    assert matches[0].similarity == pytest.approx(sims[0, 1].item(), abs=1e-6)
+    assert matches[0].margin == pytest.approx((sims[0, 1] - sims[0, 2]).item(), abs=1e-6)
+    assert matches[1].margin == pytest.approx((sims[1, 2] - sims[1, 1]).item(), abs=1e-6)
+    # probability: softmax over the image's nouns at the chosen mask
+    logits = 100.0 * sims[:, 1]
+    assert matches[0].probability == pytest.approx(torch.softmax(logits, 0)[0].item(), rel=1e-5)
+    logits = 100.0 * sims[:, 2]
+    assert matches[1].probability == pytest.approx(torch.softmax(logits, 0)[1].item(), rel=1e-5)
+
+
+def test_single_mask_and_single_noun():
+    matches = match_nouns(_unit([1.0, 0.0]), _unit([1.0, 1.0]))
+    assert len(matches) == 1 and matches[0].mask_index == 0
+    assert matches[0].margin is None
+    assert matches[0].probability == pytest.approx(1.0)
+    assert matches[0].similarity == pytest.approx(math.sqrt(0.5), abs=1e-6)
+    assert match_nouns(torch.zeros((0, 2)), _unit([1.0, 0.0])) == []
+
+
+def test_ties_pick_the_lowest_mask_index():
+    masks = _unit([1.0, 0.0], [1.0, 0.0])
+    (match,) = match_nouns(masks, _unit([1.0, 0.0]))
+    assert match.mask_index == 0 and match.margin == pytest.approx(0.0)
+
+
+def test_thresholds():
+    (m,) = match_nouns(_unit([1.0, 0.0], [0.0, 1.0]), _unit([1.0, 0.2]))
+    assert keep_match(m, MatchingConfig())  # paper setting keeps everything
+    assert not keep_match(m, MatchingConfig(min_similarity=0.99))
+    assert not keep_match(m, MatchingConfig(min_margin=0.9))
+    assert keep_match(m, MatchingConfig(min_margin=0.5))
+
+
+class _CountingText(torch.nn.Module):
+    """Stand-in text tower: the embedding is a fixed function of the tokens; counts calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def encode_text(self, tokens):
+        self.calls += 1
+        return torch.stack([tokens.float().sum(1), tokens.float().max(1).values, tokens.shape[1] * torch.ones(len(tokens))], 1)
+
+
+def test_text_embeddings_average_the_14_vild_templates_and_are_cached():
+    assert len(VILD_TEMPLATES) == 14
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    model = _CountingText()
+    cache = TextEmbeddingCache(model, tokenizer, torch.device("cpu"))
+    emb = cache.embed(["dog", "fire hydrant", "dog"])
+    assert emb.shape == (3, 3)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(emb[0], emb[2])
+    feats = model.encode_text(tokenizer([t.format("dog") for t in VILD_TEMPLATES]))
+    feats = feats / feats.norm(dim=1, keepdim=True)
+    expected = feats.mean(0) / feats.mean(0).norm()
+    torch.testing.assert_close(emb[0], expected)
+    calls = model.calls
+    cache.embed(["fire hydrant", "dog"])
+    assert model.calls == calls and len(cache) == 2
