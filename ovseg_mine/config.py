@@ -197,15 +197,22 @@ def build_config(pipeline: str, overrides: list[str] | None = None) -> MineConfi
         raise ConfigError(f"invalid config from pipeline {pipeline!r}: {problems}") from None
 
 
-def config_hash(config: MineConfig) -> str:
-    """sha256 (hex) of the canonical JSON of the config fields that change the mined pairs.
+def mining_config(config: MineConfig) -> dict[str, Any]:
+    """The config fields that decide what an image yields, as a JSON-able dict.
 
-    ``source.limit``/``source.image_ids`` and ``ray`` settings are excluded: they choose which images or
-    how many workers, not what a given image yields, so a run can grow its limit and resume.
+    ``source.limit``/``source.image_ids`` and ``ray`` settings are left out: they choose which images or
+    how many workers, not the pairs of a given image. This is what shards record, so shards stay
+    byte-identical whatever the parallelism, and what :func:`config_hash` hashes, so a run can grow its limit
+    and resume.
     """
     data = config.model_dump(mode="json")
     data.pop("ray", None)
     data["source"].pop("limit", None)
     data["source"].pop("image_ids", None)
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return data
+
+
+def config_hash(config: MineConfig) -> str:
+    """sha256 (hex) of the canonical JSON of :func:`mining_config`."""
+    canonical = json.dumps(mining_config(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ovseg_mine import __version__
-from ovseg_mine.config import MineConfig, config_hash
+from ovseg_mine.config import MineConfig, config_hash, mining_config
 from ovseg_mine.shards import SCHEMA_VERSION, read_done, sha256_file, write_json_atomic, write_shard
 from ovseg_mine.sources import ImageRecord, Reject, Source, read_coco_captions
 
@@ -269,7 +269,7 @@ def mine(
     done = {i: r for i, r in read_done(out).items() if i in plan and r.get("image_ids") == [x.image_id for x in plan[i]]}
     todo = [r for i in sorted(plan) if i not in done for r in plan[i]]
     shard_of = {r.image_id: i for i in plan for r in plan[i]}
-    meta = {"package_version": __version__, "config": cfg.model_dump(mode="json"), "config_hash": config_hash(cfg),
+    meta = {"package_version": __version__, "config": mining_config(cfg), "config_hash": config_hash(cfg),
             "models": weights.models, "weights": "random" if weights.random else "pretrained"}
     total = len(source.records)
     images_done = sum(len(plan[i]) for i in done)
