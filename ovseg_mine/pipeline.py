@@ -133,6 +133,7 @@ def _init_ray(address: str | None) -> None:
 def _stream(records: list[ImageRecord], cfg: MineConfig, weights: ResolvedWeights):
     """Yield per-image result rows (dicts, see stages.image_result_schema) as Ray finishes them."""
     import ray
+    from ray.data import ActorPoolStrategy
 
     from ovseg_mine.stages import MaskMatchStage, NounStage
 
@@ -142,7 +143,7 @@ def _stream(records: list[ImageRecord], cfg: MineConfig, weights: ResolvedWeight
     ds = ray.data.from_items([r.to_row() for r in records], override_num_blocks=max(1, min(len(records), 64)))
     ds = ds.map_batches(
         NounStage, fn_constructor_kwargs={"config": config}, batch_size=64, batch_format="pyarrow",
-        concurrency=cfg.ray.noun_actors, num_cpus=0.5,
+        compute=ActorPoolStrategy(size=cfg.ray.noun_actors), num_cpus=0.5,
     )
     if gpus:
         actors = cfg.ray.actors or max(1, int(gpus / cfg.ray.num_gpus_per_actor))
@@ -158,7 +159,7 @@ def _stream(records: list[ImageRecord], cfg: MineConfig, weights: ResolvedWeight
             "config": config, "sam_checkpoint": weights.sam_checkpoint,
             "clip_pretrained": weights.clip_pretrained, "threads": threads,
         },
-        batch_size=cfg.ray.batch_size, batch_format="pyarrow", concurrency=actors, **resources,
+        batch_size=cfg.ray.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=actors), **resources,
     )
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         yield from batch.to_pylist()
