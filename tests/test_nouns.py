@@ -22,7 +22,13 @@ from ovseg_mine.nouns import (
     load_nlp,
 )
 
-COCO_CAPTIONS = Path("/work/shared/data/coco-mini/annotations/captions_val2017.json")
+from conftest import COCO_MINI
+from ovseg_mine.resources import sample_dir
+
+# Real COCO captions: the 79 images of ../shared/data/coco-mini when present, else the bundled 16.
+COCO_CAPTIONS = COCO_MINI / "annotations" / "captions_val2017.json"
+if not COCO_CAPTIONS.exists():
+    COCO_CAPTIONS = sample_dir() / "captions.json"
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +223,6 @@ def test_real_coco_caption_index_is_first_appearance(nlp, coco_captions, coco_no
 def test_real_coco_sanity(coco_nouns):
     everything = {n.text for found in coco_nouns for n in found}
     assert everything & {"man", "person", "woman"}
-    assert {"dog", "table", "pizza", "kitchen", "stop sign", "fire hydrant", "tennis racket"} <= everything
-    assert len(everything) > 100
+    assert {"dog", "stop sign", "fire hydrant", "tennis racket"} <= everything  # in both caption files
+    assert len(everything) > (100 if len(coco_nouns) > 16 else 40)
     assert all(found for found in coco_nouns), "every COCO image should have at least one noun"
