@@ -135,6 +135,12 @@ def pipelines_command() -> None:
         typer.echo(f"{name:12s} {first}")
 
 
+# --- inspect command (ovseg_mine.quality) ---
+
+
+# --- publish command (ovseg_mine.hub) ---
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

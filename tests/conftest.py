@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,3 +27,21 @@ def coco_mini() -> Path:
     if not (COCO_MINI / "annotations" / "captions_val2017.json").is_file():
         pytest.skip(f"coco-mini not found at {COCO_MINI}")
     return COCO_MINI
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``ovseg-mine ARGS`` in a subprocess (real CLI, real local Ray); returns the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", "ovseg_mine.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """A run folder mined once per test session: the bundled 16-image sample, `smoke` recipe, 6 images per
+    shard (3 shards). Read-only for tests: copy it before changing anything."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    result = run_cli("demo", "--pipeline", "smoke", "--out", str(out), "--set", "shards.images_per_shard=6")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "complete:" in result.stdout and "images/s" in result.stdout
+    return out

@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -16,20 +15,7 @@ from ovseg_mine import rle
 from ovseg_mine.resources import schemas_dir
 from ovseg_mine.shards import read_done, read_file_metadata, read_pairs, shard_files, validate_shard
 
-
-def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ovseg_mine.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    result = run_cli("demo", "--pipeline", "smoke", "--out", str(out), "--set", "shards.images_per_shard=6")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "complete:" in result.stdout and "images/s" in result.stdout
-    return out
+from conftest import run_cli
 
 
 def test_manifest_follows_its_schema(smoke_run, sample):
@@ -88,7 +74,8 @@ def test_same_input_gives_identical_shards(smoke_run, tmp_path):
     assert first == second
 
 
-def test_rerun_resumes_and_other_config_is_refused(smoke_run):
+def test_rerun_resumes_and_other_config_is_refused(smoke_run, tmp_path):
+    smoke_run = shutil.copytree(smoke_run, tmp_path / "run")
     before = {i: r["sha256"] for i, r in read_done(smoke_run).items()}
     result = run_cli("demo", "--pipeline", "smoke", "--out", str(smoke_run), "--set", "shards.images_per_shard=6")
     assert result.returncode == 0, result.stderr
