@@ -42,8 +42,8 @@ def tiny_sam_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def coco_image(coco_mini) -> np.ndarray:
-    path = sorted((coco_mini / "val2017").glob("*.jpg"))[0]
+def coco_image(sample) -> np.ndarray:
+    path = sorted((sample / "images").glob("*.jpg"))[0]
     return np.asarray(Image.open(path).convert("RGB"))
 
 

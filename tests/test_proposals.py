@@ -37,8 +37,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def images(coco_mini) -> list[np.ndarray]:
-    paths = sorted((coco_mini / "val2017").glob("*.jpg"))[:2]
+def images(sample) -> list[np.ndarray]:
+    paths = sorted((sample / "images").glob("*.jpg"))[:2]
     return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
 
 
