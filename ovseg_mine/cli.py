@@ -74,16 +74,22 @@ def _run_mine(pipeline: str, captions: Path, images: Path, out: Path, overrides:
     started = time.perf_counter()
     try:
         cfg = build_config(pipeline, extra)
-        with Progress(TextColumn("mining"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                      TextColumn("{task.fields[pairs]} pairs"), TimeElapsedColumn(), transient=False) as progress:
-            task = progress.add_task("mine", total=None, rate="", pairs=0)
+        progress = Progress(TextColumn("mining"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                            TextColumn("{task.fields[pairs]} pairs"), TimeElapsedColumn())
+        task = progress.add_task("mine", total=None, rate="", pairs=0)
 
-            def on_progress(done: int, total: int, pairs: int) -> None:
-                rate = done / max(1e-9, time.perf_counter() - started)
-                progress.update(task, completed=done, total=total, rate=f"{rate:.2f} img/s", pairs=pairs)
+        def on_progress(done: int, total: int, pairs: int) -> None:
+            if not progress.live.is_started:  # shown once models are loaded and images flow
+                progress.start()
+            rate = done / max(1e-9, time.perf_counter() - started)
+            progress.update(task, completed=done, total=total, rate=f"{rate:.2f} img/s", pairs=pairs)
 
+        try:
             manifest = mine(cfg, captions, images, out, ray_address=ray_address, overwrite=overwrite,
                             on_progress=on_progress)
+        finally:
+            if progress.live.is_started:
+                progress.stop()
     except (ConfigError, SourceError, RunError, WeightsError, SpacyModelMissing) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -136,9 +142,75 @@ def pipelines_command() -> None:
 
 
 # --- inspect command (ovseg_mine.quality) ---
+@app.command("inspect")
+def inspect_command(
+    run: Path = typer.Argument(..., help="Run folder (manifest.json + shards/)."),
+    gt: Optional[Path] = typer.Option(None, "--gt", help="COCO instances (or panoptic) JSON of the same images: adds agreement with ground truth."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON (stdout) instead of text."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Report folder (default RUN/report)."),
+    no_report: bool = typer.Option(False, "--no-report", help="Only print the figures; write no HTML report."),
+    gallery: int = typer.Option(48, "--gallery", min=0, help="Pairs shown in the report's gallery."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the gallery's sampling (same seed, same pairs)."),
+) -> None:
+    """Quality figures of a run: counts, score distributions, nouns, duplicates, ground-truth agreement; HTML report."""
+    import json
+
+    from ovseg_mine.quality import InspectError, format_summary, inspect_run
+
+    try:
+        insp = inspect_run(run, gt)
+        path = None
+        if not no_report:
+            from ovseg_mine.report import write_report
+
+            path = write_report(insp, report or run / "report", gallery=gallery, seed=seed)
+    except InspectError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write the report: {exc}")
+    typer.echo(json.dumps(insp.figures, indent=2, sort_keys=True) if as_json else format_summary(insp.figures))
+    if path is not None:
+        typer.echo(f"report: {path}", err=as_json)
+
 
 
 # --- publish command (ovseg_mine.hub) ---
+@app.command("publish")
+def publish_command(
+    run: Path = typer.Argument(..., help="Run folder (manifest.json + shards/)."),
+    repo_id: Optional[str] = typer.Option(None, "--repo-id", help="Dataset repository USER/NAME (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to upload to (created if missing)."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Commit message of the upload."),
+    token: Optional[str] = typer.Option(None, "--token", show_default=False,
+                                        help="Hub token (default: HF_TOKEN or the `hf auth login` cache)."),
+    embed: Optional[str] = typer.Option(None, "--embed", help="'crops': add the masked crop of each pair as a PNG."),
+    crop_size: int = typer.Option(224, "--crop-size", min=8, help="Side in pixels of the embedded crops."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Publish the finished shards of an unfinished run."),
+    dry_run: Optional[Path] = typer.Option(None, "--dry-run", help="Write the folder that would be uploaded here and stop."),
+) -> None:
+    """Upload a run to the Hugging Face Hub as a Parquet dataset with a dataset card."""
+    from ovseg_mine.hub import PublishError, build_folder, publish
+
+    def warn(message: str) -> None:
+        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+    try:
+        if dry_run is not None:
+            built = build_folder(run, dry_run, embed=embed, crop_size=crop_size, allow_partial=allow_partial,
+                                 repo_id=repo_id)
+            for message in built.warnings:
+                warn(message)
+            typer.echo(f"dry run: {built.rows} pairs in {len(built.files)} Parquet file(s) + README.md in {dry_run}")
+            return
+        if not repo_id:
+            _fail("--repo-id USER/NAME is required (or --dry-run DIR)")
+        url = publish(run, repo_id, token=token, private=private, revision=revision, commit_message=commit_message,
+                      embed=embed, crop_size=crop_size, allow_partial=allow_partial, on_warning=warn)
+    except PublishError as exc:
+        _fail(str(exc))
+    typer.echo(f"published: {url}")
+
 
 
 def main() -> None:  # pragma: no cover - console entry point
