@@ -121,8 +121,12 @@ def _init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
-             configure_logging=True)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                 configure_logging=True)
+    except Exception as exc:  # Ray raises bare Exception on start-up timeouts, ConnectionError on bad addresses
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise RunError(f"could not start or join {where}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
