@@ -29,7 +29,7 @@ def coco_mini() -> Path:
     return COCO_MINI
 
 
-def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run ``ovseg-mine ARGS`` in a subprocess (real CLI, real local Ray); returns the completed process."""
     return subprocess.run(
         [sys.executable, "-m", "ovseg_mine.cli", *args], capture_output=True, text=True, timeout=timeout

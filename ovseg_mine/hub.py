@@ -1,0 +1,365 @@
+"""Publish a run to the Hugging Face Hub as a Parquet dataset that ``datasets.load_dataset`` and the viewer read.
+
+The uploaded folder::
+
+    README.md                             dataset card: YAML header (configs, dataset_info) + text (ovseg_mine.card)
+    data/train-00000-of-000NN.parquet     the pairs, optionally with a ``crop`` Image column (lossless PNG)
+
+Parquet files follow what ``datasets.push_to_hub`` writes: at most ~500 MB (uncompressed Arrow) per file, row
+groups of at most ~100 MB, page index and content-defined chunking (so a re-upload of a changed run dedupes
+on the Hub's Xet storage), and the ``huggingface`` schema metadata with the features. The folder is
+deterministic: building the same run twice gives byte-identical files, so an interrupted upload can be rerun
+and only what is missing is sent.
+
+Upload: ``HfApi.upload_folder`` with the commit message (in huggingface_hub >= 1.x with hf_xet it is the
+resumable, multi-commit large-folder upload). On an older huggingface_hub that still has
+``HfApi.upload_large_folder``, folders above :data:`LARGE_FOLDER_BYTES` use it instead (resumable, but it
+writes its own commit messages: ``--commit-message`` is then ignored, with a warning).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ovseg_mine import card as card_mod
+from ovseg_mine.shards import ShardError, read_done, read_file_metadata, schema_spec, shard_files
+
+log = logging.getLogger(__name__)
+
+MAX_FILE_BYTES = 500 * 1000**2  # uncompressed Arrow bytes per Parquet file (datasets' MAX_SHARD_SIZE)
+MAX_ROW_GROUP_BYTES = 100 * 1000**2  # uncompressed Arrow bytes per row group (datasets' MAX_ROW_GROUP_SIZE)
+LARGE_FOLDER_BYTES = 5 * 1000**3  # above this, upload_large_folder where huggingface_hub has it
+CLIP_MEAN_PIXEL = tuple(255.0 * m for m in (0.48145466, 0.4578275, 0.40821073))
+CDC_OPTIONS = {"min_chunk_size": 256 * 1024, "max_chunk_size": 1024 * 1024, "norm_level": 0}
+
+
+class PublishError(Exception):
+    """A run that cannot be published, or a Hub error; ``str(error)`` is a one-line reason (never the token)."""
+
+
+@dataclass
+class BuiltFolder:
+    """What :func:`build_folder` wrote: ``rows`` pairs in ``files`` (paths relative to ``folder``),
+    ``num_bytes`` uncompressed Arrow bytes, ``download_bytes`` Parquet bytes, and ``warnings`` (one-line)."""
+
+    folder: Path
+    rows: int
+    files: list[str]
+    num_bytes: int
+    download_bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run's ``manifest.json``. Raises :class:`PublishError` when the folder is not a run folder."""
+    path = Path(run_dir) / "manifest.json"
+    if not Path(run_dir).is_dir() or not path.is_file():
+        raise PublishError(f"{run_dir} is not an ovseg-mine run folder (no manifest.json in it)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PublishError(f"{path} is not a readable manifest: {exc}") from None
+
+
+def publishable_shards(run_dir: str | os.PathLike[str], manifest: dict[str, Any], *, allow_partial: bool) -> list[Path]:
+    """The shard files to publish, in index order, after checking the run.
+
+    Every shard file must be an ovseg-mine shard of a known schema version. A run is complete when the
+    manifest says ``status: complete`` and each shard it lists has a done marker with the same sha256 as
+    the file; a partial run is refused unless ``allow_partial`` (then only shards with a valid done marker
+    are published).
+
+    Raises:
+        PublishError: not a run folder, unknown schema version, or an incomplete run without ``allow_partial``.
+    """
+    try:
+        files = shard_files(run_dir)
+        for path in files:
+            read_file_metadata(path)
+    except ShardError as exc:
+        raise PublishError(str(exc)) from None
+    done = read_done(run_dir, verify=True)
+    done_by_file = {rec.get("file"): rec for rec in done.values()}
+    problems = []
+    if manifest.get("status") != "complete":
+        problems.append(f"manifest status is {manifest.get('status')!r}")
+    for entry in manifest.get("shards", []):
+        rec = done_by_file.get(entry.get("file"))
+        if rec is None or rec.get("sha256") != entry.get("sha256"):
+            problems.append(f"shard {entry.get('file')} has no matching done marker")
+    if problems and not allow_partial:
+        raise PublishError(f"incomplete run {run_dir}: {problems[0]} ({len(problems)} problem(s)); resume the "
+                           "mining to finish it, or pass --allow-partial to publish the finished shards")
+    chosen = [Path(run_dir) / done[i]["file"] for i in sorted(done)]
+    if not chosen:
+        raise PublishError(f"{run_dir} has no finished shard to publish")
+    return chosen
+
+
+def render_crops(table: "Any", image_root: str | os.PathLike[str], *, size: int = 224) -> list[bytes]:
+    """Lossless PNG masked crops of pairs, rendered as mining does (ovseg_mine.crops).
+
+    Args:
+        table: Arrow table of pairs (``image_id``, ``file_name``, ``width``, ``height``, ``mask`` columns).
+        image_root: folder the ``file_name`` entries are relative to (manifest ``source.image_root``).
+        size: crop side in pixels.
+
+    Returns:
+        One PNG per row (RGB uint8, ``size`` x ``size``): tight box of the mask, background = CLIP mean pixel
+        (rounded), bicubic resize, clamped to [0, 255].
+
+    Raises:
+        PublishError: a source image that is missing, unreadable or not of the row's size.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ovseg_mine.crops import mask_bboxes, render_masked_crops
+    from ovseg_mine.images import ImageDecodeError, load_rgb
+    from ovseg_mine.rle import decode
+
+    rows = table.select(["image_id", "file_name", "width", "height", "mask"]).to_pylist()
+    out: list[bytes] = [b""] * len(rows)
+    by_image: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_image.setdefault(row["image_id"], []).append(i)
+    for indices in by_image.values():
+        first = rows[indices[0]]
+        path = Path(image_root) / first["file_name"]
+        try:
+            pixels = load_rgb(path)
+        except ImageDecodeError as exc:
+            raise PublishError(f"--embed crops needs the source images: {path}: {exc}") from None
+        if pixels.shape[:2] != (first["height"], first["width"]):
+            raise PublishError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the run mined it at "
+                               f"{first['width']}x{first['height']}")
+        image = torch.from_numpy(pixels).permute(2, 0, 1)
+        masks = torch.from_numpy(np.stack([decode(rows[i]["mask"]) for i in indices]))
+        crops = render_masked_crops(image, masks, mask_bboxes(masks), size=size, fill=CLIP_MEAN_PIXEL)
+        crops = crops.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for i, crop in zip(indices, crops):
+            buffer = io.BytesIO()
+            Image.fromarray(crop, mode="RGB").save(buffer, format="PNG")
+            out[i] = buffer.getvalue()
+    return out
+
+
+def _features(embed_size: Optional[int]) -> "Any":
+    import datasets
+
+    from ovseg_mine.shards import pair_schema
+
+    features = datasets.Features.from_arrow_schema(pair_schema().remove_metadata())
+    if embed_size:
+        features["crop"] = datasets.Image()
+    return features
+
+
+def build_folder(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, embed: Optional[str] = None,
+                 crop_size: int = 224, allow_partial: bool = False, repo_id: Optional[str] = None,
+                 max_file_bytes: int = MAX_FILE_BYTES) -> BuiltFolder:
+    """Write the folder that :func:`publish` uploads (README.md + data/train-*.parquet).
+
+    Args:
+        run_dir: the run folder.
+        out_dir: target folder; created, or emptied of a previous build (refused when it holds other files).
+        embed: None, or ``"crops"`` for a ``crop`` Image column of PNG masked crops (needs the source images).
+        crop_size: crop side in pixels for ``embed="crops"``.
+        allow_partial: publish the finished shards of an incomplete run.
+        repo_id: ``USER/NAME`` shown in the card's loading snippet.
+        max_file_bytes: uncompressed Arrow bytes per Parquet file.
+
+    Returns:
+        A :class:`BuiltFolder`; its warnings include the random-weights warning.
+
+    Raises:
+        PublishError: see :func:`publishable_shards`; a bad ``embed`` value; a non-empty foreign ``out_dir``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if embed not in (None, "crops"):
+        raise PublishError(f"--embed must be 'crops', got {embed!r}")
+    manifest = load_manifest(run_dir)
+    sources = publishable_shards(run_dir, manifest, allow_partial=allow_partial)
+    partial = sources != [Path(run_dir) / e["file"] for e in manifest.get("shards", [])] or \
+        manifest.get("status") != "complete"
+    warnings = []
+    if manifest.get("weights") == "random":
+        warnings.append("this run used randomly initialised weights: its pairs are meaningless")
+    if partial:
+        warnings.append("publishing an incomplete run: only its finished shards")
+    out = Path(out_dir)
+    if out.exists() and any(p.name not in ("README.md", "data") for p in out.iterdir()):
+        raise PublishError(f"{out} is not empty: give an empty or new folder")
+    data = out / "data"
+    if data.exists():
+        shutil.rmtree(data)
+    data.mkdir(parents=True)
+    embed_size = crop_size if embed == "crops" else None
+    features = _features(embed_size)
+    schema = features.arrow_schema
+    image_root = manifest.get("source", {}).get("image_root", "")
+
+    # Content-defined chunking (pyarrow >= 21) keeps pages stable across rebuilds, so the Hub's Xet storage dedupes.
+    cdc = {"use_content_defined_chunking": CDC_OPTIONS} if _has_cdc() else {}
+    parts: list[Path] = []
+    writer: Optional[pq.ParquetWriter] = None
+    file_bytes = total_bytes = rows = 0
+    group_rows: Optional[int] = None
+    pending: list[pa.Table] = []
+    stat_tables = []
+
+    def flush(table: pa.Table) -> None:
+        nonlocal writer, file_bytes
+        if writer is None:
+            parts.append(data / f"part-{len(parts):05d}.tmp")
+            writer = pq.ParquetWriter(parts[-1], schema, compression="zstd", write_page_index=True, **cdc)
+            if cdc:
+                writer.add_key_value_metadata({"content_defined_chunking": json.dumps(CDC_OPTIONS)})
+        writer.write_table(table, row_group_size=max(1, table.num_rows))
+        file_bytes += table.nbytes
+        if file_bytes >= max_file_bytes:
+            writer.close()
+            writer, file_bytes = None, 0
+
+    for path in sources:
+        table = pq.read_table(path).replace_schema_metadata(None)
+        stat_tables.append(table.select(["image_id", "noun", "width", "height", "area", "similarity",
+                                         "probability", "margin"]))
+        if embed_size:
+            pngs = render_crops(table, image_root, size=embed_size)
+            crop = pa.array([{"bytes": b, "path": None} for b in pngs], type=schema.field("crop").type)
+            table = table.append_column("crop", crop)
+        table = table.select(schema.names).cast(schema)
+        rows += table.num_rows
+        total_bytes += table.nbytes
+        if table.num_rows and group_rows is None:
+            group_rows = max(1, table.num_rows * MAX_ROW_GROUP_BYTES // max(1, table.nbytes))
+        pending.append(table)
+        buffered = pa.concat_tables(pending)
+        while group_rows and buffered.num_rows >= group_rows:
+            flush(buffered.slice(0, group_rows))
+            buffered = buffered.slice(group_rows)
+        pending = [buffered]
+    leftover = pa.concat_tables(pending) if pending else schema.empty_table()
+    if leftover.num_rows or not parts:
+        flush(leftover)
+    if writer is not None:
+        writer.close()
+    files = []
+    for i, part in enumerate(parts):
+        name = f"data/train-{i:05d}-of-{len(parts):05d}.parquet"
+        part.rename(out / name)
+        files.append(name)
+    download_bytes = sum((out / f).stat().st_size for f in files)
+    stats = card_mod.pair_stats(pa.concat_tables(stat_tables) if stat_tables else _empty_stats_table())
+    header = card_mod.card_header(features._to_yaml_list(), rows=rows, num_bytes=total_bytes,
+                                  download_bytes=download_bytes, pretty_name="ovseg-mine COCO mask-noun pairs")
+    body = card_mod.card_body(manifest, stats, schema_spec()["fields"], repo_id=repo_id, embed_crops=embed_size,
+                              partial=partial)
+    (out / "README.md").write_text(card_mod.render_card(header, body), encoding="utf-8")
+    return BuiltFolder(out, rows, files, total_bytes, download_bytes, warnings)
+
+
+def _has_cdc() -> bool:
+    import inspect
+
+    import pyarrow.parquet as pq
+
+    return "use_content_defined_chunking" in inspect.signature(pq.ParquetWriter.__init__).parameters
+
+
+def _empty_stats_table() -> "Any":
+    from ovseg_mine.shards import pair_schema
+
+    return pair_schema().empty_table()
+
+
+def _hub_error(exc: BaseException, repo_id: str, token: Optional[str]) -> PublishError:
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalTokenNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, LocalTokenNotFoundError) or status == 401:
+        message = "the Hub refused the token (missing or invalid): set HF_TOKEN, run `hf auth login`, or pass --token"
+    elif isinstance(exc, GatedRepoError) or status == 403:
+        message = f"no write permission on {repo_id}: use a token with write access to that namespace"
+    elif isinstance(exc, RepositoryNotFoundError):
+        message = f"repository {repo_id} not found or not accessible with this token"
+    elif isinstance(exc, RevisionNotFoundError):
+        message = f"revision not found in {repo_id}"
+    elif status == 409:
+        message = f"{repo_id} conflicts with an existing repository (another type or name): {_first_line(exc)}"
+    elif isinstance(exc, HfHubHTTPError):
+        message = f"Hub error{f' (HTTP {status})' if status else ''}: {_first_line(exc)}"
+    else:
+        message = f"upload failed: {type(exc).__name__}: {_first_line(exc)}"
+    if token:
+        message = message.replace(token, "***")
+    return PublishError(message)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def publish(run_dir: str | os.PathLike[str], repo_id: str, *, token: Optional[str] = None, private: bool = False,
+            revision: Optional[str] = None, commit_message: Optional[str] = None, embed: Optional[str] = None,
+            crop_size: int = 224, allow_partial: bool = False, large_folder_bytes: int = LARGE_FOLDER_BYTES,
+            on_warning: Callable[[str], None] = log.warning) -> str:
+    """Build the folder of a run in a temporary folder and upload it to the dataset repository ``repo_id``.
+
+    Creates the repository (``repo_type="dataset"``, ``private``) when missing and the branch ``revision``
+    when given; replaces the ``data/`` Parquet files of a previous upload. The token comes from ``token``,
+    else huggingface_hub's usual places (HF_TOKEN, the login cache); it is never logged or written.
+
+    Returns:
+        The URL of the dataset repository.
+
+    Raises:
+        PublishError: a run with random weights, an incomplete run (without ``allow_partial``), no token, or a
+            Hub error (one line).
+    """
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalTokenNotFoundError
+
+    manifest = load_manifest(run_dir)
+    if manifest.get("weights") == "random":
+        raise PublishError("refusing to upload a run mined with randomly initialised weights (manifest weights: "
+                           "random): its pairs are meaningless; use --dry-run DIR to inspect the folder")
+    publishable_shards(run_dir, manifest, allow_partial=allow_partial)
+    if not (token or get_token()):
+        raise PublishError("no Hugging Face token: set HF_TOKEN, run `hf auth login`, or pass --token")
+    api = HfApi(token=token or None)
+    with tempfile.TemporaryDirectory(prefix="ovseg-mine-publish-") as tmp:
+        built = build_folder(run_dir, Path(tmp) / "dataset", embed=embed, crop_size=crop_size,
+                             allow_partial=allow_partial, repo_id=repo_id)
+        for warning in built.warnings:
+            on_warning(warning)
+        message = commit_message or f"Upload {built.rows} mask-noun pairs with ovseg-mine"
+        try:
+            url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
+            size = built.download_bytes + (built.folder / "README.md").stat().st_size
+            if size > large_folder_bytes and hasattr(api, "upload_large_folder"):
+                if commit_message:
+                    on_warning("upload_large_folder writes its own commit messages: --commit-message is ignored")
+                api.upload_large_folder(repo_id=repo_id, folder_path=built.folder, repo_type="dataset",
+                                        revision=revision, private=private)
+            else:
+                api.upload_folder(repo_id=repo_id, folder_path=built.folder, repo_type="dataset", revision=revision,
+                                  commit_message=message, delete_patterns=["data/*.parquet"])
+        except (HfHubHTTPError, LocalTokenNotFoundError, HFValidationError, OSError, ValueError) as exc:
+            raise _hub_error(exc, repo_id, token) from None
+    return str(getattr(url, "url", url) or f"https://huggingface.co/datasets/{repo_id}")

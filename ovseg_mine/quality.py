@@ -1,0 +1,396 @@
+"""Quality figures of a run folder (``ovseg-mine inspect``): counts, score distributions, nouns, duplicate
+masks and, given COCO instance or panoptic annotations, agreement with the ground truth.
+
+:func:`inspect_run` computes everything into an :class:`Inspection` whose ``figures`` dict is what
+``--json`` prints; :func:`format_summary` renders it as text. The HTML report is :mod:`ovseg_mine.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ovseg_mine import rle
+from ovseg_mine.shards import ShardError, read_done, read_file_metadata, read_pairs, shard_files
+from ovseg_mine.synonyms import NounMapper
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+SCORES = ("similarity", "probability", "margin", "area_fraction", "predicted_iou", "stability_score")
+BIN_SCORES = ("similarity", "probability", "margin")
+DUPLICATE_IOU = 0.9
+GT_IOU = 0.5
+
+
+class InspectError(ValueError):
+    """A run folder or ground-truth file that cannot be inspected; the message says why, in one line."""
+
+
+@dataclass
+class Inspection:
+    """Result of :func:`inspect_run`.
+
+    Attributes:
+        run_dir: the run folder.
+        manifest: its manifest.json.
+        pairs: list of row dicts (pairs-v1 columns plus ``area_fraction``), in shard order.
+        gt_iou: float64 ``[len(pairs)]``, IoU with the ground truth, NaN where not evaluated.
+        gt_category: per pair the mapped COCO category name, or None.
+        figures: the JSON-able figures (see :func:`format_summary`).
+    """
+
+    run_dir: Path
+    manifest: dict[str, Any]
+    pairs: list[dict[str, Any]]
+    gt_iou: np.ndarray
+    gt_category: list[str | None]
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def _num(x: float | None, digits: int = 4) -> float | None:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return None
+    return round(float(x), digits)
+
+
+def quantiles(values: Any) -> dict[str, Any]:
+    """Summary of a 1-D sample: ``n``, ``nulls`` (None/NaN left out), ``mean``, ``min``, ``p5`` .. ``p95``, ``max``.
+
+    Args:
+        values: iterable of numbers, None allowed. Statistics are None when nothing is left.
+    """
+    arr = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+    good = arr[np.isfinite(arr)]
+    out: dict[str, Any] = {"n": int(good.size), "nulls": int(arr.size - good.size)}
+    stats = {"mean": None, "min": None, **{f"p{int(q * 100)}": None for q in QUANTILES}, "max": None}
+    if good.size:
+        stats["mean"], stats["min"], stats["max"] = _num(good.mean()), _num(good.min()), _num(good.max())
+        for q, v in zip(QUANTILES, np.quantile(good, QUANTILES)):
+            stats[f"p{int(q * 100)}"] = _num(v)
+    return out | stats
+
+
+def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, dict[str, Any]]]:
+    """Read a run folder: ``(manifest, pairs as row dicts, done records by shard index)``.
+
+    Raises:
+        InspectError: not a run folder (no manifest.json or shards/), unreadable manifest, or a shard that is
+            not an ovseg-mine shard or uses an unknown schema version.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InspectError(f"{run_dir} is not a folder")
+    manifest_path = run_dir / "manifest.json"
+    try:
+        files = shard_files(run_dir)
+        if not manifest_path.is_file():
+            raise InspectError(f"{run_dir} is not an ovseg-mine run folder (no manifest.json in it)")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InspectError(f"{manifest_path} is not valid JSON: {exc}") from None
+        for path in files:
+            read_file_metadata(path)
+        table = read_pairs(run_dir)
+    except ShardError as exc:
+        raise InspectError(str(exc)) from None
+    rows = table.to_pylist()
+    for row in rows:
+        row["area_fraction"] = row["area"] / max(1, row["width"] * row["height"])
+    return manifest, rows, read_done(run_dir, verify=False)
+
+
+def _image_records(done: dict[int, dict[str, Any]], pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    images = [img for index in sorted(done) for img in done[index].get("images", [])]
+    known = {img["image_id"] for img in images}
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for p in pairs:
+        by_image[p["image_id"]].append(p)
+    for image_id, rows in by_image.items():  # shards without per-image status (hand-made or older runs)
+        if image_id not in known:
+            images.append({"image_id": image_id, "status": "ok", "reason": "", "num_pairs": len(rows),
+                           "num_proposals": rows[0]["num_proposals"]})
+    return images
+
+
+def _counts(manifest: dict[str, Any], pairs: list[dict[str, Any]], images: list[dict[str, Any]]) -> dict[str, Any]:
+    without = [img for img in images if not img.get("num_pairs")]
+    reasons = Counter(f"{img['status']}: {img.get('reason') or 'no pair'}" for img in without)
+    source_rejects = [r for r in manifest.get("rejects", []) if r.get("stage") == "source"]
+    return {
+        "images": len(images), "images_with_pairs": len(images) - len(without), "images_without_pairs": len(without),
+        "images_without_pairs_by_stage": dict(Counter(img["status"] for img in without).most_common()),
+        "images_without_pairs_by_reason": dict(reasons.most_common()),
+        "source_rejects": len(source_rejects),
+        "pairs": len(pairs), "unique_nouns": len({p["noun"] for p in pairs}),
+        "pairs_per_image": quantiles(img.get("num_pairs", 0) for img in images),
+        "masks_per_image": quantiles(img.get("num_proposals", 0) for img in images),
+    }
+
+
+def _nouns(pairs: list[dict[str, Any]], top: int) -> dict[str, Any]:
+    counts = Counter(p["noun"] for p in pairs)
+    once = sum(1 for c in counts.values() if c == 1)
+    return {"top": [[n, c] for n, c in counts.most_common(top)], "unique": len(counts), "occurring_once": once,
+            "occurring_once_fraction": _num(once / len(counts)) if counts else None}
+
+
+def _group(pairs: list[dict[str, Any]]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(pairs):
+        groups[p["image_id"]].append(i)
+    return groups
+
+
+def _duplicates(pairs: list[dict[str, Any]], threshold: float = DUPLICATE_IOU) -> dict[str, Any]:
+    found, involved, images = [], set(), set()
+    for image_id, idx in _group(pairs).items():
+        if len(idx) < 2:
+            continue
+        ious = rle.iou([pairs[i]["mask"] for i in idx], [pairs[i]["mask"] for i in idx])
+        a, b = np.nonzero(np.triu(ious >= threshold, k=1))
+        for x, y in zip(a.tolist(), b.tolist()):
+            i, j = idx[x], idx[y]
+            if pairs[i]["noun"] != pairs[j]["noun"]:
+                found.append({"image_id": image_id, "nouns": [pairs[i]["noun"], pairs[j]["noun"]],
+                              "iou": _num(ious[x, y])})
+                involved.update((i, j))
+                images.add(image_id)
+    return {"iou_threshold": threshold, "mask_pairs": len(found), "pairs_involved": len(involved),
+            "pairs_involved_fraction": _num(len(involved) / len(pairs)) if pairs else None,
+            "images": len(images), "examples": found[:10]}
+
+
+# ---------------------------------------------------------------- ground truth
+
+
+class GroundTruth:
+    """COCO instance or panoptic annotations, as per-image, per-category union masks (COCO RLE).
+
+    Args:
+        path: ``instances_*.json`` or ``panoptic_*.json`` (its PNG folder beside it, same name without .json).
+
+    Raises:
+        InspectError: unreadable file, or not COCO instance/panoptic annotations.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            self.categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+            self.images = {int(im["id"]): im for im in data["images"]}
+            anns = data["annotations"]
+        except FileNotFoundError:
+            raise InspectError(f"ground-truth file {self.path} not found") from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InspectError(f"ground-truth file {self.path} is not readable JSON: {exc}") from None
+        except (KeyError, TypeError, ValueError):
+            raise InspectError(f"{self.path} is not COCO annotations (needs images, annotations, categories)") from None
+        self.kind = "panoptic" if anns and "segments_info" in anns[0] else "instances"
+        self._anns: dict[int, list[dict]] = defaultdict(list)
+        for a in anns:
+            self._anns[int(a["image_id"])].append(a)
+        self._cache: dict[int, dict[int, dict]] = {}
+
+    def _instance_masks(self, image: dict, anns: list[dict]) -> dict[int, list]:
+        from pycocotools import mask as mask_utils
+
+        h, w = int(image["height"]), int(image["width"])
+        by_cat: dict[int, list] = defaultdict(list)
+        for a in anns:
+            seg = a.get("segmentation")
+            if not seg:
+                continue
+            if isinstance(seg, list):  # polygons
+                by_cat[int(a["category_id"])].extend(mask_utils.frPyObjects(seg, h, w))
+            elif isinstance(seg.get("counts"), list):  # uncompressed RLE (iscrowd)
+                by_cat[int(a["category_id"])].append(mask_utils.frPyObjects(seg, h, w))
+            else:
+                by_cat[int(a["category_id"])].append({"size": seg["size"], "counts": seg["counts"].encode("ascii")
+                                                      if isinstance(seg["counts"], str) else seg["counts"]})
+        return by_cat
+
+    def _panoptic_masks(self, ann: dict) -> dict[int, list]:
+        from PIL import Image
+        from pycocotools import mask as mask_utils
+
+        png = self.path.with_suffix("") / ann["file_name"]
+        if not png.is_file():
+            raise InspectError(f"panoptic PNG {png} not found (expected beside {self.path.name})")
+        rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.uint32)
+        ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+        by_cat: dict[int, list] = defaultdict(list)
+        for seg in ann["segments_info"]:
+            by_cat[int(seg["category_id"])].append(mask_utils.encode(np.asfortranarray((ids == seg["id"]).astype(np.uint8))))
+        return by_cat
+
+    def masks(self, image_id: int) -> dict[int, dict[str, Any]]:
+        """``{category id: union mask as COCO RLE}`` of one image (empty when the file has no such image)."""
+        if image_id not in self._cache:
+            from pycocotools import mask as mask_utils
+
+            anns = self._anns.get(image_id, [])
+            if self.kind == "panoptic":
+                by_cat = self._panoptic_masks(anns[0]) if anns else {}
+            else:
+                by_cat = self._instance_masks(self.images.get(image_id, {}), anns) if image_id in self.images else {}
+            self._cache[image_id] = {c: mask_utils.merge(rles, intersect=False) for c, rles in by_cat.items() if rles}
+        return self._cache[image_id]
+
+
+def _agreement(ious: np.ndarray) -> dict[str, Any]:
+    return {"pairs": int(ious.size), "precision": _num((ious >= GT_IOU).mean()) if ious.size else None,
+            "mean_iou": _num(ious.mean()) if ious.size else None}
+
+
+def _score_bins(pairs: list[dict[str, Any]], ious: np.ndarray, done: np.ndarray, score: str) -> list[dict[str, Any]]:
+    vals = np.asarray([np.nan if pairs[i][score] is None else pairs[i][score] for i in np.nonzero(done)[0]])
+    iou_e = ious[done]
+    keep = np.isfinite(vals)
+    vals, iou_e = vals[keep], iou_e[keep]
+    if not vals.size:
+        return []
+    edges = np.unique(np.quantile(vals, [0, 0.25, 0.5, 0.75, 0.9, 1.0]))
+    rows = []
+    for k, lo in enumerate(edges[:-1] if edges.size > 1 else edges):
+        hi = edges[k + 1] if k + 1 < edges.size else np.inf
+        in_bin = (vals >= lo) & ((vals < hi) | (k + 2 == edges.size))
+        above = vals >= lo
+        rows.append({"from": _num(lo), "to": _num(hi) if np.isfinite(hi) else None, **_agreement(iou_e[in_bin]),
+                     "pairs_at_or_above": int(above.sum()),
+                     "precision_at_or_above": _num((iou_e[above] >= GT_IOU).mean()) if above.any() else None,
+                     "mean_iou_at_or_above": _num(iou_e[above].mean()) if above.any() else None})
+    return rows
+
+
+def _gt_figures(pairs: list[dict[str, Any]], image_ids: set[int], gt: GroundTruth) -> tuple[dict, np.ndarray, list]:
+    overlap = image_ids & set(gt.images)
+    if image_ids and not overlap:
+        some = ", ".join(str(i) for i in sorted(image_ids)[:3])
+        raise InspectError(f"ground truth {gt.path} has none of the run's {len(image_ids)} image ids (e.g. {some}): "
+                           "is it the annotation file of the same split?")
+    mapper = NounMapper(gt.categories)
+    ious = np.full(len(pairs), np.nan)
+    cats: list[str | None] = [None] * len(pairs)
+    status: Counter[str] = Counter()
+    unmapped: Counter[str] = Counter()
+    per_cat: dict[str, list[float]] = defaultdict(list)
+    for i, p in enumerate(pairs):
+        cid = mapper.category(p["noun"])
+        if cid is None:
+            status["unmapped"] += 1
+            unmapped[p["noun"]] += 1
+            continue
+        cats[i] = gt.categories[cid]
+        if p["image_id"] not in gt.images:
+            status["image_not_in_gt"] += 1
+            continue
+        union = gt.masks(p["image_id"]).get(cid)
+        if union is None:
+            status["category_absent"] += 1
+            continue
+        if list(union["size"]) != list(p["mask"]["size"]):
+            status["size_mismatch"] += 1
+            continue
+        ious[i] = float(rle.iou([p["mask"]], [union])[0, 0])
+        per_cat[cats[i]].append(ious[i])
+    done = np.isfinite(ious)
+    figures = {
+        "file": str(gt.path), "kind": gt.kind, "iou_threshold": GT_IOU,
+        "images_in_run": len(image_ids), "images_with_gt": len(overlap), "pairs": len(pairs),
+        "unmapped": status["unmapped"], "unmapped_fraction": _num(status["unmapped"] / len(pairs)) if pairs else None,
+        "top_unmapped": [[n, c] for n, c in unmapped.most_common(10)],
+        "category_absent": status["category_absent"], "image_not_in_gt": status["image_not_in_gt"],
+        "size_mismatch": status["size_mismatch"], "evaluated": int(done.sum()),
+        **{k: v for k, v in _agreement(ious[done]).items() if k != "pairs"},
+        "per_category": sorted(({"category": c, **_agreement(np.asarray(v))} for c, v in per_cat.items()),
+                               key=lambda r: (-r["pairs"], r["category"])),
+        "by_score": {s: _score_bins(pairs, ious, done, s) for s in BIN_SCORES},
+    }
+    return figures, ious, cats
+
+
+def inspect_run(run_dir: str | Path, gt_path: str | Path | None = None, *, top: int = 20) -> Inspection:
+    """Compute the quality figures of a run folder.
+
+    Args:
+        run_dir: a run folder (manifest.json + shards/).
+        gt_path: optional COCO instance or panoptic annotations of the same images.
+        top: how many top nouns to list.
+
+    Returns:
+        An :class:`Inspection`; ``figures`` has keys run, status, weights, counts, distributions, nouns,
+        duplicates and gt (None without ``gt_path``). Mask areas are fractions of the image area; IoUs in [0, 1].
+
+    Raises:
+        InspectError: see :func:`load_run` and :class:`GroundTruth`; also a ground truth sharing no image id
+            with the run.
+    """
+    run_dir = Path(run_dir)
+    manifest, pairs, done = load_run(run_dir)
+    images = _image_records(done, pairs)
+    figures: dict[str, Any] = {
+        "run": str(run_dir), "status": manifest.get("status"), "weights": manifest.get("weights"),
+        "counts": _counts(manifest, pairs, images),
+        "distributions": {s: quantiles(p[s] for p in pairs) for s in SCORES},
+        "nouns": _nouns(pairs, top), "duplicates": _duplicates(pairs), "gt": None,
+    }
+    ious, cats = np.full(len(pairs), np.nan), [None] * len(pairs)
+    if gt_path is not None:
+        figures["gt"], ious, cats = _gt_figures(pairs, {int(img["image_id"]) for img in images}, GroundTruth(gt_path))
+    return Inspection(run_dir, manifest, pairs, ious, cats, figures)
+
+
+def _q(d: dict[str, Any]) -> str:
+    if not d["n"]:
+        return "n=0"
+    fmt = lambda v: f"{v:.3g}"  # noqa: E731
+    text = f"n={d['n']} mean={fmt(d['mean'])} min={fmt(d['min'])} p5={fmt(d['p5'])} p25={fmt(d['p25'])} " \
+           f"p50={fmt(d['p50'])} p75={fmt(d['p75'])} p95={fmt(d['p95'])} max={fmt(d['max'])}"
+    return text + (f" (null {d['nulls']})" if d["nulls"] else "")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def format_summary(figures: dict[str, Any]) -> str:
+    """The figures of :func:`inspect_run` as plain text (several lines, no trailing newline)."""
+    c, n, d = figures["counts"], figures["nouns"], figures["duplicates"]
+    lines = [f"run {figures['run']} ({figures['status']}, weights {figures['weights']})",
+             f"images: {c['images']} ({c['images_with_pairs']} with pairs, {c['images_without_pairs']} without)"
+             + (f"; {c['source_rejects']} not read from the source" if c["source_rejects"] else "")]
+    lines += [f"  no pair, {reason}: {k}" for reason, k in c["images_without_pairs_by_reason"].items()]
+    lines += [f"pairs: {c['pairs']}, unique nouns: {c['unique_nouns']}",
+              f"pairs per image: {_q(c['pairs_per_image'])}", f"masks per image: {_q(c['masks_per_image'])}",
+              "distributions:"]
+    lines += [f"  {s:16s} {_q(q)}" for s, q in figures["distributions"].items()]
+    lines.append("top nouns: " + ", ".join(f"{w} {k}" for w, k in n["top"]))
+    lines.append(f"long tail: {n['occurring_once']} of {n['unique']} nouns occur once ({_pct(n['occurring_once_fraction'])})")
+    lines.append(f"duplicate masks (IoU >= {d['iou_threshold']}, different nouns, same image): {d['mask_pairs']} mask pairs "
+                 f"in {d['images']} images, {d['pairs_involved']} pairs involved ({_pct(d['pairs_involved_fraction'])})")
+    g = figures.get("gt")
+    if g:
+        lines += [f"ground truth ({g['kind']}, {g['file']}): {g['images_with_gt']}/{g['images_in_run']} images annotated",
+                  f"  pairs evaluated: {g['evaluated']} of {g['pairs']}; unmapped noun: {g['unmapped']} "
+                  f"({_pct(g['unmapped_fraction'])}); category not in image: {g['category_absent']}; "
+                  f"image not annotated: {g['image_not_in_gt']}",
+                  f"  precision@IoU>={g['iou_threshold']}: {_pct(g['precision'])}, mean IoU: "
+                  + ("n/a" if g["mean_iou"] is None else f"{g['mean_iou']:.3f}")]
+        if g["top_unmapped"]:
+            lines.append("  top unmapped nouns: " + ", ".join(f"{w} {k}" for w, k in g["top_unmapped"]))
+        lines.append(f"  per category ({min(15, len(g['per_category']))} of {len(g['per_category'])}, most pairs first):")
+        for r in g["per_category"][:15]:
+            lines.append(f"    {r['category']:16s} pairs {r['pairs']:5d}  precision {_pct(r['precision']):>6s}  "
+                         f"mean IoU {r['mean_iou']:.3f}")
+        for score, rows in g["by_score"].items():
+            lines.append(f"  by {score} (threshold: pairs kept, precision, mean IoU):")
+            lines += [f"    >= {r['from']:<8.3g} {r['pairs_at_or_above']:5d}  {_pct(r['precision_at_or_above']):>6s}  "
+                      f"{r['mean_iou_at_or_above']:.3f}" for r in rows]
+    return "\n".join(lines)
