@@ -12,7 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+#: OVSeg's crop fill: 255 * OpenAI CLIP's per-channel mean (open_clip's OPENAI_DATASET_MEAN), RGB in [0, 255].
+CLIP_MEAN_PIXEL: tuple[float, float, float] = (255.0 * 0.48145466, 255.0 * 0.4578275, 255.0 * 0.40821073)
 
 
 def mask_bboxes(masks: "torch.Tensor") -> "torch.Tensor":
@@ -109,3 +113,27 @@ def normalize(crops: "torch.Tensor", mean: Sequence[float], std: Sequence[float]
     mean_t = torch.tensor(list(mean), dtype=crops.dtype, device=crops.device).view(1, 3, 1, 1)
     std_t = torch.tensor(list(std), dtype=crops.dtype, device=crops.device).view(1, 3, 1, 1)
     return (crops / 255.0 - mean_t) / std_t
+
+
+def masked_crop_images(
+    image: "np.ndarray", masks: "np.ndarray", *, size: int, fill: Sequence[float] = CLIP_MEAN_PIXEL
+) -> "np.ndarray":
+    """Masked crops as viewable 8-bit images (for reports and datasets, not for CLIP input).
+
+    Args:
+        image: uint8 ``[H, W, 3]`` RGB.
+        masks: bool ``[N, H, W]``, each non-empty.
+        size: output side in pixels.
+        fill: RGB background in [0, 255] (default: CLIP's mean pixel, as mining renders crops).
+
+    Returns:
+        uint8 ``[N, size, size, 3]``: :func:`render_masked_crops` rounded and clamped to [0, 255].
+
+    Raises:
+        ValueError: as :func:`render_masked_crops` (shape mismatch, empty mask).
+    """
+    import torch
+
+    masks_t = torch.from_numpy(masks)
+    crops = render_masked_crops(torch.from_numpy(image).permute(2, 0, 1), masks_t, mask_bboxes(masks_t), size=size, fill=fill)
+    return crops.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ovseg_mine import card as card_mod
+from ovseg_mine.crops import CLIP_MEAN_PIXEL  # noqa: F401  (the crop fill, part of this module's contract)
 from ovseg_mine.shards import ShardError, read_done, read_file_metadata, schema_spec, shard_files
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 MAX_FILE_BYTES = 500 * 1000**2  # uncompressed Arrow bytes per Parquet file (datasets' MAX_SHARD_SIZE)
 MAX_ROW_GROUP_BYTES = 100 * 1000**2  # uncompressed Arrow bytes per row group (datasets' MAX_ROW_GROUP_SIZE)
 LARGE_FOLDER_BYTES = 5 * 1000**3  # above this, upload_large_folder where huggingface_hub has it
-CLIP_MEAN_PIXEL = tuple(255.0 * m for m in (0.48145466, 0.4578275, 0.40821073))
 CDC_OPTIONS = {"min_chunk_size": 256 * 1024, "max_chunk_size": 1024 * 1024, "norm_level": 0}
 
 
@@ -120,10 +120,9 @@ def render_crops(table: "Any", image_root: str | os.PathLike[str], *, size: int 
         PublishError: a source image that is missing, unreadable or not of the row's size.
     """
     import numpy as np
-    import torch
     from PIL import Image
 
-    from ovseg_mine.crops import mask_bboxes, render_masked_crops
+    from ovseg_mine.crops import masked_crop_images
     from ovseg_mine.images import ImageDecodeError, load_rgb
     from ovseg_mine.rle import decode
 
@@ -142,10 +141,7 @@ def render_crops(table: "Any", image_root: str | os.PathLike[str], *, size: int 
         if pixels.shape[:2] != (first["height"], first["width"]):
             raise PublishError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the run mined it at "
                                f"{first['width']}x{first['height']}")
-        image = torch.from_numpy(pixels).permute(2, 0, 1)
-        masks = torch.from_numpy(np.stack([decode(rows[i]["mask"]) for i in indices]))
-        crops = render_masked_crops(image, masks, mask_bboxes(masks), size=size, fill=CLIP_MEAN_PIXEL)
-        crops = crops.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        crops = masked_crop_images(pixels, np.stack([decode(rows[i]["mask"]) for i in indices]), size=size)
         for i, crop in zip(indices, crops):
             buffer = io.BytesIO()
             Image.fromarray(crop, mode="RGB").save(buffer, format="PNG")

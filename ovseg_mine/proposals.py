@@ -71,14 +71,13 @@ def check_image(image: Any) -> np.ndarray:
 
 
 def tight_boxes(masks: np.ndarray) -> np.ndarray:
-    """Tight XYWH int32 boxes ``[N, 4]`` of non-empty bool masks ``[N, H, W]`` (``w = x_max - x_min + 1``)."""
-    n, h, w = masks.shape
-    if n == 0:
-        return np.zeros((0, 4), dtype=np.int32)
-    rows, cols = masks.any(axis=2), masks.any(axis=1)  # [N, H], [N, W]
-    y0, x0 = rows.argmax(axis=1), cols.argmax(axis=1)
-    y1, x1 = h - 1 - rows[:, ::-1].argmax(axis=1), w - 1 - cols[:, ::-1].argmax(axis=1)
-    return np.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], axis=1).astype(np.int32)
+    """Tight XYWH int32 boxes ``[N, 4]`` of non-empty bool masks ``[N, H, W]`` (``w = x_max - x_min + 1``);
+    numpy front of :func:`ovseg_mine.crops.mask_bboxes`."""
+    import torch
+
+    from ovseg_mine.crops import mask_bboxes
+
+    return mask_bboxes(torch.from_numpy(np.ascontiguousarray(masks))).numpy().astype(np.int32)
 
 
 class SamMaskGenerator:

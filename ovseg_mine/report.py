@@ -19,7 +19,6 @@ from ovseg_mine.quality import SCORES, Inspection
 
 THUMB = 320  # longest side of a gallery image, pixels
 CROP = 160  # side of a gallery crop, pixels
-CLIP_MEAN_PIXEL = (122.7709383, 116.7460125, 104.09373615)  # 255 * OpenAI CLIP mean, OVSeg's crop fill
 
 _CSS = """
 body{font-family:sans-serif;margin:1.5em;color:#222;background:#fafafa}
@@ -105,11 +104,10 @@ def plots(insp: Inspection) -> dict[str, str]:
 
 
 def _pair_images(image: np.ndarray, mask_rle: dict[str, Any]) -> tuple[str, str]:
-    import torch
     from PIL import Image
 
     from ovseg_mine import rle
-    from ovseg_mine.crops import mask_bboxes, render_masked_crops
+    from ovseg_mine.crops import masked_crop_images
 
     mask = rle.decode(mask_rle)
     if mask.shape != image.shape[:2] or not mask.any():
@@ -120,10 +118,7 @@ def _pair_images(image: np.ndarray, mask_rle: dict[str, Any]) -> tuple[str, str]
     overlay[edge] = (255, 255, 0)
     over = Image.fromarray(overlay.clip(0, 255).astype(np.uint8))
     over.thumbnail((THUMB, THUMB))
-    masks_t = torch.from_numpy(mask)[None]
-    crop = render_masked_crops(torch.from_numpy(image).permute(2, 0, 1), masks_t, mask_bboxes(masks_t), size=CROP,
-                               fill=CLIP_MEAN_PIXEL)[0]
-    crop_img = Image.fromarray(crop.clamp(0, 255).round().byte().permute(1, 2, 0).numpy())
+    crop_img = Image.fromarray(masked_crop_images(image, mask[None], size=CROP)[0])
     return _data_uri(over), _data_uri(crop_img)
 
 
