@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from ovseg_mine.config import MineConfig
-
 
 def image_result_schema() -> "pa.Schema":
     """Arrow schema of :class:`MaskMatchStage` output rows (one per image; ``pairs`` nested)."""

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import jsonschema
-import pytest
 
 from ovseg_mine import rle
 from ovseg_mine.resources import schemas_dir

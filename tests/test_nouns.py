@@ -8,7 +8,6 @@ import subprocess
 import sys
 from collections import defaultdict
 from dataclasses import FrozenInstanceError
-from pathlib import Path
 
 import pytest
 
