@@ -54,6 +54,26 @@ def _summary(manifest: dict[str, Any], out: Path) -> None:
     typer.echo(f"shards and manifest: {out}")
 
 
+def _interrupt_on_sigterm() -> None:
+    """Make SIGTERM (a scheduler's or ``kill``'s stop request) stop a run like Ctrl-C: cleanly, resumable."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _shards_done(out: Path) -> str:
+    import json
+
+    try:
+        shards = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["shards"]
+    except (OSError, ValueError, KeyError):
+        return "finished shards are"
+    return f"{len(shards)} finished shard{'s' if len(shards) != 1 else ''} ({sum(s['rows'] for s in shards)} pairs)"
+
+
 def _run_mine(pipeline: str, captions: Path, images: Path, out: Path, overrides: list[str], limit: Optional[int],
               image_ids: Optional[str], ray_address: Optional[str], overwrite: bool) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -72,6 +92,7 @@ def _run_mine(pipeline: str, captions: Path, images: Path, out: Path, overrides:
     if ids is not None:
         extra.append(f"source.image_ids={ids}")
     started = time.perf_counter()
+    _interrupt_on_sigterm()
     try:
         cfg = build_config(pipeline, extra)
         progress = Progress(TextColumn("mining"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -93,7 +114,7 @@ def _run_mine(pipeline: str, captions: Path, images: Path, out: Path, overrides:
     except (ConfigError, SourceError, RunError, WeightsError, SpacyModelMissing) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        typer.echo(f"interrupted: finished shards are kept in {out}; rerun the same command to resume", err=True)
+        typer.echo(f"interrupted: {_shards_done(out)} kept in {out}; rerun the same command to resume", err=True)
         raise typer.Exit(130)
     _summary(manifest, out)
 
@@ -211,6 +232,13 @@ def publish_command(
         _fail(str(exc))
     typer.echo(f"published: {url}")
 
+
+
+# --- finetune and evaluate commands (ovseg_mine.finetune) ---
+from ovseg_mine.finetune.cli import evaluate_command, finetune_command  # noqa: E402  (typer only; no heavy imports)
+
+app.command("finetune")(finetune_command)
+app.command("evaluate")(evaluate_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

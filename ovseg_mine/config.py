@@ -43,6 +43,12 @@ class NounsConfig(_Section):
     )
     batch_size: int = Field(256, ge=1, description="texts per nlp.pipe batch")
     extra_stop_nouns: list[str] = Field(default_factory=list, description="added to the built-in stop list")
+    max_caption_chars: int = Field(
+        1000, ge=16, description="longer captions are cut at a word boundary before parsing (a warning is listed)"
+    )
+    skip_non_english: bool = Field(
+        True, description="skip captions that are not English (see nouns.screen_caption); each skip is listed"
+    )
 
 
 class SamConfig(_Section):
@@ -98,6 +104,12 @@ class RayConfig(_Section):
     actors: int | None = Field(None, ge=1, description="mask/match actors; default one per GPU, else 1")
     noun_actors: int = Field(1, ge=1)
     batch_size: int = Field(4, ge=1, description="images per mask/match actor call")
+    max_image_attempts: int = Field(
+        3, ge=1, description="an image whose worker died this many times (OOM, GPU fault, crash) is listed as failed"
+    )
+    max_actor_restarts: int = Field(
+        16, ge=0, description="restarts of each mask/match actor before the run stops (resumable)"
+    )
 
 
 class MineConfig(_Section):

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash, mining_config
-from ovseg_mine.shards import SCHEMA_VERSION, read_done, sha256_file, write_json_atomic, write_shard
+from ovseg_mine.shards import (
+    SCHEMA_VERSION,
+    read_done,
+    remove_partial_writes,
+    sha256_file,
+    write_json_atomic,
+    write_shard,
+)
 from ovseg_mine.sources import ImageRecord, Reject, Source, read_coco_captions
 
 if TYPE_CHECKING:
@@ -116,11 +123,12 @@ def plan_shards(records: list[ImageRecord], images_per_shard: int) -> dict[int, 
     return plan
 
 
-def _init_ray(address: str | None) -> None:
+def _init_ray(address: str | None) -> bool:
+    """Start a local Ray or join ``address``; returns True when this call started it (and should shut it down)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
                  configure_logging=True)
@@ -132,14 +140,37 @@ def _init_ray(address: str | None) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    return True
+
+
+def _guarded(results):
+    """Pass ``results`` through, turning a Ray failure (workers that died more than their restarts allow, an
+    actor whose constructor failed) into a :class:`RunError` that says the run can be resumed."""
+    import ray
+
+    try:
+        yield from results
+    except ray.exceptions.RayError as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise RunError(
+            f"the Ray workers failed ({type(exc).__name__}: {first}); finished shards are kept: rerun the same "
+            "command to resume"
+        ) from exc
 
 
 def _stream(records: list[ImageRecord], cfg: MineConfig, weights: ResolvedWeights):
-    """Yield per-image result rows (dicts, see stages.image_result_schema) as Ray finishes them."""
+    """Yield per-image result rows (dicts, see stages.image_result_schema) as Ray finishes them.
+
+    Mask/match actors that die are restarted (``ray.max_actor_restarts``) and their batch retried; an image
+    that keeps killing its worker is skipped after ``ray.max_image_attempts`` deaths (ovseg_mine.attempts).
+    """
     import ray
     from ray.data import ActorPoolStrategy
 
+    from ovseg_mine.attempts import AttemptTracker
     from ovseg_mine.stages import MaskMatchStage, NounStage
+
+    tracker = ray.remote(num_cpus=0, max_restarts=-1)(AttemptTracker).remote()
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -161,9 +192,10 @@ def _stream(records: list[ImageRecord], cfg: MineConfig, weights: ResolvedWeight
         MaskMatchStage,
         fn_constructor_kwargs={
             "config": config, "sam_checkpoint": weights.sam_checkpoint,
-            "clip_pretrained": weights.clip_pretrained, "threads": threads,
+            "clip_pretrained": weights.clip_pretrained, "threads": threads, "tracker": tracker,
         },
-        batch_size=cfg.ray.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=actors), **resources,
+        batch_size=cfg.ray.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=actors),
+        max_restarts=cfg.ray.max_actor_restarts, max_task_retries=-1, **resources,
     )
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         yield from batch.to_pylist()
@@ -172,19 +204,22 @@ def _stream(records: list[ImageRecord], cfg: MineConfig, weights: ResolvedWeight
 def _shard_outcome(index: int, records: list[ImageRecord], results: list[dict[str, Any]]) -> tuple[list, dict]:
     by_id = {r["image_id"]: r for r in results}
     pairs: list[dict[str, Any]] = []
-    images, rejects = [], []
+    images, rejects, warnings = [], [], []
     stage_s: Counter[str] = Counter()
     for record in records:
         result = by_id[record.image_id]
         pairs.extend(result["pairs"])
+        notes = list(record.notes) + list(result["notes"] or [])
         images.append({k: result[k] for k in ("image_id", "status", "reason", "width", "height", "num_nouns", "num_proposals")}
-                      | {"num_pairs": len(result["pairs"])})
+                      | {"num_pairs": len(result["pairs"]), "notes": notes})
         if result["status"] != "ok":
             rejects.append(Reject(record.image_id, record.file_name, result["status"], result["reason"]).to_dict())
+        elif notes:
+            warnings.append(Reject(record.image_id, record.file_name, "warning", "; ".join(notes)).to_dict())
         for stage in ("decode", "nouns", "proposals", "crops", "clip"):
             stage_s[stage] += result[f"{stage}_s"] or 0.0
     done = {"shard": index, "image_ids": [r.image_id for r in records], "images": images, "rejects": rejects,
-            "stage_s": dict(stage_s)}
+            "warnings": warnings, "stage_s": dict(stage_s)}
     return pairs, done
 
 
@@ -202,7 +237,7 @@ def build_manifest(out: Path, source: Source, cfg: MineConfig, weights: Resolved
     """The run manifest (schemas/manifest-v1.schema.json) from the done shards of ``plan``."""
     import pyarrow.parquet as pq
 
-    shards, rejects = [], [r.to_dict() for r in source.rejects]
+    shards, rejects, warnings = [], [r.to_dict() for r in source.rejects], []
     images = with_pairs = proposals = pairs = 0
     nouns: set[str] = set()
     stage_s: Counter[str] = Counter()
@@ -212,6 +247,7 @@ def build_manifest(out: Path, source: Source, cfg: MineConfig, weights: Resolved
             continue
         shards.append({"file": record["file"], "rows": record["rows"], "sha256": record["sha256"], "images": len(record["image_ids"])})
         rejects.extend(record["rejects"])
+        warnings.extend(record.get("warnings", []))
         images += len(record["images"])
         with_pairs += sum(1 for image in record["images"] if image["num_pairs"])
         proposals += sum(image["num_proposals"] for image in record["images"])
@@ -230,8 +266,10 @@ def build_manifest(out: Path, source: Source, cfg: MineConfig, weights: Resolved
         "shards": shards,
         "counts": {"images": images, "images_with_pairs": with_pairs, "images_rejected": len(rejects),
                    "pairs": pairs, "unique_nouns": len(nouns), "proposals": proposals,
-                   "rejects_by_stage": dict(Counter(r["stage"] for r in rejects))},
+                   "rejects_by_stage": dict(Counter(r["stage"] for r in rejects)),
+                   "images_with_warnings": len(warnings)},
         "rejects": rejects,
+        "warnings": warnings,
         "timings": {"wall_s": round(wall_s, 3), "images_per_s": round(processed / wall_s, 4) if wall_s > 0 else 0.0,
                     "images_this_invocation": processed, "stage_s": {k: round(v, 3) for k, v in stage_s.items()}},
     }
@@ -264,9 +302,12 @@ def mine(
     start = time.perf_counter()
     source = read_coco_captions(
         captions, images, captions_per_image=cfg.source.captions_per_image, limit=cfg.source.limit,
-        image_ids=cfg.source.image_ids,
+        image_ids=cfg.source.image_ids, max_caption_chars=cfg.nouns.max_caption_chars,
+        skip_non_english=cfg.nouns.skip_non_english,
     )
     prepare_run_dir(out, cfg, overwrite)
+    for name in remove_partial_writes(out):
+        log.info("removed %s, left by an interrupted write", name)
     weights = resolve_weights(cfg)
     if weights.random:
         log.warning("this run uses randomly initialised weights: its pairs are meaningless (manifest: weights=random)")
@@ -281,10 +322,15 @@ def mine(
     pairs_done = sum(r["rows"] for r in done.values())
     processed = 0
     pending: dict[int, list[dict[str, Any]]] = {}
+    seen: set[int] = set()
+    started_ray = False
     try:
         if todo:
-            _init_ray(ray_address)
-            for result in _stream(todo, cfg, weights):
+            started_ray = _init_ray(ray_address)
+            for result in _guarded(_stream(todo, cfg, weights)):
+                if result["image_id"] in seen:  # a retried batch can never be yielded twice, but be sure
+                    continue
+                seen.add(result["image_id"])
                 index = shard_of[result["image_id"]]
                 pending.setdefault(index, []).append(result)
                 processed += 1
@@ -299,4 +345,8 @@ def mine(
     finally:
         manifest = build_manifest(out, source, cfg, weights, done, plan, time.perf_counter() - start, processed)
         write_json_atomic(out / "manifest.json", manifest)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     return manifest

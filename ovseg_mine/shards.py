@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ovseg_mine.faults import failpoint
 from ovseg_mine.resources import schemas_dir
 
 if TYPE_CHECKING:
@@ -141,10 +142,28 @@ def write_shard(
     pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
+    failpoint("shard.before_rename", index)
     os.replace(tmp, final)
+    failpoint("shard.after_rename", index)
     record = {**done_record, "file": f"{SHARDS_DIR}/{final.name}", "rows": table.num_rows, "sha256": sha256_file(final)}
     write_json_atomic(shard_dir / f"{shard_name(index)}.done.json", record)
+    failpoint("shard.after_done", index)
     return record
+
+
+def remove_partial_writes(run_dir: str | os.PathLike[str]) -> list[str]:
+    """Delete the ``*.tmp`` files an interrupted shard or marker write left in ``run_dir/shards``.
+
+    A ``.tmp`` file is never a committed shard (commit is the rename), so removing it loses nothing.
+
+    Returns:
+        The names of the removed files, sorted.
+    """
+    shard_dir = Path(run_dir) / SHARDS_DIR
+    removed = sorted(p.name for p in shard_dir.glob("*.tmp")) if shard_dir.is_dir() else []
+    for name in removed:
+        (shard_dir / name).unlink(missing_ok=True)
+    return removed
 
 
 def read_done(run_dir: str | os.PathLike[str], *, verify: bool = True) -> dict[int, dict[str, Any]]:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from ovseg_mine.captions import screen_caption
+
 
 class SourceError(ValueError):
     """The captions file or image root cannot be used at all (missing, malformed JSON, wrong shape)."""
@@ -28,7 +30,10 @@ class ImageRecord:
         file_name: path relative to the image root, as written in the JSON.
         path: absolute path of the file, guaranteed to lie inside the image root.
         width, height: size in pixels as the JSON states it (the decoded image's size wins later).
-        captions: the first ``captions_per_image`` non-empty captions, in annotation-id order.
+        captions: the first ``captions_per_image`` captions that pass :func:`ovseg_mine.captions.screen_caption`,
+            in annotation-id order (stripped; an over-long one cut).
+        notes: what happened to this image's captions on the way (skipped as not English, cut...), one
+            sentence each; they are listed as the run's warnings.
     """
 
     image_id: int
@@ -37,11 +42,13 @@ class ImageRecord:
     width: int
     height: int
     captions: tuple[str, ...]
+    notes: tuple[str, ...] = ()
 
     def to_row(self) -> dict[str, Any]:
-        """Plain dict for Ray Data (captions as a list)."""
+        """Plain dict for Ray Data (captions and notes as lists)."""
         row = asdict(self)
         row["captions"] = list(self.captions)
+        row["notes"] = list(self.notes)
         return row
 
 
@@ -49,8 +56,9 @@ class ImageRecord:
 class Reject:
     """An image (or record) that was not mined, and why.
 
-    ``stage`` is where it was found: ``source``, ``decode``, ``nouns``, ``proposals``, ``matching`` or
-    ``error``; ``reason`` is a human-readable sentence.
+    ``stage`` is where it was found: ``source``, ``captions``, ``decode``, ``nouns``, ``proposals``,
+    ``matching`` or ``error``; ``reason`` is a human-readable sentence. The same shape lists warnings (an
+    image that was mined, with a correction: a caption skipped or cut, a size that differs from the JSON).
     """
 
     image_id: int | None
@@ -117,6 +125,21 @@ def _collect_captions(annotations: list[Any]) -> tuple[dict[int, list[tuple[int,
     return by_image, malformed
 
 
+def _screen(texts: list[str], wanted: int, max_chars: int, english_only: bool) -> tuple[tuple[str, ...], list[str]]:
+    """The first ``wanted`` captions that pass screening, and notes on those skipped or cut on the way."""
+    kept: list[str] = []
+    notes: list[str] = []
+    for index, text in enumerate(texts):
+        if len(kept) == wanted:
+            break
+        screened = screen_caption(text, max_chars=max_chars, english_only=english_only)
+        if screened.note:
+            notes.append(f"caption {index}: {screened.note}")
+        if screened.text is not None:
+            kept.append(screened.text)
+    return tuple(kept), notes
+
+
 def read_coco_captions(
     captions_json: str | os.PathLike[str],
     image_root: str | os.PathLike[str],
@@ -124,20 +147,24 @@ def read_coco_captions(
     captions_per_image: int = 1,
     limit: int | None = None,
     image_ids: Iterable[int] | None = None,
+    max_caption_chars: int = 1000,
+    skip_non_english: bool = True,
 ) -> Source:
     """Read a COCO Captions JSON and its image root into image records.
 
     Args:
         captions_json: path of ``captions_*.json``.
         image_root: folder that ``file_name`` entries are relative to.
-        captions_per_image: keep the first N non-empty captions of each image (ordered by annotation id).
+        captions_per_image: keep the first N usable captions of each image (ordered by annotation id).
         limit: after sorting by image_id (and selecting ``image_ids``), keep the first N images.
         image_ids: mine only these ids; ids that are not in the file are listed as rejects.
+        max_caption_chars, skip_non_english: caption screening (:func:`ovseg_mine.captions.screen_caption`);
+            skipped and cut captions are noted on the record.
 
     Returns:
         A :class:`Source`; records are sorted by image_id. Rejected: malformed image entries, duplicate
         image ids (the first entry is kept), file names that escape the image root (``../``, absolute
-        paths), images without a non-empty caption.
+        paths), images without a caption (stage ``source``) or without a usable one (stage ``captions``).
 
     Raises:
         SourceError: missing or malformed JSON, wrong top-level shape, or a missing image root.
@@ -175,14 +202,17 @@ def read_coco_captions(
         if path is None:
             rejects.append(Reject(image_id, file_name, "source", "file_name escapes the image root"))
             continue
-        ordered = sorted(captions_by_image.get(image_id, []))
-        captions = tuple(text.strip() for _, text in ordered if text.strip())[:captions_per_image]
+        ordered = [text for _, text in sorted(captions_by_image.get(image_id, []))]
+        if not ordered:
+            rejects.append(Reject(image_id, file_name, "source", "no caption"))
+            continue
+        captions, notes = _screen(ordered, captions_per_image, max_caption_chars, skip_non_english)
         if not captions:
-            rejects.append(Reject(image_id, file_name, "source", "no non-empty caption"))
+            rejects.append(Reject(image_id, file_name, "captions", "no usable caption: " + "; ".join(notes)))
             continue
         width = entry.get("width") if isinstance(entry.get("width"), int) else 0
         height = entry.get("height") if isinstance(entry.get("height"), int) else 0
-        records.append(ImageRecord(image_id, file_name, str(path), width, height, captions))
+        records.append(ImageRecord(image_id, file_name, str(path), width, height, captions, tuple(notes)))
 
     if wanted is not None:
         for missing in sorted(wanted - seen):

@@ -41,6 +41,7 @@ def image_result_schema() -> "pa.Schema":
             ("proposals_s", pa.float64()),
             ("crops_s", pa.float64()),
             ("clip_s", pa.float64()),
+            ("notes", pa.list_(pa.string())),
             ("pairs", pa.list_(pair_struct)),
         ]
     )
@@ -87,9 +88,13 @@ class MaskMatchStage:
         sam_checkpoint, clip_pretrained: weights as resolved by the driver (a path or tag, or ``random``),
             so that every actor loads the same weights and none falls back on its own.
         threads: torch CPU threads (None: leave torch's default).
+        tracker: handle of the run's :class:`ovseg_mine.attempts.AttemptTracker` actor; an image on which
+            ``ray.max_image_attempts`` workers died is listed as failed (status ``error``) instead of retried
+            again. None: no tracking (e.g. the stage called directly in a test).
     """
 
-    def __init__(self, config: dict[str, Any], sam_checkpoint: str, clip_pretrained: str, threads: int | None = None) -> None:
+    def __init__(self, config: dict[str, Any], sam_checkpoint: str, clip_pretrained: str, threads: int | None = None,
+                 tracker: Any = None) -> None:
         import torch
 
         from ovseg_mine.config import MineConfig
@@ -100,35 +105,64 @@ class MaskMatchStage:
         if threads:
             torch.set_num_threads(threads)
         self.cfg = MineConfig.model_validate(config)
+        self.tracker = tracker
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         sam_cfg = self.cfg.sam.model_copy(update={"checkpoint": sam_checkpoint})
-        self.generator, _ = build_mask_generator("sam", sam_cfg, device=self.device, seed=self.cfg.seed)
+        # clip.precision is the actor's autocast dtype, for SAM's networks as for CLIP; a CPU runs bf16 or fp32.
+        precision = self.cfg.clip.precision if self.device.type == "cuda" else (
+            "bf16" if self.cfg.clip.precision == "bf16" else "fp32"
+        )
+        self.precision = precision
+        self.generator, _ = build_mask_generator(
+            "sam", sam_cfg, device=self.device, seed=self.cfg.seed, precision=precision
+        )
         self.clip, tokenizer, _ = load_clip(
             self.cfg.clip.arch, clip_pretrained, device=self.device, seed=self.cfg.seed
         )
         self.input_size = clip_input_size(self.clip)
         self.mean, self.std = clip_mean_std(self.clip)
-        precision = self.cfg.clip.precision if self.device.type == "cuda" else (
-            "bf16" if self.cfg.clip.precision == "bf16" else "fp32"
-        )
-        self.precision = precision
         self.text_cache = TextEmbeddingCache(self.clip, tokenizer, self.device, precision=precision)
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         import pyarrow as pa
 
-        rows = [self._process(record) for record in batch.to_pylist()]
+        rows = [self._tracked(record) for record in batch.to_pylist()]
         return pa.Table.from_pylist(rows, schema=image_result_schema())
 
-    def _process(self, record: dict[str, Any]) -> dict[str, Any]:
-        from ovseg_mine.images import ImageDecodeError, load_rgb
+    def _tracked(self, record: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`_process` one image between the tracker's ``begin`` and ``end`` (see ovseg_mine.attempts)."""
+        import ray
 
-        out: dict[str, Any] = {
+        from ovseg_mine.attempts import worker_death_reason
+        from ovseg_mine.faults import failpoint
+
+        image_id = record["image_id"]
+        if self.tracker is None:
+            return self._process(record)
+        deaths = ray.get(self.tracker.begin.remote(image_id))
+        if deaths >= self.cfg.ray.max_image_attempts:
+            row = {**self._empty_row(record), "status": "error", "reason": worker_death_reason(deaths)}
+        else:
+            failpoint("image", image_id)
+            row = self._process(record)
+        self.tracker.end.remote(image_id)
+        return row
+
+    @staticmethod
+    def _empty_row(record: dict[str, Any]) -> dict[str, Any]:
+        return {
             "image_id": record["image_id"], "file_name": record["file_name"], "status": "ok", "reason": "",
             "width": record["width"], "height": record["height"], "num_nouns": len(record["nouns"]),
             "num_proposals": 0, "decode_s": 0.0, "nouns_s": record.get("nouns_s", 0.0), "proposals_s": 0.0,
-            "crops_s": 0.0, "clip_s": 0.0, "pairs": [],
+            "crops_s": 0.0, "clip_s": 0.0, "notes": [], "pairs": [],
         }
+
+    def _process(self, record: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from ovseg_mine.images import ImageDecodeError, load_rgb
+
+        out = self._empty_row(record)
         if not record["nouns"]:
             return {**out, "status": "nouns", "reason": "no visual noun in the captions"}
         start = time.perf_counter()
@@ -139,12 +173,20 @@ class MaskMatchStage:
         out["decode_s"] = time.perf_counter() - start
         height, width = image.shape[:2]
         if (width, height) != (record["width"], record["height"]):
-            out["reason"] = f"size in the captions file {record['width']}x{record['height']} differs from the image {width}x{height}; the image's size is used"
+            out["notes"] = [f"size in the captions file {record['width']}x{record['height']} differs from the "
+                            f"decoded image {width}x{height} (EXIF orientation applied); the decoded size is used"]
         out["width"], out["height"] = width, height
-        try:
-            return self._mine(image, record, out)
-        except Exception as exc:  # one failing image is listed as failed, the run goes on
-            return {**out, "status": "error", "reason": f"{type(exc).__name__}: {exc}", "pairs": []}
+        error = ""
+        for attempt in range(1, self.cfg.ray.max_image_attempts + 1):
+            try:
+                return self._mine(image, record, dict(out))
+            except torch.OutOfMemoryError as exc:  # transient: free the cache and try the image again
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                error = f"out of memory {attempt} times: {str(exc).splitlines()[0][:300]}"
+            except Exception as exc:  # one failing image is listed as failed, the run goes on
+                return {**out, "status": "error", "reason": f"{type(exc).__name__}: {exc}", "pairs": []}
+        return {**out, "status": "error", "reason": error, "pairs": []}
 
     def _mine(self, image: Any, record: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
         import torch

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from ovseg_mine.captions import screen_caption
 from ovseg_mine.sources import SourceError, read_coco_captions
 
 
@@ -66,7 +67,7 @@ def test_paths_never_escape_root_and_duplicates_are_listed(tmp_path):
     assert (3, "file_name escapes the image root") in reasons
     assert (4, "file_name escapes the image root") in reasons
     assert (1, "duplicate image id (first entry kept)") in reasons
-    assert (5, "no non-empty caption") in reasons
+    assert (5, "no usable caption: caption 0: empty caption") in reasons
     assert any(r.reason.startswith("malformed image entry") for r in src.rejects)
     assert any("lack image_id or caption" in r.reason for r in src.rejects)
 
@@ -89,3 +90,53 @@ def test_missing_inputs(tmp_path):
         read_coco_captions(tmp_path / "nope.json", tmp_path)
     with pytest.raises(SourceError, match="image root is not a folder"):
         read_coco_captions(tmp_path / "nope.json", tmp_path / "nope")
+
+
+def test_pathological_captions_are_screened_and_listed(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    long_caption = "A dog runs along the beach with a red ball in its mouth. " * 180  # ~10,400 characters
+    captions = {
+        1: ["", "🐶🐱🍕", "A dog on a sofa."],
+        2: ["一只猫坐在沙发上。", "Кошка сидит на диване."],
+        3: ["Un chat noir dort sur le canapé près de la fenêtre."],
+        4: [long_caption],
+        5: ["Man riding skateboard down street"],
+    }
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 4, "height": 4} for i in captions],
+        "annotations": [
+            {"id": 10 * i + k, "image_id": i, "caption": c} for i, caps in captions.items() for k, c in enumerate(caps)
+        ],
+    }
+    src = read_coco_captions(_write(tmp_path, data), root, captions_per_image=5, max_caption_chars=1000)
+    records = {r.image_id: r for r in src.records}
+    assert records[1].captions == ("A dog on a sofa.",)
+    assert records[1].notes == (
+        "caption 0: empty caption", "caption 1: no letters (empty, emoji or punctuation only)",
+    )
+    cut = records[4].captions[0]
+    assert 900 < len(cut) <= 1000 and long_caption.strip()[: len(cut)] == cut
+    assert long_caption[len(cut)] == " "  # cut at a word boundary
+    assert records[4].notes == (f"caption 0: {len(long_caption.strip())} characters long, cut to {len(records[4].captions[0])}",)
+    assert records[5].notes == () and records[5].captions == ("Man riding skateboard down street",)
+    rejects = {r.image_id: (r.stage, r.reason) for r in src.rejects}
+    assert rejects[2] == ("captions", "no usable caption: caption 0: not English (mostly non-Latin script); "
+                                      "caption 1: not English (mostly non-Latin script)")
+    assert rejects[3][0] == "captions" and "no English function word" in rejects[3][1]
+
+
+def test_captions_are_kept_when_screening_is_off(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    data = {"images": [{"id": 1, "file_name": "1.jpg"}],
+            "annotations": [{"id": 1, "image_id": 1, "caption": "Un chat noir dort sur le canapé."}]}
+    src = read_coco_captions(_write(tmp_path, data), root, skip_non_english=False)
+    assert src.records[0].captions == ("Un chat noir dort sur le canapé.",)
+
+
+def test_every_coco_mini_caption_passes_screening(coco_mini):
+    data = json.loads((coco_mini / "annotations" / "captions_val2017.json").read_text())
+    screened = [screen_caption(a["caption"]) for a in data["annotations"]]
+    assert len(screened) == 395
+    assert [s for s in screened if s.text is None or s.note] == []
