@@ -124,3 +124,64 @@ def test_tight_boxes_match_pycocotools():
     assert boxes.tolist() == [[3, 2, 5, 3], [0, 0, 1, 1], [1, 0, 8, 7]]
     assert [rle.bbox(r) for r in rle.encode_many(masks)] == [[float(v) for v in b] for b in boxes]
     assert tight_boxes(np.zeros((0, 4, 4), bool)).shape == (0, 4)
+
+
+def _stock_proposals(sam, cfg: SamConfig, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """segment-anything's own SamAutomaticMaskGenerator with the same parameters and ovseg-mine's proposal rule
+    (drop empty masks, stable order by predicted IoU, cap): masks, predicted IoU, stability, count generated."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    amg = SamAutomaticMaskGenerator(
+        sam, points_per_side=cfg.points_per_side, points_per_batch=cfg.points_per_batch,
+        pred_iou_thresh=cfg.pred_iou_thresh, stability_score_thresh=cfg.stability_score_thresh,
+        box_nms_thresh=cfg.box_nms_thresh, output_mode="binary_mask",
+    )
+    records = amg.generate(image)
+    generated = len(records)
+    records = [r for r in records if r["area"] > 0]
+    ious = np.asarray([r["predicted_iou"] for r in records], dtype=np.float32)
+    order = np.argsort(-ious, kind="stable")[: cfg.max_masks_per_image]
+    masks = np.stack([records[i]["segmentation"] for i in order]) if len(order) else np.zeros((0, *image.shape[:2]), bool)
+    stability = np.asarray([records[i]["stability_score"] for i in order], dtype=np.float32)
+    return masks, ious[order], stability, generated
+
+
+def test_fp32_proposals_equal_stock_amg(images):
+    """The re-implemented AMG gives exactly the stock AMG's masks and scores: several point batches, with and
+    without the score filters (thresholds at the medians of the unfiltered scores), with box NMS."""
+    base = SamConfig(**{**PERMISSIVE, "points_per_batch": 7}, max_masks_per_image=30)
+    gen, _ = build_mask_generator("sam", base, seed=0)
+    unfiltered = gen(images[0])
+    iou_median = float(np.median(unfiltered.predicted_iou))
+    stability_median = float(np.median(unfiltered.stability_score))
+    variants = [
+        base,
+        base.model_copy(update={"pred_iou_thresh": iou_median, "stability_score_thresh": stability_median}),
+        base.model_copy(update={"box_nms_thresh": 0.95, "max_masks_per_image": 100}),
+    ]
+    counts = []
+    for cfg in variants:
+        gen = SamMaskGenerator(gen.sam, cfg)
+        for image in images:
+            props = gen(image)
+            masks, ious, stability, generated = _stock_proposals(gen.sam, cfg, image)
+            assert len(props) > 0 and props.num_generated == generated
+            assert np.array_equal(props.masks.numpy(), masks)
+            assert np.array_equal(props.predicted_iou, ious)
+            assert np.array_equal(props.stability_score, stability)
+            counts.append(props.num_generated)
+    assert counts[2] < counts[0] and counts[4] < 48  # the filters and the NMS did remove masks (48 = 3 * 4 * 4)
+
+
+def test_bf16_proposals_are_close_to_fp32(images):
+    """bf16 autocast of SAM's networks moves masks only slightly (the tiny SAM: IoU with the fp32 mask of the
+    same rank stays high for most masks); an unknown precision is refused."""
+    cfg = SamConfig(**PERMISSIVE, max_masks_per_image=20)
+    fp32, _ = build_mask_generator("sam", cfg, seed=0)
+    bf16, _ = build_mask_generator("sam", cfg, seed=0, precision="bf16")
+    a, b = fp32(images[0]), bf16(images[0])
+    _check(b, images[0], cap=20)
+    ious = rle.iou(a.rles, b.rles).max(axis=1)
+    assert np.mean(ious >= 0.9) >= 0.8
+    with pytest.raises(ValueError, match="precision"):
+        SamMaskGenerator(fp32.sam, cfg, precision="int8")
