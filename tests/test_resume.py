@@ -1,0 +1,186 @@
+"""Runs that survive: real `ovseg-mine mine` subprocesses on a real local Ray, killed at chosen points and
+resumed; the resumed run's shards must be byte-identical to those of an uninterrupted run.
+
+Data: the first 12 images of ../shared/data/coco-mini, `smoke` recipe, 3 images per shard (4 shards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ovseg_mine.shards import read_done, read_pairs
+
+IMAGES = 12
+PER_SHARD = 3
+
+
+def _command(coco_mini: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "ovseg_mine.cli", "mine", "--pipeline", "smoke",
+        "--captions", str(coco_mini / "annotations" / "captions_val2017.json"),
+        "--images", str(coco_mini / "val2017"), "--out", str(out), "--limit", str(IMAGES),
+        "--set", f"shards.images_per_shard={PER_SHARD}", *extra,
+    ]
+
+
+def _env(failpoints: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "OVSEG_MINE_FAILPOINTS"}
+    if failpoints:
+        env["OVSEG_MINE_FAILPOINTS"] = failpoints
+    return env
+
+
+def _run(coco_mini: Path, out: Path, *extra: str, failpoints: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(coco_mini, out, *extra), capture_output=True, text=True, timeout=600,
+                          env=_env(failpoints))
+
+
+def _start(coco_mini: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(_command(coco_mini, out, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(), start_new_session=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (rc {proc.returncode}) before the kill point:\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail("kill point not reached in time")
+        time.sleep(0.05)
+
+
+def _reap(processes: list[psutil.Process]) -> None:
+    """Kill what a killed driver left behind (its local Ray), as a machine restart would."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=30)
+
+
+def _digests(run: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run / "shards").glob("*.parquet"))}
+
+
+def _assert_same_as(reference: Path, run: Path) -> None:
+    assert _digests(run) == _digests(reference)
+    assert not list((run / "shards").glob("*.tmp"))
+    ref_done, done = read_done(reference), read_done(run)
+    assert sorted(done) == sorted(ref_done) == list(range(IMAGES // PER_SHARD))
+    for index, record in done.items():
+        for key in ("image_ids", "images", "rejects", "warnings", "rows", "sha256"):
+            assert record[key] == ref_done[index][key], (index, key)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["images"] == IMAGES
+
+
+@pytest.fixture(scope="module")
+def reference(coco_mini, tmp_path_factory) -> Path:
+    """An uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = _run(coco_mini, out)
+    assert result.returncode == 0, result.stderr
+    assert read_pairs(out).num_rows > 0
+    return out
+
+
+def test_sigkill_between_commits_and_inside_shard_writes_then_resume(coco_mini, reference, tmp_path):
+    """One run folder through every crash point of a shard commit, then a corrupted shard, then the resume."""
+    out = tmp_path / "run"
+    # 1. SIGKILL of the driver (only the driver) between shard commits.
+    proc = _start(coco_mini, out)
+    _wait_for(lambda: (out / "shards" / "shard-00000.done.json").is_file(), proc)
+    leftovers = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    _reap(leftovers)
+    assert proc.returncode == -signal.SIGKILL
+    done = sorted(read_done(out))
+    assert done and len(done) < IMAGES // PER_SHARD
+    # 2. Killed inside the next shard write, after its .tmp is written and before the rename.
+    result = _run(coco_mini, out, failpoints="shard.before_rename:*=kill")
+    assert result.returncode == -signal.SIGKILL
+    next_index = len(done)
+    assert (out / "shards" / f"shard-{next_index:05d}.parquet.tmp").is_file()
+    assert sorted(read_done(out)) == done
+    # 3. Killed after that shard's rename, before its done marker: the unmarked file must not count.
+    result = _run(coco_mini, out, failpoints="shard.after_rename:*=kill")
+    assert result.returncode == -signal.SIGKILL
+    assert (out / "shards" / f"shard-{next_index:05d}.parquet").is_file()
+    assert not (out / "shards" / f"shard-{next_index:05d}.done.json").exists()
+    assert sorted(read_done(out)) == done
+    # 4. A done shard whose bytes no longer match its record is redone too.
+    victim = out / "shards" / "shard-00000.parquet"
+    victim.write_bytes(victim.read_bytes()[:-100] + b"\0" * 100)
+    result = _run(coco_mini, out)
+    assert result.returncode == 0, result.stderr
+    _assert_same_as(reference, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["timings"]["images_this_invocation"] == IMAGES - (len(done) - 1) * PER_SHARD
+
+
+def test_ctrl_c_stops_cleanly_and_leaves_the_run_resumable(coco_mini, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(coco_mini, out)
+    _wait_for(lambda: (out / "shards" / "shard-00000.done.json").is_file(), proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the whole foreground group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted:" in stderr and "rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "partial" and len(manifest["shards"]) == len(read_done(out)) >= 1
+    result = _run(coco_mini, out)
+    assert result.returncode == 0, result.stderr
+    _assert_same_as(reference, out)
+
+
+def test_a_killed_ray_worker_is_restarted_and_its_batch_retried(coco_mini, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(coco_mini, out)
+
+    def mask_workers() -> list[psutil.Process]:
+        found = []
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "MaskMatchStage" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.Error:
+                pass
+        return found
+
+    _wait_for(lambda: (out / "shards" / "shard-00000.done.json").is_file() and mask_workers(), proc)
+    victims = mask_workers()
+    for victim in victims:
+        victim.kill()
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert "complete:" in stdout
+    _assert_same_as(reference, out)
+
+
+def test_an_image_that_keeps_killing_its_worker_is_listed_and_the_run_goes_on(coco_mini, reference, tmp_path):
+    pairs = read_pairs(reference).to_pylist()
+    poison = pairs[len(pairs) // 2]["image_id"]
+    out = tmp_path / "run"
+    result = _run(coco_mini, out, "--set", "ray.max_image_attempts=2", failpoints=f"image:{poison}=kill")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    failed = [r for r in manifest["rejects"] if r["image_id"] == poison]
+    assert len(failed) == 1 and failed[0]["stage"] == "error"
+    assert failed[0]["reason"].startswith("the worker process died 2 times while mining this image")
+    assert manifest["status"] == "complete" and manifest["counts"]["images"] == IMAGES
+    expected = [p for p in pairs if p["image_id"] != poison]
+    assert read_pairs(out).to_pylist() == expected
