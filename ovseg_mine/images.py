@@ -1,8 +1,8 @@
 """Image decoding for mining: one function that turns a file into an RGB array or says why it cannot.
 
 Orientation follows the file's EXIF tag (as a viewer shows the photo); grayscale, palette, CMYK and
-16-bit images are converted to 8-bit RGB; an alpha channel is dropped (composited on black by PIL's
-conversion). Decoding is bounded by ``max_pixels``: a larger image is refused, not decoded.
+16-bit images are converted to 8-bit RGB; an image with transparency (RGBA, LA, a palette with a transparent
+index) is composited over black, so transparent pixels are black whatever colour the file stores under them. Decoding is bounded by ``max_pixels``: a larger image is refused, not decoded.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ def load_rgb(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXE
                 peak = array.max() if array.size else 0
                 scaled = (array / (65535.0 if peak > 255 else 255.0) * 255.0).round().clip(0, 255)
                 return np.repeat(scaled.astype(np.uint8)[:, :, None], 3, axis=2)
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
             return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
     except ImageDecodeError:
         raise

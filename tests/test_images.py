@@ -61,3 +61,18 @@ def test_bad_files_give_reasons(jpeg, tmp_path):
         load_rgb(tmp_path / "tiny.png")
     with pytest.raises(ImageDecodeError, match="too large"):
         load_rgb(jpeg, max_pixels=1000)
+
+
+def test_transparent_pixels_are_composited_on_black(jpeg, tmp_path):
+    with Image.open(jpeg) as img:
+        rgba = img.convert("RGBA")
+    pixels = np.asarray(rgba).copy()
+    pixels[:10, :, :3] = 255  # stored colour white ...
+    pixels[:10, :, 3] = 0  # ... but fully transparent
+    pixels[10:20, :, 3] = 128  # half transparent
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "alpha.png")
+    array = load_rgb(tmp_path / "alpha.png")
+    assert (array[:10] == 0).all()
+    expected = np.round(pixels[10:20, :, :3].astype(np.float64) * 128 / 255)
+    assert np.abs(array[10:20].astype(np.float64) - expected).max() <= 1
+    np.testing.assert_array_equal(array[20:], pixels[20:, :, :3])
