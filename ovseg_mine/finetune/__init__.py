@@ -1,0 +1,17 @@
+"""Consumers of mined shards: finetune CLIP on mask-noun pairs and evaluate masked-region classification.
+
+Modules, one concept each:
+
+* :mod:`~ovseg_mine.finetune.config` -- the typed training config (pydantic).
+* :mod:`~ovseg_mine.finetune.data` -- a streaming PyTorch dataset over Parquet shards (masked crops + masks).
+* :mod:`~ovseg_mine.finetune.patch_mask` -- crop masks and the per-patch foreground mask of prompt tuning.
+* :mod:`~ovseg_mine.finetune.mask_prompt` -- mask prompt tuning as hooks on an open_clip VisionTransformer.
+* :mod:`~ovseg_mine.finetune.loss` -- contrastive loss with same-noun pairs as positives.
+* :mod:`~ovseg_mine.finetune.checkpoint` -- open_clip-loadable weights, prompts, metadata, resume state.
+* :mod:`~ovseg_mine.finetune.train` -- the training loop (one process, or one Ray Train worker).
+* :mod:`~ovseg_mine.finetune.distributed` -- the same loop under Ray Train (TorchTrainer, DDP).
+* :mod:`~ovseg_mine.finetune.evaluate` -- masked-region classification on ground-truth masks.
+* :mod:`~ovseg_mine.finetune.cli` -- the ``finetune`` and ``evaluate`` commands.
+
+Heavy dependencies (torch, open_clip, pyarrow, ray) are imported inside the modules that need them.
+"""
