@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--points-per-side", type=int, default=None, help="default: 8 on CPU, 32 on GPU")
     parser.add_argument("--points-per-batch", type=int, default=64)
     parser.add_argument("--masks", type=int, default=64, help="max_masks_per_image: masks per image cropped and encoded")
-    parser.add_argument("--precision", default=None, help="ovseg-mine's precision (clip.precision); default bf16")
+    parser.add_argument("--precision", default=None, help="ovseg-mine's precision (sam.precision and clip.precision); default bf16")
     parser.add_argument("--check-fp32", action=argparse.BooleanOptionalAction, default=True,
                         help="also run ovseg-mine in fp32 (agreement only, not timed against the baseline)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline (GPU throughput runs)")
@@ -174,9 +174,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sam.checkpoint=random", "clip.pretrained=random", f"sam.points_per_side={points}",
         f"sam.points_per_batch={args.points_per_batch}", "sam.pred_iou_thresh=0.0", "sam.stability_score_thresh=0.0",
         "sam.box_nms_thresh=1.0", f"sam.max_masks_per_image={args.masks}", f"clip.precision={precision!r}",
+        f"sam.precision={precision!r}",
     ]
     cfg = build_config("coco-ovseg", overrides)
-    fp32_cfg = cfg.model_copy(update={"clip": cfg.clip.model_copy(update={"precision": "fp32"})})
+    fp32_cfg = cfg.model_copy(update={"clip": cfg.clip.model_copy(update={"precision": "fp32"}),
+                                      "sam": cfg.sam.model_copy(update={"precision": "fp32"})})
     records = load_records(args.data, args.warmup + args.images)
     warm, timed = records[: args.warmup], records[args.warmup :]
 

@@ -66,6 +66,10 @@ class SamConfig(_Section):
     box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
     min_mask_region_area: int = Field(0, ge=0, description="pixels; >0 removes small holes and islands")
     max_masks_per_image: int = Field(100, ge=1, description="keep the best N proposals by predicted_iou")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of SAM's image encoder and mask decoder (fp32: identical to stock SAM); "
+        "a CPU runs fp32 unless bf16 is asked for"
+    )
 
 
 class ClipConfig(_Section):

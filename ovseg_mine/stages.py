@@ -108,13 +108,11 @@ class MaskMatchStage:
         self.tracker = tracker
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         sam_cfg = self.cfg.sam.model_copy(update={"checkpoint": sam_checkpoint})
-        # clip.precision is the actor's autocast dtype, for SAM's networks as for CLIP; a CPU runs bf16 or fp32.
-        precision = self.cfg.clip.precision if self.device.type == "cuda" else (
-            "bf16" if self.cfg.clip.precision == "bf16" else "fp32"
-        )
+        precision = self._device_precision(self.cfg.clip.precision)
         self.precision = precision
         self.generator, _ = build_mask_generator(
-            "sam", sam_cfg, device=self.device, seed=self.cfg.seed, precision=precision
+            "sam", sam_cfg, device=self.device, seed=self.cfg.seed,
+            precision=self._device_precision(self.cfg.sam.precision),
         )
         self.clip, tokenizer, _ = load_clip(
             self.cfg.clip.arch, clip_pretrained, device=self.device, seed=self.cfg.seed
@@ -122,6 +120,12 @@ class MaskMatchStage:
         self.input_size = clip_input_size(self.clip)
         self.mean, self.std = clip_mean_std(self.clip)
         self.text_cache = TextEmbeddingCache(self.clip, tokenizer, self.device, precision=precision)
+
+    def _device_precision(self, asked: str) -> str:
+        """The autocast dtype name used on this actor's device: as asked on GPU; bf16 or fp32 on CPU (no fp16)."""
+        if self.device.type == "cuda":
+            return asked
+        return "bf16" if asked == "bf16" else "fp32"
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         import pyarrow as pa
