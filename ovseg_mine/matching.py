@@ -98,6 +98,25 @@ class TextEmbeddingCache:
         return torch.stack([self._cache[n] for n in nouns])
 
 
+def low_precision_clip(model: "torch.nn.Module", precision: str) -> "torch.nn.Module":
+    """Cast an open_clip model's weights to bf16 or fp16 in place for inference (what open_clip's
+    ``precision="pure_bf16"`` does at creation); ``fp32`` leaves it as is. Returns the model.
+
+    Measured on a 2-core AMX CPU, ViT-B-16, 64 crops of 224 px: 11.5 s in fp32, 9.8 s under bf16 autocast,
+    4.3 s with bf16 weights. Embeddings are still returned in float32 by :func:`encode_crops` and
+    :class:`TextEmbeddingCache`.
+
+    Raises:
+        ValueError: unknown ``precision``.
+    """
+    import torch
+
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be one of {sorted(dtypes)}, got {precision!r}")
+    return model if dtypes[precision] is None else model.to(dtypes[precision])
+
+
 def encode_crops(
     model: "torch.nn.Module",
     crops: "torch.Tensor",
@@ -111,17 +130,19 @@ def encode_crops(
         model: open_clip CLIP model (``encode_image``).
         crops: float ``[N, 3, S, S]``, CLIP-normalized (see :func:`ovseg_mine.crops.normalize`).
         batch_size: crops per ``encode_image`` call.
-        precision: autocast dtype name.
+        precision: autocast dtype name. A model cast to bf16/fp16 (:func:`low_precision_clip`) gets its input
+            cast to its dtype whatever ``precision`` says.
 
     Returns:
         float32 ``[N, D]`` unit-norm embeddings on the crops' device.
     """
     import torch
 
+    dtype = next(model.parameters()).dtype
     chunks = []
     with torch.inference_mode(), _autocast(crops.device, precision):
         for start in range(0, crops.shape[0], batch_size):
-            chunks.append(model.encode_image(crops[start : start + batch_size]).float())
+            chunks.append(model.encode_image(crops[start : start + batch_size].to(dtype)).float())
     feats = torch.cat(chunks) if chunks else crops.new_zeros((0, 0))
     return feats / feats.norm(dim=-1, keepdim=True)
 

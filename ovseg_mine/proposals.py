@@ -81,6 +81,17 @@ def tight_boxes(masks: np.ndarray) -> np.ndarray:
     return mask_bboxes(torch.from_numpy(np.ascontiguousarray(masks))).numpy().astype(np.int32)
 
 
+def _low_precision_encoder(encoder: Any, precision: str) -> None:
+    """Cast SAM's image encoder to bf16/fp16 in place, with hooks that cast its input to that dtype and its
+    output (the ``[1, 256, 64, 64]`` image embedding) back to float32."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    encoder.to(dtype)
+    encoder.register_forward_pre_hook(lambda _module, args: (args[0].to(dtype), *args[1:]))
+    encoder.register_forward_hook(lambda _module, _args, out: out.float())
+
+
 class SamMaskGenerator:
     """segment-anything's automatic mask generator (AMG) with a :class:`SamConfig`'s parameters, re-implemented
     for speed with the same result as ``SamAutomaticMaskGenerator.generate``.
@@ -93,8 +104,10 @@ class SamMaskGenerator:
     * masks stay dense on the model's device through thresholds, boxes and NMS; only the at most
       ``max_masks_per_image`` kept masks are RLE-encoded (pycocotools), instead of every mask being
       RLE-encoded in Python and decoded again;
-    * ``precision="bf16"`` (or ``"fp16"``) autocasts the image encoder and the mask decoder (on CPUs with AMX
-      the encoder runs about 10x faster); logits are cast to float32 before any post-processing.
+    * ``precision="bf16"`` (or ``"fp16"``) runs the image encoder with its weights in that dtype (input cast on
+      the way in, image embedding cast back to float32 on the way out: forward hooks, SAM's code unchanged) and
+      autocasts the mask decoder; logits are cast to float32 before any post-processing. Measured on a 2-core
+      AMX CPU, vit_b encoder: 8.1 s under bf16 autocast, 5.6 s with bf16 weights (fp32: 15-30 s).
 
     With ``precision="fp32"`` the proposals equal the stock AMG's (tests check it). Lower precisions perturb
     the logits and predicted IoUs slightly, so masks near a threshold or the cap can differ.
@@ -103,7 +116,8 @@ class SamMaskGenerator:
     Args:
         sam: a segment-anything ``Sam`` model (any ``image_encoder.img_size``: 1024, or the tiny 256).
         cfg: the AMG parameters and ``max_masks_per_image``.
-        precision: ``fp32``, ``bf16`` or ``fp16``: autocast dtype of the image encoder and mask decoder.
+        precision: ``fp32``, ``bf16`` or ``fp16``: dtype of the image encoder's weights, autocast dtype of the
+            mask decoder. With bf16/fp16 the model's image encoder is cast in place.
 
     Raises:
         ImportError: ``min_mask_region_area > 0`` without opencv (the AMG needs ``cv2`` for it).
@@ -128,6 +142,8 @@ class SamMaskGenerator:
         self.sam = sam
         self.precision = precision
         self.device = next(sam.parameters()).device
+        if precision != "fp32":
+            _low_precision_encoder(sam.image_encoder, precision)
         self.predictor = SamPredictor(sam)
         self.point_grid = build_point_grid(cfg.points_per_side)  # [P*P, 2] xy in [0, 1]
 
@@ -152,9 +168,8 @@ class SamMaskGenerator:
         image = check_image(image)
         h, w = image.shape[:2]
         with torch.inference_mode():
-            with self._autocast():
-                self.predictor.set_image(image)
-            features = self.predictor.features.float()
+            self.predictor.set_image(image)
+            features = self.predictor.features
             points = self.point_grid * np.array([w, h])  # xy in pixels, as the AMG's grid
             masks, iou_preds, stability = [], [], []
             for start in range(0, len(points), self.cfg.points_per_batch):

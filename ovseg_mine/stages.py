@@ -98,7 +98,7 @@ class MaskMatchStage:
         import torch
 
         from ovseg_mine.config import MineConfig
-        from ovseg_mine.matching import TextEmbeddingCache
+        from ovseg_mine.matching import TextEmbeddingCache, low_precision_clip
         from ovseg_mine.models import clip_input_size, clip_mean_std, load_clip
         from ovseg_mine.proposals import build_mask_generator
 
@@ -117,6 +117,7 @@ class MaskMatchStage:
         self.clip, tokenizer, _ = load_clip(
             self.cfg.clip.arch, clip_pretrained, device=self.device, seed=self.cfg.seed
         )
+        self.clip = low_precision_clip(self.clip, precision)
         self.input_size = clip_input_size(self.clip)
         self.mean, self.std = clip_mean_std(self.clip)
         self.text_cache = TextEmbeddingCache(self.clip, tokenizer, self.device, precision=precision)

@@ -82,3 +82,23 @@ def test_text_embeddings_average_the_14_vild_templates_and_are_cached():
     calls = model.calls
     cache.embed(["fire hydrant", "dog"])
     assert model.calls == calls and len(cache) == 2
+
+
+def test_bf16_clip_gives_float32_embeddings_close_to_fp32():
+    from ovseg_mine.matching import encode_crops, low_precision_clip
+    from ovseg_mine.models import load_clip
+
+    fp32, tokenizer, _ = load_clip("ovseg-tiny-vit", "random", device="cpu", seed=0)
+    bf16, _, _ = load_clip("ovseg-tiny-vit", "random", device="cpu", seed=0)
+    assert low_precision_clip(bf16, "bf16") is bf16 and next(bf16.parameters()).dtype == torch.bfloat16
+    crops = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    a = encode_crops(fp32, crops, batch_size=4)
+    b = encode_crops(bf16, crops, batch_size=4)
+    assert b.dtype == torch.float32 and b.shape == a.shape
+    assert torch.allclose(b.norm(dim=1), torch.ones(6), atol=1e-5)
+    assert (a * b).sum(dim=1).min() > 0.99  # cosine to the fp32 embedding
+    text_a = TextEmbeddingCache(fp32, tokenizer, torch.device("cpu")).embed(["dog", "fire hydrant"])
+    text_b = TextEmbeddingCache(bf16, tokenizer, torch.device("cpu")).embed(["dog", "fire hydrant"])
+    assert text_b.dtype == torch.float32 and (text_a * text_b).sum(dim=1).min() > 0.99
+    with pytest.raises(ValueError, match="precision must be one of"):
+        low_precision_clip(fp32, "int8")
