@@ -8,8 +8,9 @@ comma-separated list of ``NAME:KEY=ACTION`` entries, for example::
 * ``NAME`` is one of :data:`FAILPOINTS`; ``KEY`` selects the instance (a shard index, an image id; ``*``
   matches every one).
 * ``ACTION`` is ``kill`` (SIGKILL the current process: what the kernel's OOM killer or a power cut does, no
-  ``finally`` runs), ``exit`` (``os._exit(1)``: a hard crash, e.g. a segfault in a native library) or
-  ``raise`` (a :class:`FailpointError`, an ordinary Python exception).
+  ``finally`` runs), ``exit`` (``os._exit(1)``: a hard crash, e.g. a segfault in a native library),
+  ``raise`` (a :class:`FailpointError`, an ordinary Python exception) or ``sleep(S)`` (pause S seconds: a
+  window in which a test can kill or interrupt the process at a known point, whatever the machine's speed).
 
 Ray workers inherit the driver's environment, so the same variable reaches the mask/match actors. This is
 the same idea as etcd's gofail or TiKV's fail-rs, reduced to what ovseg-mine's tests need.
@@ -18,7 +19,9 @@ the same idea as etcd's gofail or TiKV's fail-rs, reduced to what ovseg-mine's t
 from __future__ import annotations
 
 import os
+import re
 import signal
+import time
 
 ENV = "OVSEG_MINE_FAILPOINTS"
 
@@ -31,6 +34,9 @@ FAILPOINTS: dict[str, str] = {
 }
 
 
+_SLEEP = re.compile(r"sleep\((\d+(?:\.\d+)?)\)")
+
+
 class FailpointError(RuntimeError):
     """Raised by a failpoint whose action is ``raise``."""
 
@@ -41,8 +47,10 @@ def _actions() -> dict[tuple[str, str], str]:
     for entry in filter(None, (part.strip() for part in spec.split(","))):
         where, _, action = entry.partition("=")
         name, _, key = where.partition(":")
-        if name not in FAILPOINTS or action not in ("kill", "exit", "raise"):
-            raise ValueError(f"{ENV}: bad entry {entry!r}; names {sorted(FAILPOINTS)}, actions kill/exit/raise")
+        if name not in FAILPOINTS or not (action in ("kill", "exit", "raise") or _SLEEP.fullmatch(action)):
+            raise ValueError(
+                f"{ENV}: bad entry {entry!r}; names {sorted(FAILPOINTS)}, actions kill, exit, raise, sleep(SECONDS)"
+            )
         actions[(name, key or "*")] = action
     return actions
 
@@ -64,3 +72,5 @@ def failpoint(name: str, key: object) -> None:
         os._exit(1)
     elif action == "raise":
         raise FailpointError(f"failpoint {name}:{key} triggered")
+    elif action is not None:
+        time.sleep(float(_SLEEP.fullmatch(action).group(1)))

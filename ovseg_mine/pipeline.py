@@ -343,6 +343,11 @@ def mine(
                 if on_progress:
                     on_progress(images_done, total, pairs_done)
     finally:
+        # A stop can land after a shard's done marker is written and before _write returns: trust the disk.
+        unfinished = {shard_of[r.image_id] for r in todo} - done.keys()
+        for index, record in read_done(out, only=unfinished).items():
+            if record.get("image_ids") == [x.image_id for x in plan[index]]:
+                done[index] = record
         manifest = build_manifest(out, source, cfg, weights, done, plan, time.perf_counter() - start, processed)
         write_json_atomic(out / "manifest.json", manifest)
         if started_ray:

@@ -166,15 +166,21 @@ def remove_partial_writes(run_dir: str | os.PathLike[str]) -> list[str]:
     return removed
 
 
-def read_done(run_dir: str | os.PathLike[str], *, verify: bool = True) -> dict[int, dict[str, Any]]:
+def read_done(
+    run_dir: str | os.PathLike[str], *, verify: bool = True, only: Iterable[int] | None = None
+) -> dict[int, dict[str, Any]]:
     """Done records of a run's shards, by shard index.
 
     With ``verify``, a record whose Parquet file is missing or whose sha256 differs is left out (its shard
-    will be redone). Malformed done files are left out too.
+    will be redone). Malformed done files are left out too. ``only``: read just these shard indices.
     """
     shard_dir = Path(run_dir) / SHARDS_DIR
     records: dict[int, dict[str, Any]] = {}
-    for path in sorted(shard_dir.glob("shard-*.done.json")):
+    paths = (
+        sorted(shard_dir.glob("shard-*.done.json")) if only is None
+        else [p for p in (shard_dir / f"{shard_name(i)}.done.json" for i in sorted(only)) if p.is_file()]
+    )
+    for path in paths:
         try:
             index = int(path.name[len("shard-") :].split(".")[0])
             record = json.loads(path.read_text(encoding="utf-8"))
