@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,15 +189,17 @@ def _stream(records: list[ImageRecord], cfg: MineConfig, weights: ResolvedWeight
         actors = cfg.ray.actors or 1
         resources = {"num_cpus": 1}
         threads = max(1, (os.cpu_count() or cpus) // actors)
-    ds = ds.map_batches(
-        MaskMatchStage,
-        fn_constructor_kwargs={
-            "config": config, "sam_checkpoint": weights.sam_checkpoint,
-            "clip_pretrained": weights.clip_pretrained, "threads": threads, "tracker": tracker,
-        },
-        batch_size=cfg.ray.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=actors),
-        max_restarts=cfg.ray.max_actor_restarts, max_task_retries=-1, **resources,
-    )
+    with warnings.catch_warnings():  # actor restarts are only reachable through ray_remote_args (see pyproject)
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            MaskMatchStage,
+            fn_constructor_kwargs={
+                "config": config, "sam_checkpoint": weights.sam_checkpoint,
+                "clip_pretrained": weights.clip_pretrained, "threads": threads, "tracker": tracker,
+            },
+            batch_size=cfg.ray.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=actors),
+            max_restarts=cfg.ray.max_actor_restarts, max_task_retries=-1, **resources,
+        )
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         yield from batch.to_pylist()
 
