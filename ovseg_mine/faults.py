@@ -73,4 +73,8 @@ def failpoint(name: str, key: object) -> None:
     elif action == "raise":
         raise FailpointError(f"failpoint {name}:{key} triggered")
     elif action is not None:
-        time.sleep(float(_SLEEP.fullmatch(action).group(1)))
+        # Short naps, not one long sleep: a signal (Ctrl-C) delivered to another thread of this process (Ray's)
+        # only sets CPython's flag, which the main thread checks between naps.
+        deadline = time.monotonic() + float(_SLEEP.fullmatch(action).group(1))
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.05, left))
