@@ -6,6 +6,7 @@ Heavy libraries are imported inside the commands, so ``ovseg-mine --help`` stays
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -115,7 +116,12 @@ def _run_mine(pipeline: str, captions: Path, images: Path, out: Path, overrides:
         _fail(str(exc))
     except KeyboardInterrupt:
         typer.echo(f"interrupted: {_shards_done(out)} kept in {out}; rerun the same command to resume", err=True)
-        raise typer.Exit(130)
+        # The run folder is consistent (shards committed, manifest written). Exit now: waiting for Ray's
+        # shutdown and its threads at interpreter exit can hang after an interrupt; Ray's own processes are
+        # fate-shared with this one and end with it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     _summary(manifest, out)
 
 

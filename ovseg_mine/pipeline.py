@@ -326,7 +326,7 @@ def mine(
     processed = 0
     pending: dict[int, list[dict[str, Any]]] = {}
     seen: set[int] = set()
-    started_ray = False
+    started_ray = interrupted = False
     try:
         if todo:
             started_ray = _init_ray(ray_address)
@@ -345,6 +345,9 @@ def mine(
                     done[index] = _write(out, index, pairs, record, meta, cfg)
                 if on_progress:
                     on_progress(images_done, total, pairs_done)
+    except KeyboardInterrupt:
+        interrupted = True  # Ctrl-C: write the manifest below, leave Ray to the process exit (no shutdown wait)
+        raise
     finally:
         # A stop can land after a shard's done marker is written and before _write returns: trust the disk.
         unfinished = {shard_of[r.image_id] for r in todo} - done.keys()
@@ -353,7 +356,7 @@ def mine(
                 done[index] = record
         manifest = build_manifest(out, source, cfg, weights, done, plan, time.perf_counter() - start, processed)
         write_json_atomic(out / "manifest.json", manifest)
-        if started_ray:
+        if started_ray and not interrupted:
             import ray
 
             ray.shutdown()
