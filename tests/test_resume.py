@@ -45,9 +45,18 @@ def _run(coco_mini: Path, out: Path, *extra: str, failpoints: str | None = None)
                           env=_env(failpoints))
 
 
+def _as_from_a_terminal() -> None:
+    """In the child, before exec: SIGINT unblocked and at its default, as a shell gives a foreground command.
+    (Earlier tests in the same pytest process can leave SIGINT blocked or ignored, and children inherit both;
+    Python then installs no KeyboardInterrupt handler and a Ctrl-C never arrives.)"""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(coco_mini: Path, out: Path, *extra: str, failpoints: str | None = None) -> subprocess.Popen:
     return subprocess.Popen(_command(coco_mini, out, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(failpoints), start_new_session=True)
+                            text=True, env=_env(failpoints), start_new_session=True,
+                            preexec_fn=_as_from_a_terminal)
 
 
 #: The driver pauses right after committing shard 0: a window, on a fast machine as on a slow one, in which the
