@@ -280,7 +280,7 @@ def _gt_figures(pairs: list[dict[str, Any]], image_ids: set[int], gt: GroundTrut
     cats: list[str | None] = [None] * len(pairs)
     status: Counter[str] = Counter()
     unmapped: Counter[str] = Counter()
-    per_cat: dict[str, list[float]] = defaultdict(list)
+    todo: dict[int, list[tuple[int, int]]] = defaultdict(list)  # image id -> [(pair index, category id)]
     for i, p in enumerate(pairs):
         cid = mapper.category(p["noun"])
         if cid is None:
@@ -298,9 +298,17 @@ def _gt_figures(pairs: list[dict[str, Any]], image_ids: set[int], gt: GroundTrut
         if list(union["size"]) != list(p["mask"]["size"]):
             status["size_mismatch"] += 1
             continue
-        ious[i] = float(rle.iou([p["mask"]], [union])[0, 0])
-        per_cat[cats[i]].append(ious[i])
+        todo[p["image_id"]].append((i, cid))
+    for image_id, items in todo.items():  # one IoU call per image: its pairs x the categories they map to
+        unions = gt.masks(image_id)
+        column = {cid: k for k, cid in enumerate(dict.fromkeys(cid for _, cid in items))}
+        matrix = rle.iou([pairs[i]["mask"] for i, _ in items], [unions[cid] for cid in column])
+        for row, (i, cid) in enumerate(items):
+            ious[i] = matrix[row, column[cid]]
     done = np.isfinite(ious)
+    per_cat: dict[str, list[float]] = defaultdict(list)
+    for i in np.nonzero(done)[0]:
+        per_cat[cats[i]].append(float(ious[i]))
     figures = {
         "file": str(gt.path), "kind": gt.kind, "iou_threshold": GT_IOU,
         "images_in_run": len(image_ids), "images_with_gt": len(overlap), "pairs": len(pairs),
