@@ -180,13 +180,25 @@ def build_folder(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     Raises:
         PublishError: see :func:`publishable_shards`; a bad ``embed`` value; a non-empty foreign ``out_dir``.
     """
+    _check_embed(embed)
+    manifest = load_manifest(run_dir)
+    sources = publishable_shards(run_dir, manifest, allow_partial=allow_partial)
+    return _write_folder(run_dir, out_dir, manifest, sources, embed=embed, crop_size=crop_size, repo_id=repo_id,
+                         max_file_bytes=max_file_bytes)
+
+
+def _check_embed(embed: Optional[str]) -> None:
+    if embed not in (None, "crops"):
+        raise PublishError(f"--embed must be 'crops', got {embed!r}")
+
+
+def _write_folder(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], manifest: dict[str, Any],
+                  sources: list[Path], *, embed: Optional[str], crop_size: int, repo_id: Optional[str],
+                  max_file_bytes: int = MAX_FILE_BYTES) -> BuiltFolder:
+    """:func:`build_folder` after its checks: ``manifest`` loaded, ``sources`` from :func:`publishable_shards`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if embed not in (None, "crops"):
-        raise PublishError(f"--embed must be 'crops', got {embed!r}")
-    manifest = load_manifest(run_dir)
-    sources = publishable_shards(run_dir, manifest, allow_partial=allow_partial)
     partial = sources != [Path(run_dir) / e["file"] for e in manifest.get("shards", [])] or \
         manifest.get("status") != "complete"
     warnings = []
@@ -323,8 +335,8 @@ def publish(run_dir: str | os.PathLike[str], repo_id: str, *, token: Optional[st
         The URL of the dataset repository.
 
     Raises:
-        PublishError: a run with random weights, an incomplete run (without ``allow_partial``), no token, or a
-            Hub error (one line).
+        PublishError: a run with random weights, an incomplete run (without ``allow_partial``), no token, a bad
+            ``embed`` value, or a Hub error (one line).
     """
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalTokenNotFoundError
@@ -333,13 +345,14 @@ def publish(run_dir: str | os.PathLike[str], repo_id: str, *, token: Optional[st
     if manifest.get("weights") == "random":
         raise PublishError("refusing to upload a run mined with randomly initialised weights (manifest weights: "
                            "random): its pairs are meaningless; use --dry-run DIR to inspect the folder")
-    publishable_shards(run_dir, manifest, allow_partial=allow_partial)
+    sources = publishable_shards(run_dir, manifest, allow_partial=allow_partial)  # hashes every shard: once
     if not (token or get_token()):
         raise PublishError("no Hugging Face token: set HF_TOKEN, run `hf auth login`, or pass --token")
     api = HfApi(token=token or None)
     with tempfile.TemporaryDirectory(prefix="ovseg-mine-publish-") as tmp:
-        built = build_folder(run_dir, Path(tmp) / "dataset", embed=embed, crop_size=crop_size,
-                             allow_partial=allow_partial, repo_id=repo_id)
+        _check_embed(embed)
+        built = _write_folder(run_dir, Path(tmp) / "dataset", manifest, sources, embed=embed, crop_size=crop_size,
+                              repo_id=repo_id)
         for warning in built.warnings:
             on_warning(warning)
         message = commit_message or f"Upload {built.rows} mask-noun pairs with ovseg-mine"
