@@ -78,6 +78,9 @@ def quantiles(values: Any) -> dict[str, Any]:
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, dict[str, Any]]]:
     """Read a run folder: ``(manifest, pairs as row dicts, done records by shard index)``.
 
+    The row dicts have the pairs-v1 columns (``mask`` a COCO RLE dict, ``bbox`` XYWH pixels) plus
+    ``area_fraction``: float, mask area / image pixels, in [0, 1].
+
     Raises:
         InspectError: not a run folder (no manifest.json or shards/), unreadable manifest, or a shard that is
             not an ovseg-mine shard or uses an unknown schema version.

@@ -233,7 +233,11 @@ def render_html(insp: Inspection, *, gallery: int = 48, seed: int = 0) -> str:
 
 
 def write_report(insp: Inspection, out_dir: str | Path, *, gallery: int = 48, seed: int = 0) -> Path:
-    """Write ``out_dir/index.html`` (folder created) and return its path. ``gallery``: pairs shown; ``seed``: sampling."""
+    """Write ``out_dir/index.html`` (folder created) and return its path. ``gallery``: pairs shown; ``seed``: sampling.
+
+    Raises:
+        OSError: the folder or the file cannot be written.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "index.html"
