@@ -53,6 +53,7 @@ class GroundTruth:
 
     @property
     def annotations(self) -> int:
+        """Annotations kept, over all images of ``by_image``."""
         return sum(len(v) for v in self.by_image.values())
 
 
@@ -115,7 +116,7 @@ def topk_hits(logits: "Any", targets: "Any", k: int = 5) -> tuple[np.ndarray, np
     """Top-1 and top-k correctness per row.
 
     Args:
-        logits: float ``[N, K]`` scores (higher is better) over K classes.
+        logits: float ``[N, K]`` scores (higher is better) over K classes, a tensor on any device or an array.
         targets: int ``[N]`` true class indices.
         k: top-k (clipped to K).
 
@@ -124,7 +125,7 @@ def topk_hits(logits: "Any", targets: "Any", k: int = 5) -> tuple[np.ndarray, np
     """
     import torch
 
-    logits, targets = torch.as_tensor(logits).float(), torch.as_tensor(targets).long()
+    logits, targets = torch.as_tensor(logits).detach().float().cpu(), torch.as_tensor(targets).long().cpu()
     order = torch.argsort(-logits, dim=1, stable=True)[:, : min(k, logits.shape[1])]
     hits = order == targets[:, None]
     return hits[:, 0].numpy(), hits.any(dim=1).numpy()
