@@ -85,9 +85,10 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups as open_clip_train: no decay on 1-D parameters (norms, biases, class embedding)."""
-    decay = [p for n, p in params if p.ndim >= 2 and "prompts" not in n] + [p for n, p in params if "prompts" in n]
-    rest = [p for n, p in params if p.ndim < 2 and "prompts" not in n]
+    """AdamW groups as open_clip_train: no decay on 1-D parameters (norms, biases, class embedding); weights
+    of 2 or more dimensions, the mask prompts ``[depth, n_patches, width]`` included, decay."""
+    decay = [p for _, p in params if p.ndim >= 2]
+    rest = [p for _, p in params if p.ndim < 2]
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
             if g["params"]]
 
@@ -137,7 +138,8 @@ def _device(cfg: FinetuneConfig, local_rank: int) -> torch.device:
 
 def batch_loss(tower: nn.Module, text_cache: Any, batch: dict[str, Any], logit_scale: float,
                device: torch.device, precision: str = "fp32") -> torch.Tensor:
-    """The training loss of one batch (``image``, ``mask``, ``noun`` as from :func:`~.data.make_loader`)."""
+    """The training loss of one batch (``image``, ``mask``, ``noun`` as from :func:`~.data.make_loader`): a scalar
+    float32 tensor on ``device`` (:func:`~.loss.noun_contrastive_loss`), with autograd history through ``tower``."""
     unique, targets = unique_targets(batch["noun"])
     text = text_cache.embed(unique)  # constants: the text tower is frozen
     with _autocast(device, precision):
@@ -318,7 +320,7 @@ def _run_stage(cfg: FinetuneConfig, stage: str, model: nn.Module, prompts: MaskP
                     on_step(record)
             if step % per_epoch == 0 and not wraps:
                 break  # epoch boundary: next epoch's order
-            if step % cfg.checkpoint_every == 0:
+            if step % cfg.checkpoint_every == 0 and step < total:  # the last step is saved once, below
                 save(False)
         if step % cfg.checkpoint_every == 0 or step == total:
             save(step == total)
