@@ -73,7 +73,7 @@ def _train(cfg):
     from ovseg_mine.finetune.checkpoint import CheckpointError
     from ovseg_mine.finetune.data import DataError
     from ovseg_mine.finetune.mask_prompt import MaskPromptError
-    from ovseg_mine.finetune.train import FinetuneError, train_worker
+    from ovseg_mine.finetune.train import FinetuneError
     from ovseg_mine.models import WeightsError
 
     errors = (DataError, FinetuneError, CheckpointError, MaskPromptError, WeightsError)

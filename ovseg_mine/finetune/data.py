@@ -63,6 +63,7 @@ class ShardIndex:
 
     @property
     def usable_rows(self) -> int:
+        """Pairs whose image exists: ``rows - skipped_rows``."""
         return self.rows - self.skipped_rows
 
 

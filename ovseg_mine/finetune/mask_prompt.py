@@ -97,6 +97,7 @@ class MaskPrompts(nn.Module):
 
     @property
     def depth(self) -> int:
+        """Prompted layers: the input plus the outputs of blocks 1..depth-1."""
         return self.prompts.shape[0]
 
     def _input_hook(self, _module: nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor | None:
