@@ -36,15 +36,33 @@ VILD_TEMPLATES: tuple[str, ...] = (
 )
 
 
-def _autocast(device: "torch.device", precision: str):
+def precision_dtype(precision: str) -> "torch.dtype | None":
+    """The torch dtype of a precision name: None for ``fp32`` (nothing to cast), ``torch.bfloat16`` for
+    ``bf16``, ``torch.float16`` for ``fp16``.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    import torch
+
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be one of {sorted(dtypes)}, got {precision!r}")
+    return dtypes[precision]
+
+
+def autocast(device: "torch.device", precision: str):
+    """A context that autocasts to ``precision`` on ``device`` (``fp32``: a no-op context).
+
+    Raises:
+        ValueError: unknown precision name.
+    """
     import contextlib
 
     import torch
 
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    dtype = precision_dtype(precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class TextEmbeddingCache:
@@ -88,7 +106,7 @@ class TextEmbeddingCache:
             if noun in self._cache:
                 continue
             tokens = self.tokenizer([t.format(noun) for t in self.templates]).to(self.device)
-            with torch.inference_mode(), _autocast(self.device, self.precision):
+            with torch.inference_mode(), autocast(self.device, self.precision):
                 feats = self.model.encode_text(tokens).float()
             feats = feats / feats.norm(dim=-1, keepdim=True)
             mean = feats.mean(dim=0)
@@ -109,12 +127,8 @@ def low_precision_clip(model: "torch.nn.Module", precision: str) -> "torch.nn.Mo
     Raises:
         ValueError: unknown ``precision``.
     """
-    import torch
-
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"precision must be one of {sorted(dtypes)}, got {precision!r}")
-    return model if dtypes[precision] is None else model.to(dtypes[precision])
+    dtype = precision_dtype(precision)
+    return model if dtype is None else model.to(dtype)
 
 
 def encode_crops(
@@ -140,7 +154,7 @@ def encode_crops(
 
     dtype = next(model.parameters()).dtype
     chunks = []
-    with torch.inference_mode(), _autocast(crops.device, precision):
+    with torch.inference_mode(), autocast(crops.device, precision):
         for start in range(0, crops.shape[0], batch_size):
             chunks.append(model.encode_image(crops[start : start + batch_size].to(dtype)).float())
     feats = torch.cat(chunks) if chunks else crops.new_zeros((0, 0))

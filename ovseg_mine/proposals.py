@@ -84,9 +84,9 @@ def tight_boxes(masks: np.ndarray) -> np.ndarray:
 def _low_precision_encoder(encoder: Any, precision: str) -> None:
     """Cast SAM's image encoder to bf16/fp16 in place, with hooks that cast its input to that dtype and its
     output (the ``[1, 256, 64, 64]`` image embedding) back to float32."""
-    import torch
+    from ovseg_mine.matching import precision_dtype
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    dtype = precision_dtype(precision)
     encoder.to(dtype)
     encoder.register_forward_pre_hook(lambda _module, args: (args[0].to(dtype), *args[1:]))
     encoder.register_forward_hook(lambda _module, _args, out: out.float())
@@ -128,8 +128,9 @@ class SamMaskGenerator:
         from segment_anything import SamPredictor
         from segment_anything.utils.amg import build_point_grid
 
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        from ovseg_mine.matching import precision_dtype
+
+        precision_dtype(precision)  # ValueError on an unknown name, before any work
         if cfg.min_mask_region_area > 0:
             try:
                 import cv2  # noqa: F401  (segment_anything.utils.amg.remove_small_regions)
@@ -146,11 +147,6 @@ class SamMaskGenerator:
             _low_precision_encoder(sam.image_encoder, precision)
         self.predictor = SamPredictor(sam)
         self.point_grid = build_point_grid(cfg.points_per_side)  # [P*P, 2] xy in [0, 1]
-
-    def _autocast(self):
-        from ovseg_mine.matching import _autocast
-
-        return _autocast(self.device, self.precision)
 
     def __call__(self, image: np.ndarray) -> Proposals:
         """Proposals of one image.
@@ -204,13 +200,15 @@ class SamMaskGenerator:
         import torch
         from segment_anything.utils.amg import calculate_stability_score
 
+        from ovseg_mine.matching import autocast
+
         sam = self.sam
         coords = self.predictor.transform.apply_coords(points, size)
         coords_t = torch.as_tensor(coords, device=self.device)[:, None, :]  # float64, as the AMG passes them
         labels = torch.ones((len(points), 1), dtype=torch.int, device=self.device)
         # The prompt encoder's Fourier features (sin/cos of large phases) stay in float32 whatever the precision.
         sparse, dense = sam.prompt_encoder(points=(coords_t, labels), boxes=None, masks=None)
-        with self._autocast():
+        with autocast(self.device, self.precision):
             low_res, iou_preds = sam.mask_decoder(
                 image_embeddings=features, image_pe=sam.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
@@ -260,7 +258,7 @@ def build_mask_generator(
     precision: str = "fp32",
 ) -> tuple[MaskGenerator, WeightsInfo]:
     """Build a mask generator and load its weights (:func:`ovseg_mine.models.load_sam` with ``cfg.model_type``
-    and ``cfg.checkpoint``); ``precision`` is the generator's autocast dtype name (``fp32``, ``bf16``, ``fp16``).
+    and ``cfg.checkpoint``); ``precision`` (``fp32``, ``bf16``, ``fp16``) as in :class:`SamMaskGenerator`.
 
     Raises:
         ModelNameError: unknown ``name`` or ``cfg.model_type`` (a ValueError; the message lists the valid ones).

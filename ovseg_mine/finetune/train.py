@@ -35,6 +35,7 @@ from ovseg_mine.finetune.data import PairDataset, make_loader, scan_shards, step
 from ovseg_mine.finetune.loss import noun_contrastive_loss, unique_targets
 from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, MaskPrompts, is_vit_arch, load_prompts, save_prompts
 from ovseg_mine.finetune.patch_mask import patch_foreground
+from ovseg_mine.matching import autocast
 
 log = logging.getLogger("ovseg_mine")
 
@@ -59,12 +60,6 @@ class ImageTower(nn.Module):
         else:
             feats = self.prompts(images, patch_foreground(pixel_masks, self.prompts.patch_size))
         return nn.functional.normalize(feats.float(), dim=-1)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -142,7 +137,7 @@ def batch_loss(tower: nn.Module, text_cache: Any, batch: dict[str, Any], logit_s
     float32 tensor on ``device`` (:func:`~.loss.noun_contrastive_loss`), with autograd history through ``tower``."""
     unique, targets = unique_targets(batch["noun"])
     text = text_cache.embed(unique)  # constants: the text tower is frozen
-    with _autocast(device, precision):
+    with autocast(device, precision):
         feats = tower(batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True))
     return noun_contrastive_loss(feats, text, targets.to(device), logit_scale)
 
