@@ -6,7 +6,6 @@ Heavy libraries are imported inside the commands, so ``ovseg-mine --help`` stays
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -116,12 +115,7 @@ def _run_mine(pipeline: str, captions: Path, images: Path, out: Path, overrides:
         _fail(str(exc))
     except KeyboardInterrupt:
         typer.echo(f"interrupted: {_shards_done(out)} kept in {out}; rerun the same command to resume", err=True)
-        # The run folder is consistent (shards committed, manifest written). Exit now: waiting for Ray's
-        # shutdown and its threads at interpreter exit can hang after an interrupt; Ray's own processes are
-        # fate-shared with this one and end with it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        raise typer.Exit(130)
     _summary(manifest, out)
 
 
@@ -198,7 +192,6 @@ def inspect_command(
     typer.echo(json.dumps(insp.figures, indent=2, sort_keys=True) if as_json else format_summary(insp.figures))
     if path is not None:
         typer.echo(f"report: {path}", err=as_json)
-
 
 
 # --- publish command (ovseg_mine.hub) ---

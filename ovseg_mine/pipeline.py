@@ -207,7 +207,7 @@ def _stream(records: list[ImageRecord], cfg: MineConfig, weights: ResolvedWeight
 def _shard_outcome(index: int, records: list[ImageRecord], results: list[dict[str, Any]]) -> tuple[list, dict]:
     by_id = {r["image_id"]: r for r in results}
     pairs: list[dict[str, Any]] = []
-    images, rejects, warnings = [], [], []
+    images, rejects, warned = [], [], []
     stage_s: Counter[str] = Counter()
     for record in records:
         result = by_id[record.image_id]
@@ -218,11 +218,11 @@ def _shard_outcome(index: int, records: list[ImageRecord], results: list[dict[st
         if result["status"] != "ok":
             rejects.append(Reject(record.image_id, record.file_name, result["status"], result["reason"]).to_dict())
         elif notes:
-            warnings.append(Reject(record.image_id, record.file_name, "warning", "; ".join(notes)).to_dict())
+            warned.append(Reject(record.image_id, record.file_name, "warning", "; ".join(notes)).to_dict())
         for stage in ("decode", "nouns", "proposals", "crops", "clip"):
             stage_s[stage] += result[f"{stage}_s"] or 0.0
     done = {"shard": index, "image_ids": [r.image_id for r in records], "images": images, "rejects": rejects,
-            "warnings": warnings, "stage_s": dict(stage_s)}
+            "warnings": warned, "stage_s": dict(stage_s)}
     return pairs, done
 
 
@@ -240,7 +240,7 @@ def build_manifest(out: Path, source: Source, cfg: MineConfig, weights: Resolved
     """The run manifest (schemas/manifest-v1.schema.json) from the done shards of ``plan``."""
     import pyarrow.parquet as pq
 
-    shards, rejects, warnings = [], [r.to_dict() for r in source.rejects], []
+    shards, rejects, warned = [], [r.to_dict() for r in source.rejects], []
     images = with_pairs = proposals = pairs = 0
     nouns: set[str] = set()
     stage_s: Counter[str] = Counter()
@@ -250,7 +250,7 @@ def build_manifest(out: Path, source: Source, cfg: MineConfig, weights: Resolved
             continue
         shards.append({"file": record["file"], "rows": record["rows"], "sha256": record["sha256"], "images": len(record["image_ids"])})
         rejects.extend(record["rejects"])
-        warnings.extend(record.get("warnings", []))
+        warned.extend(record.get("warnings", []))
         images += len(record["images"])
         with_pairs += sum(1 for image in record["images"] if image["num_pairs"])
         proposals += sum(image["num_proposals"] for image in record["images"])
@@ -270,9 +270,9 @@ def build_manifest(out: Path, source: Source, cfg: MineConfig, weights: Resolved
         "counts": {"images": images, "images_with_pairs": with_pairs, "images_rejected": len(rejects),
                    "pairs": pairs, "unique_nouns": len(nouns), "proposals": proposals,
                    "rejects_by_stage": dict(Counter(r["stage"] for r in rejects)),
-                   "images_with_warnings": len(warnings)},
+                   "images_with_warnings": len(warned)},
         "rejects": rejects,
-        "warnings": warnings,
+        "warnings": warned,
         "timings": {"wall_s": round(wall_s, 3), "images_per_s": round(processed / wall_s, 4) if wall_s > 0 else 0.0,
                     "images_this_invocation": processed, "stage_s": {k: round(v, 3) for k, v in stage_s.items()}},
     }
@@ -326,12 +326,12 @@ def mine(
     processed = 0
     pending: dict[int, list[dict[str, Any]]] = {}
     seen: set[int] = set()
-    started_ray = interrupted = False
+    started_ray = False
     try:
         if todo:
             started_ray = _init_ray(ray_address)
             for result in _guarded(_stream(todo, cfg, weights)):
-                if result["image_id"] in seen:  # a retried batch can never be yielded twice, but be sure
+                if result["image_id"] in seen:  # Ray yields a retried batch once; a duplicate would end a shard early
                     continue
                 seen.add(result["image_id"])
                 index = shard_of[result["image_id"]]
@@ -345,9 +345,6 @@ def mine(
                     done[index] = _write(out, index, pairs, record, meta, cfg)
                 if on_progress:
                     on_progress(images_done, total, pairs_done)
-    except KeyboardInterrupt:
-        interrupted = True  # Ctrl-C: write the manifest below, leave Ray to the process exit (no shutdown wait)
-        raise
     finally:
         # A stop can land after a shard's done marker is written and before _write returns: trust the disk.
         unfinished = {shard_of[r.image_id] for r in todo} - done.keys()
@@ -356,7 +353,7 @@ def mine(
                 done[index] = record
         manifest = build_manifest(out, source, cfg, weights, done, plan, time.perf_counter() - start, processed)
         write_json_atomic(out / "manifest.json", manifest)
-        if started_ray and not interrupted:
+        if started_ray:
             import ray
 
             ray.shutdown()
