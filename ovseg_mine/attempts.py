@@ -33,10 +33,6 @@ class AttemptTracker:
         """Record that ``image_id`` finished (with a result row, whatever its status)."""
         self._open.pop(image_id, None)
 
-    def deaths(self) -> dict[int, int]:
-        """Images begun and not ended, with their start counts (for the driver's report)."""
-        return dict(self._open)
-
 
 def worker_death_reason(deaths: int) -> str:
     """The reject reason of an image skipped after ``deaths`` worker deaths."""

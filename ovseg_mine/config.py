@@ -47,7 +47,7 @@ class NounsConfig(_Section):
         1000, ge=16, description="longer captions are cut at a word boundary before parsing (a warning is listed)"
     )
     skip_non_english: bool = Field(
-        True, description="skip captions that are not English (see nouns.screen_caption); each skip is listed"
+        True, description="skip captions that are not English (see captions.screen_caption); each skip is listed"
     )
 
 
@@ -67,8 +67,8 @@ class SamConfig(_Section):
     min_mask_region_area: int = Field(0, ge=0, description="pixels; >0 removes small holes and islands")
     max_masks_per_image: int = Field(100, ge=1, description="keep the best N proposals by predicted_iou")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="autocast dtype of SAM's image encoder and mask decoder (fp32: identical to stock SAM); "
-        "a CPU runs fp32 unless bf16 is asked for"
+        "fp32", description="dtype of SAM's image-encoder weights and the mask decoder's autocast (fp32: identical "
+        "to stock SAM); a CPU runs fp32 unless bf16 is asked for"
     )
 
 

@@ -2,7 +2,8 @@
 
 Orientation follows the file's EXIF tag (as a viewer shows the photo); grayscale, palette, CMYK and
 16-bit images are converted to 8-bit RGB; an image with transparency (RGBA, LA, a palette with a transparent
-index) is composited over black, so transparent pixels are black whatever colour the file stores under them. Decoding is bounded by ``max_pixels``: a larger image is refused, not decoded.
+index) is composited over black, so transparent pixels are black whatever colour the file stores under them.
+Decoding is bounded by ``max_pixels``: a larger image is refused, not decoded.
 """
 
 from __future__ import annotations

@@ -45,10 +45,10 @@ class ImageRecord:
     notes: tuple[str, ...] = ()
 
     def to_row(self) -> dict[str, Any]:
-        """Plain dict for Ray Data (captions and notes as lists)."""
+        """Plain dict for Ray Data (captions as a list; ``notes`` stay with the driver, which lists them)."""
         row = asdict(self)
         row["captions"] = list(self.captions)
-        row["notes"] = list(self.notes)
+        del row["notes"]
         return row
 
 

@@ -123,7 +123,7 @@ class MaskMatchStage:
         self.text_cache = TextEmbeddingCache(self.clip, tokenizer, self.device, precision=precision)
 
     def _device_precision(self, asked: str) -> str:
-        """The autocast dtype name used on this actor's device: as asked on GPU; bf16 or fp32 on CPU (no fp16)."""
+        """The precision name used on this actor's device: as asked on GPU; bf16 or fp32 on CPU (no fp16)."""
         if self.device.type == "cuda":
             return asked
         return "bf16" if asked == "bf16" else "fp32"
