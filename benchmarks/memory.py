@@ -65,8 +65,20 @@ def _tree_rss(root: psutil.Process) -> tuple[int, int, int]:
 
 def measure(captions: Path, images: Path, out: Path, interval_s: float = 0.2) -> dict:
     """Mine ``captions`` with the smoke recipe into ``out`` while sampling memory; returns the figures."""
-    command = [sys.executable, "-m", "ovseg_mine.cli", "mine", "--pipeline", "smoke", "--captions", str(captions),
-               "--images", str(images), "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "ovseg_mine.cli",
+        "mine",
+        "--pipeline",
+        "smoke",
+        "--captions",
+        str(captions),
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+    ]
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(proc.pid)
@@ -80,9 +92,12 @@ def measure(captions: Path, images: Path, out: Path, interval_s: float = 0.2) ->
         raise SystemExit(f"mining failed (rc {proc.returncode}):\n{stderr[-3000:]}")
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     return {
-        "images": manifest["counts"]["images"], "pairs": manifest["counts"]["pairs"],
-        "wall_s": round(time.perf_counter() - start, 1), "images_per_s": manifest["timings"]["images_per_s"],
-        "peak_driver_rss_mib": round(peak_driver / 2**20, 1), "peak_tree_rss_mib": round(peak_tree / 2**20, 1),
+        "images": manifest["counts"]["images"],
+        "pairs": manifest["counts"]["pairs"],
+        "wall_s": round(time.perf_counter() - start, 1),
+        "images_per_s": manifest["timings"]["images_per_s"],
+        "peak_driver_rss_mib": round(peak_driver / 2**20, 1),
+        "peak_tree_rss_mib": round(peak_tree / 2**20, 1),
         "peak_processes": peak_procs,
     }
 
@@ -99,14 +114,19 @@ def main() -> None:
             captions = build_captions(args.coco_mini, factor, Path(tmp))
             results[f"x{factor}"] = measure(captions, args.coco_mini / "val2017", Path(tmp) / f"run_x{factor}")
             print(f"x{factor}: {results[f'x{factor}']}", flush=True)
-    report = {"machine": {"cpus": psutil.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
-              "recipe": "smoke", "results": results}
+    report = {
+        "machine": {"cpus": psutil.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
+        "recipe": "smoke",
+        "results": results,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"\n{'input':>6} {'images':>7} {'pairs':>7} {'wall s':>8} {'img/s':>7} {'driver MiB':>11} {'tree MiB':>9}")
     for name, r in results.items():
-        print(f"{name:>6} {r['images']:>7} {r['pairs']:>7} {r['wall_s']:>8} {r['images_per_s']:>7} "
-              f"{r['peak_driver_rss_mib']:>11} {r['peak_tree_rss_mib']:>9}")
+        print(
+            f"{name:>6} {r['images']:>7} {r['pairs']:>7} {r['wall_s']:>8} {r['images_per_s']:>7} "
+            f"{r['peak_driver_rss_mib']:>11} {r['peak_tree_rss_mib']:>9}"
+        )
     print(f"\nJSON: {args.json}")
 
 

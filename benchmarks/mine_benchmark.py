@@ -77,12 +77,21 @@ def load_records(data: Path, n: int) -> list[dict[str, Any]]:
     for ann in sorted(coco["annotations"], key=lambda a: a["id"]):
         captions.setdefault(ann["image_id"], []).append(ann["caption"])
     images = sorted(coco["images"], key=lambda im: im["id"])[:n]
-    return [{"image_id": im["id"], "file_name": im["file_name"], "path": str(data / "val2017" / im["file_name"]),
-             "width": im["width"], "height": im["height"], "captions": captions[im["id"]][:1]} for im in images]
+    return [
+        {
+            "image_id": im["id"],
+            "file_name": im["file_name"],
+            "path": str(data / "val2017" / im["file_name"]),
+            "width": im["width"],
+            "height": im["height"],
+            "captions": captions[im["id"]][:1],
+        }
+        for im in images
+    ]
 
 
 class Recorder:
-    """Wraps a mask generator and keeps its last :class:`~ovseg_mine.proposals.Proposals` (for agreement)."""
+    """Wraps a mask generator and keeps its last :class:`~ovseg_mine.mine.proposals.Proposals` (for agreement)."""
 
     def __init__(self, generator: Any) -> None:
         self.generator, self.last = generator, None
@@ -92,14 +101,19 @@ class Recorder:
         return self.last
 
 
-def agreement(ref_masks: list[list[dict]], ours_masks: list[list[dict]], ref_pairs: list[list[dict]],
-              ours_pairs: list[list[dict]], iou_min: float = 0.95) -> dict[str, Any]:
+def agreement(
+    ref_masks: list[list[dict]],
+    ours_masks: list[list[dict]],
+    ref_pairs: list[list[dict]],
+    ours_pairs: list[list[dict]],
+    iou_min: float = 0.95,
+) -> dict[str, Any]:
     """Proposal and pair agreement between two runs over the same images (RLE masks)."""
     matched = total = same_index = 0
     pair_same = pair_total = 0
     noise: list[float] = []
     diffs: list[dict[str, Any]] = []
-    for rm, om, rp, op in zip(ref_masks, ours_masks, ref_pairs, ours_pairs):
+    for rm, om, rp, op in zip(ref_masks, ours_masks, ref_pairs, ours_pairs, strict=True):
         total += len(rm)
         if rm and om:
             ious = rle.iou(rm, om)  # [len(rm), len(om)]
@@ -114,23 +128,35 @@ def agreement(ref_masks: list[list[dict]], ours_masks: list[list[dict]], ref_pai
                 pair_same += 1
                 noise.append(abs(q["similarity"] - p["similarity"]))
             else:
-                diffs.append({"noun": p["noun"], "iou": iou, "ref_margin": p["margin"],
-                              "ref_similarity": p["similarity"], "ours_similarity": q["similarity"] if q else None})
+                diffs.append(
+                    {
+                        "noun": p["noun"],
+                        "iou": iou,
+                        "ref_margin": p["margin"],
+                        "ref_similarity": p["similarity"],
+                        "ours_similarity": q["similarity"] if q else None,
+                    }
+                )
     max_noise = max(noise, default=0.0)
     within = sum(1 for d in diffs if d["ref_margin"] is not None and d["ref_margin"] <= max_noise)
     return {
-        "proposals_matched": matched / max(1, total), "proposals_same_rank": same_index / max(1, total),
-        "proposals": total, "pairs": pair_total, "pairs_identical": pair_same / max(1, pair_total),
-        "similarity_abs_diff_max": max_noise, "similarity_abs_diff_median": float(np.median(noise)) if noise else 0.0,
-        "differences": len(diffs), "differences_within_noise": within,
+        "proposals_matched": matched / max(1, total),
+        "proposals_same_rank": same_index / max(1, total),
+        "proposals": total,
+        "pairs": pair_total,
+        "pairs_identical": pair_same / max(1, pair_total),
+        "similarity_abs_diff_max": max_noise,
+        "similarity_abs_diff_median": float(np.median(noise)) if noise else 0.0,
+        "differences": len(diffs),
+        "differences_within_noise": within,
         "ref_margin_of_differences_max": max((d["ref_margin"] or 0.0 for d in diffs), default=0.0),
         "difference_list": diffs,
     }
 
 
 def nouns_benchmark(data: Path, nlp: Any, min_captions: int, batch_size: int) -> dict[str, Any]:
-    """Captions/s of :func:`ovseg_mine.nouns.extract_nouns` on all captions of the data set, repeated."""
-    from ovseg_mine.nouns import extract_nouns
+    """Captions/s of :func:`ovseg_mine.mine.nouns.extract_nouns` on all captions of the data set, repeated."""
+    from ovseg_mine.mine.nouns import extract_nouns
 
     coco = json.loads((data / "annotations" / "captions_val2017.json").read_text())
     captions = [a["caption"] for a in coco["annotations"]]
@@ -150,35 +176,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=1, help="images run first by every implementation, not timed")
     parser.add_argument("--points-per-side", type=int, default=None, help="default: 8 on CPU, 32 on GPU")
     parser.add_argument("--points-per-batch", type=int, default=64)
-    parser.add_argument("--masks", type=int, default=64, help="max_masks_per_image: masks per image cropped and encoded")
-    parser.add_argument("--precision", default=None, help="ovseg-mine's precision (sam.precision and clip.precision); default bf16")
-    parser.add_argument("--check-fp32", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run ovseg-mine in fp32 (agreement only, not timed against the baseline)")
+    parser.add_argument(
+        "--masks", type=int, default=64, help="max_masks_per_image: masks per image cropped and encoded"
+    )
+    parser.add_argument(
+        "--precision", default=None, help="ovseg-mine's precision (sam.precision and clip.precision); default bf16"
+    )
+    parser.add_argument(
+        "--check-fp32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run ovseg-mine in fp32 (agreement only, not timed against the baseline)",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline (GPU throughput runs)")
     parser.add_argument("--nouns-captions", type=int, default=20000, help="captions timed by the nouns benchmark")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/benchmark.json"))
     args = parser.parse_args(argv)
 
-    from ovseg_mine.models import clip_input_size, clip_mean_std, load_clip, load_sam
-    from ovseg_mine.nouns import load_nlp
-    from ovseg_mine.shards import pair_schema, write_shard
-    from ovseg_mine.stages import MaskMatchStage, NounStage
     import pyarrow as pa
     from reference import ReferenceMiner  # benchmarks/ is on sys.path when this script runs
+
+    from ovseg_mine.mine.nouns import load_nlp
+    from ovseg_mine.mine.stages import MaskMatchStage, NounStage
+    from ovseg_mine.models import clip_input_size, clip_mean_std, load_clip, load_sam
+    from ovseg_mine.shards import pair_schema, write_shard
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     points = args.points_per_side or (32 if cuda else 8)
     precision = args.precision or "bf16"
     overrides = [
-        "sam.checkpoint=random", "clip.pretrained=random", f"sam.points_per_side={points}",
-        f"sam.points_per_batch={args.points_per_batch}", "sam.pred_iou_thresh=0.0", "sam.stability_score_thresh=0.0",
-        "sam.box_nms_thresh=1.0", f"sam.max_masks_per_image={args.masks}", f"clip.precision={precision!r}",
+        "sam.checkpoint=random",
+        "clip.pretrained=random",
+        f"sam.points_per_side={points}",
+        f"sam.points_per_batch={args.points_per_batch}",
+        "sam.pred_iou_thresh=0.0",
+        "sam.stability_score_thresh=0.0",
+        "sam.box_nms_thresh=1.0",
+        f"sam.max_masks_per_image={args.masks}",
+        f"clip.precision={precision!r}",
         f"sam.precision={precision!r}",
     ]
     cfg = build_config("coco-ovseg", overrides)
-    fp32_cfg = cfg.model_copy(update={"clip": cfg.clip.model_copy(update={"precision": "fp32"}),
-                                      "sam": cfg.sam.model_copy(update={"precision": "fp32"})})
+    fp32_cfg = cfg.model_copy(
+        update={
+            "clip": cfg.clip.model_copy(update={"precision": "fp32"}),
+            "sam": cfg.sam.model_copy(update={"precision": "fp32"}),
+        }
+    )
     records = load_records(args.data, args.warmup + args.images)
     warm, timed = records[: args.warmup], records[args.warmup :]
 
@@ -246,32 +291,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 run_ours(name, stage, [row], timed_run)
             if timed_run:
                 wall[name] += time.perf_counter() - start
-            print(f"image {row['image_id']} {name}: {time.perf_counter() - start:.1f} s{'' if timed_run else ' (warm-up)'}", flush=True)
+            print(
+                f"image {row['image_id']} {name}: {time.perf_counter() - start:.1f} s"
+                f"{'' if timed_run else ' (warm-up)'}",
+                flush=True,
+            )
 
     # Writing: ovseg-mine writes one Parquet shard of all pairs (the pipeline's shard writer).
     for name in ("ours", *checks):
         with tempfile.TemporaryDirectory() as run_dir, memory.track(name):
             pairs = [p for image_pairs in results[name]["pairs"] for p in image_pairs]
             start = time.perf_counter()
-            write_shard(run_dir, 0, pa.Table.from_pylist(pairs, schema=pair_schema()), file_metadata={},
-                        done_record={}, row_group_size=cfg.shards.row_group_size)
+            write_shard(
+                run_dir,
+                0,
+                pa.Table.from_pylist(pairs, schema=pair_schema()),
+                file_metadata={},
+                done_record={},
+                row_group_size=cfg.shards.row_group_size,
+            )
             seconds[name]["write"] = time.perf_counter() - start
             wall[name] += seconds[name]["write"]
 
     n = len(timed)
     names = [name for name in ("reference", "ours", *checks) if not (name == "reference" and ref is None)]
     report: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if cuda else "cpu", "loadavg": os.getloadavg()},
-        "settings": {"images": n, "warmup": len(warm), "sam": cfg.sam.model_dump(), "clip": cfg.clip.model_dump(),
-                     "ours_precision": ours.precision, "weights": "random"},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "loadavg": os.getloadavg(),
+        },
+        "settings": {
+            "images": n,
+            "warmup": len(warm),
+            "sam": cfg.sam.model_dump(),
+            "clip": cfg.clip.model_dump(),
+            "ours_precision": ours.precision,
+            "weights": "random",
+        },
         "implementations": {},
     }
     for name in names:
         total = wall[name]
         report["implementations"][name] = {
-            "images_per_s": n / total, "seconds_per_image": total / n,
+            "images_per_s": n / total,
+            "seconds_per_image": total / n,
             "stage_seconds_per_image": {k: v / n for k, v in seconds[name].items()},
             "stage_images_per_s": {k: (n / v if v > 0 else None) for k, v in seconds[name].items()},
             "peak_host_rss_gib": memory.host.get(name, 0) / 2**30,
@@ -282,8 +350,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if ref is not None:
         report["speedup_vs_reference"] = {name: wall["reference"] / wall[name] for name in names if name != "reference"}
         report["agreement_vs_reference"] = {
-            name: agreement(results["reference"]["masks"], results[name]["masks"], results["reference"]["pairs"],
-                            results[name]["pairs"]) for name in names if name != "reference"}
+            name: agreement(
+                results["reference"]["masks"],
+                results[name]["masks"],
+                results["reference"]["pairs"],
+                results[name]["pairs"],
+            )
+            for name in names
+            if name != "reference"
+        }
     report["nouns"] = nouns_benchmark(args.data, nlp, args.nouns_captions, cfg.nouns.batch_size)
     report["machine"]["loadavg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -296,23 +371,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def print_table(report: dict[str, Any]) -> None:
     impls = report["implementations"]
     names = list(impls)
-    print(f"\n{report['settings']['images']} images, {report['machine']['device']}, torch threads "
-          f"{report['machine']['torch_threads']}, load {report['machine']['loadavg']}")
+    print(
+        f"\n{report['settings']['images']} images, {report['machine']['device']}, torch threads "
+        f"{report['machine']['torch_threads']}, load {report['machine']['loadavg']}"
+    )
     print(f"{'':28}" + "".join(f"{n:>14}" for n in names))
     print(f"{'images/s end to end':28}" + "".join(f"{impls[n]['images_per_s']:14.4f}" for n in names))
     print(f"{'s/image end to end':28}" + "".join(f"{impls[n]['seconds_per_image']:14.2f}" for n in names))
     for stage in STAGES:
-        print(f"{'  ' + stage + ' s/image':28}" + "".join(f"{impls[n]['stage_seconds_per_image'][stage]:14.3f}" for n in names))
+        print(
+            f"{'  ' + stage + ' s/image':28}"
+            + "".join(f"{impls[n]['stage_seconds_per_image'][stage]:14.3f}" for n in names)
+        )
     print(f"{'peak host RSS GiB':28}" + "".join(f"{impls[n]['peak_host_rss_gib']:14.2f}" for n in names))
     if impls[names[0]]["peak_gpu_gib"] is not None:
         print(f"{'peak GPU GiB':28}" + "".join(f"{impls[n]['peak_gpu_gib']:14.2f}" for n in names))
     print(f"{'masks/image':28}" + "".join(f"{impls[n]['masks_per_image']:14.1f}" for n in names))
     for name, ratio in report.get("speedup_vs_reference", {}).items():
         a = report["agreement_vs_reference"][name]
-        print(f"{name}: {ratio:.2f}x the baseline; pairs identical {a['pairs_identical']:.1%} of {a['pairs']} "
-              f"({a['differences']} differ, {a['differences_within_noise']} of them with a baseline margin <= the "
-              f"largest |similarity difference| {a['similarity_abs_diff_max']:.2e} seen on identical pairs); "
-              f"proposals matched (IoU>=0.95) {a['proposals_matched']:.1%}, same rank {a['proposals_same_rank']:.1%}")
+        print(
+            f"{name}: {ratio:.2f}x the baseline; pairs identical {a['pairs_identical']:.1%} of {a['pairs']} "
+            f"({a['differences']} differ, {a['differences_within_noise']} of them with a baseline margin <= the "
+            f"largest |similarity difference| {a['similarity_abs_diff_max']:.2e} seen on identical pairs); "
+            f"proposals matched (IoU>=0.95) {a['proposals_matched']:.1%}, same rank {a['proposals_same_rank']:.1%}"
+        )
     nouns = report["nouns"]
     print(f"nouns: {nouns['captions_per_s']:.0f} captions/s ({nouns['captions']} captions, {nouns['seconds']:.1f} s)")
 

@@ -23,8 +23,8 @@ from PIL import Image
 from ovseg_mine import rle
 from ovseg_mine.config import MineConfig
 from ovseg_mine.crops import CLIP_MEAN_PIXEL
-from ovseg_mine.matching import VILD_TEMPLATES
-from ovseg_mine.nouns import extract_nouns
+from ovseg_mine.mine.matching import VILD_TEMPLATES
+from ovseg_mine.mine.nouns import extract_nouns
 
 
 class ReferenceMiner:
@@ -34,20 +34,25 @@ class ReferenceMiner:
         cfg: the same :class:`MineConfig` ovseg-mine runs with (``sam``, ``clip.batch_size`` is ignored: one
             crop per call; ``clip.precision`` is ignored: fp32, as the stock code runs).
         sam, clip, tokenizer: the models (the same weights ovseg-mine loads).
-        nlp: the spaCy pipeline of :func:`ovseg_mine.nouns.load_nlp`.
+        nlp: the spaCy pipeline of :func:`ovseg_mine.mine.nouns.load_nlp`.
         input_size, mean, std: CLIP input side (pixels) and its per-channel normalization in [0, 1].
     """
 
-    def __init__(self, cfg: MineConfig, sam: Any, clip: Any, tokenizer: Any, nlp: Any,
-                 input_size: int, mean: tuple, std: tuple) -> None:
+    def __init__(
+        self, cfg: MineConfig, sam: Any, clip: Any, tokenizer: Any, nlp: Any, input_size: int, mean: tuple, std: tuple
+    ) -> None:
         from segment_anything import SamAutomaticMaskGenerator
 
         self.cfg, self.clip, self.tokenizer, self.nlp = cfg, clip, tokenizer, nlp
         self.device = next(clip.parameters()).device
         self.amg = SamAutomaticMaskGenerator(
-            sam, points_per_side=cfg.sam.points_per_side, points_per_batch=cfg.sam.points_per_batch,
-            pred_iou_thresh=cfg.sam.pred_iou_thresh, stability_score_thresh=cfg.sam.stability_score_thresh,
-            box_nms_thresh=cfg.sam.box_nms_thresh, min_mask_region_area=cfg.sam.min_mask_region_area,
+            sam,
+            points_per_side=cfg.sam.points_per_side,
+            points_per_batch=cfg.sam.points_per_batch,
+            pred_iou_thresh=cfg.sam.pred_iou_thresh,
+            stability_score_thresh=cfg.sam.stability_score_thresh,
+            box_nms_thresh=cfg.sam.box_nms_thresh,
+            min_mask_region_area=cfg.sam.min_mask_region_area,
             output_mode="binary_mask",
         )
         self.size = input_size
@@ -114,10 +119,17 @@ class ReferenceMiner:
             sims = (torch.stack(text_emb) @ image_emb.T).cpu()
             for k, noun in enumerate(nouns):
                 best = int(sims[k].argmax())
-                others = torch.cat([sims[k, :best], sims[k, best + 1:]])
+                others = torch.cat([sims[k, :best], sims[k, best + 1 :]])
                 margin = float(sims[k, best] - others.max()) if len(others) else None
-                pairs.append({"noun": noun, "mask_index": best, "similarity": float(sims[k, best]),
-                              "margin": margin, "mask": rle.encode(masks[best])})
+                pairs.append(
+                    {
+                        "noun": noun,
+                        "mask_index": best,
+                        "similarity": float(sims[k, best]),
+                        "margin": margin,
+                        "mask": rle.encode(masks[best]),
+                    }
+                )
         t["clip"] += time.perf_counter() - start
 
         start = time.perf_counter()

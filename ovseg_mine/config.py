@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ovseg_mine.resources import list_pipelines, pipeline_path
@@ -67,8 +67,9 @@ class SamConfig(_Section):
     min_mask_region_area: int = Field(0, ge=0, description="pixels; >0 removes small holes and islands")
     max_masks_per_image: int = Field(100, ge=1, description="keep the best N proposals by predicted_iou")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="dtype of SAM's image-encoder weights and the mask decoder's autocast (fp32: identical "
-        "to stock SAM); a CPU runs fp32 unless bf16 is asked for"
+        "fp32",
+        description="dtype of SAM's image-encoder weights and the mask decoder's autocast (fp32: identical "
+        "to stock SAM); a CPU runs fp32 unless bf16 is asked for",
     )
 
 
@@ -76,9 +77,7 @@ class ClipConfig(_Section):
     """open_clip model used to score masked crops against nouns."""
 
     arch: str = Field("ViT-B-16", description="open_clip architecture name (open_clip.list_models())")
-    pretrained: str = Field(
-        "openai", description="open_clip pretrained tag, a local checkpoint path, or 'random'"
-    )
+    pretrained: str = Field("openai", description="open_clip pretrained tag, a local checkpoint path, or 'random'")
     batch_size: int = Field(128, ge=1, description="crops per image-encoder call")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast dtype on GPU; CPU runs fp32 unless bf16 is asked for"
@@ -207,9 +206,7 @@ def build_config(pipeline: str, overrides: list[str] | None = None) -> MineConfi
     try:
         return MineConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid config from pipeline {pipeline!r}: {problems}") from None
 
 

@@ -135,5 +135,7 @@ def masked_crop_images(
     import torch
 
     masks_t = torch.from_numpy(masks)
-    crops = render_masked_crops(torch.from_numpy(image).permute(2, 0, 1), masks_t, mask_bboxes(masks_t), size=size, fill=fill)
+    crops = render_masked_crops(
+        torch.from_numpy(image).permute(2, 0, 1), masks_t, mask_bboxes(masks_t), size=size, fill=fill
+    )
     return crops.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import socket
@@ -25,18 +24,30 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+from ovseg_mine.resources import model_configs_dir
+from ovseg_mine.storage import sha256_file
+
 log = logging.getLogger("ovseg_mine")
 
-_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+_CONFIG_DIR = model_configs_dir()
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 # Published SAM checkpoints: file name, full sha256, md5. NB: the hex in the file name is the md5's prefix.
 _SAM_CHECKPOINTS: dict[str, tuple[str, str, str]] = {
-    "vit_b": ("sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-              "01ec64d29a2fca3f0661936605ae66f8"),
-    "vit_l": ("sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-              "0b3195507c641ddb6910d2bb5adee89c"),
-    "vit_h": ("sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-              "4b8939a88964f0f4ff5f5b2642c598a6"),
+    "vit_b": (
+        "sam_vit_b_01ec64.pth",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+        "01ec64d29a2fca3f0661936605ae66f8",
+    ),
+    "vit_l": (
+        "sam_vit_l_0b3195.pth",
+        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+        "0b3195507c641ddb6910d2bb5adee89c",
+    ),
+    "vit_h": (
+        "sam_vit_h_4b8939.pth",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+        "4b8939a88964f0f4ff5f5b2642c598a6",
+    ),
 }
 
 
@@ -63,14 +74,6 @@ class WeightsInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _seeded(seed: int, build: Callable[[], Any]) -> Any:
@@ -101,19 +104,34 @@ def _tiny_sam() -> Any:
     img_size, patch, dim = 256, 16, 32
     return Sam(
         image_encoder=ImageEncoderViT(
-            img_size=img_size, patch_size=patch, embed_dim=dim, depth=2, num_heads=2, mlp_ratio=4.0,
-            out_chans=dim, qkv_bias=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=True, window_size=8, global_attn_indexes=(1,),
+            img_size=img_size,
+            patch_size=patch,
+            embed_dim=dim,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=4.0,
+            out_chans=dim,
+            qkv_bias=True,
+            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=8,
+            global_attn_indexes=(1,),
         ),
         prompt_encoder=PromptEncoder(
-            embed_dim=dim, image_embedding_size=(img_size // patch, img_size // patch),
-            input_image_size=(img_size, img_size), mask_in_chans=8,
+            embed_dim=dim,
+            image_embedding_size=(img_size // patch, img_size // patch),
+            input_image_size=(img_size, img_size),
+            mask_in_chans=8,
         ),
         mask_decoder=MaskDecoder(
-            num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
-            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim,
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
+            transformer_dim=dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=dim,
         ),
-        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
     )
 
 
@@ -150,14 +168,14 @@ def _fetch_sam_checkpoint(model_type: str) -> tuple[Path, str]:
     cache = sam_cache_dir()
     path, tmp = cache / fname, cache / f".{fname}.{os.getpid()}.part"
     if path.is_file():
-        got = _sha256(path)
+        got = sha256_file(path)
         if got == want:
             return path, got
         log.warning("cached %s has sha256 %s, expected %s; downloading it again", path, got[:12], want[:12])
     cache.mkdir(parents=True, exist_ok=True)
     try:
         _download(_SAM_URL + fname, tmp)
-        got = _sha256(tmp)
+        got = sha256_file(tmp)
         if got != want:
             raise WeightsError(f"sha256 mismatch for downloaded {fname}: got {got}, expected {want}")
         os.replace(tmp, path)
@@ -217,13 +235,17 @@ def load_sam(
             info = WeightsInfo(model_type, "default", _SAM_URL + path.name, sha)
         except Exception as exc:
             url = _SAM_URL + _SAM_CHECKPOINTS[model_type][0]
-            _fallback(allow_random, f"cannot obtain SAM {model_type} weights ({type(exc).__name__}: {str(exc)[:200]})"
-                      f" in cache folder {sam_cache_dir()}", f"Download {url} into that folder, or pass {hint}")
+            _fallback(
+                allow_random,
+                f"cannot obtain SAM {model_type} weights ({type(exc).__name__}: {str(exc)[:200]})"
+                f" in cache folder {sam_cache_dir()}",
+                f"Download {url} into that folder, or pass {hint}",
+            )
     elif checkpoint != "random":
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise WeightsError(f"SAM checkpoint file not found: {path} (from --set sam.checkpoint=PATH)")
-        info = WeightsInfo(model_type, "file", str(path.resolve()), _sha256(path))
+        info = WeightsInfo(model_type, "file", str(path.resolve()), sha256_file(path))
     sam = _seeded(seed, _SAM_BUILDERS[model_type])
     if path is not None:
         _load_state_dict(sam, path, f"SAM model_type {model_type!r}")
@@ -324,35 +346,46 @@ def load_clip(
         if tag_cfg:
             try:
                 path, source = _fetch_clip_tag(tag_cfg)
-                info = WeightsInfo(arch, pretrained, source, _sha256(path))
+                info = WeightsInfo(arch, pretrained, source, sha256_file(path))
             except Exception as exc:
                 path, tag_cfg = None, {}  # the fallback is exactly load_clip(arch, "random", seed=seed)
-                _fallback(allow_random, f"cannot obtain open_clip weights {arch}/{pretrained} ({type(exc).__name__}: "
-                          f"{str(exc)[:200]}) in open_clip's cache (HF hub cache or ~/.cache/clip)",
-                          "Pass --set clip.pretrained=PATH (a local checkpoint) or --set clip.pretrained=random")
+                _fallback(
+                    allow_random,
+                    f"cannot obtain open_clip weights {arch}/{pretrained} ({type(exc).__name__}: "
+                    f"{str(exc)[:200]}) in open_clip's cache (HF hub cache or ~/.cache/clip)",
+                    "Pass --set clip.pretrained=PATH (a local checkpoint) or --set clip.pretrained=random",
+                )
         elif os.path.isfile(os.path.expanduser(pretrained)):
             path = os.path.expanduser(pretrained)
-            info = WeightsInfo(arch, "file", str(Path(path).resolve()), _sha256(path))
+            info = WeightsInfo(arch, "file", str(Path(path).resolve()), sha256_file(path))
         elif os.sep in pretrained or "/" in pretrained or "." in pretrained:
             raise WeightsError(f"CLIP checkpoint file not found: {pretrained} (from --set clip.pretrained=PATH)")
         else:
             tags = open_clip.list_pretrained_tags_by_model(arch)
-            raise ModelNameError(f"{pretrained!r} is not a pretrained tag of {arch!r} (tags: {tags or 'none'}), "
-                                 "a local checkpoint path, or 'random'")
+            raise ModelNameError(
+                f"{pretrained!r} is not a pretrained tag of {arch!r} (tags: {tags or 'none'}), "
+                "a local checkpoint path, or 'random'"
+            )
     preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
 
     def build() -> Any:
         with _quiet_open_clip():
-            return open_clip.create_model(arch, pretrained=None, pretrained_text=False, force_preprocess_cfg=preprocess,
-                                          force_quick_gelu=bool(tag_cfg.get("quick_gelu")))
+            return open_clip.create_model(
+                arch,
+                pretrained=None,
+                pretrained_text=False,
+                force_preprocess_cfg=preprocess,
+                force_quick_gelu=bool(tag_cfg.get("quick_gelu")),
+            )
 
     model = _seeded(seed, build)
     if path is not None:
         try:
             open_clip.load_checkpoint(model, path, strict=True)
         except Exception as exc:
-            raise WeightsError(f"checkpoint {path} does not load into open_clip {arch!r}: "
-                               f"{type(exc).__name__}: {str(exc)[:300]}") from None
+            raise WeightsError(
+                f"checkpoint {path} does not load into open_clip {arch!r}: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from None
     return model.to(device).eval(), open_clip.get_tokenizer(arch), info
 
 

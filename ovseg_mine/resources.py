@@ -41,6 +41,16 @@ def pipeline_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def data_dir() -> Path:
+    """The package's data folder ``ovseg_mine/data`` (the bundled sample, the noun -> COCO category table)."""
+    return _PACKAGE_DIR / "data"
+
+
+def model_configs_dir() -> Path:
+    """open_clip model configs shipped with the package (``ovseg-tiny-vit.json`` for tests)."""
+    return _PACKAGE_DIR / "model_configs"
+
+
 def sample_dir() -> Path:
     """The bundled COCO sample: ``images/``, ``captions.json``, ``instances.json``, ``LICENSES.md``."""
     return _PACKAGE_DIR / "data" / "coco-sample"

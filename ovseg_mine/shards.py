@@ -14,7 +14,6 @@ written the same way). A shard without a valid done marker is redone on resume.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ovseg_mine.faults import failpoint
 from ovseg_mine.resources import schemas_dir
+from ovseg_mine.storage import sha256_file
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 METADATA_KEY = b"ovseg_mine"
 SHARDS_DIR = "shards"
+MANIFEST = "manifest.json"
+
+__all__ = ["sha256_file"]  # re-exported: shards are checked by their sha256
 
 
 class ShardError(ValueError):
@@ -41,8 +44,13 @@ def _arrow_type(spec: Any) -> "pa.DataType":
     if isinstance(spec, str):
         try:
             return {
-                "string": pa.string(), "bool": pa.bool_(), "int16": pa.int16(), "int32": pa.int32(),
-                "int64": pa.int64(), "float32": pa.float32(), "float64": pa.float64(),
+                "string": pa.string(),
+                "bool": pa.bool_(),
+                "int16": pa.int16(),
+                "int32": pa.int32(),
+                "int64": pa.int64(),
+                "float32": pa.float32(),
+                "float64": pa.float64(),
             }[spec]
         except KeyError:
             raise ShardError(f"unknown type {spec!r} in schema") from None
@@ -84,15 +92,6 @@ def pair_schema(version: int = SCHEMA_VERSION) -> "pa.Schema":
 def shard_name(index: int) -> str:
     """``shard-00042`` for index 42."""
     return f"shard-{index:05d}"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
@@ -177,7 +176,8 @@ def read_done(
     shard_dir = Path(run_dir) / SHARDS_DIR
     records: dict[int, dict[str, Any]] = {}
     paths = (
-        sorted(shard_dir.glob("shard-*.done.json")) if only is None
+        sorted(shard_dir.glob("shard-*.done.json"))
+        if only is None
         else [p for p in (shard_dir / f"{shard_name(i)}.done.json" for i in sorted(only)) if p.is_file()]
     )
     for path in paths:
@@ -245,6 +245,28 @@ def validate_shard(path: str | os.PathLike[str]) -> list[str]:
     if extra:
         problems.append(f"columns not in the contract: {sorted(extra)}")
     return problems
+
+
+def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run manifest (``RUN/manifest.json``, ``schemas/manifest-v1.schema.json``) as a dict.
+
+    Raises:
+        ShardError: the folder is not a run folder (missing, or no manifest in it), or the manifest is not
+            readable JSON; the message says which, in one line.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / MANIFEST
+    if not run_dir.is_dir():
+        raise ShardError(f"{run_dir} is not a folder")
+    if not path.is_file():
+        raise ShardError(f"{run_dir} is not an ovseg-mine run folder (no {MANIFEST} in it)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardError(f"{path} is not a readable manifest: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path} is not a manifest: a JSON object was expected")
+    return manifest
 
 
 def shard_files(run_dir: str | os.PathLike[str]) -> list[Path]:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ovseg_mine.resources import sample_dir
 
-REPO = Path(__file__).resolve().parent.parent
-COCO_MINI = Path(os.environ.get("OVSEG_MINE_COCO_MINI", REPO.parent / "shared" / "data" / "coco-mini"))
+from helpers import COCO_MINI, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +23,6 @@ def coco_mini() -> Path:
     if not (COCO_MINI / "annotations" / "captions_val2017.json").is_file():
         pytest.skip(f"coco-mini not found at {COCO_MINI}")
     return COCO_MINI
-
-
-def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run ``ovseg-mine ARGS`` in a subprocess (real CLI, real local Ray); returns the completed process."""
-    return subprocess.run(
-        [sys.executable, "-m", "ovseg_mine.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.fixture(scope="session")

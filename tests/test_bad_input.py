@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
 from ovseg_mine import rle
 from ovseg_mine.shards import read_done, read_pairs
+
+from helpers import run_cli
 
 CAPTION = "A dog sitting on a bed next to a fire hydrant."
 LONG_CAPTION = "A dog sitting on a bed next to a fire hydrant and a red ball. " * 170  # ~10,500 characters
@@ -59,7 +60,13 @@ def _build(sample: Path, root: Path) -> tuple[Path, dict[int, tuple[int, int]]]:
         (11, save("huge.jpg", photo.resize((12000, 9000), Image.NEAREST), quality=30), 12000, 9000, [CAPTION]),
         (12, save("tiny.png", photo.resize((1, 1))), 1, 1, [CAPTION]),
         (13, save("emoji.jpg", photo, quality=90), w, h, ["", "   ", "🐶🐱🍕 🔥"]),
-        (14, save("chinese.jpg", photo, quality=90), w, h, ["一只狗坐在床上，旁边是消防栓。", "Un chien assis sur un lit à côté d'une bouche."]),
+        (
+            14,
+            save("chinese.jpg", photo, quality=90),
+            w,
+            h,
+            ["一只狗坐在床上，旁边是消防栓。", "Un chien assis sur un lit à côté d'une bouche."],
+        ),
         (15, save("long.jpg", photo, quality=90), w, h, [LONG_CAPTION]),
         (16, "../outside.jpg", w, h, [CAPTION]),
         (17, str(images / "gray.jpg"), w, h, [CAPTION]),
@@ -84,8 +91,9 @@ def bad_run(sample, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     captions, sizes = _build(sample, root)
     out = root / "run"
-    result = run_cli("mine", "--captions", str(captions), "--images", str(root / "images"), "--out", str(out),
-                     "--pipeline", "smoke")
+    result = run_cli(
+        "mine", "--captions", str(captions), "--images", str(root / "images"), "--out", str(out), "--pipeline", "smoke"
+    )
     return result, out, sizes
 
 
@@ -102,10 +110,18 @@ def test_the_run_goes_on_and_every_bad_image_is_listed_with_its_reason(bad_run):
     assert (4, "decode", "not a readable image (unknown or corrupt format)") in rejects
     assert (11, "decode", "image too large: 12000x9000 exceeds 64000000 pixels") in rejects
     assert (12, "decode", "image too small: 1x1") in rejects
-    assert (13, "captions", "no usable caption: caption 0: empty caption; caption 1: empty caption; "
-                            "caption 2: no letters (empty, emoji or punctuation only)") in rejects
-    assert (14, "captions", "no usable caption: caption 0: not English (mostly non-Latin script); "
-                            "caption 1: not English (no English function word in 10 words)") in rejects
+    assert (
+        13,
+        "captions",
+        "no usable caption: caption 0: empty caption; caption 1: empty caption; "
+        "caption 2: no letters (empty, emoji or punctuation only)",
+    ) in rejects
+    assert (
+        14,
+        "captions",
+        "no usable caption: caption 0: not English (mostly non-Latin script); "
+        "caption 1: not English (no English function word in 10 words)",
+    ) in rejects
     assert (16, "source", "file_name escapes the image root") in rejects
     assert (17, "source", "file_name escapes the image root") in rejects
     assert (5, "source", "duplicate image id (first entry kept)") in rejects

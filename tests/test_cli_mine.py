@@ -14,7 +14,7 @@ from ovseg_mine import rle
 from ovseg_mine.resources import schemas_dir
 from ovseg_mine.shards import read_done, read_file_metadata, read_pairs, shard_files, validate_shard
 
-from conftest import run_cli
+from helpers import assert_same_pairs, run_cli
 
 
 def test_manifest_follows_its_schema(smoke_run, sample):
@@ -45,7 +45,7 @@ def test_shards_validate_and_rows_are_consistent(smoke_run, sample):
     for ann in sorted(captions["annotations"], key=lambda a: a["id"]):
         by_image.setdefault(ann["image_id"], []).append(ann["caption"].strip())
     assert len({p["pair_id"] for p in pairs}) == len(pairs)
-    from ovseg_mine.nouns import load_nlp
+    from ovseg_mine.mine.nouns import load_nlp
 
     nlp = load_nlp()
     for pair in pairs:
@@ -63,16 +63,17 @@ def test_shards_validate_and_rows_are_consistent(smoke_run, sample):
     assert keys == sorted(keys)
 
 
-def test_same_input_gives_identical_shards_whatever_the_workers(smoke_run, tmp_path):
+def test_same_input_gives_the_same_pairs_whatever_the_workers(smoke_run, tmp_path):
     # smoke_run: one mask/match actor, 4 images per batch; here two actors, one image per batch, so batches
-    # finish in another order and each actor runs torch on one thread instead of two.
+    # finish in another order and each actor runs torch on one thread instead of two. Thread counts and batch
+    # shapes change float rounding, so the contract is: the same pairs (noun, mask RLE, bbox, every other
+    # column), scores within 1e-5. Byte-identical shards for the same layout: tests/test_resume.py.
     out = tmp_path / "again"
-    result = run_cli("demo", "--pipeline", "smoke", "--out", str(out), "--set", "shards.images_per_shard=6",
-                     "--set", "ray.batch_size=1", "--set", "ray.actors=2", "--set", "ray.noun_actors=2")
+    overrides = "shards.images_per_shard=6 ray.batch_size=1 ray.actors=2 ray.noun_actors=2".split()
+    result = run_cli("demo", "--pipeline", "smoke", "--out", str(out), *(a for o in overrides for a in ("--set", o)))
     assert result.returncode == 0, result.stderr
-    first = {p.name: p.read_bytes() for p in shard_files(smoke_run)}
-    second = {p.name: p.read_bytes() for p in shard_files(out)}
-    assert first == second
+    assert [p.name for p in shard_files(smoke_run)] == [p.name for p in shard_files(out)]
+    assert_same_pairs(read_pairs(smoke_run).to_pylist(), read_pairs(out).to_pylist())
 
 
 def test_rerun_resumes_and_other_config_is_refused(smoke_run, tmp_path):
@@ -109,8 +110,17 @@ def test_bad_input_is_listed_and_the_run_goes_on(tmp_path, sample):
     }
     (tmp_path / "captions.json").write_text(json.dumps(captions))
     out = tmp_path / "run"
-    result = run_cli("mine", "--captions", str(tmp_path / "captions.json"), "--images", str(images),
-                     "--out", str(out), "--pipeline", "smoke")
+    result = run_cli(
+        "mine",
+        "--captions",
+        str(tmp_path / "captions.json"),
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        "--pipeline",
+        "smoke",
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     reasons = {r["image_id"]: (r["stage"], r["reason"]) for r in manifest["rejects"]}
@@ -125,7 +135,9 @@ def test_bad_input_is_listed_and_the_run_goes_on(tmp_path, sample):
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path):
-    result = run_cli("mine", "--captions", str(tmp_path / "none.json"), "--images", str(tmp_path), "--out", str(tmp_path / "o"))
+    result = run_cli(
+        "mine", "--captions", str(tmp_path / "none.json"), "--images", str(tmp_path), "--out", str(tmp_path / "o")
+    )
     assert result.returncode == 2 and "captions file not found" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("demo", "--pipeline", "nope", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "unknown pipeline 'nope'" in result.stderr
@@ -136,5 +148,8 @@ def test_help_is_fast_and_lists_commands():
     assert result.returncode == 0
     for command in ("mine", "demo", "pipelines"):
         assert command in result.stdout
-    code = "import sys, ovseg_mine.cli; print(sorted(m for m in ('torch', 'ray', 'spacy', 'open_clip') if m in sys.modules))"
+    code = (
+        "import sys, ovseg_mine.cli; "
+        "print(sorted(m for m in ('torch', 'ray', 'spacy', 'open_clip') if m in sys.modules))"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"

@@ -16,7 +16,9 @@ def test_bundled_recipes_load_and_validate():
 
 
 def test_overrides_are_typed():
-    cfg = build_config("smoke", ["sam.points_per_side=4", "clip.pretrained=/tmp/some ckpt.pt", "source.image_ids=[1, 2]"])
+    cfg = build_config(
+        "smoke", ["sam.points_per_side=4", "clip.pretrained=/tmp/some ckpt.pt", "source.image_ids=[1, 2]"]
+    )
     assert cfg.sam.points_per_side == 4
     assert cfg.clip.pretrained == "/tmp/some ckpt.pt"
     assert cfg.source.image_ids == [1, 2]

@@ -18,7 +18,7 @@ def test_mask_bboxes_match_pycocotools():
     masks[1, 0:30, 39] = True
     masks[2] = rng.random((30, 40)) > 0.7
     boxes = mask_bboxes(torch.from_numpy(masks)).tolist()
-    for mask, box in zip(masks, boxes):
+    for mask, box in zip(masks, boxes, strict=True):
         assert box == [int(v) for v in rle.bbox(rle.encode(mask))]
     assert boxes[0] == [10, 5, 11, 4]
     assert boxes[3] == [0, 0, 0, 0]  # empty mask

@@ -10,14 +10,21 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
 from ovseg_mine.finetune.evaluate import EvaluateError, classify, load_ground_truth, topk_hits
-from ovseg_mine.finetune.text import NounEmbeddings
-from ovseg_mine.matching import TextEmbeddingCache
+from ovseg_mine.mine.matching import TextEmbeddingCache
 from ovseg_mine.models import load_clip
+from ovseg_mine.text import NounEmbeddings
 
-COLORS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "cyan": (0, 1, 1),
-          "magenta": (1, 0, 1)}
+from helpers import run_cli
+
+COLORS = {
+    "red": (1, 0, 0),
+    "green": (0, 1, 0),
+    "blue": (0, 0, 1),
+    "yellow": (1, 1, 0),
+    "cyan": (0, 1, 1),
+    "magenta": (1, 0, 1),
+}
 
 
 class ColorCLIP(torch.nn.Module):
@@ -57,18 +64,32 @@ def colour_gt(tmp_path):
     cats = [{"id": i + 1, "name": n} for i, n in enumerate(COLORS)]
     cid = {c["name"]: c["id"] for c in cats}
     anns = [
-        (1, "red", (4, 4, 26, 16), 0), (1, "green", (10, 24, 30, 20), 0),
+        (1, "red", (4, 4, 26, 16), 0),
+        (1, "green", (10, 24, 30, 20), 0),
         (2, "blue", (5, 5, 20, 20), 0),
         (2, "yellow", (30, 30, 30, 16), 0),  # a red object labelled yellow: wrong at top-1, right at top-5
         (2, "red", (30, 30, 30, 16), 1),  # crowd: skipped
         (1, "cyan", (60, 0, 2, 2), 0),  # 4 pixels: tiny, skipped
     ]
-    data = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 48},
-                       {"id": 2, "file_name": "b.png", "width": 64, "height": 48}],
-            "categories": cats,
-            "annotations": [{"id": k + 1, "image_id": im, "category_id": cid[name], "segmentation": _box(*box),
-                             "area": box[2] * box[3], "bbox": list(box), "iscrowd": crowd}
-                            for k, (im, name, box, crowd) in enumerate(anns)]}
+    data = {
+        "images": [
+            {"id": 1, "file_name": "a.png", "width": 64, "height": 48},
+            {"id": 2, "file_name": "b.png", "width": 64, "height": 48},
+        ],
+        "categories": cats,
+        "annotations": [
+            {
+                "id": k + 1,
+                "image_id": im,
+                "category_id": cid[name],
+                "segmentation": _box(*box),
+                "area": box[2] * box[3],
+                "bbox": list(box),
+                "iscrowd": crowd,
+            }
+            for k, (im, name, box, crowd) in enumerate(anns)
+        ],
+    }
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(data))
     return path, images
@@ -82,8 +103,12 @@ def test_constructed_model_gives_known_accuracies(colour_gt):
     res = classify(model, model.tokenize, gt, size=16, mean=(0, 0, 0), std=(1, 1, 1))
     assert res["masks"] == 4 and res["categories"] == 6
     assert res["top1"] == 0.75 and res["top5"] == 1.0
-    assert res["per_category"] == {"red": {"n": 1, "top1": 1.0, "top5": 1.0}, "green": {"n": 1, "top1": 1.0, "top5": 1.0},
-                                   "blue": {"n": 1, "top1": 1.0, "top5": 1.0}, "yellow": {"n": 1, "top1": 0.0, "top5": 1.0}}
+    assert res["per_category"] == {
+        "red": {"n": 1, "top1": 1.0, "top5": 1.0},
+        "green": {"n": 1, "top1": 1.0, "top5": 1.0},
+        "blue": {"n": 1, "top1": 1.0, "top5": 1.0},
+        "yellow": {"n": 1, "top1": 0.0, "top5": 1.0},
+    }
     assert res["mean_top1"] == 0.75
 
 
@@ -114,10 +139,32 @@ def test_cli_evaluate_with_baseline(smoke_run, sample, tmp_path):
     from ovseg_mine.finetune.train import train_worker
 
     out = tmp_path / "ft"
-    train_worker(build_config(shards=smoke_run, out=out, mode="full+prompt", max_steps=2, batch_size=16, epochs=1,
-                              warmup_steps=0, loader_workers=0, prompt_depth=2))
-    result = run_cli("evaluate", "--checkpoint", str(out), "--gt", str(sample / "instances.json"), "--images",
-                     str(sample / "images"), "--baseline", "--limit", "4", "--json")
+    train_worker(
+        build_config(
+            shards=smoke_run,
+            out=out,
+            mode="full+prompt",
+            max_steps=2,
+            batch_size=16,
+            epochs=1,
+            warmup_steps=0,
+            loader_workers=0,
+            prompt_depth=2,
+        )
+    )
+    result = run_cli(
+        "evaluate",
+        "--checkpoint",
+        str(out),
+        "--gt",
+        str(sample / "instances.json"),
+        "--images",
+        str(sample / "images"),
+        "--baseline",
+        "--limit",
+        "4",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     res = json.loads(result.stdout)
     data = json.loads((sample / "instances.json").read_text())
@@ -127,9 +174,25 @@ def test_cli_evaluate_with_baseline(smoke_run, sample, tmp_path):
         assert res[name]["masks"] == expect and res[name]["categories"] == len(data["categories"])
         assert 0 <= res[name]["top1"] <= res[name]["top5"] <= 1
         assert sum(v["n"] for v in res[name]["per_category"].values()) == expect
-    text = run_cli("evaluate", "--checkpoint", str(out), "--gt", str(sample / "instances.json"), "--images",
-                   str(sample / "images"), "--limit", "1")
+    text = run_cli(
+        "evaluate",
+        "--checkpoint",
+        str(out),
+        "--gt",
+        str(sample / "instances.json"),
+        "--images",
+        str(sample / "images"),
+        "--limit",
+        "1",
+    )
     assert text.returncode == 0 and "all masks" in text.stdout and "checkpoint top1" in text.stdout
-    bad = run_cli("evaluate", "--checkpoint", str(tmp_path), "--gt", str(sample / "instances.json"), "--images",
-                  str(sample / "images"))
+    bad = run_cli(
+        "evaluate",
+        "--checkpoint",
+        str(tmp_path),
+        "--gt",
+        str(sample / "instances.json"),
+        "--images",
+        str(sample / "images"),
+    )
     assert bad.returncode == 2 and "not an ovseg-mine finetune output" in bad.stderr and "Traceback" not in bad.stderr

@@ -20,9 +20,15 @@ def clip(request, tmp_path_factory):
     """The tiny ViT of the smoke recipe, and another shape: 56 px input, patch 8 (7x7 grid), 3 blocks."""
     if request.param == "test-vit-p8-56":
         folder = tmp_path_factory.mktemp("cfg")
-        (folder / "test-vit-p8-56.json").write_text(json.dumps({
-            "embed_dim": 32, "vision_cfg": {"image_size": 56, "layers": 3, "width": 48, "head_width": 24, "patch_size": 8},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
+        (folder / "test-vit-p8-56.json").write_text(
+            json.dumps(
+                {
+                    "embed_dim": 32,
+                    "vision_cfg": {"image_size": 56, "layers": 3, "width": 48, "head_width": 24, "patch_size": 8},
+                    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+                }
+            )
+        )
         open_clip.add_model_config(folder)
     model, _tok, _info = load_clip(request.param, "random", seed=1)
     return model
@@ -62,14 +68,17 @@ def test_masked_patches_and_only_those_change_with_the_prompts(clip):
     hooks = [
         clip.visual.ln_pre.register_forward_hook(lambda m, i, o: seen.__setitem__("input", o.detach().clone())),
         clip.visual.transformer.resblocks[0].register_forward_hook(
-            lambda m, i, o: seen.__setitem__("block1", (o if batch_first else o.transpose(0, 1)).detach().clone())),
+            lambda m, i, o: seen.__setitem__("block1", (o if batch_first else o.transpose(0, 1)).detach().clone())
+        ),
     ]
     runs = []
     with torch.no_grad():
         for layer in (None, 0, 1):  # all zeros, then P[0] changed, then P[1] changed
             prompts.prompts.zero_()
             if layer is not None:  # random, not constant: LayerNorm would erase a constant shift
-                prompts.prompts[layer] = torch.randn(prompts.prompts[layer].shape, generator=torch.Generator().manual_seed(5))
+                prompts.prompts[layer] = torch.randn(
+                    prompts.prompts[layer].shape, generator=torch.Generator().manual_seed(5)
+                )
             final = prompts(images, keep)
             runs.append({**seen, "final": final})
     for h in hooks:
@@ -152,8 +161,10 @@ def test_loss_is_clip_loss_when_nouns_are_distinct_and_treats_repeats_as_positiv
     img = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
     logits = 10 * img @ txt.T
-    clip_loss = (torch.nn.functional.cross_entropy(logits, torch.arange(4))
-                 + torch.nn.functional.cross_entropy(logits.T, torch.arange(4))) / 2
+    clip_loss = (
+        torch.nn.functional.cross_entropy(logits, torch.arange(4))
+        + torch.nn.functional.cross_entropy(logits.T, torch.arange(4))
+    ) / 2
     torch.testing.assert_close(noun_contrastive_loss(img, txt, torch.arange(4), 10.0), clip_loss)
     # two crops of the same noun, both aligned with it: near-zero loss (CLIP's loss would push them apart)
     unique, targets = unique_targets(["cat", "dog", "cat"])

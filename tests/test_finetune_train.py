@@ -11,14 +11,15 @@ import open_clip
 import pytest
 import torch
 
-from conftest import run_cli
 from ovseg_mine.finetune import checkpoint as ckpt
 from ovseg_mine.finetune.config import build_config
 from ovseg_mine.finetune.data import PairDataset, make_loader, scan_shards
 from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE
 from ovseg_mine.finetune.train import ImageTower, batch_loss, train_worker
-from ovseg_mine.finetune.text import NounEmbeddings
 from ovseg_mine.models import _register_clip_configs, load_clip
+from ovseg_mine.text import NounEmbeddings
+
+from helpers import run_cli
 
 FAST = dict(batch_size=16, epochs=1, warmup_steps=0, loader_workers=0, log_every=1, prompt_depth=2)
 
@@ -36,8 +37,15 @@ def _loss(model, prompts, batch):
     tokenizer = open_clip.get_tokenizer("ovseg-tiny-vit")
     cache = NounEmbeddings(model, tokenizer, "cpu")
     with torch.no_grad():
-        return float(batch_loss(ImageTower(model.visual, prompts).eval(), cache, batch,
-                                float(model.logit_scale.exp()), torch.device("cpu")))
+        return float(
+            batch_loss(
+                ImageTower(model.visual, prompts).eval(),
+                cache,
+                batch,
+                float(model.logit_scale.exp()),
+                torch.device("cpu"),
+            )
+        )
 
 
 @pytest.mark.parametrize("mode", ["full", "prompt", "full+prompt"])
@@ -59,14 +67,19 @@ def test_each_mode_lowers_the_loss_and_reloads_through_open_clip(smoke_run, tmp_
     before, after = _loss(base, None, batch), _loss(tuned, prompts, batch)
     assert after < before - 0.01, (before, after)
     if mode == "prompt":  # towers frozen: the weights are the start weights
-        assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), tuned.state_dict().values()))
+        pairs = zip(base.state_dict().values(), tuned.state_dict().values(), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
 
     # open_clip's own loader reads the weights file and gives the same embeddings
     _register_clip_configs()
-    plain, _, _ = open_clip.create_model_and_transforms(saved["open_clip_arch"], pretrained=str(out / ckpt.WEIGHTS_FILE))
+    plain, _, _ = open_clip.create_model_and_transforms(
+        saved["open_clip_arch"], pretrained=str(out / ckpt.WEIGHTS_FILE)
+    )
     plain.eval()
     with torch.no_grad():
-        torch.testing.assert_close(plain.encode_image(batch["image"]), tuned.encode_image(batch["image"]), rtol=0, atol=0)
+        torch.testing.assert_close(
+            plain.encode_image(batch["image"]), tuned.encode_image(batch["image"]), rtol=0, atol=0
+        )
     if prompts is not None:
         prompts.remove()
 
@@ -95,8 +108,9 @@ def test_interrupted_run_resumes_to_the_same_weights(smoke_run, tmp_path):
 
 def test_init_continues_from_an_earlier_result(smoke_run, tmp_path):
     train_worker(build_config(shards=smoke_run, out=tmp_path / "a", mode="prompt", max_steps=2, **FAST))
-    meta = train_worker(build_config(shards=smoke_run, out=tmp_path / "b", mode="prompt", max_steps=2,
-                                     init=tmp_path / "a", **FAST))
+    meta = train_worker(
+        build_config(shards=smoke_run, out=tmp_path / "b", mode="prompt", max_steps=2, init=tmp_path / "a", **FAST)
+    )
     assert meta["start"]["init"] == str(tmp_path / "a")
     assert meta["start"]["prompts"] == str(tmp_path / "a" / PROMPTS_FILE)
     assert (tmp_path / "b" / PROMPTS_FILE).is_file()
@@ -104,8 +118,26 @@ def test_init_continues_from_an_earlier_result(smoke_run, tmp_path):
 
 def test_ray_train_with_two_cpu_workers(smoke_run, tmp_path):
     out = tmp_path / "ddp"
-    result = run_cli("finetune", "--shards", str(smoke_run), "--out", str(out), "--max-steps", "2", "--batch-size", "8",
-                     "--warmup-steps", "0", "--loader-workers", "0", "--log-every", "1", "--num-workers", "2", "--cpu")
+    result = run_cli(
+        "finetune",
+        "--shards",
+        str(smoke_run),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--warmup-steps",
+        "0",
+        "--loader-workers",
+        "0",
+        "--log-every",
+        "1",
+        "--num-workers",
+        "2",
+        "--cpu",
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     meta = json.loads((out / ckpt.METADATA_FILE).read_text())
     assert meta["world_size"] == 2 and meta["complete"] and [c["step"] for c in meta["curve"]] == [1, 2]
@@ -127,20 +159,35 @@ def test_bad_input_is_a_one_line_error(smoke_run, tmp_path):
     shard = sorted((bad / "shards").glob("*.parquet"))[0]
     table = pq.read_table(shard)
     meta = json.loads(table.schema.metadata[b"ovseg_mine"])
-    pq.write_table(table.replace_schema_metadata({b"ovseg_mine": json.dumps({**meta, "schema_version": 99}).encode()}), shard)
+    pq.write_table(
+        table.replace_schema_metadata({b"ovseg_mine": json.dumps({**meta, "schema_version": 99}).encode()}), shard
+    )
     assert "schema version 99" in _fails("finetune", "--shards", str(bad), "--out", str(tmp_path / "o1"))
 
     empty = tmp_path / "empty"
     (empty / "shards").mkdir(parents=True)
     assert "holds no shard" in _fails("finetune", "--shards", str(empty), "--out", str(tmp_path / "o2"))
 
-    err = _fails("finetune", "--shards", str(smoke_run), "--out", str(tmp_path / "o3"), "--mode", "prompt",
-                 "--arch", "RN50", "--pretrained", "random")
+    err = _fails(
+        "finetune",
+        "--shards",
+        str(smoke_run),
+        "--out",
+        str(tmp_path / "o3"),
+        "--mode",
+        "prompt",
+        "--arch",
+        "RN50",
+        "--pretrained",
+        "random",
+    )
     assert "needs a ViT image tower" in err and "RN50" in err
-    assert "--prompt-depth 2" in _fails("finetune", "--shards", str(smoke_run), "--out", str(tmp_path / "o4"),
-                                        "--mode", "prompt", "--max-steps", "1")
-    assert "none of the" in _fails("finetune", "--shards", str(smoke_run), "--out", str(tmp_path / "o5"),
-                                   "--images", str(tmp_path))
+    assert "--prompt-depth 2" in _fails(
+        "finetune", "--shards", str(smoke_run), "--out", str(tmp_path / "o4"), "--mode", "prompt", "--max-steps", "1"
+    )
+    assert "none of the" in _fails(
+        "finetune", "--shards", str(smoke_run), "--out", str(tmp_path / "o5"), "--images", str(tmp_path)
+    )
 
 
 def test_missing_images_are_counted_and_skipped(smoke_run, tmp_path):

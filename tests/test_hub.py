@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import run_cli
-from ovseg_mine import hub
+from ovseg_mine.publish import hub
 from ovseg_mine.shards import METADATA_KEY
+
+from helpers import run_cli
 
 SECRET = "hf_TESTSECRETtokenXYZ0123456789abcdef"
 
@@ -65,8 +66,18 @@ def test_dry_run_layout_and_card(dry_folder, smoke_run):
     assert [f["name"] for f in info["features"]][:2] == ["pair_id", "image_id"]
     first = body.splitlines()[0]
     assert "random" in first and "meaningless" in first
-    for needle in ("Liang, Feng", "2210.04150", "CC BY 4.0", "Flickr", "load_dataset", "mask_utils.decode",
-                   manifest["package_version"], manifest["config_hash"], "similarity |", "area_fraction"):
+    for needle in (
+        "Liang, Feng",
+        "2210.04150",
+        "CC BY 4.0",
+        "Flickr",
+        "load_dataset",
+        "mask_utils.decode",
+        manifest["package_version"],
+        manifest["config_hash"],
+        "similarity |",
+        "area_fraction",
+    ):
         assert needle in body, needle
 
 
@@ -109,7 +120,7 @@ def test_embed_crops_are_pngs_with_fill_background(smoke_run, tmp_path):
         pixels = np.asarray(image)
         # Output pixels whose 4x4 bicubic taps (align_corners=False) all fall on background source pixels.
         x, y, w, h = row["bbox"]
-        mask = decode(row["mask"])[y:y + h, x:x + w]
+        mask = decode(row["mask"])[y : y + h, x : x + w]
         rows_t, cols_t = _bicubic_taps(h, 64), _bicubic_taps(w, 64)
         background = ~mask[rows_t[:, :, None, None], cols_t[None, None, :, :]].any(axis=(1, 3))
         if background.any():
@@ -130,11 +141,14 @@ class _Recorder:
                 self.calls.append((name, args, kwargs))
                 if name == "upload_folder":
                     folder = Path(kwargs["folder_path"])
-                    kwargs["uploaded"] = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                                                if p.is_file())
-                    kwargs["written"] = "".join(p.read_bytes().decode("latin-1") for p in folder.rglob("*")
-                                                if p.is_file())
+                    kwargs["uploaded"] = sorted(
+                        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
+                    )
+                    kwargs["written"] = "".join(
+                        p.read_bytes().decode("latin-1") for p in folder.rglob("*") if p.is_file()
+                    )
                 return result
+
             return fake
 
         monkeypatch.setattr(HfApi, "create_repo", method("create_repo", "https://huggingface.co/datasets/u/d"))
@@ -156,8 +170,22 @@ def test_upload_calls_and_token_never_shown(smoke_run, tmp_path, monkeypatch, ca
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     rec = _Recorder().patch(monkeypatch)
     caplog.set_level(logging.DEBUG)
-    result = CliRunner().invoke(app, ["publish", str(run), "--repo-id", "u/d", "--private", "--revision", "v1",
-                                      "--commit-message", "first pairs", "--token", SECRET])
+    result = CliRunner().invoke(
+        app,
+        [
+            "publish",
+            str(run),
+            "--repo-id",
+            "u/d",
+            "--private",
+            "--revision",
+            "v1",
+            "--commit-message",
+            "first pairs",
+            "--token",
+            SECRET,
+        ],
+    )
     assert result.exit_code == 0, result.output
     names = [c[0] for c in rec.calls]
     assert names == ["create_repo", "create_branch", "upload_folder"]
@@ -224,8 +252,9 @@ def _one_line_error(result, needle: str) -> None:
 
 
 def test_refusals(smoke_run, tmp_path):
-    _one_line_error(run_cli("publish", str(smoke_run), "--repo-id", "u/d", "--token", SECRET),
-                    "randomly initialised weights")
+    _one_line_error(
+        run_cli("publish", str(smoke_run), "--repo-id", "u/d", "--token", SECRET), "randomly initialised weights"
+    )
 
     _one_line_error(run_cli("publish", str(tmp_path), "--dry-run", str(tmp_path / "o1")), "not an ovseg-mine run")
 

@@ -31,8 +31,10 @@ def test_exif_rotation_is_applied(jpeg, tmp_path):
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16"])
 def test_modes_become_rgb(jpeg, tmp_path, mode):
     with Image.open(jpeg) as img:
-        converted = img.convert(mode) if mode != "I;16" else Image.fromarray(
-            (np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+        converted = (
+            img.convert(mode)
+            if mode != "I;16"
+            else Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 257))
         )
     path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
     converted.save(path)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ovseg_mine.config import MatchingConfig
-from ovseg_mine.matching import VILD_TEMPLATES, TextEmbeddingCache, keep_match, match_nouns
+from ovseg_mine.mine.matching import VILD_TEMPLATES, TextEmbeddingCache, keep_match, match_nouns
 
 
 def _unit(*rows):
@@ -61,7 +61,9 @@ class _CountingText(torch.nn.Module):
 
     def encode_text(self, tokens):
         self.calls += 1
-        return torch.stack([tokens.float().sum(1), tokens.float().max(1).values, tokens.shape[1] * torch.ones(len(tokens))], 1)
+        return torch.stack(
+            [tokens.float().sum(1), tokens.float().max(1).values, tokens.shape[1] * torch.ones(len(tokens))], 1
+        )
 
 
 def test_text_embeddings_average_the_14_vild_templates_and_are_cached():
@@ -85,7 +87,7 @@ def test_text_embeddings_average_the_14_vild_templates_and_are_cached():
 
 
 def test_bf16_clip_gives_float32_embeddings_close_to_fp32():
-    from ovseg_mine.matching import encode_crops, low_precision_clip
+    from ovseg_mine.mine.matching import encode_crops, low_precision_clip
     from ovseg_mine.models import load_clip
 
     fp32, tokenizer, _ = load_clip("ovseg-tiny-vit", "random", device="cpu", seed=0)

@@ -11,8 +11,8 @@ from dataclasses import FrozenInstanceError
 
 import pytest
 
-from ovseg_mine import nouns
-from ovseg_mine.nouns import (
+from ovseg_mine.mine import nouns
+from ovseg_mine.mine.nouns import (
     COMPOUND_NOUNS,
     STOP_NOUNS,
     Noun,
@@ -20,9 +20,9 @@ from ovseg_mine.nouns import (
     extract_nouns,
     load_nlp,
 )
-
-from conftest import COCO_MINI
 from ovseg_mine.resources import sample_dir
+
+from helpers import COCO_MINI
 
 # Real COCO captions: the 79 images of ../shared/data/coco-mini when present, else the bundled 16.
 COCO_CAPTIONS = COCO_MINI / "annotations" / "captions_val2017.json"
@@ -57,7 +57,7 @@ def texts(nlp, caption: str, **kwargs) -> list[str]:
 
 
 def test_import_does_not_import_spacy():
-    code = "import sys, ovseg_mine.nouns; assert 'spacy' not in sys.modules, 'spacy imported eagerly'"
+    code = "import sys, ovseg_mine.mine.nouns; assert 'spacy' not in sys.modules, 'spacy imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -193,7 +193,7 @@ def test_batch_size_does_not_change_result(nlp, coco_captions, coco_nouns):
 
 def test_real_coco_nouns_come_from_their_caption(nlp, coco_captions, coco_nouns):
     assert len(coco_nouns) == len(coco_captions)
-    for caps, found in zip(coco_captions, coco_nouns):
+    for caps, found in zip(coco_captions, coco_nouns, strict=True):
         assert len({n.text for n in found}) == len(found), "not deduplicated"
         for noun in found:
             assert 0 <= noun.caption_index < len(caps)
@@ -209,7 +209,7 @@ def test_real_coco_nouns_come_from_their_caption(nlp, coco_captions, coco_nouns)
 def test_real_coco_caption_index_is_first_appearance(nlp, coco_captions, coco_nouns):
     per_caption = extract_nouns(nlp, [[c] for caps in coco_captions for c in caps])
     k = 0
-    for caps, found in zip(coco_captions, coco_nouns):
+    for caps, found in zip(coco_captions, coco_nouns, strict=True):
         own = [{n.text for n in per_caption[k + i]} for i in range(len(caps))]
         k += len(caps)
         expected = {}

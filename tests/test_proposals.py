@@ -13,7 +13,7 @@ from PIL import Image
 
 from ovseg_mine import rle
 from ovseg_mine.config import SamConfig
-from ovseg_mine.proposals import (
+from ovseg_mine.mine.proposals import (
     Proposals,
     SamMaskGenerator,
     build_mask_generator,
@@ -22,8 +22,13 @@ from ovseg_mine.proposals import (
 )
 
 PERMISSIVE = dict(
-    model_type="tiny", checkpoint="random", points_per_side=4, points_per_batch=64,
-    pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0,
+    model_type="tiny",
+    checkpoint="random",
+    points_per_side=4,
+    points_per_batch=64,
+    pred_iou_thresh=0.0,
+    stability_score_thresh=0.0,
+    box_nms_thresh=1.0,
 )
 
 
@@ -102,7 +107,7 @@ def test_bad_images(generator, images):
         "chw": np.ascontiguousarray(image.transpose(2, 0, 1)),
         "empty": np.zeros((0, 5, 3), np.uint8),
     }
-    for name, array in bad.items():
+    for array in bad.values():
         with pytest.raises(ValueError, match="image"):
             generator(array)
     with pytest.raises(ValueError, match="numpy array"):
@@ -132,16 +137,22 @@ def _stock_proposals(sam, cfg: SamConfig, image: np.ndarray) -> tuple[np.ndarray
     from segment_anything import SamAutomaticMaskGenerator
 
     amg = SamAutomaticMaskGenerator(
-        sam, points_per_side=cfg.points_per_side, points_per_batch=cfg.points_per_batch,
-        pred_iou_thresh=cfg.pred_iou_thresh, stability_score_thresh=cfg.stability_score_thresh,
-        box_nms_thresh=cfg.box_nms_thresh, output_mode="binary_mask",
+        sam,
+        points_per_side=cfg.points_per_side,
+        points_per_batch=cfg.points_per_batch,
+        pred_iou_thresh=cfg.pred_iou_thresh,
+        stability_score_thresh=cfg.stability_score_thresh,
+        box_nms_thresh=cfg.box_nms_thresh,
+        output_mode="binary_mask",
     )
     records = amg.generate(image)
     generated = len(records)
     records = [r for r in records if r["area"] > 0]
     ious = np.asarray([r["predicted_iou"] for r in records], dtype=np.float32)
     order = np.argsort(-ious, kind="stable")[: cfg.max_masks_per_image]
-    masks = np.stack([records[i]["segmentation"] for i in order]) if len(order) else np.zeros((0, *image.shape[:2]), bool)
+    masks = (
+        np.stack([records[i]["segmentation"] for i in order]) if len(order) else np.zeros((0, *image.shape[:2]), bool)
+    )
     stability = np.asarray([records[i]["stability_score"] for i in order], dtype=np.float32)
     return masks, ious[order], stability, generated
 

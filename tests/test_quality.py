@@ -3,102 +3,27 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli
 
-from ovseg_mine import rle
-from ovseg_mine.quality import format_summary, inspect_run
-from ovseg_mine.shards import pair_schema, write_shard
-from ovseg_mine.synonyms import NounMapper, load_synonyms
+from ovseg_mine.inspect.quality import format_summary, inspect_run
+from ovseg_mine.inspect.synonyms import NounMapper, load_synonyms
 
-H, W = 10, 20
-CATEGORIES = [{"id": 1, "name": "person"}, {"id": 17, "name": "cat"}, {"id": 18, "name": "dog"},
-              {"id": 24, "name": "zebra"}]
-
-
-def box(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """bool [H, W] mask, True on rows y0:y1, columns x0:x1."""
-    m = np.zeros((H, W), dtype=bool)
-    m[y0:y1, x0:x1] = True
-    return m
-
-
-# A polygon ground truth; the mined "puppy" mask is its exact rasterization (pycocotools), so IoU is 1.
-DOG_POLYGON = [[0.0, 0.0, 10.0, 0.0, 10.0, 5.0, 0.0, 5.0]]
-
-
-def polygon_mask() -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
-    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(DOG_POLYGON, H, W))).astype(bool)
-
-
-def _pair(image_id: int, noun: str, mask: np.ndarray, caption: str, sim: float, **extra) -> dict:
-    enc = rle.encode(mask)
-    return {"pair_id": f"{image_id}:{noun}", "image_id": image_id, "file_name": f"{image_id}.png", "width": W,
-            "height": H, "caption_index": 0, "caption": caption, "noun": noun, "mask": enc,
-            "bbox": [int(v) for v in rle.bbox(enc)], "area": int(mask.sum()), "proposal_index": 0, "num_proposals": 4,
-            "similarity": sim, "probability": sim, "margin": extra.get("margin", 0.1), "predicted_iou": 0.9,
-            "stability_score": 0.95}
-
-
-def handmade_pairs(caption: str = "a puppy and a man") -> list[dict]:
-    """7 pairs in images 1 and 2 (image 3 has none); with :func:`write_gt`: IoUs puppy 1, man 0, dog 1, cat and
-    kitten 0.5; zebra's category is not in image 1; sky maps to no category; cat and kitten share one mask."""
-    return [
-        _pair(1, "puppy", polygon_mask(), caption, 0.30),
-        _pair(1, "man", box(5, 10, 10, 20), caption, 0.10),
-        _pair(1, "zebra", box(0, 5, 10, 20), caption, 0.20),
-        _pair(1, "sky", box(5, 10, 0, 10), caption, 0.05, margin=None),
-        _pair(2, "dog", box(0, 10, 0, 10), "a dog, a cat", 0.40),
-        _pair(2, "cat", box(0, 10, 10, 20), "a dog, a cat", 0.25),
-        _pair(2, "kitten", box(0, 10, 10, 20), "a dog, a kitten", 0.15),
-    ]
-
-
-def make_run(root: Path, pairs: list[dict] | None = None, image_root: Path | None = None) -> Path:
-    """A run folder with one shard of ``pairs`` (default :func:`handmade_pairs`) for images 1, 2, 3."""
-    pairs = handmade_pairs() if pairs is None else pairs
-    run = root / "run"
-    images = [{"image_id": i, "status": "ok", "reason": "", "width": W, "height": H, "num_nouns": 4,
-               "num_proposals": 4, "num_pairs": sum(p["image_id"] == i for p in pairs)} for i in (1, 2)]
-    images.append({"image_id": 3, "status": "matching", "reason": "all 2 nouns below the matching thresholds",
-                   "width": W, "height": H, "num_nouns": 2, "num_proposals": 3, "num_pairs": 0})
-    table = pa.Table.from_pylist(pairs, schema=pair_schema())
-    write_shard(run, 0, table, file_metadata={"config": {}}, row_group_size=100,
-                done_record={"shard": 0, "image_ids": [1, 2, 3], "images": images, "rejects": []})
-    manifest = {"schema_version": 1, "status": "complete", "weights": "pretrained",
-                "source": {"captions": "captions.json", "image_root": str(image_root or root / "images")},
-                "rejects": [{"image_id": 3, "file_name": "3.png", "stage": "matching", "reason": "below thresholds"}]}
-    (run / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-    return run
-
-
-def write_gt(path: Path, image_ids: tuple[int, ...] = (1, 2, 3)) -> Path:
-    """COCO instances: image 1 dog (polygon) + person; image 2 dog as two RLE halves + cat (top half of the
-    mined cat mask)."""
-    def ann(aid: int, image_id: int, cat: int, seg) -> dict:
-        return {"id": aid, "image_id": image_id, "category_id": cat, "segmentation": seg, "iscrowd": 0, "area": 1,
-                "bbox": [0, 0, 1, 1]}
-
-    anns = [ann(1, 1, 18, DOG_POLYGON), ann(2, 1, 1, rle.encode(box(0, 5, 10, 20))),
-            ann(3, 2, 18, rle.encode(box(0, 5, 0, 10))), ann(4, 2, 18, rle.encode(box(5, 10, 0, 10))),
-            ann(5, 2, 17, rle.encode(box(0, 5, 10, 20)))]
-    data = {"images": [{"id": i, "file_name": f"{i}.png", "width": W, "height": H} for i in image_ids],
-            "annotations": [a for a in anns if a["image_id"] in image_ids], "categories": CATEGORIES}
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
+from helpers import CATEGORIES, H, W, make_run, run_cli, write_gt
 
 
 def test_figures_without_ground_truth(tmp_path):
     f = inspect_run(make_run(tmp_path)).figures
     c = f["counts"]
-    assert (c["images"], c["images_with_pairs"], c["images_without_pairs"], c["pairs"], c["unique_nouns"]) == (3, 2, 1, 7, 7)
+    assert (c["images"], c["images_with_pairs"], c["images_without_pairs"], c["pairs"], c["unique_nouns"]) == (
+        3,
+        2,
+        1,
+        7,
+        7,
+    )
     assert c["images_without_pairs_by_stage"] == {"matching": 1}
     assert c["images_without_pairs_by_reason"] == {"matching: all 2 nouns below the matching thresholds": 1}
     assert c["pairs_per_image"]["max"] == 4 and c["pairs_per_image"]["min"] == 0 and c["pairs_per_image"]["n"] == 3
@@ -119,7 +44,7 @@ def test_figures_without_ground_truth(tmp_path):
 def test_agreement_with_ground_truth(tmp_path):
     insp = inspect_run(make_run(tmp_path), write_gt(tmp_path / "gt.json"))
     g = insp.figures["gt"]
-    ious = {p["noun"]: v for p, v in zip(insp.pairs, insp.gt_iou)}
+    ious = {p["noun"]: v for p, v in zip(insp.pairs, insp.gt_iou, strict=True)}
     assert ious["puppy"] == 1.0 and ious["man"] == 0.0 and ious["dog"] == 1.0
     assert ious["cat"] == pytest.approx(0.5) and ious["kitten"] == pytest.approx(0.5)
     assert np.isnan(ious["zebra"]) and np.isnan(ious["sky"])
@@ -142,7 +67,12 @@ def test_synonym_table_maps_listed_words(sample):
     table = load_synonyms()
     for word in ("man", "woman", "boy", "girl", "child", "people", "player"):
         assert table[word] == "person"
-    assert (table["puppy"], table["kitten"], table["bike"], table["motorbike"]) == ("dog", "cat", "bicycle", "motorcycle")
+    assert (table["puppy"], table["kitten"], table["bike"], table["motorbike"]) == (
+        "dog",
+        "cat",
+        "bicycle",
+        "motorcycle",
+    )
     categories = {c["id"]: c["name"] for c in json.loads((sample / "instances.json").read_text())["categories"]}
     assert len(set(table.values()) - set(categories.values())) == 0, "every target must be a COCO category"
     mapper = NounMapper(categories)
@@ -166,8 +96,10 @@ def test_cli_bad_input(tmp_path):
     run = make_run(tmp_path)
     shard = run / "shards" / "shard-00000.parquet"
     table = pq.read_table(shard)
-    pq.write_table(table.replace_schema_metadata({b"ovseg_mine": json.dumps({"schema_version": 99}).encode()}),
-                   tmp_path / "v99.parquet")
+    pq.write_table(
+        table.replace_schema_metadata({b"ovseg_mine": json.dumps({"schema_version": 99}).encode()}),
+        tmp_path / "v99.parquet",
+    )
     good = shard.read_bytes()
     shard.write_bytes((tmp_path / "v99.parquet").read_bytes())
     assert "schema version 99" in _cli_error(str(run))
@@ -183,7 +115,9 @@ def test_cli_bad_input(tmp_path):
 
 def test_cli_json(tmp_path):
     run = make_run(tmp_path)
-    result = run_cli("inspect", str(run), "--gt", str(write_gt(tmp_path / "gt.json")), "--json", "--no-report", timeout=120)
+    result = run_cli(
+        "inspect", str(run), "--gt", str(write_gt(tmp_path / "gt.json")), "--json", "--no-report", timeout=120
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
     assert figures["counts"]["pairs"] == 7 and figures["gt"]["precision"] == pytest.approx(0.8)
@@ -197,9 +131,17 @@ def test_panoptic_ground_truth(tmp_path):
     ids[0:5, 10:20] = (2, 1, 0)  # segment 258: cat, the top half of the mined cat mask
     (tmp_path / "panoptic" / "").mkdir()
     Image.fromarray(ids).save(tmp_path / "panoptic" / "2.png")
-    data = {"images": [{"id": 2, "file_name": "2.jpg", "width": W, "height": H}], "categories": CATEGORIES,
-            "annotations": [{"image_id": 2, "file_name": "2.png", "segments_info": [
-                {"id": 1, "category_id": 18}, {"id": 258, "category_id": 17}]}]}
+    data = {
+        "images": [{"id": 2, "file_name": "2.jpg", "width": W, "height": H}],
+        "categories": CATEGORIES,
+        "annotations": [
+            {
+                "image_id": 2,
+                "file_name": "2.png",
+                "segments_info": [{"id": 1, "category_id": 18}, {"id": 258, "category_id": 17}],
+            }
+        ],
+    }
     (tmp_path / "panoptic.json").write_text(json.dumps(data))
     g = inspect_run(make_run(tmp_path), tmp_path / "panoptic.json").figures["gt"]
     assert g["kind"] == "panoptic" and g["images_with_gt"] == 1 and g["image_not_in_gt"] == 3

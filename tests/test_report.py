@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
 from PIL import Image
-from test_quality import H, W, handmade_pairs, make_run, write_gt
 
-from ovseg_mine.quality import inspect_run
-from ovseg_mine.report import gallery_html, render_html
+from ovseg_mine.inspect.quality import inspect_run
+from ovseg_mine.inspect.report import gallery_html, render_html
+
+from helpers import H, W, handmade_pairs, make_run, run_cli, write_gt
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 EVIL = "a <script>alert('x')</script> & a puppy"
@@ -45,28 +45,58 @@ def test_report_escapes_and_is_repeatable(tmp_path):
 
 
 def _chromium(user_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-           f"--user-data-dir={user_dir}", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={user_dir}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium): browser test skipped")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium): browser test skipped"
+)
 def test_report_renders_in_headless_chromium(smoke_run, sample, tmp_path):
     report = tmp_path / "report"
-    result = run_cli("inspect", str(smoke_run), "--gt", str(sample / "instances.json"), "--report", str(report),
-                     "--gallery", "12", "--seed", "1", timeout=300)
+    result = run_cli(
+        "inspect",
+        str(smoke_run),
+        "--gt",
+        str(sample / "instances.json"),
+        "--report",
+        str(report),
+        "--gallery",
+        "12",
+        "--seed",
+        "1",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ground truth (instances" in result.stdout and f"report: {report / 'index.html'}" in result.stdout
     url = (report / "index.html").resolve().as_uri()
     shot = tmp_path / "shot.png"
-    loaded = _chromium(tmp_path / "profile1", "--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
-                       "--window-size=1280,2000", url)
+    loaded = _chromium(
+        tmp_path / "profile1",
+        "--enable-logging=stderr",
+        "--v=0",
+        f"--screenshot={shot}",
+        "--window-size=1280,2000",
+        url,
+    )
     assert shot.is_file(), loaded.stderr[-2000:]
     errors = [line for line in loaded.stderr.splitlines() if "Uncaught" in line or ":CONSOLE" in line]
     assert not errors, errors
     pixels = np.asarray(Image.open(shot).convert("RGB"))
-    colours = np.unique(pixels.reshape(-1, 3)[:: 7], axis=0)
+    colours = np.unique(pixels.reshape(-1, 3)[::7], axis=0)
     assert len(colours) > 50, f"screenshot looks blank: {len(colours)} colours"
     dom = _chromium(tmp_path / "profile2", "--dump-dom", url).stdout
     assert dom.count('class="card"') == 12, "the gallery is in the DOM"

@@ -26,10 +26,23 @@ PER_SHARD = 3
 
 def _command(coco_mini: Path, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "ovseg_mine.cli", "mine", "--pipeline", "smoke",
-        "--captions", str(coco_mini / "annotations" / "captions_val2017.json"),
-        "--images", str(coco_mini / "val2017"), "--out", str(out), "--limit", str(IMAGES),
-        "--set", f"shards.images_per_shard={PER_SHARD}", *extra,
+        sys.executable,
+        "-m",
+        "ovseg_mine.cli",
+        "mine",
+        "--pipeline",
+        "smoke",
+        "--captions",
+        str(coco_mini / "annotations" / "captions_val2017.json"),
+        "--images",
+        str(coco_mini / "val2017"),
+        "--out",
+        str(out),
+        "--limit",
+        str(IMAGES),
+        "--set",
+        f"shards.images_per_shard={PER_SHARD}",
+        *extra,
     ]
 
 
@@ -41,8 +54,9 @@ def _env(failpoints: str | None = None) -> dict[str, str]:
 
 
 def _run(coco_mini: Path, out: Path, *extra: str, failpoints: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(coco_mini, out, *extra), capture_output=True, text=True, timeout=600,
-                          env=_env(failpoints))
+    return subprocess.run(
+        _command(coco_mini, out, *extra), capture_output=True, text=True, timeout=600, env=_env(failpoints)
+    )
 
 
 def _as_from_a_terminal() -> None:
@@ -54,9 +68,15 @@ def _as_from_a_terminal() -> None:
 
 
 def _start(coco_mini: Path, out: Path, *extra: str, failpoints: str | None = None) -> subprocess.Popen:
-    return subprocess.Popen(_command(coco_mini, out, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(failpoints), start_new_session=True,
-                            preexec_fn=_as_from_a_terminal)
+    return subprocess.Popen(
+        _command(coco_mini, out, *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(failpoints),
+        start_new_session=True,
+        preexec_fn=_as_from_a_terminal,
+    )
 
 
 #: The driver pauses right after committing shard 0: a window, on a fast machine as on a slow one, in which the

@@ -7,7 +7,14 @@ import pytest
 
 from ovseg_mine import rle
 from ovseg_mine.shards import (
-    ShardError, pair_schema, read_done, read_file_metadata, read_pairs, shard_files, validate_shard, write_shard,
+    ShardError,
+    pair_schema,
+    read_done,
+    read_file_metadata,
+    read_pairs,
+    shard_files,
+    validate_shard,
+    write_shard,
 )
 
 
@@ -15,10 +22,24 @@ def _pair(image_id=1, noun="dog"):
     mask = np.zeros((8, 10), dtype=bool)
     mask[2:5, 3:7] = True
     return {
-        "pair_id": f"{image_id}:{noun}", "image_id": image_id, "file_name": "a.jpg", "width": 10, "height": 8,
-        "caption_index": 0, "caption": "a dog", "noun": noun, "mask": rle.encode(mask), "bbox": [3, 2, 4, 3],
-        "area": 12, "proposal_index": 0, "num_proposals": 1, "similarity": 0.3, "probability": 1.0,
-        "margin": None, "predicted_iou": 0.9, "stability_score": 0.95,
+        "pair_id": f"{image_id}:{noun}",
+        "image_id": image_id,
+        "file_name": "a.jpg",
+        "width": 10,
+        "height": 8,
+        "caption_index": 0,
+        "caption": "a dog",
+        "noun": noun,
+        "mask": rle.encode(mask),
+        "bbox": [3, 2, 4, 3],
+        "area": 12,
+        "proposal_index": 0,
+        "num_proposals": 1,
+        "similarity": 0.3,
+        "probability": 1.0,
+        "margin": None,
+        "predicted_iou": 0.9,
+        "stability_score": 0.95,
     }
 
 
@@ -33,7 +54,9 @@ def test_schema_follows_contract():
 
 def test_write_is_atomic_marked_done_and_valid(tmp_path):
     table = pa.Table.from_pylist([_pair(1, "dog"), _pair(2, "cat")], schema=pair_schema())
-    record = write_shard(tmp_path, 3, table, file_metadata={"config": {"a": 1}}, done_record={"image_ids": [1, 2]}, row_group_size=10)
+    record = write_shard(
+        tmp_path, 3, table, file_metadata={"config": {"a": 1}}, done_record={"image_ids": [1, 2]}, row_group_size=10
+    )
     path = tmp_path / "shards" / "shard-00003.parquet"
     assert path.is_file() and not list((tmp_path / "shards").glob("*.tmp"))
     assert record["rows"] == 2 and record["file"] == "shards/shard-00003.parquet"

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from ovseg_mine.captions import screen_caption
-from ovseg_mine.sources import SourceError, read_coco_captions
+from ovseg_mine.mine.captions import screen_caption
+from ovseg_mine.mine.sources import SourceError, read_coco_captions
 
 
 def _write(tmp_path: Path, data) -> Path:
@@ -113,24 +113,32 @@ def test_pathological_captions_are_screened_and_listed(tmp_path):
     records = {r.image_id: r for r in src.records}
     assert records[1].captions == ("A dog on a sofa.",)
     assert records[1].notes == (
-        "caption 0: empty caption", "caption 1: no letters (empty, emoji or punctuation only)",
+        "caption 0: empty caption",
+        "caption 1: no letters (empty, emoji or punctuation only)",
     )
     cut = records[4].captions[0]
     assert 900 < len(cut) <= 1000 and long_caption.strip()[: len(cut)] == cut
     assert long_caption[len(cut)] == " "  # cut at a word boundary
-    assert records[4].notes == (f"caption 0: {len(long_caption.strip())} characters long, cut to {len(records[4].captions[0])}",)
+    assert records[4].notes == (
+        f"caption 0: {len(long_caption.strip())} characters long, cut to {len(records[4].captions[0])}",
+    )
     assert records[5].notes == () and records[5].captions == ("Man riding skateboard down street",)
     rejects = {r.image_id: (r.stage, r.reason) for r in src.rejects}
-    assert rejects[2] == ("captions", "no usable caption: caption 0: not English (mostly non-Latin script); "
-                                      "caption 1: not English (mostly non-Latin script)")
+    assert rejects[2] == (
+        "captions",
+        "no usable caption: caption 0: not English (mostly non-Latin script); "
+        "caption 1: not English (mostly non-Latin script)",
+    )
     assert rejects[3][0] == "captions" and "no English function word" in rejects[3][1]
 
 
 def test_captions_are_kept_when_screening_is_off(tmp_path):
     root = tmp_path / "images"
     root.mkdir()
-    data = {"images": [{"id": 1, "file_name": "1.jpg"}],
-            "annotations": [{"id": 1, "image_id": 1, "caption": "Un chat noir dort sur le canapé."}]}
+    data = {
+        "images": [{"id": 1, "file_name": "1.jpg"}],
+        "annotations": [{"id": 1, "image_id": 1, "caption": "Un chat noir dort sur le canapé."}],
+    }
     src = read_coco_captions(_write(tmp_path, data), root, skip_non_english=False)
     assert src.records[0].captions == ("Un chat noir dort sur le canapé.",)
 

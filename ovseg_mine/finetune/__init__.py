@@ -11,7 +11,7 @@ Modules, one concept each:
 * :mod:`~ovseg_mine.finetune.train` -- the training loop (one process, or one Ray Train worker).
 * :mod:`~ovseg_mine.finetune.distributed` -- the same loop under Ray Train (TorchTrainer, DDP).
 * :mod:`~ovseg_mine.finetune.evaluate` -- masked-region classification on ground-truth masks.
-* :mod:`~ovseg_mine.finetune.cli` -- the ``finetune`` and ``evaluate`` commands.
+* :mod:`~ovseg_mine.cli.finetune` -- the ``finetune`` and ``evaluate`` commands.
 
 Heavy dependencies (torch, open_clip, pyarrow, ray) are imported inside the modules that need them.
 """

@@ -116,8 +116,9 @@ def load_state(out: str | os.PathLike[str]) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file
-        raise CheckpointError(f"cannot read the resume state {path} ({type(exc).__name__}: {str(exc)[:200]}); "
-                              "delete it to start over") from None
+        raise CheckpointError(
+            f"cannot read the resume state {path} ({type(exc).__name__}: {str(exc)[:200]}); delete it to start over"
+        ) from None
 
 
 def load_finetuned(folder: str | os.PathLike[str], *, device: Any = "cpu", with_prompts: bool = True):

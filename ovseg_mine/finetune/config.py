@@ -87,8 +87,17 @@ class FinetuneConfig(BaseModel):
 
     def training_dict(self) -> dict[str, Any]:
         """The fields that define the training result (paths, workers and logging left out), for resume checks."""
-        skip = {"out", "images", "loader_workers", "log_every", "checkpoint_every", "num_workers", "use_gpu",
-                "ray_address", "allow_random"}
+        skip = {
+            "out",
+            "images",
+            "loader_workers",
+            "log_every",
+            "checkpoint_every",
+            "num_workers",
+            "use_gpu",
+            "ray_address",
+            "allow_random",
+        }
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
     def training_hash(self) -> str:

@@ -110,8 +110,16 @@ def scan_shards(run_dir: str | os.PathLike[str], images: str | os.PathLike[str] 
             for name in parquet.read_row_group(g, columns=["file_name"]).column(0).to_pylist():
                 names[name] = names.get(name, 0) + 1
     missing = sorted(n for n in names if not (root / n).is_file())
-    index = ShardIndex(run_dir, root, manifest, row_groups, sum(r for _, _, r in row_groups), missing,
-                       sum(names[n] for n in missing), digest.hexdigest())
+    index = ShardIndex(
+        run_dir,
+        root,
+        manifest,
+        row_groups,
+        sum(r for _, _, r in row_groups),
+        missing,
+        sum(names[n] for n in missing),
+        digest.hexdigest(),
+    )
     if index.rows and not index.usable_rows:
         raise DataError(f"none of the {len(names)} images of the pairs is in {root} (e.g. {missing[0]}): pass --images")
     if not index.rows:
@@ -119,8 +127,9 @@ def scan_shards(run_dir: str | os.PathLike[str], images: str | os.PathLike[str] 
     return index
 
 
-def _random_resized_crop(rng: random.Random, size: int, scale: tuple[float, float],
-                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def _random_resized_crop(
+    rng: random.Random, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """``(top, left, h, w)`` of torchvision's ``RandomResizedCrop.get_params`` on a size x size image, drawn
     from ``rng`` (torchvision's algorithm: 10 tries of area and log-uniform aspect ratio, else the center)."""
     import math
@@ -152,9 +161,19 @@ class PairDataset(IterableDataset):
     does not fit its image, is skipped with a warning on the ``ovseg_mine`` logger.
     """
 
-    def __init__(self, index: ShardIndex, *, size: int, mean: Sequence[float], std: Sequence[float], seed: int = 0,
-                 crop_scale: tuple[float, float] | None = (0.9, 1.0), shuffle_buffer: int = 2048,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        index: ShardIndex,
+        *,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        seed: int = 0,
+        crop_scale: tuple[float, float] | None = (0.9, 1.0),
+        shuffle_buffer: int = 2048,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         super().__init__()
         self.index, self.size, self.mean, self.std = index, size, tuple(mean), tuple(std)
         self.seed, self.crop_scale, self.shuffle_buffer = seed, crop_scale, shuffle_buffer
@@ -226,8 +245,13 @@ class PairDataset(IterableDataset):
             log.warning("skipping pair %s: %s", row["pair_id"], exc)
             return None
         if mask.shape[1:] != image.shape[1:] or not mask.any():
-            log.warning("skipping pair %s: mask %s does not fit image %s of %s", row["pair_id"],
-                        tuple(mask.shape[1:]), tuple(image.shape[1:]), row["file_name"])
+            log.warning(
+                "skipping pair %s: mask %s does not fit image %s of %s",
+                row["pair_id"],
+                tuple(mask.shape[1:]),
+                tuple(image.shape[1:]),
+                row["file_name"],
+            )
             return None
         box = mask_bboxes(mask)
         crop = render_masked_crops(image, mask, box, size=self.size, fill=CLIP_MEAN_PIXEL)
@@ -235,8 +259,12 @@ class PairDataset(IterableDataset):
         if self.crop_scale is not None:
             rng = random.Random(f"{self.seed}:{self.epoch}:{row['pair_id']}")
             top, left, h, w = _random_resized_crop(rng, self.size, self.crop_scale)
-            crop = F.interpolate(crop[:, :, top : top + h, left : left + w], size=(self.size, self.size),
-                                 mode="bicubic", align_corners=False)
+            crop = F.interpolate(
+                crop[:, :, top : top + h, left : left + w],
+                size=(self.size, self.size),
+                mode="bicubic",
+                align_corners=False,
+            )
             part = cmask[:, None, top : top + h, left : left + w].float()
             cmask = F.interpolate(part, size=(self.size, self.size), mode="nearest")[:, 0] > 0.5
         image_t = normalize(crop, self.mean, self.std)[0]
@@ -251,5 +279,10 @@ def steps_per_epoch(index: ShardIndex, batch_size: int, world_size: int = 1) -> 
 def make_loader(dataset: PairDataset, *, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
     """A DataLoader over ``dataset`` with ``workers`` processes (0: in this process); batches are dicts of
     stacked tensors (``image`` ``[B, 3, S, S]``, ``mask`` ``[B, S, S]``) and lists (``noun``, ``pair_id``)."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -30,8 +30,9 @@ def _worker(config: dict[str, Any]) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     ctx = ray.train.get_context()
-    meta = train_worker(config, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                        local_rank=ctx.get_local_rank())
+    meta = train_worker(
+        config, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank()
+    )
     last = meta["curve"][-1] if meta.get("curve") else {}
     ray.train.report({"loss": last.get("loss"), "step": last.get("step"), "complete": bool(meta.get("complete"))})
 

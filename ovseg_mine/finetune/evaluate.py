@@ -5,7 +5,7 @@ CLIP" ablations on ground-truth masks): every ground-truth instance mask of a CO
 as a masked crop exactly as mining renders proposals (:func:`ovseg_mine.crops.render_masked_crops`: tight box,
 CLIP mean-pixel fill, bicubic resize), encoded by the image tower (with the mask prompts when the checkpoint
 has them), and classified among the file's category names, each embedded with the 14 ViLD templates
-averaged (:class:`ovseg_mine.finetune.text.NounEmbeddings`). Reported: top-1 and top-5 accuracy over all
+averaged (:class:`ovseg_mine.text.NounEmbeddings`). Reported: top-1 and top-5 accuracy over all
 masks, the mean over categories, and per category.
 
 Choices: crowd annotations (``iscrowd=1``, a group of objects) are skipped; masks under ``min_area`` pixels
@@ -57,8 +57,13 @@ class GroundTruth:
         return sum(len(v) for v in self.by_image.values())
 
 
-def load_ground_truth(instances: str | os.PathLike[str], images_root: str | os.PathLike[str], *,
-                      min_area: float = 16, limit: int | None = None) -> GroundTruth:
+def load_ground_truth(
+    instances: str | os.PathLike[str],
+    images_root: str | os.PathLike[str],
+    *,
+    min_area: float = 16,
+    limit: int | None = None,
+) -> GroundTruth:
     """Read COCO instance annotations and select the masks to classify.
 
     Args:
@@ -107,8 +112,7 @@ def load_ground_truth(instances: str | os.PathLike[str], images_root: str | os.P
             by_image[image_id] = kept
     gt = GroundTruth(coco, root, categories, by_image, skipped, missing)
     if not gt.annotations:
-        raise EvaluateError(f"no annotation to classify in {path} with images in {root} "
-                            f"(skipped: {skipped})")
+        raise EvaluateError(f"no annotation to classify in {path} with images in {root} (skipped: {skipped})")
     return gt
 
 
@@ -131,9 +135,19 @@ def topk_hits(logits: "Any", targets: "Any", k: int = 5) -> tuple[np.ndarray, np
     return hits[:, 0].numpy(), hits.any(dim=1).numpy()
 
 
-def classify(model: Any, tokenizer: Callable[[list[str]], Any], gt: GroundTruth, *, size: int,
-             mean: Any, std: Any, prompts: Any = None, device: Any = "cpu", batch_size: int = 64,
-             on_image: Callable[[], None] | None = None) -> dict[str, Any]:
+def classify(
+    model: Any,
+    tokenizer: Callable[[list[str]], Any],
+    gt: GroundTruth,
+    *,
+    size: int,
+    mean: Any,
+    std: Any,
+    prompts: Any = None,
+    device: Any = "cpu",
+    batch_size: int = 64,
+    on_image: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Classify every selected ground-truth mask among the categories.
 
     Args:
@@ -153,7 +167,7 @@ def classify(model: Any, tokenizer: Callable[[list[str]], Any], gt: GroundTruth,
     from ovseg_mine.crops import CLIP_MEAN_PIXEL, mask_bboxes, normalize, render_masked_crops
     from ovseg_mine.finetune.patch_mask import crop_masks, patch_foreground
     from ovseg_mine.images import ImageDecodeError, load_rgb
-    from ovseg_mine.finetune.text import NounEmbeddings
+    from ovseg_mine.text import NounEmbeddings
 
     device = torch.device(device)
     cat_ids = list(gt.categories)
@@ -173,7 +187,7 @@ def classify(model: Any, tokenizer: Callable[[list[str]], Any], gt: GroundTruth,
             continue
         keep = masks.any(axis=(1, 2))
         skipped["tiny"] += int((~keep).sum())
-        anns, masks_t = [a for a, k in zip(anns, keep) if k], torch.from_numpy(masks[keep])
+        anns, masks_t = [a for a, k in zip(anns, keep, strict=True) if k], torch.from_numpy(masks[keep])
         for s in range(0, len(anns), batch_size):
             chunk, part = anns[s : s + batch_size], masks_t[s : s + batch_size]
             boxes = mask_bboxes(part)
@@ -190,13 +204,20 @@ def classify(model: Any, tokenizer: Callable[[list[str]], Any], gt: GroundTruth,
             top1.extend(h1.tolist()), top5.extend(h5.tolist()), targets.extend(t)
         if on_image is not None:
             on_image()
-    return summarize(np.asarray(top1, bool), np.asarray(top5, bool), np.asarray(targets, int),
-                     [gt.categories[c] for c in cat_ids], skipped)
+    return summarize(
+        np.asarray(top1, bool),
+        np.asarray(top5, bool),
+        np.asarray(targets, int),
+        [gt.categories[c] for c in cat_ids],
+        skipped,
+    )
 
 
-def summarize(top1: np.ndarray, top5: np.ndarray, targets: np.ndarray, names: list[str],
-              skipped: dict[str, int]) -> dict[str, Any]:
+def summarize(
+    top1: np.ndarray, top5: np.ndarray, targets: np.ndarray, names: list[str], skipped: dict[str, int]
+) -> dict[str, Any]:
     """Overall, mean-over-categories and per-category accuracies from per-mask hits (see :func:`classify`)."""
+
     def acc(x: np.ndarray) -> float | None:
         return round(float(x.mean()), 4) if x.size else None
 
@@ -205,10 +226,16 @@ def summarize(top1: np.ndarray, top5: np.ndarray, targets: np.ndarray, names: li
         sel = targets == i
         if sel.any():
             per[name] = {"n": int(sel.sum()), "top1": acc(top1[sel]), "top5": acc(top5[sel])}
-    return {"masks": int(targets.size), "top1": acc(top1), "top5": acc(top5),
-            "mean_top1": acc(np.array([v["top1"] for v in per.values()])),
-            "mean_top5": acc(np.array([v["top5"] for v in per.values()])),
-            "per_category": per, "skipped": skipped, "categories": len(names)}
+    return {
+        "masks": int(targets.size),
+        "top1": acc(top1),
+        "top5": acc(top5),
+        "mean_top1": acc(np.array([v["top1"] for v in per.values()])),
+        "mean_top5": acc(np.array([v["top5"] for v in per.values()])),
+        "per_category": per,
+        "skipped": skipped,
+        "categories": len(names),
+    }
 
 
 def _pct(x: float | None) -> str:
@@ -219,16 +246,22 @@ def format_results(results: dict[str, dict[str, Any]], *, per_category: bool = T
     """A text table of :func:`classify` results by model name (e.g. ``checkpoint`` and ``baseline``)."""
     names = list(results)
     first = results[names[0]]
-    lines = [f"{first['masks']} ground-truth masks, {first['categories']} categories; skipped: "
-             + ", ".join(f"{k} {v}" for k, v in first["skipped"].items())]
+    lines = [
+        f"{first['masks']} ground-truth masks, {first['categories']} categories; skipped: "
+        + ", ".join(f"{k} {v}" for k, v in first["skipped"].items())
+    ]
     lines.append(f"{'':24s}" + "".join(f"{n + ' top1':>17s}{n + ' top5':>17s}" for n in names))
     for key, label in (("", "all masks"), ("mean_", "mean over categories")):
-        lines.append(f"{label:24s}" + "".join(f"{_pct(r[key + 'top1']):>17s}{_pct(r[key + 'top5']):>17s}"
-                                             for r in results.values()))
+        lines.append(
+            f"{label:24s}"
+            + "".join(f"{_pct(r[key + 'top1']):>17s}{_pct(r[key + 'top5']):>17s}" for r in results.values())
+        )
     if per_category:
         lines.append("per category (n):")
         for cat, row in sorted(first["per_category"].items(), key=lambda kv: -kv[1]["n"]):
-            cells = "".join(f"{_pct(r['per_category'][cat]['top1']):>17s}{_pct(r['per_category'][cat]['top5']):>17s}"
-                            for r in results.values())
+            cells = "".join(
+                f"{_pct(r['per_category'][cat]['top1']):>17s}{_pct(r['per_category'][cat]['top5']):>17s}"
+                for r in results.values()
+            )
             lines.append(f"  {cat[:16]:16s} {row['n']:5d}" + cells)
     return "\n".join(lines)

@@ -76,14 +76,17 @@ class MaskPrompts(nn.Module):
         from open_clip.transformer import VisionTransformer
 
         if not isinstance(visual, VisionTransformer):
-            raise MaskPromptError(f"mask prompt tuning needs an open_clip VisionTransformer image tower, "
-                                  f"not {type(visual).__name__}")
+            raise MaskPromptError(
+                f"mask prompt tuning needs an open_clip VisionTransformer image tower, not {type(visual).__name__}"
+            )
         if not isinstance(visual.patch_dropout, nn.Identity):
             raise MaskPromptError("mask prompt tuning cannot be used with patch dropout (it reorders tokens)")
         blocks = visual.transformer.resblocks
         if not 1 <= depth <= len(blocks):
-            raise MaskPromptError(f"prompt depth {depth} must be between 1 and the {len(blocks)} transformer "
-                                  f"blocks of this model (pass --prompt-depth {min(3, len(blocks))})")
+            raise MaskPromptError(
+                f"prompt depth {depth} must be between 1 and the {len(blocks)} transformer "
+                f"blocks of this model (pass --prompt-depth {min(3, len(blocks))})"
+            )
         self.grid = tuple(visual.grid_size)
         self.patch_size = tuple(visual.patch_size)
         width = visual.conv1.out_channels
@@ -161,8 +164,13 @@ def save_prompts(prompts: MaskPrompts, path: "str | Path", *, arch: str) -> None
     metadata ``arch``, ``depth``, ``grid`` (``"gh,gw"``) and ``patch_size`` (``"ph,pw"``)."""
     from safetensors.torch import save_file
 
-    meta = {"arch": arch, "depth": str(prompts.depth), "grid": ",".join(map(str, prompts.grid)),
-            "patch_size": ",".join(map(str, prompts.patch_size)), "format": "ovseg-mine mask prompts v1"}
+    meta = {
+        "arch": arch,
+        "depth": str(prompts.depth),
+        "grid": ",".join(map(str, prompts.grid)),
+        "patch_size": ",".join(map(str, prompts.patch_size)),
+        "format": "ovseg-mine mask prompts v1",
+    }
     save_file({"prompts": prompts.prompts.detach().float().cpu().contiguous()}, str(path), metadata=meta)
 
 
@@ -188,8 +196,9 @@ def load_prompts(path: "str | Path", model: nn.Module) -> MaskPrompts:
     module = MaskPrompts(model.visual, depth=tensor.shape[0])
     if tensor.shape != module.prompts.shape:
         module.remove()
-        raise MaskPromptError(f"prompts in {path} have shape {tuple(tensor.shape)}, this model needs "
-                              f"{tuple(module.prompts.shape)}")
+        raise MaskPromptError(
+            f"prompts in {path} have shape {tuple(tensor.shape)}, this model needs {tuple(module.prompts.shape)}"
+        )
     with torch.no_grad():
         module.prompts.copy_(tensor)
     return module.to(next(model.parameters()).device)

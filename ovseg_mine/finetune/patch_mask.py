@@ -63,7 +63,8 @@ def patch_foreground(pixel_masks: "torch.Tensor", patch_size: int | tuple[int, i
 
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
     if pixel_masks.ndim != 3 or pixel_masks.shape[1] % ph or pixel_masks.shape[2] % pw:
-        raise ValueError(f"pixel masks must be [B, H, W] with H, W multiples of the patch {ph}x{pw}, "
-                         f"got {tuple(pixel_masks.shape)}")
+        raise ValueError(
+            f"pixel masks must be [B, H, W] with H, W multiples of the patch {ph}x{pw}, got {tuple(pixel_masks.shape)}"
+        )
     pooled = F.max_pool2d(pixel_masks[:, None].float(), kernel_size=(ph, pw), stride=(ph, pw))
     return pooled.flatten(1) > 0

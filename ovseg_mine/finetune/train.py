@@ -3,7 +3,7 @@
 One function, :func:`train_worker`, runs a whole finetune in one process; under Ray Train each worker runs
 it with its rank (:mod:`ovseg_mine.finetune.distributed`) and the trainable module is wrapped in DDP. The text
 tower is always frozen (OVSeg's ``--lock-text``), so noun embeddings are constants: the 14 ViLD templates,
-averaged (:class:`ovseg_mine.finetune.text.NounEmbeddings`), computed once per noun.
+averaged (:class:`ovseg_mine.text.NounEmbeddings`), computed once per noun.
 
 Stages (OVSeg paper Sec. 3.3-3.4; facebookresearch/ov-seg ``open_clip_training/src/training/main.py`` and
 ``main_mask_prompt_tuning.py``):
@@ -35,7 +35,7 @@ from ovseg_mine.finetune.data import PairDataset, make_loader, scan_shards, step
 from ovseg_mine.finetune.loss import noun_contrastive_loss, unique_targets
 from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, MaskPrompts, is_vit_arch, load_prompts, save_prompts
 from ovseg_mine.finetune.patch_mask import patch_foreground
-from ovseg_mine.matching import autocast
+from ovseg_mine.mine.matching import autocast
 
 log = logging.getLogger("ovseg_mine")
 
@@ -84,8 +84,11 @@ def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) ->
     of 2 or more dimensions, the mask prompts ``[depth, n_patches, width]`` included, decay."""
     decay = [p for _, p in params if p.ndim >= 2]
     rest = [p for _, p in params if p.ndim < 2]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
-            if g["params"]]
+    return [
+        g
+        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
+        if g["params"]
+    ]
 
 
 def resolve_start(cfg: FinetuneConfig, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -104,8 +107,12 @@ def resolve_start(cfg: FinetuneConfig, manifest: dict[str, Any]) -> dict[str, An
         except ckpt.CheckpointError as exc:
             raise FinetuneError(f"--init: {exc}") from None
         prompts = Path(cfg.init) / PROMPTS_FILE
-        return {"arch": meta["open_clip_arch"], "pretrained": str(Path(cfg.init) / ckpt.WEIGHTS_FILE),
-                "prompts": str(prompts) if prompts.is_file() else None, "init": cfg.init}
+        return {
+            "arch": meta["open_clip_arch"],
+            "pretrained": str(Path(cfg.init) / ckpt.WEIGHTS_FILE),
+            "prompts": str(prompts) if prompts.is_file() else None,
+            "init": cfg.init,
+        }
     clip = manifest.get("models", {}).get("clip", {})
     arch = cfg.arch or clip.get("name")
     if not arch:
@@ -131,8 +138,14 @@ def _device(cfg: FinetuneConfig, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if use_gpu else torch.device("cpu")
 
 
-def batch_loss(tower: nn.Module, text_cache: Any, batch: dict[str, Any], logit_scale: float,
-               device: torch.device, precision: str = "fp32") -> torch.Tensor:
+def batch_loss(
+    tower: nn.Module,
+    text_cache: Any,
+    batch: dict[str, Any],
+    logit_scale: float,
+    device: torch.device,
+    precision: str = "fp32",
+) -> torch.Tensor:
     """The training loss of one batch (``image``, ``mask``, ``noun`` as from :func:`~.data.make_loader`): a scalar
     float32 tensor on ``device`` (:func:`~.loss.noun_contrastive_loss`), with autograd history through ``tower``."""
     unique, targets = unique_targets(batch["noun"])
@@ -142,8 +155,14 @@ def batch_loss(tower: nn.Module, text_cache: Any, batch: dict[str, Any], logit_s
     return noun_contrastive_loss(feats, text, targets.to(device), logit_scale)
 
 
-def train_worker(config: dict[str, Any] | FinetuneConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
-                 on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def train_worker(
+    config: dict[str, Any] | FinetuneConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    local_rank: int = 0,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run (or resume) a whole finetune; every worker of a distributed run calls this with its rank.
 
     Args:
@@ -159,16 +178,18 @@ def train_worker(config: dict[str, Any] | FinetuneConfig, *, rank: int = 0, worl
     Raises:
         FinetuneError, DataError, CheckpointError, WeightsError: inputs that cannot be trained on.
     """
-    from ovseg_mine.finetune.text import NounEmbeddings
     from ovseg_mine.models import clip_input_size, clip_mean_std, load_clip
+    from ovseg_mine.text import NounEmbeddings
 
     cfg = config if isinstance(config, FinetuneConfig) else FinetuneConfig(**config)
     out = Path(cfg.out)
     index = scan_shards(cfg.shards, cfg.images)
     start = resolve_start(cfg, index.manifest)
     if "prompt" in cfg.stages and not is_vit_arch(start["arch"]) and _known_arch(start["arch"]):
-        raise FinetuneError(f"--mode {cfg.mode} needs a ViT image tower; {start['arch']} is not an open_clip "
-                            "VisionTransformer (use --mode full)")
+        raise FinetuneError(
+            f"--mode {cfg.mode} needs a ViT image tower; {start['arch']} is not an open_clip "
+            "VisionTransformer (use --mode full)"
+        )
     state = ckpt.load_state(out)
     if state is None and (out / ckpt.METADATA_FILE).is_file():
         old = ckpt.read_metadata(out)
@@ -178,12 +199,15 @@ def train_worker(config: dict[str, Any] | FinetuneConfig, *, rank: int = 0, worl
             log.info("%s already holds this finetune, complete", out)
             return old
     if state is not None and state["training_hash"] != cfg.training_hash():
-        raise FinetuneError(f"{out} holds a finetune with another config (its resume state differs); "
-                            "choose another --out, or delete it to start over")
+        raise FinetuneError(
+            f"{out} holds a finetune with another config (its resume state differs); "
+            "choose another --out, or delete it to start over"
+        )
     device = _device(cfg, local_rank)
     precision = resolve_precision(cfg.precision, device)
-    model, tokenizer, info = load_clip(start["arch"], start["pretrained"], device=device, seed=cfg.seed,
-                                       allow_random=cfg.allow_random)
+    model, tokenizer, info = load_clip(
+        start["arch"], start["pretrained"], device=device, seed=cfg.seed, allow_random=cfg.allow_random
+    )
     model.requires_grad_(False)
     if state is not None:
         model.visual.load_state_dict(state["visual"])
@@ -192,13 +216,27 @@ def train_worker(config: dict[str, Any] | FinetuneConfig, *, rank: int = 0, worl
     text_cache = NounEmbeddings(model, tokenizer, device)
     quick = ckpt.uses_quick_gelu(model)
     meta: dict[str, Any] = {
-        "format": "ovseg-mine finetune v1", "config": cfg.model_dump(mode="json"), "training_hash": cfg.training_hash(),
-        "arch": start["arch"], "open_clip_arch": ckpt.open_clip_arch(start["arch"], quick), "quick_gelu": quick,
-        "start": {**start, "weights": info.to_dict(), "seed": cfg.seed}, "preprocess": {"mean": mean, "std": std, "size": size},
-        "shards": {"run": str(index.run_dir), "config_hash": index.manifest.get("config_hash"),
-                   "shards_id": index.shards_id, "rows": index.rows, "skipped_rows": index.skipped_rows,
-                   "missing_images": index.missing_images[:100], "weights": index.manifest.get("weights")},
-        "world_size": world_size, "precision": precision, "stages": {}, "curve": [],
+        "format": "ovseg-mine finetune v1",
+        "config": cfg.model_dump(mode="json"),
+        "training_hash": cfg.training_hash(),
+        "arch": start["arch"],
+        "open_clip_arch": ckpt.open_clip_arch(start["arch"], quick),
+        "quick_gelu": quick,
+        "start": {**start, "weights": info.to_dict(), "seed": cfg.seed},
+        "preprocess": {"mean": mean, "std": std, "size": size},
+        "shards": {
+            "run": str(index.run_dir),
+            "config_hash": index.manifest.get("config_hash"),
+            "shards_id": index.shards_id,
+            "rows": index.rows,
+            "skipped_rows": index.skipped_rows,
+            "missing_images": index.missing_images[:100],
+            "weights": index.manifest.get("weights"),
+        },
+        "world_size": world_size,
+        "precision": precision,
+        "stages": {},
+        "curve": [],
     }
     if state is not None:
         meta["stages"], meta["curve"] = state["stages"], state["curve"]
@@ -212,12 +250,31 @@ def train_worker(config: dict[str, Any] | FinetuneConfig, *, rank: int = 0, worl
             continue
         prompts = None
         if stage == "prompt":
-            prompts = (load_prompts(start["prompts"], model) if start["prompts"]
-                       else MaskPrompts(model.visual, depth=cfg.prompt_depth).to(device))
+            prompts = (
+                load_prompts(start["prompts"], model)
+                if start["prompts"]
+                else MaskPrompts(model.visual, depth=cfg.prompt_depth).to(device)
+            )
         stage_state = state if state is not None and state["stage"] == stage else None
-        _run_stage(cfg, stage, model, prompts, text_cache, index, meta, stage_state, size=size, mean=mean, std=std,
-                   logit_scale=logit_scale, device=device, precision=precision, rank=rank, world_size=world_size,
-                   on_step=on_step)
+        _run_stage(
+            cfg,
+            stage,
+            model,
+            prompts,
+            text_cache,
+            index,
+            meta,
+            stage_state,
+            size=size,
+            mean=mean,
+            std=std,
+            logit_scale=logit_scale,
+            device=device,
+            precision=precision,
+            rank=rank,
+            world_size=world_size,
+            on_step=on_step,
+        )
         state = None
         if prompts is not None:
             prompts.remove()
@@ -230,10 +287,26 @@ def train_worker(config: dict[str, Any] | FinetuneConfig, *, rank: int = 0, worl
     return meta
 
 
-def _run_stage(cfg: FinetuneConfig, stage: str, model: nn.Module, prompts: MaskPrompts | None, text_cache: Any,
-               index: Any, meta: dict[str, Any], state: dict[str, Any] | None, *, size: int, mean: Any, std: Any,
-               logit_scale: float, device: torch.device, precision: str, rank: int, world_size: int,
-               on_step: Callable[[dict[str, Any]], None] | None) -> None:
+def _run_stage(
+    cfg: FinetuneConfig,
+    stage: str,
+    model: nn.Module,
+    prompts: MaskPrompts | None,
+    text_cache: Any,
+    index: Any,
+    meta: dict[str, Any],
+    state: dict[str, Any] | None,
+    *,
+    size: int,
+    mean: Any,
+    std: Any,
+    logit_scale: float,
+    device: torch.device,
+    precision: str,
+    rank: int,
+    world_size: int,
+    on_step: Callable[[dict[str, Any]], None] | None,
+) -> None:
     out = Path(cfg.out)
     if stage == "full":
         model.visual.requires_grad_(True)
@@ -249,8 +322,9 @@ def _run_stage(cfg: FinetuneConfig, stage: str, model: nn.Module, prompts: MaskP
     if world_size > 1:
         tower = nn.parallel.DistributedDataParallel(tower, device_ids=[device.index] if device.type == "cuda" else None)
     optim_cfg = cfg.optim(stage)
-    optimizer = torch.optim.AdamW(param_groups(trainable, optim_cfg.weight_decay), lr=optim_cfg.lr,
-                                  betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(
+        param_groups(trainable, optim_cfg.weight_decay), lr=optim_cfg.lr, betas=(0.9, 0.98), eps=1e-6
+    )
     per_epoch = steps_per_epoch(index, cfg.batch_size, world_size)
     total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
     warmup = min(cfg.warmup_steps, total)
@@ -263,19 +337,45 @@ def _run_stage(cfg: FinetuneConfig, stage: str, model: nn.Module, prompts: MaskP
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
         log.info("resuming stage %s at step %d of %d", stage, step, total)
-    dataset = PairDataset(index, size=size, mean=mean, std=std, seed=cfg.seed, crop_scale=tuple(cfg.crop_scale),
-                          shuffle_buffer=cfg.shuffle_buffer, rank=rank, world_size=world_size)
+    dataset = PairDataset(
+        index,
+        size=size,
+        mean=mean,
+        std=std,
+        seed=cfg.seed,
+        crop_scale=tuple(cfg.crop_scale),
+        shuffle_buffer=cfg.shuffle_buffer,
+        rank=rank,
+        world_size=world_size,
+    )
 
     def save(complete: bool) -> None:
         if rank != 0:
             return
-        meta["stages"][stage] = {"complete": complete, "steps": step, "total_steps": total, "steps_per_epoch": per_epoch,
-                                 "lr": optim_cfg.lr, "weight_decay": optim_cfg.weight_decay, "warmup_steps": warmup}
-        ckpt.save_state(out, {"training_hash": cfg.training_hash(), "stage": stage, "step": step,
-                              "visual": model.visual.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                              "prompts": None if prompts is None else prompts.prompts.detach().cpu(),
-                              "stages": meta["stages"], "curve": meta["curve"]})
+        meta["stages"][stage] = {
+            "complete": complete,
+            "steps": step,
+            "total_steps": total,
+            "steps_per_epoch": per_epoch,
+            "lr": optim_cfg.lr,
+            "weight_decay": optim_cfg.weight_decay,
+            "warmup_steps": warmup,
+        }
+        ckpt.save_state(
+            out,
+            {
+                "training_hash": cfg.training_hash(),
+                "stage": stage,
+                "step": step,
+                "visual": model.visual.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "prompts": None if prompts is None else prompts.prompts.detach().cpu(),
+                "stages": meta["stages"],
+                "curve": meta["curve"],
+            },
+        )
         if complete:
             if stage == "full":
                 ckpt.save_weights(model, out)
@@ -286,7 +386,9 @@ def _run_stage(cfg: FinetuneConfig, stage: str, model: nn.Module, prompts: MaskP
     wraps = 0
     while step < total:
         epoch = step // per_epoch
-        dataset.set_epoch(epoch + 1000 * wraps, skip_batches=0 if wraps else step % per_epoch, batch_size=cfg.batch_size)
+        dataset.set_epoch(
+            epoch + 1000 * wraps, skip_batches=0 if wraps else step % per_epoch, batch_size=cfg.batch_size
+        )
         batches = iter(make_loader(dataset, batch_size=cfg.batch_size, workers=cfg.loader_workers))
         tick = time.perf_counter()
         while step < total:
@@ -303,14 +405,23 @@ def _run_stage(cfg: FinetuneConfig, stage: str, model: nn.Module, prompts: MaskP
             scheduler.step()
             step += 1
             now = time.perf_counter()
-            record = {"stage": stage, "step": step, "total": total, "epoch": epoch, "loss": round(float(loss.detach()), 5),
-                      "lr": lr, "samples_per_s": round(len(batch["noun"]) * world_size / max(now - tick, 1e-9), 2)}
+            record = {
+                "stage": stage,
+                "step": step,
+                "total": total,
+                "epoch": epoch,
+                "loss": round(float(loss.detach()), 5),
+                "lr": lr,
+                "samples_per_s": round(len(batch["noun"]) * world_size / max(now - tick, 1e-9), 2),
+            }
             tick = now
             if rank == 0:
                 if step % cfg.log_every == 0 or step in (1, total):
                     meta["curve"].append(record)
-                    log.info("%(stage)s step %(step)d/%(total)d loss %(loss).4f lr %(lr).3g %(samples_per_s).1f samples/s",
-                             record)
+                    log.info(
+                        "%(stage)s step %(step)d/%(total)d loss %(loss).4f lr %(lr).3g %(samples_per_s).1f samples/s",
+                        record,
+                    )
                 if on_step is not None:
                     on_step(record)
             if step % per_epoch == 0 and not wraps:

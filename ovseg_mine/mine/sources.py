@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ovseg_mine.captions import screen_caption
+from ovseg_mine.mine.captions import screen_caption
 
 
 class SourceError(ValueError):
@@ -30,7 +30,7 @@ class ImageRecord:
         file_name: path relative to the image root, as written in the JSON.
         path: absolute path of the file, guaranteed to lie inside the image root.
         width, height: size in pixels as the JSON states it (the decoded image's size wins later).
-        captions: the first ``captions_per_image`` captions that pass :func:`ovseg_mine.captions.screen_caption`,
+        captions: the first ``captions_per_image`` captions that pass :func:`ovseg_mine.mine.captions.screen_caption`,
             in annotation-id order (stripped; an over-long one cut).
         notes: what happened to this image's captions on the way (skipped as not English, cut...), one
             sentence each; they are listed as the run's warnings.
@@ -89,8 +89,10 @@ def _load_json(captions_json: Path) -> dict[str, Any]:
             data = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceError(f"captions file {captions_json} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
-        data.get("annotations"), list
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
     ):
         raise SourceError(
             f"captions file {captions_json} is not in COCO Captions format: expected an object with "
@@ -115,8 +117,10 @@ def _collect_captions(annotations: list[Any]) -> tuple[dict[int, list[tuple[int,
     by_image: dict[int, list[tuple[int, str]]] = {}
     malformed = 0
     for position, ann in enumerate(annotations):
-        if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), int) or not isinstance(
-            ann.get("caption"), str
+        if (
+            not isinstance(ann, dict)
+            or not isinstance(ann.get("image_id"), int)
+            or not isinstance(ann.get("caption"), str)
         ):
             malformed += 1
             continue
@@ -158,7 +162,7 @@ def read_coco_captions(
         captions_per_image: keep the first N usable captions of each image (ordered by annotation id).
         limit: after sorting by image_id (and selecting ``image_ids``), keep the first N images.
         image_ids: mine only these ids; ids that are not in the file are listed as rejects.
-        max_caption_chars, skip_non_english: caption screening (:func:`ovseg_mine.captions.screen_caption`);
+        max_caption_chars, skip_non_english: caption screening (:func:`ovseg_mine.mine.captions.screen_caption`);
             skipped and cut captions are noted on the record.
 
     Returns:
@@ -186,8 +190,10 @@ def read_coco_captions(
     seen: set[int] = set()
     records: list[ImageRecord] = []
     for entry in data["images"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int) or not isinstance(
-            entry.get("file_name"), str
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("id"), int)
+            or not isinstance(entry.get("file_name"), str)
         ):
             rejects.append(Reject(None, None, "source", f"malformed image entry: {str(entry)[:120]}"))
             continue

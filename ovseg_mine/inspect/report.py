@@ -1,5 +1,5 @@
 """The HTML report of ``ovseg-mine inspect``: one self-contained page (plots and gallery images embedded as
-data URIs; no network, no external script) with the figures of :mod:`ovseg_mine.quality`, score plots, and a
+data URIs; no network, no external script) with the figures of :mod:`ovseg_mine.inspect.quality`, score plots, and a
 gallery of sampled pairs (image with the mask drawn over it, the masked crop, noun, caption, scores, and the
 ground-truth IoU where known). Every caption and noun is escaped.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ovseg_mine.quality import SCORES, Inspection
+from ovseg_mine.inspect.quality import SCORES, Inspection
 
 THUMB = 320  # longest side of a gallery image, pixels
 CROP = 160  # side of a gallery crop, pixels
@@ -37,7 +37,8 @@ _JS = """
   function num(c,k){var v=parseFloat(c.getAttribute('data-'+k));return isNaN(v)?-Infinity:v;}
   function update(){
     var text=q.value.trim().toLowerCase(), key=s.value, min=parseFloat(m.value), shown=0;
-    cards.sort(function(a,b){return key==='noun'?a.getAttribute('data-noun').localeCompare(b.getAttribute('data-noun')):num(b,key)-num(a,key);});
+    cards.sort(function(a,b){return key==='noun'
+      ?a.getAttribute('data-noun').localeCompare(b.getAttribute('data-noun')):num(b,key)-num(a,key);});
     cards.forEach(function(c){
       var ok=c.getAttribute('data-noun').indexOf(text)>=0 && (isNaN(min)||key==='noun'||num(c,key)>=min);
       c.style.display=ok?'':'none'; if(ok){shown++;} g.appendChild(c);
@@ -75,7 +76,7 @@ def plots(insp: Inspection) -> dict[str, str]:
 
     out = {}
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
-    for ax, score in zip(axes.ravel(), SCORES):
+    for ax, score in zip(axes.ravel(), SCORES, strict=True):
         vals = np.asarray([p[score] for p in insp.pairs if p[score] is not None], dtype=np.float64)
         ax.hist(vals, bins=30, color="#4477aa") if vals.size else ax.text(0.5, 0.5, "no data", ha="center")
         ax.set_title(score + (" (of image area)" if score == "area_fraction" else ""))
@@ -92,7 +93,7 @@ def plots(insp: Inspection) -> dict[str, str]:
     gt = insp.figures.get("gt")
     if gt and gt["evaluated"]:
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-        for ax, (score, rows) in zip(axes, gt["by_score"].items()):
+        for ax, (score, rows) in zip(axes, gt["by_score"].items(), strict=True):
             ax.plot([r["from"] for r in rows], [r["precision_at_or_above"] for r in rows], "o-", label="precision")
             ax.plot([r["from"] for r in rows], [r["mean_iou_at_or_above"] for r in rows], "s--", label="mean IoU")
             ax.set_xlabel(f"{score} threshold (pairs kept: >=)")
@@ -156,17 +157,24 @@ def gallery_html(insp: Inspection, n: int, seed: int) -> str:
             gt_text = f"GT IoU {_fmt(float(iou))} ({escape(cat or '')})"
         else:
             gt_text = f"GT: {escape(cat)}, not scored (not in the image)" if cat else "GT: noun maps to no category"
-        attrs = " ".join(f"data-{k}='{_fmt(p[k]) if p[k] is not None else ''}'" for k in ("similarity", "probability", "margin"))
+        attrs = " ".join(
+            f"data-{k}='{_fmt(p[k]) if p[k] is not None else ''}'" for k in ("similarity", "probability", "margin")
+        )
         cards.append(
-            f"<div class='card' data-noun='{escape(p['noun'])}' {attrs} data-gtiou='{_fmt(float(iou)) if np.isfinite(iou) else ''}'>"
+            f"<div class='card' data-noun='{escape(p['noun'])}' {attrs} "
+            f"data-gtiou='{_fmt(float(iou)) if np.isfinite(iou) else ''}'>"
             f"{pictures}<div class='noun'>{escape(p['noun'])}</div><div class='cap'>{escape(p['caption'])}</div>"
-            f"<div>image {p['image_id']} ({escape(p['file_name'])}) &middot; similarity {_fmt(p['similarity'])} &middot; "
+            f"<div>image {p['image_id']} ({escape(p['file_name'])}) &middot; "
+            f"similarity {_fmt(p['similarity'])} &middot; "
             f"probability {_fmt(p['probability'])} &middot; margin {_fmt(p['margin'])} &middot; predicted_iou "
             f"{_fmt(p['predicted_iou'])} &middot; stability {_fmt(p['stability_score'])} &middot; area "
-            f"{100 * p['area_fraction']:.1f}% &middot; {gt_text}</div></div>")
-    controls = ("<div class='controls'>noun <input id='f-noun' type='search'> sort by <select id='f-sort'>"
-                + "".join(f"<option value='{k}'>{k}</option>" for k in ("similarity", "probability", "margin", "gtiou", "noun"))
-                + "</select> minimum <input id='f-min' type='number' step='0.01'> <span id='f-count'></span></div>")
+            f"{100 * p['area_fraction']:.1f}% &middot; {gt_text}</div></div>"
+        )
+    controls = (
+        "<div class='controls'>noun <input id='f-noun' type='search'> sort by <select id='f-sort'>"
+        + "".join(f"<option value='{k}'>{k}</option>" for k in ("similarity", "probability", "margin", "gtiou", "noun"))
+        + "</select> minimum <input id='f-min' type='number' step='0.01'> <span id='f-count'></span></div>"
+    )
     return controls + "<div id='gallery'>" + "".join(cards) + "</div>"
 
 
@@ -175,8 +183,13 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
         cls = " class='l'" if isinstance(v, str) else ""
         return f"<{tag}{cls}>{escape(_fmt(v) if isinstance(v, float) else str(v))}</{tag}>"
 
-    return ("<table><tr>" + "".join(cell(h, "th") for h in head) + "</tr>"
-            + "".join("<tr>" + "".join(cell(v, "td") for v in r) + "</tr>" for r in rows) + "</table>")
+    return (
+        "<table><tr>"
+        + "".join(cell(h, "th") for h in head)
+        + "</tr>"
+        + "".join("<tr>" + "".join(cell(v, "td") for v in r) + "</tr>" for r in rows)
+        + "</table>"
+    )
 
 
 def _quantile_rows(named: dict[str, dict[str, Any]]) -> str:
@@ -188,48 +201,120 @@ def render_html(insp: Inspection, *, gallery: int = 48, seed: int = 0) -> str:
     """The whole report page as a string (see the module docstring)."""
     f, c = insp.figures, insp.figures["counts"]
     pics = plots(insp)
-    parts = [f"<h1>ovseg-mine report: {escape(f['run'])}</h1><p>" + " &middot; ".join(
-        f"<a href='#{k}'>{k.removesuffix('-h')}</a>" for k in ("counts", "distributions", "nouns", "duplicates",
-                                                                 "ground-truth", "gallery-h") if k != "ground-truth" or f.get("gt")) + "</p>"]
+    parts = [
+        f"<h1>ovseg-mine report: {escape(f['run'])}</h1><p>"
+        + " &middot; ".join(
+            f"<a href='#{k}'>{k.removesuffix('-h')}</a>"
+            for k in ("counts", "distributions", "nouns", "duplicates", "ground-truth", "gallery-h")
+            if k != "ground-truth" or f.get("gt")
+        )
+        + "</p>"
+    ]
     if f["weights"] == "random":
         parts.append("<p class='warn'>This run used randomly initialised weights: its pairs are meaningless.</p>")
-    parts += ["<h2 id='counts'>Counts</h2>", _table(["", "value"], [
-        ["status", str(f["status"])], ["images", c["images"]], ["images with pairs", c["images_with_pairs"]],
-        ["images without pairs", c["images_without_pairs"]], ["not read from the source", c["source_rejects"]],
-        ["pairs", c["pairs"]], ["unique nouns", c["unique_nouns"]]])]
+    parts += [
+        "<h2 id='counts'>Counts</h2>",
+        _table(
+            ["", "value"],
+            [
+                ["status", str(f["status"])],
+                ["images", c["images"]],
+                ["images with pairs", c["images_with_pairs"]],
+                ["images without pairs", c["images_without_pairs"]],
+                ["not read from the source", c["source_rejects"]],
+                ["pairs", c["pairs"]],
+                ["unique nouns", c["unique_nouns"]],
+            ],
+        ),
+    ]
     if c["images_without_pairs_by_reason"]:
-        parts.append(_table(["why no pair", "images"], [[r, k] for r, k in c["images_without_pairs_by_reason"].items()]))
-    parts += [_quantile_rows({"pairs per image": c["pairs_per_image"], "masks per image": c["masks_per_image"]}),
-              "<h2 id='distributions'>Distributions</h2>", _quantile_rows(f["distributions"]),
-              f"<img class='plot' src='{pics['distributions']}' alt='score histograms'>",
-              "<h2 id='nouns'>Nouns</h2>", f"<img class='plot' src='{pics['nouns']}' alt='top nouns'>",
-              f"<p>{f['nouns']['occurring_once']} of {f['nouns']['unique']} nouns occur once (the long tail).</p>",
-              _table(["noun", "pairs"], f["nouns"]["top"])]
+        parts.append(
+            _table(["why no pair", "images"], [[r, k] for r, k in c["images_without_pairs_by_reason"].items()])
+        )
+    parts += [
+        _quantile_rows({"pairs per image": c["pairs_per_image"], "masks per image": c["masks_per_image"]}),
+        "<h2 id='distributions'>Distributions</h2>",
+        _quantile_rows(f["distributions"]),
+        f"<img class='plot' src='{pics['distributions']}' alt='score histograms'>",
+        "<h2 id='nouns'>Nouns</h2>",
+        f"<img class='plot' src='{pics['nouns']}' alt='top nouns'>",
+        f"<p>{f['nouns']['occurring_once']} of {f['nouns']['unique']} nouns occur once (the long tail).</p>",
+        _table(["noun", "pairs"], f["nouns"]["top"]),
+    ]
     d = f["duplicates"]
-    parts += ["<h2 id='duplicates'>Duplicate masks</h2>",
-              f"<p>{d['mask_pairs']} mask pairs with IoU &ge; {d['iou_threshold']} under different nouns in "
-              f"{d['images']} images ({d['pairs_involved']} pairs involved).</p>",
-              _table(["image", "nouns", "IoU"], [[e["image_id"], " / ".join(e["nouns"]), e["iou"]] for e in d["examples"]])]
+    parts += [
+        "<h2 id='duplicates'>Duplicate masks</h2>",
+        f"<p>{d['mask_pairs']} mask pairs with IoU &ge; {d['iou_threshold']} under different nouns in "
+        f"{d['images']} images ({d['pairs_involved']} pairs involved).</p>",
+        _table(["image", "nouns", "IoU"], [[e["image_id"], " / ".join(e["nouns"]), e["iou"]] for e in d["examples"]]),
+    ]
     g = f.get("gt")
     if g:
-        parts += [f"<h2 id='ground-truth'>Agreement with ground truth ({escape(g['kind'])})</h2>", _table(["", "value"], [
-            ["file", g["file"]], ["images annotated", f"{g['images_with_gt']} / {g['images_in_run']}"],
-            ["pairs evaluated", g["evaluated"]], ["unmapped noun", g["unmapped"]],
-            ["unmapped fraction", g["unmapped_fraction"] or 0.0], ["category not in image", g["category_absent"]],
-            [f"precision at IoU >= {g['iou_threshold']}", g["precision"] if g["precision"] is not None else "n/a"],
-            ["mean IoU", g["mean_iou"] if g["mean_iou"] is not None else "n/a"]])]
+        parts += [
+            f"<h2 id='ground-truth'>Agreement with ground truth ({escape(g['kind'])})</h2>",
+            _table(
+                ["", "value"],
+                [
+                    ["file", g["file"]],
+                    ["images annotated", f"{g['images_with_gt']} / {g['images_in_run']}"],
+                    ["pairs evaluated", g["evaluated"]],
+                    ["unmapped noun", g["unmapped"]],
+                    ["unmapped fraction", g["unmapped_fraction"] or 0.0],
+                    ["category not in image", g["category_absent"]],
+                    [
+                        f"precision at IoU >= {g['iou_threshold']}",
+                        g["precision"] if g["precision"] is not None else "n/a",
+                    ],
+                    ["mean IoU", g["mean_iou"] if g["mean_iou"] is not None else "n/a"],
+                ],
+            ),
+        ]
         if "precision" in pics:
             parts.append(f"<img class='plot' src='{pics['precision']}' alt='precision by threshold'>")
         for score, rows in g["by_score"].items():
-            parts += [f"<h3>by {escape(score)}</h3>", _table(
-                ["from", "to", "pairs in bin", "precision in bin", "mean IoU in bin", "pairs ≥ from", "precision", "mean IoU"],
-                [[r["from"], r["to"] if r["to"] is not None else "", r["pairs"], r["precision"], r["mean_iou"],
-                  r["pairs_at_or_above"], r["precision_at_or_above"], r["mean_iou_at_or_above"]] for r in rows])]
-        parts += ["<h3>per category</h3>", _table(["category", "pairs", "precision", "mean IoU"],
-                                                  [[r["category"], r["pairs"], r["precision"], r["mean_iou"]] for r in g["per_category"]])]
-    parts += [f"<h2 id='gallery-h'>Gallery ({min(gallery, len(insp.pairs))} sampled pairs, seed {seed})</h2>", gallery_html(insp, gallery, seed)]
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ovseg-mine report</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(parts)}<script>{_JS}</script></body></html>")
+            parts += [
+                f"<h3>by {escape(score)}</h3>",
+                _table(
+                    [
+                        "from",
+                        "to",
+                        "pairs in bin",
+                        "precision in bin",
+                        "mean IoU in bin",
+                        "pairs ≥ from",
+                        "precision",
+                        "mean IoU",
+                    ],
+                    [
+                        [
+                            r["from"],
+                            r["to"] if r["to"] is not None else "",
+                            r["pairs"],
+                            r["precision"],
+                            r["mean_iou"],
+                            r["pairs_at_or_above"],
+                            r["precision_at_or_above"],
+                            r["mean_iou_at_or_above"],
+                        ]
+                        for r in rows
+                    ],
+                ),
+            ]
+        parts += [
+            "<h3>per category</h3>",
+            _table(
+                ["category", "pairs", "precision", "mean IoU"],
+                [[r["category"], r["pairs"], r["precision"], r["mean_iou"]] for r in g["per_category"]],
+            ),
+        ]
+    parts += [
+        f"<h2 id='gallery-h'>Gallery ({min(gallery, len(insp.pairs))} sampled pairs, seed {seed})</h2>",
+        gallery_html(insp, gallery, seed),
+    ]
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ovseg-mine report</title>"
+        f"<style>{_CSS}</style></head><body>{''.join(parts)}<script>{_JS}</script></body></html>"
+    )
 
 
 def write_report(insp: Inspection, out_dir: str | Path, *, gallery: int = 48, seed: int = 0) -> Path:

@@ -1,6 +1,6 @@
 """Noun and class-name embeddings of a frozen text tower, computed in batches and cached.
 
-The same prompt ensemble as mining (:data:`ovseg_mine.matching.VILD_TEMPLATES`: each template's embedding
+The same prompt ensemble as mining (:data:`ovseg_mine.mine.matching.VILD_TEMPLATES`: each template's embedding
 L2-normalized, averaged over the 14 templates, normalized again; OVSeg's text side), but all new nouns of a
 call go through the text tower together (``batch`` sequences per ``encode_text`` call) instead of one noun per
 call: training meets thousands of nouns, and one call per noun is dominated by per-call overhead.
@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ovseg_mine.matching import VILD_TEMPLATES
+from ovseg_mine.mine.matching import VILD_TEMPLATES
 
 
 class NounEmbeddings:
@@ -26,8 +26,14 @@ class NounEmbeddings:
         batch: text sequences per ``encode_text`` call.
     """
 
-    def __init__(self, model: Any, tokenizer: Callable[[list[str]], torch.Tensor], device: Any,
-                 templates: Sequence[str] = VILD_TEMPLATES, batch: int = 512) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        device: Any,
+        templates: Sequence[str] = VILD_TEMPLATES,
+        batch: int = 512,
+    ) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.templates, self.batch = tuple(templates), batch
         self._cache: dict[str, torch.Tensor] = {}
@@ -47,7 +53,7 @@ class NounEmbeddings:
                 feats.append(torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1))
         if new:
             mean = torch.cat(feats).view(len(new), len(self.templates), -1).mean(dim=1)
-            for noun, vec in zip(new, torch.nn.functional.normalize(mean, dim=-1)):
+            for noun, vec in zip(new, torch.nn.functional.normalize(mean, dim=-1), strict=True):
                 self._cache[noun] = vec
         if not nouns:
             return torch.empty((0, 0), device=self.device)

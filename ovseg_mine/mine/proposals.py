@@ -84,7 +84,7 @@ def tight_boxes(masks: np.ndarray) -> np.ndarray:
 def _low_precision_encoder(encoder: Any, precision: str) -> None:
     """Cast SAM's image encoder to bf16/fp16 in place, with hooks that cast its input to that dtype and its
     output (the ``[1, 256, 64, 64]`` image embedding) back to float32."""
-    from ovseg_mine.matching import precision_dtype
+    from ovseg_mine.mine.matching import precision_dtype
 
     dtype = precision_dtype(precision)
     encoder.to(dtype)
@@ -128,7 +128,7 @@ class SamMaskGenerator:
         from segment_anything import SamPredictor
         from segment_anything.utils.amg import build_point_grid
 
-        from ovseg_mine.matching import precision_dtype
+        from ovseg_mine.mine.matching import precision_dtype
 
         precision_dtype(precision)  # ValueError on an unknown name, before any work
         if cfg.min_mask_region_area > 0:
@@ -170,7 +170,7 @@ class SamMaskGenerator:
             masks, iou_preds, stability = [], [], []
             for start in range(0, len(points), self.cfg.points_per_batch):
                 batch = self._decode(features, points[start : start + self.cfg.points_per_batch], (h, w))
-                for store, value in zip((masks, iou_preds, stability), batch):
+                for store, value in zip((masks, iou_preds, stability), batch, strict=True):
                     store.append(value)
             masks_t, ious_t, stab_t = torch.cat(masks), torch.cat(iou_preds), torch.cat(stability)
             boxes = batched_mask_to_box(masks_t)  # XYXY, inclusive right/bottom pixel: what the AMG's NMS sees
@@ -200,7 +200,7 @@ class SamMaskGenerator:
         import torch
         from segment_anything.utils.amg import calculate_stability_score
 
-        from ovseg_mine.matching import autocast
+        from ovseg_mine.mine.matching import autocast
 
         sam = self.sam
         coords = self.predictor.transform.apply_coords(points, size)
@@ -210,8 +210,11 @@ class SamMaskGenerator:
         sparse, dense = sam.prompt_encoder(points=(coords_t, labels), boxes=None, masks=None)
         with autocast(self.device, self.precision):
             low_res, iou_preds = sam.mask_decoder(
-                image_embeddings=features, image_pe=sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
+                image_embeddings=features,
+                image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
             )
         low_res, iou_preds = low_res.float().flatten(0, 1), iou_preds.float().flatten(0, 1)  # [3B, 256, 256], [3B]
         if self.cfg.pred_iou_thresh > 0.0:
@@ -239,10 +242,13 @@ class SamMaskGenerator:
             masks[i] = torch.from_numpy(mask).to(masks.device)
             scores.append(float(not (holes or islands)))
         scores_t = torch.tensor(scores, device=masks.device)
-        second = batched_nms(batched_mask_to_box(masks[keep]).float(), scores_t, torch.zeros_like(scores_t),
-                             iou_threshold=max(self.cfg.box_nms_thresh, 0.7))
+        second = batched_nms(
+            batched_mask_to_box(masks[keep]).float(),
+            scores_t,
+            torch.zeros_like(scores_t),
+            iou_threshold=max(self.cfg.box_nms_thresh, 0.7),
+        )
         return keep[second]
-
 
 
 _GENERATORS = {"sam": SamMaskGenerator}
@@ -254,7 +260,12 @@ def list_mask_generators() -> list[str]:
 
 
 def build_mask_generator(
-    name: str, cfg: SamConfig, *, device: Any = "cpu", seed: int = 0, allow_random: bool = False,
+    name: str,
+    cfg: SamConfig,
+    *,
+    device: Any = "cpu",
+    seed: int = 0,
+    allow_random: bool = False,
     precision: str = "fp32",
 ) -> tuple[MaskGenerator, WeightsInfo]:
     """Build a mask generator and load its weights (:func:`ovseg_mine.models.load_sam` with ``cfg.model_type``

@@ -52,8 +52,11 @@ def pair_stats(table: "pa.Table") -> dict[str, Any]:
     image_ids = np.asarray(table["image_id"].to_numpy(zero_copy_only=False)) if rows else np.zeros(0, np.int64)
     nouns = table["noun"].to_pylist() if rows else []
     _, per_image = np.unique(image_ids, return_counts=True)
-    noun_values, noun_counts = np.unique(np.asarray(nouns, dtype=object).astype(str), return_counts=True) \
-        if nouns else (np.zeros(0, str), np.zeros(0, np.int64))
+    noun_values, noun_counts = (
+        np.unique(np.asarray(nouns, dtype=object).astype(str), return_counts=True)
+        if nouns
+        else (np.zeros(0, str), np.zeros(0, np.int64))
+    )
     order = sorted(range(len(noun_values)), key=lambda i: (-int(noun_counts[i]), str(noun_values[i])))[:10]
 
     def column(name: str) -> np.ndarray:
@@ -85,8 +88,15 @@ def pair_stats(table: "pa.Table") -> dict[str, Any]:
 
 def size_category(rows: int) -> str:
     """The Hub's ``size_categories`` tag for a number of rows (``n<1K``, ``1K<n<10K``, ...)."""
-    bounds = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
-              (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+    bounds = [
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+        (100_000_000, "10M<n<100M"),
+        (1_000_000_000, "100M<n<1B"),
+    ]
     return next((tag for bound, tag in bounds if rows < bound), "n>1T" if rows >= 10**12 else "1B<n<10B")
 
 
@@ -122,8 +132,15 @@ def _fmt(values: list[float] | None) -> str:
     return " | ".join(f"{v:.3f}" for v in values) if values else " | ".join("–" for _ in QUANTILES)
 
 
-def card_body(manifest: dict[str, Any], stats: dict[str, Any], fields: list[dict[str, Any]], *,
-              repo_id: str | None, embed_crops: int | None, partial: bool) -> str:
+def card_body(
+    manifest: dict[str, Any],
+    stats: dict[str, Any],
+    fields: list[dict[str, Any]],
+    *,
+    repo_id: str | None,
+    embed_crops: int | None,
+    partial: bool,
+) -> str:
     """The Markdown text of the card (after the YAML header).
 
     Args:
@@ -165,8 +182,10 @@ def card_body(manifest: dict[str, Any], stats: dict[str, Any], fields: list[dict
         "|---|---|---|---|---|",
     ]
     for role, model in sorted(manifest.get("models", {}).items()):
-        lines.append(f"| {role} | {model.get('name')} | {model.get('weights')} | {model.get('source') or '–'} "
-                     f"| {(model.get('sha256') or '–')[:16]} |")
+        lines.append(
+            f"| {role} | {model.get('name')} | {model.get('weights')} | {model.get('source') or '–'} "
+            f"| {(model.get('sha256') or '–')[:16]} |"
+        )
     lines += ["", "Thresholds and settings of the recipe:", ""]
     for section in ("sam", "clip", "matching", "nouns", "source"):
         if isinstance(cfg.get(section), dict):
@@ -195,8 +214,10 @@ def card_body(manifest: dict[str, Any], stats: dict[str, Any], fields: list[dict
         kind = field["type"] if isinstance(field["type"], str) else ("struct" if "struct" in field["type"] else "list")
         lines.append(f"| `{field['name']}` | {kind} | {field.get('description', '')} |")
     if embed_crops:
-        lines.append(f"| `crop` | image | the masked crop as a lossless PNG, {embed_crops}x{embed_crops} "
-                     "(tight box, background = CLIP mean pixel, bicubic resize) |")
+        lines.append(
+            f"| `crop` | image | the masked crop as a lossless PNG, {embed_crops}x{embed_crops} "
+            "(tight box, background = CLIP mean pixel, bicubic resize) |"
+        )
     lines += [
         "",
         "## Usage",
@@ -220,9 +241,9 @@ def card_body(manifest: dict[str, Any], stats: dict[str, Any], fields: list[dict
         "from PIL import Image",
         "from pycocotools import mask as mask_utils",
         "",
-        "image = np.asarray(Image.open(f\"coco/val2017/{row['file_name']}\").convert(\"RGB\"))",
-        "mask = mask_utils.decode({\"size\": row[\"mask\"][\"size\"], \"counts\": row[\"mask\"][\"counts\"].encode()})",
-        "x, y, w, h = row[\"bbox\"]",
+        'image = np.asarray(Image.open(f"coco/val2017/{row[\'file_name\']}").convert("RGB"))',
+        'mask = mask_utils.decode({"size": row["mask"]["size"], "counts": row["mask"]["counts"].encode()})',
+        'x, y, w, h = row["bbox"]',
         "fill = np.array([0.48145466, 0.4578275, 0.40821073]) * 255  # CLIP mean pixel",
         "crop = np.where(mask[y:y + h, x:x + w, None] > 0, image[y:y + h, x:x + w], fill).round().astype(np.uint8)",
         "# mining resizes with torch bicubic (no antialiasing); PIL's bicubic is close, not bit-identical",

@@ -2,7 +2,8 @@
 
 The uploaded folder::
 
-    README.md                             dataset card: YAML header (configs, dataset_info) + text (ovseg_mine.card)
+    README.md                             dataset card: YAML header (configs, dataset_info) + text
+                                          (ovseg_mine.publish.card)
     data/train-00000-of-000NN.parquet     the pairs, optionally with a ``crop`` Image column (lossless PNG)
 
 Parquet files follow what ``datasets.push_to_hub`` writes: at most ~500 MB (uncompressed Arrow) per file, row
@@ -29,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ovseg_mine import card as card_mod
 from ovseg_mine.crops import CLIP_MEAN_PIXEL  # noqa: F401  (the crop fill, part of this module's contract)
+from ovseg_mine.publish import card as card_mod
 from ovseg_mine.shards import ShardError, read_done, read_file_metadata, schema_spec, shard_files
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,10 @@ def publishable_shards(run_dir: str | os.PathLike[str], manifest: dict[str, Any]
         if rec is None or rec.get("sha256") != entry.get("sha256"):
             problems.append(f"shard {entry.get('file')} has no matching done marker")
     if problems and not allow_partial:
-        raise PublishError(f"incomplete run {run_dir}: {problems[0]} ({len(problems)} problem(s)); resume the "
-                           "mining to finish it, or pass --allow-partial to publish the finished shards")
+        raise PublishError(
+            f"incomplete run {run_dir}: {problems[0]} ({len(problems)} problem(s)); resume the "
+            "mining to finish it, or pass --allow-partial to publish the finished shards"
+        )
     chosen = [Path(run_dir) / done[i]["file"] for i in sorted(done)]
     if not chosen:
         raise PublishError(f"{run_dir} has no finished shard to publish")
@@ -139,10 +142,11 @@ def render_crops(table: "Any", image_root: str | os.PathLike[str], *, size: int 
         except ImageDecodeError as exc:
             raise PublishError(f"--embed crops needs the source images: {path}: {exc}") from None
         if pixels.shape[:2] != (first["height"], first["width"]):
-            raise PublishError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the run mined it at "
-                               f"{first['width']}x{first['height']}")
+            raise PublishError(
+                f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the run mined it at {first['width']}x{first['height']}"
+            )
         crops = masked_crop_images(pixels, np.stack([decode(rows[i]["mask"]) for i in indices]), size=size)
-        for i, crop in zip(indices, crops):
+        for i, crop in zip(indices, crops, strict=True):
             buffer = io.BytesIO()
             Image.fromarray(crop, mode="RGB").save(buffer, format="PNG")
             out[i] = buffer.getvalue()
@@ -160,9 +164,16 @@ def _features(embed_size: Optional[int]) -> "Any":
     return features
 
 
-def build_folder(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, embed: Optional[str] = None,
-                 crop_size: int = 224, allow_partial: bool = False, repo_id: Optional[str] = None,
-                 max_file_bytes: int = MAX_FILE_BYTES) -> BuiltFolder:
+def build_folder(
+    run_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    embed: Optional[str] = None,
+    crop_size: int = 224,
+    allow_partial: bool = False,
+    repo_id: Optional[str] = None,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> BuiltFolder:
     """Write the folder that :func:`publish` uploads (README.md + data/train-*.parquet).
 
     Args:
@@ -183,8 +194,16 @@ def build_folder(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     _check_embed(embed)
     manifest = load_manifest(run_dir)
     sources = publishable_shards(run_dir, manifest, allow_partial=allow_partial)
-    return _write_folder(run_dir, out_dir, manifest, sources, embed=embed, crop_size=crop_size, repo_id=repo_id,
-                         max_file_bytes=max_file_bytes)
+    return _write_folder(
+        run_dir,
+        out_dir,
+        manifest,
+        sources,
+        embed=embed,
+        crop_size=crop_size,
+        repo_id=repo_id,
+        max_file_bytes=max_file_bytes,
+    )
 
 
 def _check_embed(embed: Optional[str]) -> None:
@@ -192,15 +211,25 @@ def _check_embed(embed: Optional[str]) -> None:
         raise PublishError(f"--embed must be 'crops', got {embed!r}")
 
 
-def _write_folder(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], manifest: dict[str, Any],
-                  sources: list[Path], *, embed: Optional[str], crop_size: int, repo_id: Optional[str],
-                  max_file_bytes: int = MAX_FILE_BYTES) -> BuiltFolder:
+def _write_folder(
+    run_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    manifest: dict[str, Any],
+    sources: list[Path],
+    *,
+    embed: Optional[str],
+    crop_size: int,
+    repo_id: Optional[str],
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> BuiltFolder:
     """:func:`build_folder` after its checks: ``manifest`` loaded, ``sources`` from :func:`publishable_shards`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    partial = sources != [Path(run_dir) / e["file"] for e in manifest.get("shards", [])] or \
-        manifest.get("status") != "complete"
+    partial = (
+        sources != [Path(run_dir) / e["file"] for e in manifest.get("shards", [])]
+        or manifest.get("status") != "complete"
+    )
     warnings = []
     if manifest.get("weights") == "random":
         warnings.append("this run used randomly initialised weights: its pairs are meaningless")
@@ -242,8 +271,9 @@ def _write_folder(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
 
     for path in sources:
         table = pq.read_table(path).replace_schema_metadata(None)
-        stat_tables.append(table.select(["image_id", "noun", "width", "height", "area", "similarity",
-                                         "probability", "margin"]))
+        stat_tables.append(
+            table.select(["image_id", "noun", "width", "height", "area", "similarity", "probability", "margin"])
+        )
         if embed_size:
             pngs = render_crops(table, image_root, size=embed_size)
             crop = pa.array([{"bytes": b, "path": None} for b in pngs], type=schema.field("crop").type)
@@ -271,10 +301,16 @@ def _write_folder(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
         files.append(name)
     download_bytes = sum((out / f).stat().st_size for f in files)
     stats = card_mod.pair_stats(pa.concat_tables(stat_tables) if stat_tables else _empty_stats_table())
-    header = card_mod.card_header(features._to_yaml_list(), rows=rows, num_bytes=total_bytes,
-                                  download_bytes=download_bytes, pretty_name="ovseg-mine COCO mask-noun pairs")
-    body = card_mod.card_body(manifest, stats, schema_spec()["fields"], repo_id=repo_id, embed_crops=embed_size,
-                              partial=partial)
+    header = card_mod.card_header(
+        features._to_yaml_list(),
+        rows=rows,
+        num_bytes=total_bytes,
+        download_bytes=download_bytes,
+        pretty_name="ovseg-mine COCO mask-noun pairs",
+    )
+    body = card_mod.card_body(
+        manifest, stats, schema_spec()["fields"], repo_id=repo_id, embed_crops=embed_size, partial=partial
+    )
     (out / "README.md").write_text(card_mod.render_card(header, body), encoding="utf-8")
     return BuiltFolder(out, rows, files, total_bytes, download_bytes, warnings)
 
@@ -294,8 +330,13 @@ def _empty_stats_table() -> "Any":
 
 
 def _hub_error(exc: BaseException, repo_id: str, token: Optional[str]) -> PublishError:
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalTokenNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalTokenNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, LocalTokenNotFoundError) or status == 401:
@@ -321,10 +362,20 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
-def publish(run_dir: str | os.PathLike[str], repo_id: str, *, token: Optional[str] = None, private: bool = False,
-            revision: Optional[str] = None, commit_message: Optional[str] = None, embed: Optional[str] = None,
-            crop_size: int = 224, allow_partial: bool = False, large_folder_bytes: int = LARGE_FOLDER_BYTES,
-            on_warning: Callable[[str], None] = log.warning) -> str:
+def publish(
+    run_dir: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    token: Optional[str] = None,
+    private: bool = False,
+    revision: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    embed: Optional[str] = None,
+    crop_size: int = 224,
+    allow_partial: bool = False,
+    large_folder_bytes: int = LARGE_FOLDER_BYTES,
+    on_warning: Callable[[str], None] = log.warning,
+) -> str:
     """Build the folder of a run in a temporary folder and upload it to the dataset repository ``repo_id``.
 
     Creates the repository (``repo_type="dataset"``, ``private``) when missing and the branch ``revision``
@@ -339,20 +390,23 @@ def publish(run_dir: str | os.PathLike[str], repo_id: str, *, token: Optional[st
             ``embed`` value, or a Hub error (one line).
     """
     from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalTokenNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
 
     manifest = load_manifest(run_dir)
     if manifest.get("weights") == "random":
-        raise PublishError("refusing to upload a run mined with randomly initialised weights (manifest weights: "
-                           "random): its pairs are meaningless; use --dry-run DIR to inspect the folder")
+        raise PublishError(
+            "refusing to upload a run mined with randomly initialised weights (manifest weights: "
+            "random): its pairs are meaningless; use --dry-run DIR to inspect the folder"
+        )
     sources = publishable_shards(run_dir, manifest, allow_partial=allow_partial)  # hashes every shard: once
     if not (token or get_token()):
         raise PublishError("no Hugging Face token: set HF_TOKEN, run `hf auth login`, or pass --token")
     api = HfApi(token=token or None)
     with tempfile.TemporaryDirectory(prefix="ovseg-mine-publish-") as tmp:
         _check_embed(embed)
-        built = _write_folder(run_dir, Path(tmp) / "dataset", manifest, sources, embed=embed, crop_size=crop_size,
-                              repo_id=repo_id)
+        built = _write_folder(
+            run_dir, Path(tmp) / "dataset", manifest, sources, embed=embed, crop_size=crop_size, repo_id=repo_id
+        )
         for warning in built.warnings:
             on_warning(warning)
         message = commit_message or f"Upload {built.rows} mask-noun pairs with ovseg-mine"
@@ -364,11 +418,18 @@ def publish(run_dir: str | os.PathLike[str], repo_id: str, *, token: Optional[st
             if size > large_folder_bytes and hasattr(api, "upload_large_folder"):
                 if commit_message:
                     on_warning("upload_large_folder writes its own commit messages: --commit-message is ignored")
-                api.upload_large_folder(repo_id=repo_id, folder_path=built.folder, repo_type="dataset",
-                                        revision=revision, private=private)
+                api.upload_large_folder(
+                    repo_id=repo_id, folder_path=built.folder, repo_type="dataset", revision=revision, private=private
+                )
             else:
-                api.upload_folder(repo_id=repo_id, folder_path=built.folder, repo_type="dataset", revision=revision,
-                                  commit_message=message, delete_patterns=["data/*.parquet"])
+                api.upload_folder(
+                    repo_id=repo_id,
+                    folder_path=built.folder,
+                    repo_type="dataset",
+                    revision=revision,
+                    commit_message=message,
+                    delete_patterns=["data/*.parquet"],
+                )
         except (HfHubHTTPError, LocalTokenNotFoundError, HFValidationError, OSError, ValueError) as exc:
             raise _hub_error(exc, repo_id, token) from None
     return str(getattr(url, "url", url) or f"https://huggingface.co/datasets/{repo_id}")

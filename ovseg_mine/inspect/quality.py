@@ -2,7 +2,7 @@
 masks and, given COCO instance or panoptic annotations, agreement with the ground truth.
 
 :func:`inspect_run` computes everything into an :class:`Inspection` whose ``figures`` dict is what
-``--json`` prints; :func:`format_summary` renders it as text. The HTML report is :mod:`ovseg_mine.report`.
+``--json`` prints; :func:`format_summary` renders it as text. The HTML report is :mod:`ovseg_mine.inspect.report`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from ovseg_mine import rle
+from ovseg_mine.inspect.synonyms import NounMapper
 from ovseg_mine.shards import ShardError, read_done, read_file_metadata, read_pairs, shard_files
-from ovseg_mine.synonyms import NounMapper
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SCORES = ("similarity", "probability", "margin", "area_fraction", "predicted_iou", "stability_score")
@@ -70,7 +70,7 @@ def quantiles(values: Any) -> dict[str, Any]:
     stats = {"mean": None, "min": None, **{f"p{int(q * 100)}": None for q in QUANTILES}, "max": None}
     if good.size:
         stats["mean"], stats["min"], stats["max"] = _num(good.mean()), _num(good.min()), _num(good.max())
-        for q, v in zip(QUANTILES, np.quantile(good, QUANTILES)):
+        for q, v in zip(QUANTILES, np.quantile(good, QUANTILES), strict=True):
             stats[f"p{int(q * 100)}"] = _num(v)
     return out | stats
 
@@ -116,8 +116,15 @@ def _image_records(done: dict[int, dict[str, Any]], pairs: list[dict[str, Any]])
         by_image[p["image_id"]].append(p)
     for image_id, rows in by_image.items():  # shards without per-image status (hand-made or older runs)
         if image_id not in known:
-            images.append({"image_id": image_id, "status": "ok", "reason": "", "num_pairs": len(rows),
-                           "num_proposals": rows[0]["num_proposals"]})
+            images.append(
+                {
+                    "image_id": image_id,
+                    "status": "ok",
+                    "reason": "",
+                    "num_pairs": len(rows),
+                    "num_proposals": rows[0]["num_proposals"],
+                }
+            )
     return images
 
 
@@ -126,11 +133,14 @@ def _counts(manifest: dict[str, Any], pairs: list[dict[str, Any]], images: list[
     reasons = Counter(f"{img['status']}: {img.get('reason') or 'no pair'}" for img in without)
     source_rejects = [r for r in manifest.get("rejects", []) if r.get("stage") == "source"]
     return {
-        "images": len(images), "images_with_pairs": len(images) - len(without), "images_without_pairs": len(without),
+        "images": len(images),
+        "images_with_pairs": len(images) - len(without),
+        "images_without_pairs": len(without),
         "images_without_pairs_by_stage": dict(Counter(img["status"] for img in without).most_common()),
         "images_without_pairs_by_reason": dict(reasons.most_common()),
         "source_rejects": len(source_rejects),
-        "pairs": len(pairs), "unique_nouns": len({p["noun"] for p in pairs}),
+        "pairs": len(pairs),
+        "unique_nouns": len({p["noun"] for p in pairs}),
         "pairs_per_image": quantiles(img.get("num_pairs", 0) for img in images),
         "masks_per_image": quantiles(img.get("num_proposals", 0) for img in images),
     }
@@ -139,8 +149,12 @@ def _counts(manifest: dict[str, Any], pairs: list[dict[str, Any]], images: list[
 def _nouns(pairs: list[dict[str, Any]], top: int) -> dict[str, Any]:
     counts = Counter(p["noun"] for p in pairs)
     once = sum(1 for c in counts.values() if c == 1)
-    return {"top": [[n, c] for n, c in counts.most_common(top)], "unique": len(counts), "occurring_once": once,
-            "occurring_once_fraction": _num(once / len(counts)) if counts else None}
+    return {
+        "top": [[n, c] for n, c in counts.most_common(top)],
+        "unique": len(counts),
+        "occurring_once": once,
+        "occurring_once_fraction": _num(once / len(counts)) if counts else None,
+    }
 
 
 def _group(pairs: list[dict[str, Any]]) -> dict[int, list[int]]:
@@ -157,16 +171,22 @@ def _duplicates(pairs: list[dict[str, Any]], threshold: float = DUPLICATE_IOU) -
             continue
         ious = rle.iou([pairs[i]["mask"] for i in idx], [pairs[i]["mask"] for i in idx])
         a, b = np.nonzero(np.triu(ious >= threshold, k=1))
-        for x, y in zip(a.tolist(), b.tolist()):
+        for x, y in zip(a.tolist(), b.tolist(), strict=True):
             i, j = idx[x], idx[y]
             if pairs[i]["noun"] != pairs[j]["noun"]:
-                found.append({"image_id": image_id, "nouns": [pairs[i]["noun"], pairs[j]["noun"]],
-                              "iou": _num(ious[x, y])})
+                found.append(
+                    {"image_id": image_id, "nouns": [pairs[i]["noun"], pairs[j]["noun"]], "iou": _num(ious[x, y])}
+                )
                 involved.update((i, j))
                 images.add(image_id)
-    return {"iou_threshold": threshold, "mask_pairs": len(found), "pairs_involved": len(involved),
-            "pairs_involved_fraction": _num(len(involved) / len(pairs)) if pairs else None,
-            "images": len(images), "examples": found[:10]}
+    return {
+        "iou_threshold": threshold,
+        "mask_pairs": len(found),
+        "pairs_involved": len(involved),
+        "pairs_involved_fraction": _num(len(involved) / len(pairs)) if pairs else None,
+        "images": len(images),
+        "examples": found[:10],
+    }
 
 
 # ---------------------------------------------------------------- ground truth
@@ -215,8 +235,12 @@ class GroundTruth:
             elif isinstance(seg.get("counts"), list):  # uncompressed RLE (iscrowd)
                 by_cat[int(a["category_id"])].append(mask_utils.frPyObjects(seg, h, w))
             else:
-                by_cat[int(a["category_id"])].append({"size": seg["size"], "counts": seg["counts"].encode("ascii")
-                                                      if isinstance(seg["counts"], str) else seg["counts"]})
+                by_cat[int(a["category_id"])].append(
+                    {
+                        "size": seg["size"],
+                        "counts": seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else seg["counts"],
+                    }
+                )
         return by_cat
 
     def _panoptic_masks(self, ann: dict) -> dict[int, list]:
@@ -230,7 +254,9 @@ class GroundTruth:
         ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
         by_cat: dict[int, list] = defaultdict(list)
         for seg in ann["segments_info"]:
-            by_cat[int(seg["category_id"])].append(mask_utils.encode(np.asfortranarray((ids == seg["id"]).astype(np.uint8))))
+            by_cat[int(seg["category_id"])].append(
+                mask_utils.encode(np.asfortranarray((ids == seg["id"]).astype(np.uint8)))
+            )
         return by_cat
 
     def masks(self, image_id: int) -> dict[int, dict[str, Any]]:
@@ -248,8 +274,11 @@ class GroundTruth:
 
 
 def _agreement(ious: np.ndarray) -> dict[str, Any]:
-    return {"pairs": int(ious.size), "precision": _num((ious >= GT_IOU).mean()) if ious.size else None,
-            "mean_iou": _num(ious.mean()) if ious.size else None}
+    return {
+        "pairs": int(ious.size),
+        "precision": _num((ious >= GT_IOU).mean()) if ious.size else None,
+        "mean_iou": _num(ious.mean()) if ious.size else None,
+    }
 
 
 def _score_bins(pairs: list[dict[str, Any]], ious: np.ndarray, done: np.ndarray, score: str) -> list[dict[str, Any]]:
@@ -265,10 +294,16 @@ def _score_bins(pairs: list[dict[str, Any]], ious: np.ndarray, done: np.ndarray,
         hi = edges[k + 1] if k + 1 < edges.size else np.inf
         in_bin = (vals >= lo) & ((vals < hi) | (k + 2 == edges.size))
         above = vals >= lo
-        rows.append({"from": _num(lo), "to": _num(hi) if np.isfinite(hi) else None, **_agreement(iou_e[in_bin]),
-                     "pairs_at_or_above": int(above.sum()),
-                     "precision_at_or_above": _num((iou_e[above] >= GT_IOU).mean()) if above.any() else None,
-                     "mean_iou_at_or_above": _num(iou_e[above].mean()) if above.any() else None})
+        rows.append(
+            {
+                "from": _num(lo),
+                "to": _num(hi) if np.isfinite(hi) else None,
+                **_agreement(iou_e[in_bin]),
+                "pairs_at_or_above": int(above.sum()),
+                "precision_at_or_above": _num((iou_e[above] >= GT_IOU).mean()) if above.any() else None,
+                "mean_iou_at_or_above": _num(iou_e[above].mean()) if above.any() else None,
+            }
+        )
     return rows
 
 
@@ -276,8 +311,10 @@ def _gt_figures(pairs: list[dict[str, Any]], image_ids: set[int], gt: GroundTrut
     overlap = image_ids & set(gt.images)
     if image_ids and not overlap:
         some = ", ".join(str(i) for i in sorted(image_ids)[:3])
-        raise InspectError(f"ground truth {gt.path} has none of the run's {len(image_ids)} image ids (e.g. {some}): "
-                           "is it the annotation file of the same split?")
+        raise InspectError(
+            f"ground truth {gt.path} has none of the run's {len(image_ids)} image ids (e.g. {some}): "
+            "is it the annotation file of the same split?"
+        )
     mapper = NounMapper(gt.categories)
     ious = np.full(len(pairs), np.nan)
     cats: list[str | None] = [None] * len(pairs)
@@ -313,15 +350,24 @@ def _gt_figures(pairs: list[dict[str, Any]], image_ids: set[int], gt: GroundTrut
     for i in np.nonzero(done)[0]:
         per_cat[cats[i]].append(float(ious[i]))
     figures = {
-        "file": str(gt.path), "kind": gt.kind, "iou_threshold": GT_IOU,
-        "images_in_run": len(image_ids), "images_with_gt": len(overlap), "pairs": len(pairs),
-        "unmapped": status["unmapped"], "unmapped_fraction": _num(status["unmapped"] / len(pairs)) if pairs else None,
+        "file": str(gt.path),
+        "kind": gt.kind,
+        "iou_threshold": GT_IOU,
+        "images_in_run": len(image_ids),
+        "images_with_gt": len(overlap),
+        "pairs": len(pairs),
+        "unmapped": status["unmapped"],
+        "unmapped_fraction": _num(status["unmapped"] / len(pairs)) if pairs else None,
         "top_unmapped": [[n, c] for n, c in unmapped.most_common(10)],
-        "category_absent": status["category_absent"], "image_not_in_gt": status["image_not_in_gt"],
-        "size_mismatch": status["size_mismatch"], "evaluated": int(done.sum()),
+        "category_absent": status["category_absent"],
+        "image_not_in_gt": status["image_not_in_gt"],
+        "size_mismatch": status["size_mismatch"],
+        "evaluated": int(done.sum()),
         **{k: v for k, v in _agreement(ious[done]).items() if k != "pairs"},
-        "per_category": sorted(({"category": c, **_agreement(np.asarray(v))} for c, v in per_cat.items()),
-                               key=lambda r: (-r["pairs"], r["category"])),
+        "per_category": sorted(
+            ({"category": c, **_agreement(np.asarray(v))} for c, v in per_cat.items()),
+            key=lambda r: (-r["pairs"], r["category"]),
+        ),
         "by_score": {s: _score_bins(pairs, ious, done, s) for s in BIN_SCORES},
     }
     return figures, ious, cats
@@ -347,10 +393,14 @@ def inspect_run(run_dir: str | Path, gt_path: str | Path | None = None, *, top: 
     manifest, pairs, done = load_run(run_dir)
     images = _image_records(done, pairs)
     figures: dict[str, Any] = {
-        "run": str(run_dir), "status": manifest.get("status"), "weights": manifest.get("weights"),
+        "run": str(run_dir),
+        "status": manifest.get("status"),
+        "weights": manifest.get("weights"),
         "counts": _counts(manifest, pairs, images),
         "distributions": {s: quantiles(p[s] for p in pairs) for s in SCORES},
-        "nouns": _nouns(pairs, top), "duplicates": _duplicates(pairs), "gt": None,
+        "nouns": _nouns(pairs, top),
+        "duplicates": _duplicates(pairs),
+        "gt": None,
     }
     ious, cats = np.full(len(pairs), np.nan), [None] * len(pairs)
     if gt_path is not None:
@@ -362,8 +412,10 @@ def _q(d: dict[str, Any]) -> str:
     if not d["n"]:
         return "n=0"
     fmt = lambda v: f"{v:.3g}"  # noqa: E731
-    text = f"n={d['n']} mean={fmt(d['mean'])} min={fmt(d['min'])} p5={fmt(d['p5'])} p25={fmt(d['p25'])} " \
-           f"p50={fmt(d['p50'])} p75={fmt(d['p75'])} p95={fmt(d['p95'])} max={fmt(d['max'])}"
+    text = (
+        f"n={d['n']} mean={fmt(d['mean'])} min={fmt(d['min'])} p5={fmt(d['p5'])} p25={fmt(d['p25'])} "
+        f"p50={fmt(d['p50'])} p75={fmt(d['p75'])} p95={fmt(d['p95'])} max={fmt(d['max'])}"
+    )
     return text + (f" (null {d['nulls']})" if d["nulls"] else "")
 
 
@@ -374,34 +426,52 @@ def _pct(x: float | None) -> str:
 def format_summary(figures: dict[str, Any]) -> str:
     """The figures of :func:`inspect_run` as plain text (several lines, no trailing newline)."""
     c, n, d = figures["counts"], figures["nouns"], figures["duplicates"]
-    lines = [f"run {figures['run']} ({figures['status']}, weights {figures['weights']})",
-             f"images: {c['images']} ({c['images_with_pairs']} with pairs, {c['images_without_pairs']} without)"
-             + (f"; {c['source_rejects']} not read from the source" if c["source_rejects"] else "")]
+    lines = [
+        f"run {figures['run']} ({figures['status']}, weights {figures['weights']})",
+        f"images: {c['images']} ({c['images_with_pairs']} with pairs, {c['images_without_pairs']} without)"
+        + (f"; {c['source_rejects']} not read from the source" if c["source_rejects"] else ""),
+    ]
     lines += [f"  no pair, {reason}: {k}" for reason, k in c["images_without_pairs_by_reason"].items()]
-    lines += [f"pairs: {c['pairs']}, unique nouns: {c['unique_nouns']}",
-              f"pairs per image: {_q(c['pairs_per_image'])}", f"masks per image: {_q(c['masks_per_image'])}",
-              "distributions:"]
+    lines += [
+        f"pairs: {c['pairs']}, unique nouns: {c['unique_nouns']}",
+        f"pairs per image: {_q(c['pairs_per_image'])}",
+        f"masks per image: {_q(c['masks_per_image'])}",
+        "distributions:",
+    ]
     lines += [f"  {s:16s} {_q(q)}" for s, q in figures["distributions"].items()]
     lines.append("top nouns: " + ", ".join(f"{w} {k}" for w, k in n["top"]))
-    lines.append(f"long tail: {n['occurring_once']} of {n['unique']} nouns occur once ({_pct(n['occurring_once_fraction'])})")
-    lines.append(f"duplicate masks (IoU >= {d['iou_threshold']}, different nouns, same image): {d['mask_pairs']} mask pairs "
-                 f"in {d['images']} images, {d['pairs_involved']} pairs involved ({_pct(d['pairs_involved_fraction'])})")
+    lines.append(
+        f"long tail: {n['occurring_once']} of {n['unique']} nouns occur once ({_pct(n['occurring_once_fraction'])})"
+    )
+    lines.append(
+        f"duplicate masks (IoU >= {d['iou_threshold']}, different nouns, same image): {d['mask_pairs']} mask pairs "
+        f"in {d['images']} images, {d['pairs_involved']} pairs involved ({_pct(d['pairs_involved_fraction'])})"
+    )
     g = figures.get("gt")
     if g:
-        lines += [f"ground truth ({g['kind']}, {g['file']}): {g['images_with_gt']}/{g['images_in_run']} images annotated",
-                  f"  pairs evaluated: {g['evaluated']} of {g['pairs']}; unmapped noun: {g['unmapped']} "
-                  f"({_pct(g['unmapped_fraction'])}); category not in image: {g['category_absent']}; "
-                  f"image not annotated: {g['image_not_in_gt']}",
-                  f"  precision@IoU>={g['iou_threshold']}: {_pct(g['precision'])}, mean IoU: "
-                  + ("n/a" if g["mean_iou"] is None else f"{g['mean_iou']:.3f}")]
+        lines += [
+            f"ground truth ({g['kind']}, {g['file']}): {g['images_with_gt']}/{g['images_in_run']} images annotated",
+            f"  pairs evaluated: {g['evaluated']} of {g['pairs']}; unmapped noun: {g['unmapped']} "
+            f"({_pct(g['unmapped_fraction'])}); category not in image: {g['category_absent']}; "
+            f"image not annotated: {g['image_not_in_gt']}",
+            f"  precision@IoU>={g['iou_threshold']}: {_pct(g['precision'])}, mean IoU: "
+            + ("n/a" if g["mean_iou"] is None else f"{g['mean_iou']:.3f}"),
+        ]
         if g["top_unmapped"]:
             lines.append("  top unmapped nouns: " + ", ".join(f"{w} {k}" for w, k in g["top_unmapped"]))
-        lines.append(f"  per category ({min(15, len(g['per_category']))} of {len(g['per_category'])}, most pairs first):")
+        lines.append(
+            f"  per category ({min(15, len(g['per_category']))} of {len(g['per_category'])}, most pairs first):"
+        )
         for r in g["per_category"][:15]:
-            lines.append(f"    {r['category']:16s} pairs {r['pairs']:5d}  precision {_pct(r['precision']):>6s}  "
-                         f"mean IoU {r['mean_iou']:.3f}")
+            lines.append(
+                f"    {r['category']:16s} pairs {r['pairs']:5d}  precision {_pct(r['precision']):>6s}  "
+                f"mean IoU {r['mean_iou']:.3f}"
+            )
         for score, rows in g["by_score"].items():
             lines.append(f"  by {score} (threshold: pairs kept, precision, mean IoU):")
-            lines += [f"    >= {r['from']:<8.3g} {r['pairs_at_or_above']:5d}  {_pct(r['precision_at_or_above']):>6s}  "
-                      f"{r['mean_iou_at_or_above']:.3f}" for r in rows]
+            lines += [
+                f"    >= {r['from']:<8.3g} {r['pairs_at_or_above']:5d}  {_pct(r['precision_at_or_above']):>6s}  "
+                f"{r['mean_iou_at_or_above']:.3f}"
+                for r in rows
+            ]
     return "\n".join(lines)

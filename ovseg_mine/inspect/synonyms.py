@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from pathlib import Path
 from typing import Iterable
 
-SYNONYMS_PATH = Path(__file__).resolve().parent / "data" / "coco_synonyms.json"
+from ovseg_mine.resources import data_dir
+
+SYNONYMS_PATH = data_dir() / "coco_synonyms.json"
 
 
 @lru_cache(maxsize=1)

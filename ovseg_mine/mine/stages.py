@@ -56,7 +56,7 @@ class NounStage:
 
     def __init__(self, config: dict[str, Any]) -> None:
         from ovseg_mine.config import MineConfig
-        from ovseg_mine.nouns import load_nlp
+        from ovseg_mine.mine.nouns import load_nlp
 
         self.cfg = MineConfig.model_validate(config)
         self.nlp = load_nlp(self.cfg.nouns.model)
@@ -64,16 +64,20 @@ class NounStage:
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         import pyarrow as pa
 
-        from ovseg_mine.nouns import extract_nouns
+        from ovseg_mine.mine.nouns import extract_nouns
 
         start = time.perf_counter()
         captions = [list(c) for c in batch.column("captions").to_pylist()]
         per_image = extract_nouns(
-            self.nlp, captions, batch_size=self.cfg.nouns.batch_size,
+            self.nlp,
+            captions,
+            batch_size=self.cfg.nouns.batch_size,
             extra_stop_nouns=self.cfg.nouns.extra_stop_nouns,
         )
         per_image_s = (time.perf_counter() - start) / max(1, batch.num_rows)
-        batch = batch.append_column("nouns", pa.array([[n.text for n in ns] for ns in per_image], pa.list_(pa.string())))
+        batch = batch.append_column(
+            "nouns", pa.array([[n.text for n in ns] for ns in per_image], pa.list_(pa.string()))
+        )
         batch = batch.append_column(
             "noun_caption_index", pa.array([[n.caption_index for n in ns] for ns in per_image], pa.list_(pa.int16()))
         )
@@ -88,19 +92,25 @@ class MaskMatchStage:
         sam_checkpoint, clip_pretrained: weights as resolved by the driver (a path or tag, or ``random``),
             so that every actor loads the same weights and none falls back on its own.
         threads: torch CPU threads (None: leave torch's default).
-        tracker: handle of the run's :class:`ovseg_mine.attempts.AttemptTracker` actor; an image on which
+        tracker: handle of the run's :class:`ovseg_mine.mine.attempts.AttemptTracker` actor; an image on which
             ``ray.max_image_attempts`` workers died is listed as failed (status ``error``) instead of retried
             again. None: no tracking (e.g. the stage called directly in a test).
     """
 
-    def __init__(self, config: dict[str, Any], sam_checkpoint: str, clip_pretrained: str, threads: int | None = None,
-                 tracker: Any = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        sam_checkpoint: str,
+        clip_pretrained: str,
+        threads: int | None = None,
+        tracker: Any = None,
+    ) -> None:
         import torch
 
         from ovseg_mine.config import MineConfig
-        from ovseg_mine.matching import TextEmbeddingCache, low_precision_clip
+        from ovseg_mine.mine.matching import TextEmbeddingCache, low_precision_clip
+        from ovseg_mine.mine.proposals import build_mask_generator
         from ovseg_mine.models import clip_input_size, clip_mean_std, load_clip
-        from ovseg_mine.proposals import build_mask_generator
 
         if threads:
             torch.set_num_threads(threads)
@@ -111,12 +121,13 @@ class MaskMatchStage:
         precision = self._device_precision(self.cfg.clip.precision)
         self.precision = precision
         self.generator, _ = build_mask_generator(
-            "sam", sam_cfg, device=self.device, seed=self.cfg.seed,
+            "sam",
+            sam_cfg,
+            device=self.device,
+            seed=self.cfg.seed,
             precision=self._device_precision(self.cfg.sam.precision),
         )
-        self.clip, tokenizer, _ = load_clip(
-            self.cfg.clip.arch, clip_pretrained, device=self.device, seed=self.cfg.seed
-        )
+        self.clip, tokenizer, _ = load_clip(self.cfg.clip.arch, clip_pretrained, device=self.device, seed=self.cfg.seed)
         self.clip = low_precision_clip(self.clip, precision)
         self.input_size = clip_input_size(self.clip)
         self.mean, self.std = clip_mean_std(self.clip)
@@ -135,11 +146,11 @@ class MaskMatchStage:
         return pa.Table.from_pylist(rows, schema=image_result_schema())
 
     def _tracked(self, record: dict[str, Any]) -> dict[str, Any]:
-        """:meth:`_process` one image between the tracker's ``begin`` and ``end`` (see ovseg_mine.attempts)."""
+        """:meth:`_process` one image between the tracker's ``begin`` and ``end`` (see ovseg_mine.mine.attempts)."""
         import ray
 
-        from ovseg_mine.attempts import worker_death_reason
         from ovseg_mine.faults import failpoint
+        from ovseg_mine.mine.attempts import worker_death_reason
 
         image_id = record["image_id"]
         if self.tracker is None:
@@ -156,10 +167,21 @@ class MaskMatchStage:
     @staticmethod
     def _empty_row(record: dict[str, Any]) -> dict[str, Any]:
         return {
-            "image_id": record["image_id"], "file_name": record["file_name"], "status": "ok", "reason": "",
-            "width": record["width"], "height": record["height"], "num_nouns": len(record["nouns"]),
-            "num_proposals": 0, "decode_s": 0.0, "nouns_s": record.get("nouns_s", 0.0), "proposals_s": 0.0,
-            "crops_s": 0.0, "clip_s": 0.0, "notes": [], "pairs": [],
+            "image_id": record["image_id"],
+            "file_name": record["file_name"],
+            "status": "ok",
+            "reason": "",
+            "width": record["width"],
+            "height": record["height"],
+            "num_nouns": len(record["nouns"]),
+            "num_proposals": 0,
+            "decode_s": 0.0,
+            "nouns_s": record.get("nouns_s", 0.0),
+            "proposals_s": 0.0,
+            "crops_s": 0.0,
+            "clip_s": 0.0,
+            "notes": [],
+            "pairs": [],
         }
 
     def _process(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -178,8 +200,10 @@ class MaskMatchStage:
         out["decode_s"] = time.perf_counter() - start
         height, width = image.shape[:2]
         if (width, height) != (record["width"], record["height"]):
-            out["notes"] = [f"size in the captions file {record['width']}x{record['height']} differs from the "
-                            f"decoded image {width}x{height} (EXIF orientation applied); the decoded size is used"]
+            out["notes"] = [
+                f"size in the captions file {record['width']}x{record['height']} differs from the "
+                f"decoded image {width}x{height} (EXIF orientation applied); the decoded size is used"
+            ]
         out["width"], out["height"] = width, height
         error = ""
         for attempt in range(1, self.cfg.ray.max_image_attempts + 1):
@@ -197,14 +221,18 @@ class MaskMatchStage:
         import torch
 
         from ovseg_mine.crops import normalize, render_masked_crops
-        from ovseg_mine.matching import encode_crops, keep_match, match_nouns
+        from ovseg_mine.mine.matching import encode_crops, keep_match, match_nouns
 
         start = time.perf_counter()
         proposals = self.generator(image)
         out["proposals_s"] = time.perf_counter() - start
         out["num_proposals"] = len(proposals)
         if len(proposals) == 0:
-            return {**out, "status": "proposals", "reason": f"no mask proposal ({proposals.num_generated} generated, all empty)"}
+            return {
+                **out,
+                "status": "proposals",
+                "reason": f"no mask proposal ({proposals.num_generated} generated, all empty)",
+            }
         start = time.perf_counter()
         image_t = torch.from_numpy(image).to(self.device).permute(2, 0, 1)
         bboxes = torch.as_tensor(proposals.bboxes, dtype=torch.int64)
@@ -224,16 +252,28 @@ class MaskMatchStage:
                 continue
             k, m = match.noun_index, match.mask_index
             caption_index = record["noun_caption_index"][k]
-            pairs.append({
-                "pair_id": f"{record['image_id']}:{nouns[k]}", "image_id": record["image_id"],
-                "file_name": record["file_name"], "width": out["width"], "height": out["height"],
-                "caption_index": caption_index, "caption": record["captions"][caption_index], "noun": nouns[k],
-                "mask": proposals.rles[m], "bbox": [int(v) for v in proposals.bboxes[m]],
-                "area": int(proposals.areas[m]), "proposal_index": m, "num_proposals": len(proposals),
-                "similarity": match.similarity, "probability": match.probability, "margin": match.margin,
-                "predicted_iou": float(proposals.predicted_iou[m]),
-                "stability_score": float(proposals.stability_score[m]),
-            })
+            pairs.append(
+                {
+                    "pair_id": f"{record['image_id']}:{nouns[k]}",
+                    "image_id": record["image_id"],
+                    "file_name": record["file_name"],
+                    "width": out["width"],
+                    "height": out["height"],
+                    "caption_index": caption_index,
+                    "caption": record["captions"][caption_index],
+                    "noun": nouns[k],
+                    "mask": proposals.rles[m],
+                    "bbox": [int(v) for v in proposals.bboxes[m]],
+                    "area": int(proposals.areas[m]),
+                    "proposal_index": m,
+                    "num_proposals": len(proposals),
+                    "similarity": match.similarity,
+                    "probability": match.probability,
+                    "margin": match.margin,
+                    "predicted_iou": float(proposals.predicted_iou[m]),
+                    "stability_score": float(proposals.stability_score[m]),
+                }
+            )
         if not pairs:
             return {**out, "status": "matching", "reason": f"all {len(matches)} nouns below the matching thresholds"}
         return {**out, "pairs": pairs}

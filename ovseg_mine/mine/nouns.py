@@ -52,13 +52,39 @@ again: "kitchen area" -> "kitchen", "street scene" -> "street", "cell phone pict
 
 COMPOUND_NOUNS: tuple[str, ...] = (
     # COCO category names with more than one word.
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "sports ball", "baseball bat",
-    "baseball glove", "tennis racket", "wine glass", "hot dog", "potted plant", "dining table",
-    "cell phone", "teddy bear", "hair drier",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "sports ball",
+    "baseball bat",
+    "baseball glove",
+    "tennis racket",
+    "wine glass",
+    "hot dog",
+    "potted plant",
+    "dining table",
+    "cell phone",
+    "teddy bear",
+    "hair drier",
     # Common ones whose modifier spaCy tags as an adjective/verb, misparses, or that end in a stop noun.
-    "hair dryer", "ice cream", "living room", "parking lot", "tank top", "hot air balloon", "polar bear",
-    "high chair", "hot tub", "stuffed animal", "cutting board", "remote control", "mobile phone",
-    "smart phone", "double decker bus", "french fry", "stop light",
+    "hair dryer",
+    "ice cream",
+    "living room",
+    "parking lot",
+    "tank top",
+    "hot air balloon",
+    "polar bear",
+    "high chair",
+    "hot tub",
+    "stuffed animal",
+    "cutting board",
+    "remote control",
+    "mobile phone",
+    "smart phone",
+    "double decker bus",
+    "french fry",
+    "stop light",
 )
 """Multi-word nouns kept whole, matched on words (the last one also on its lemma or plural): "hot dogs" ->
 "hot dog", "hair driers" -> "hair drier"; a dependency compound may extend them ("hot dog stand")."""
@@ -259,7 +285,7 @@ def extract_nouns(
                 text = text.lower() if text.isupper() else text  # ALL-CAPS captions parse as all PROPN
                 texts.append(text)
                 where.append((img, c))
-    for (img, c), doc in zip(where, nlp.pipe(texts, batch_size=batch_size)):
+    for (img, c), doc in zip(where, nlp.pipe(texts, batch_size=batch_size), strict=True):
         first = seen[img]
         for text in _doc_nouns(doc, stops):
             first.setdefault(text, c)

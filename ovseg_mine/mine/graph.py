@@ -1,0 +1,112 @@
+"""Ray for a mining run: start a local Ray or join a cluster, and the streaming graph of stages
+(records -> :class:`~ovseg_mine.mine.stages.NounStage` -> :class:`~ovseg_mine.mine.stages.MaskMatchStage`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+from ovseg_mine.config import MineConfig
+from ovseg_mine.mine.run_folder import RunError
+from ovseg_mine.mine.sources import ImageRecord
+from ovseg_mine.mine.weights import ResolvedWeights
+
+
+def init_ray(address: str | None) -> bool:
+    """Start a local Ray or join ``address``; returns True when this call started it (and should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            configure_logging=True,
+        )
+    except Exception as exc:  # Ray raises bare Exception on start-up timeouts, ConnectionError on bad addresses
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise RunError(
+            f"could not start or join {where}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        ) from None
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return True
+
+
+def guarded(results):
+    """Pass ``results`` through, turning a Ray failure (workers that died more than their restarts allow, an
+    actor whose constructor failed) into a :class:`RunError` that says the run can be resumed."""
+    import ray
+
+    try:
+        yield from results
+    except ray.exceptions.RayError as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise RunError(
+            f"the Ray workers failed ({type(exc).__name__}: {first}); finished shards are kept: rerun the same "
+            "command to resume"
+        ) from exc
+
+
+def stream_results(records: list[ImageRecord], cfg: MineConfig, weights: ResolvedWeights):
+    """Yield per-image result rows (dicts, see stages.image_result_schema) as Ray finishes them.
+
+    Mask/match actors that die are restarted (``ray.max_actor_restarts``) and their batch retried; an image
+    that keeps killing its worker is skipped after ``ray.max_image_attempts`` deaths (ovseg_mine.mine.attempts).
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from ovseg_mine.mine.attempts import AttemptTracker
+    from ovseg_mine.mine.stages import MaskMatchStage, NounStage
+
+    tracker = ray.remote(num_cpus=0, max_restarts=-1)(AttemptTracker).remote()
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    config = cfg.model_dump(mode="json")
+    ds = ray.data.from_items([r.to_row() for r in records], override_num_blocks=max(1, min(len(records), 64)))
+    ds = ds.map_batches(
+        NounStage,
+        fn_constructor_kwargs={"config": config},
+        batch_size=64,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=cfg.ray.noun_actors),
+        num_cpus=0.5,
+    )
+    if gpus:
+        actors = cfg.ray.actors or max(1, int(gpus / cfg.ray.num_gpus_per_actor))
+        resources: dict[str, Any] = {"num_gpus": cfg.ray.num_gpus_per_actor, "num_cpus": 1}
+        threads = None
+    else:
+        actors = cfg.ray.actors or 1
+        resources = {"num_cpus": 1}
+        threads = max(1, (os.cpu_count() or cpus) // actors)
+    with warnings.catch_warnings():  # actor restarts are only reachable through ray_remote_args (see pyproject)
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            MaskMatchStage,
+            fn_constructor_kwargs={
+                "config": config,
+                "sam_checkpoint": weights.sam_checkpoint,
+                "clip_pretrained": weights.clip_pretrained,
+                "threads": threads,
+                "tracker": tracker,
+            },
+            batch_size=cfg.ray.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=actors),
+            max_restarts=cfg.ray.max_actor_restarts,
+            max_task_retries=-1,
+            **resources,
+        )
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield from batch.to_pylist()

@@ -1,0 +1,164 @@
+"""Mining as one Ray Data streaming pipeline: source -> nouns -> proposals + matching -> shards.
+
+The driver reads the source, plans shards (image i of the id-sorted selection goes to shard
+``i // images_per_shard``), skips shards already done, streams the rest through the Ray stages, and writes
+a shard as soon as all of its images are back. Rows carry ids; Ray's output order does not matter: a shard's
+rows are sorted before writing, so the same input and config give the same shards whatever the number of
+workers or the order in which batches finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from ovseg_mine import __version__
+from ovseg_mine.config import MineConfig, config_hash, mining_config
+from ovseg_mine.mine.graph import guarded, init_ray, stream_results
+from ovseg_mine.mine.manifest import build_manifest
+from ovseg_mine.mine.run_folder import RunError, plan_shards, prepare_run_dir
+from ovseg_mine.mine.sources import ImageRecord, Reject, read_coco_captions
+from ovseg_mine.mine.weights import resolve_weights
+from ovseg_mine.shards import read_done, remove_partial_writes, write_json_atomic, write_shard
+
+__all__ = ["RunError", "mine"]
+
+log = logging.getLogger("ovseg_mine")
+
+
+def _shard_outcome(index: int, records: list[ImageRecord], results: list[dict[str, Any]]) -> tuple[list, dict]:
+    by_id = {r["image_id"]: r for r in results}
+    pairs: list[dict[str, Any]] = []
+    images, rejects, warned = [], [], []
+    stage_s: Counter[str] = Counter()
+    for record in records:
+        result = by_id[record.image_id]
+        pairs.extend(result["pairs"])
+        notes = list(record.notes) + list(result["notes"] or [])
+        images.append(
+            {k: result[k] for k in ("image_id", "status", "reason", "width", "height", "num_nouns", "num_proposals")}
+            | {"num_pairs": len(result["pairs"]), "notes": notes}
+        )
+        if result["status"] != "ok":
+            rejects.append(Reject(record.image_id, record.file_name, result["status"], result["reason"]).to_dict())
+        elif notes:
+            warned.append(Reject(record.image_id, record.file_name, "warning", "; ".join(notes)).to_dict())
+        for stage in ("decode", "nouns", "proposals", "crops", "clip"):
+            stage_s[stage] += result[f"{stage}_s"] or 0.0
+    done = {
+        "shard": index,
+        "image_ids": [r.image_id for r in records],
+        "images": images,
+        "rejects": rejects,
+        "warnings": warned,
+        "stage_s": dict(stage_s),
+    }
+    return pairs, done
+
+
+def _write(out: Path, index: int, pairs: list[dict[str, Any]], done: dict, meta: dict, cfg: MineConfig) -> dict:
+    import pyarrow as pa
+
+    from ovseg_mine.shards import pair_schema
+
+    table = pa.Table.from_pylist(pairs, schema=pair_schema())
+    return write_shard(
+        out, index, table, file_metadata=meta, done_record=done, row_group_size=cfg.shards.row_group_size
+    )
+
+
+def mine(
+    cfg: MineConfig,
+    captions: str | os.PathLike[str],
+    images: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    ray_address: str | None = None,
+    overwrite: bool = False,
+    on_progress: Callable[[int, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Mine mask-noun pairs from a COCO Captions dataset into ``out``; returns the manifest.
+
+    Args:
+        cfg: resolved config.
+        captions, images: COCO captions JSON and image root.
+        out: run folder (created; resumed when it holds the same config).
+        ray_address: join this Ray cluster; None starts a local Ray.
+        overwrite: discard a run with another config in ``out``.
+        on_progress: called as ``on_progress(images_done, images_total, pairs_done)`` after every image.
+
+    Raises:
+        ovseg_mine.mine.sources.SourceError, RunError, ovseg_mine.models.WeightsError, ConfigError.
+    """
+    out = Path(out)
+    start = time.perf_counter()
+    source = read_coco_captions(
+        captions,
+        images,
+        captions_per_image=cfg.source.captions_per_image,
+        limit=cfg.source.limit,
+        image_ids=cfg.source.image_ids,
+        max_caption_chars=cfg.nouns.max_caption_chars,
+        skip_non_english=cfg.nouns.skip_non_english,
+    )
+    prepare_run_dir(out, cfg, overwrite)
+    for name in remove_partial_writes(out):
+        log.info("removed %s, left by an interrupted write", name)
+    weights = resolve_weights(cfg)
+    if weights.random:
+        log.warning("this run uses randomly initialised weights: its pairs are meaningless (manifest: weights=random)")
+    plan = plan_shards(source.records, cfg.shards.images_per_shard)
+    done = {
+        i: r for i, r in read_done(out).items() if i in plan and r.get("image_ids") == [x.image_id for x in plan[i]]
+    }
+    todo = [r for i in sorted(plan) if i not in done for r in plan[i]]
+    shard_of = {r.image_id: i for i in plan for r in plan[i]}
+    meta = {
+        "package_version": __version__,
+        "config": mining_config(cfg),
+        "config_hash": config_hash(cfg),
+        "models": weights.models,
+        "weights": "random" if weights.random else "pretrained",
+    }
+    total = len(source.records)
+    images_done = sum(len(plan[i]) for i in done)
+    pairs_done = sum(r["rows"] for r in done.values())
+    processed = 0
+    pending: dict[int, list[dict[str, Any]]] = {}
+    seen: set[int] = set()
+    started_ray = False
+    try:
+        if todo:
+            started_ray = init_ray(ray_address)
+            for result in guarded(stream_results(todo, cfg, weights)):
+                if result["image_id"] in seen:  # Ray yields a retried batch once; a duplicate would end a shard early
+                    continue
+                seen.add(result["image_id"])
+                index = shard_of[result["image_id"]]
+                pending.setdefault(index, []).append(result)
+                processed += 1
+                images_done += 1
+                pairs_done += len(result["pairs"])
+                if len(pending[index]) == len(plan[index]):
+                    pairs, record = _shard_outcome(index, plan[index], pending.pop(index))
+                    pairs.sort(key=lambda p: (p["image_id"], p["caption_index"]))
+                    done[index] = _write(out, index, pairs, record, meta, cfg)
+                if on_progress:
+                    on_progress(images_done, total, pairs_done)
+    finally:
+        # A stop can land after a shard's done marker is written and before _write returns: trust the disk.
+        unfinished = {shard_of[r.image_id] for r in todo} - done.keys()
+        for index, record in read_done(out, only=unfinished).items():
+            if record.get("image_ids") == [x.image_id for x in plan[index]]:
+                done[index] = record
+        manifest = build_manifest(out, source, cfg, weights, done, plan, time.perf_counter() - start, processed)
+        write_json_atomic(out / "manifest.json", manifest)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return manifest

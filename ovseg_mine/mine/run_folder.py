@@ -1,0 +1,56 @@
+"""The run folder of a mining run: its config check and its shard plan.
+
+Layout (see :mod:`ovseg_mine.shards`): ``config.json`` (resolved config and hash, written when a run starts),
+``manifest.json``, ``shards/``. A folder that holds a run of another config is refused, not mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ovseg_mine.config import MineConfig, config_hash
+from ovseg_mine.mine.sources import ImageRecord
+from ovseg_mine.shards import write_json_atomic
+
+
+class RunError(RuntimeError):
+    """The run folder cannot be used as asked (e.g. it holds a run with another config)."""
+
+
+def prepare_run_dir(out: Path, cfg: MineConfig, overwrite: bool) -> None:
+    """Create the run folder, or check that it holds a run of the same config.
+
+    Raises:
+        RunError: the folder holds a run with another config and ``overwrite`` is False.
+    """
+    cfg_path = out / "config.json"
+    digest = config_hash(cfg)
+    if cfg_path.is_file() and not overwrite:
+        try:
+            previous = json.loads(cfg_path.read_text(encoding="utf-8")).get("config_hash")
+        except json.JSONDecodeError:
+            previous = None
+        if previous != digest:
+            raise RunError(
+                f"{out} holds a run with another config (config_hash {str(previous)[:12]} vs {digest[:12]}); "
+                "use another --out, or --overwrite to discard it"
+            )
+    if overwrite:
+        for name in ("shards", "manifest.json", "config.json"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cfg_path, {"config_hash": digest, "config": cfg.model_dump(mode="json")})
+
+
+def plan_shards(records: list[ImageRecord], images_per_shard: int) -> dict[int, list[ImageRecord]]:
+    """Shard index -> its records, in id order (records must already be sorted by image_id)."""
+    plan: dict[int, list[ImageRecord]] = {}
+    for position, record in enumerate(records):
+        plan.setdefault(position // images_per_shard, []).append(record)
+    return plan

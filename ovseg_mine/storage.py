@@ -1,0 +1,211 @@
+"""Paths and URIs: where a run reads its inputs and writes its outputs.
+
+Every location the project reads or writes (captions files, image roots, tar shards, run folders, finetune
+outputs) is a local path or a URI (``file://``, ``s3://``, ``gs://``, or any other fsspec protocol), resolved by
+:func:`resolve` to a :class:`Location`: a ``pyarrow.fs.FileSystem`` and a path inside it. pyarrow's own file
+systems serve local disks, S3 and GCS (the ones Ray Data reads natively); other protocols go through fsspec
+(``pyarrow.fs.PyFileSystem(FSSpecHandler(...))``). Credentials come from each file system's standard environment
+and configuration (for S3: ``AWS_ACCESS_KEY_ID``..., ``~/.aws/``, ``AWS_ENDPOINT_URL`` for S3-compatible servers);
+they are never part of a location and never printed.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+#: URI schemes served by pyarrow's own file systems.
+PYARROW_SCHEMES = ("file", "s3", "gs", "gcs")
+
+
+class StorageError(OSError):
+    """A location that cannot be resolved or read; the message names it (never its credentials)."""
+
+
+def _scheme(location: str) -> str | None:
+    head, sep, _ = location.partition("://")
+    return head.lower() if sep and head.isidentifier() else None
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or folder on some file system.
+
+    Attributes:
+        fs: the pyarrow file system that holds it.
+        path: its path inside ``fs`` (for local files an absolute POSIX path; for object stores
+            ``bucket/key``), without a trailing slash.
+        scheme: ``""`` for the local disk, else the URI scheme (``s3``, ``gs``, ``memory``...).
+    """
+
+    fs: "pafs.FileSystem"
+    path: str
+    scheme: str = ""
+
+    @property
+    def uri(self) -> str:
+        """How a user names it: the absolute local path, or ``scheme://path``."""
+        return f"{self.scheme}://{self.path}" if self.scheme else self.path
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def is_local(self) -> bool:
+        """True for the local disk (plain paths and ``file://`` URIs)."""
+        import pyarrow.fs as pafs
+
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def local_path(self) -> Path | None:
+        """The local ``Path`` when :attr:`is_local`, else None."""
+        return Path(self.path) if self.is_local else None
+
+    @property
+    def name(self) -> str:
+        """The last path component (``shard-00000.parquet``)."""
+        return posixpath.basename(self.path)
+
+    def join(self, *parts: str) -> "Location":
+        """The location ``parts`` below this one (POSIX separators; ``..`` is not resolved)."""
+        return Location(self.fs, posixpath.join(self.path, *parts), self.scheme)
+
+    @property
+    def parent(self) -> "Location":
+        """The folder that holds this location."""
+        return Location(self.fs, posixpath.dirname(self.path), self.scheme)
+
+    def _info(self) -> "pafs.FileInfo":
+        try:
+            return self.fs.get_file_info(self.path)
+        except OSError as exc:
+            raise StorageError(f"cannot reach {self.uri}: {first_line(exc)}") from exc
+
+    def exists(self) -> bool:
+        """True when a file or folder is there."""
+        import pyarrow.fs as pafs
+
+        return self._info().type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        """True when a file (an object) is there."""
+        import pyarrow.fs as pafs
+
+        return self._info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        """True when a folder is there (on object stores: a prefix with objects under it)."""
+        import pyarrow.fs as pafs
+
+        return self._info().type == pafs.FileType.Directory
+
+    def size(self) -> int:
+        """Size in bytes of the file.
+
+        Raises:
+            StorageError: no file there.
+        """
+        info = self._info()
+        if info.size is None:
+            raise StorageError(f"{self.uri} is not a file")
+        return int(info.size)
+
+    def open_input(self) -> IO[bytes]:
+        """A seekable binary file object for reading (close it, or use it in a ``with``).
+
+        Raises:
+            StorageError: not found or not readable.
+        """
+        try:
+            return self.fs.open_input_file(self.path)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot open {self.uri}: {first_line(exc)}") from exc
+
+    def read_bytes(self) -> bytes:
+        """The whole file's bytes. Raises StorageError as :meth:`open_input`."""
+        with self.open_input() as handle:
+            return handle.read()
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        """The whole file decoded as text. Raises StorageError as :meth:`open_input`, UnicodeDecodeError."""
+        return self.read_bytes().decode(encoding)
+
+    def list_files(self, *, recursive: bool = False) -> list["Location"]:
+        """The files under this folder, sorted by path (folders themselves are not listed).
+
+        Raises:
+            StorageError: not a folder, or not reachable.
+        """
+        import pyarrow.fs as pafs
+
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=recursive))
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot list {self.uri}: {first_line(exc)}") from exc
+        files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+        return [self.join(posixpath.relpath(p, self.path)) for p in files]
+
+
+def sha256_file(location: "str | os.PathLike[str] | Location") -> str:
+    """Hex sha256 of a file's bytes (a local path, a URI or a :class:`Location`), read in 4 MiB chunks.
+
+    Raises:
+        StorageError: not found or not readable.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    with resolve(location).open_input() as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (its type name if it is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def resolve(location: "str | os.PathLike[str] | Location") -> Location:
+    """Resolve a local path or a URI to a :class:`Location`.
+
+    Args:
+        location: ``runs/coco``, ``/data/coco``, ``file:///data/coco``, ``s3://bucket/coco``, ``gs://bucket/coco``,
+            or another fsspec URI (``memory://``, ``hf://``...), or a Location (returned as is).
+
+    Raises:
+        StorageError: an unknown scheme, or a file system that cannot be set up (missing package, bad URI).
+    """
+    if isinstance(location, Location):
+        return location
+    text = os.fspath(location)
+    scheme = _scheme(text)
+    if scheme is None:
+        import pyarrow.fs as pafs
+
+        path = Path(text).expanduser().absolute().as_posix()
+        return Location(pafs.LocalFileSystem(), path.rstrip("/") or "/")
+    try:
+        if scheme in PYARROW_SCHEMES:
+            import pyarrow.fs as pafs
+
+            fs, path = pafs.FileSystem.from_uri(text)
+        else:
+            import fsspec
+            import pyarrow.fs as pafs
+
+            spec_fs, path = fsspec.core.url_to_fs(text)
+            fs = pafs.PyFileSystem(pafs.FSSpecHandler(spec_fs))
+    except (OSError, ValueError, ImportError) as exc:
+        raise StorageError(f"cannot open the file system of {text}: {first_line(exc)}") from exc
+    if scheme == "file":
+        return Location(fs, path.rstrip("/") or "/")
+    return Location(fs, path.rstrip("/"), scheme)
