@@ -29,13 +29,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ovseg_mine import precision as precision_mod
 from ovseg_mine.finetune import checkpoint as ckpt
 from ovseg_mine.finetune.config import FinetuneConfig
 from ovseg_mine.finetune.data import PairDataset, make_loader, scan_shards, steps_per_epoch
 from ovseg_mine.finetune.loss import noun_contrastive_loss, unique_targets
 from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, MaskPrompts, is_vit_arch, load_prompts, save_prompts
 from ovseg_mine.finetune.patch_mask import patch_foreground
-from ovseg_mine.mine.matching import autocast
 
 log = logging.getLogger("ovseg_mine")
 
@@ -60,15 +60,6 @@ class ImageTower(nn.Module):
         else:
             feats = self.prompts(images, patch_foreground(pixel_masks, self.prompts.patch_size))
         return nn.functional.normalize(feats.float(), dim=-1)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU; other values as given."""
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -150,7 +141,7 @@ def batch_loss(
     float32 tensor on ``device`` (:func:`~.loss.noun_contrastive_loss`), with autograd history through ``tower``."""
     unique, targets = unique_targets(batch["noun"])
     text = text_cache.embed(unique)  # constants: the text tower is frozen
-    with autocast(device, precision):
+    with precision_mod.autocast(precision, device):
         feats = tower(batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True))
     return noun_contrastive_loss(feats, text, targets.to(device), logit_scale)
 
@@ -204,7 +195,7 @@ def train_worker(
             "choose another --out, or delete it to start over"
         )
     device = _device(cfg, local_rank)
-    precision = resolve_precision(cfg.precision, device)
+    precision = precision_mod.for_training(cfg.precision, device)
     model, tokenizer, info = load_clip(
         start["arch"], start["pretrained"], device=device, seed=cfg.seed, allow_random=cfg.allow_random
     )
@@ -329,7 +320,7 @@ def _run_stage(
     total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
     warmup = min(cfg.warmup_steps, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total, warmup))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -107,10 +107,11 @@ class MaskMatchStage:
     ) -> None:
         import torch
 
+        from ovseg_mine import precision as precision_mod
         from ovseg_mine.config import MineConfig
-        from ovseg_mine.mine.matching import TextEmbeddingCache, low_precision_clip
         from ovseg_mine.mine.proposals import build_mask_generator
         from ovseg_mine.models import clip_input_size, clip_mean_std, load_clip
+        from ovseg_mine.text import NounEmbeddings
 
         if threads:
             torch.set_num_threads(threads)
@@ -118,26 +119,20 @@ class MaskMatchStage:
         self.tracker = tracker
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         sam_cfg = self.cfg.sam.model_copy(update={"checkpoint": sam_checkpoint})
-        precision = self._device_precision(self.cfg.clip.precision)
-        self.precision = precision
+        self.precision = precision_mod.for_inference(self.cfg.clip.precision, self.device)
         self.generator, _ = build_mask_generator(
             "sam",
             sam_cfg,
             device=self.device,
             seed=self.cfg.seed,
-            precision=self._device_precision(self.cfg.sam.precision),
+            precision=precision_mod.for_inference(self.cfg.sam.precision, self.device),
         )
         self.clip, tokenizer, _ = load_clip(self.cfg.clip.arch, clip_pretrained, device=self.device, seed=self.cfg.seed)
-        self.clip = low_precision_clip(self.clip, precision)
+        self.clip = precision_mod.cast_model(self.clip, self.precision)
         self.input_size = clip_input_size(self.clip)
         self.mean, self.std = clip_mean_std(self.clip)
-        self.text_cache = TextEmbeddingCache(self.clip, tokenizer, self.device, precision=precision)
-
-    def _device_precision(self, asked: str) -> str:
-        """The precision name used on this actor's device: as asked on GPU; bf16 or fp32 on CPU (no fp16)."""
-        if self.device.type == "cuda":
-            return asked
-        return "bf16" if asked == "bf16" else "fp32"
+        # One noun per encode_text call: a noun's embedding does not depend on which nouns this actor met first.
+        self.text_cache = NounEmbeddings(self.clip, tokenizer, self.device, nouns_per_call=1, precision=self.precision)
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         import pyarrow as pa
@@ -244,7 +239,7 @@ class MaskMatchStage:
         image_emb = encode_crops(self.clip, crops, batch_size=self.cfg.clip.batch_size, precision=self.precision)
         nouns = record["nouns"]
         text_emb = self.text_cache.embed(nouns)
-        matches = match_nouns(image_emb, text_emb, temperature=self.cfg.matching.temperature)
+        matches = match_nouns(image_emb, text_emb, logit_scale=self.cfg.matching.logit_scale)
         out["clip_s"] = time.perf_counter() - start
         pairs = []
         for match in matches:
