@@ -119,6 +119,12 @@ class RayConfig(_Section):
     max_actor_restarts: int = Field(
         16, ge=0, description="restarts of each mask/match actor before the run stops (resumable)"
     )
+    max_consecutive_errors: int = Field(
+        8,
+        ge=1,
+        description="stop the run (resumable) when this many images in a row fail with the same exception type: "
+        "a bug or a broken setup, not bad input (ovseg_mine.mine.failures)",
+    )
 
 
 class MineConfig(_Section):
@@ -196,7 +202,7 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"pipeline {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"pipeline {path} is not valid TOML: {exc}") from exc
     data.setdefault("recipe", path.stem)
     return data
 
@@ -213,7 +219,7 @@ def build_config(pipeline: str, overrides: list[str] | None = None) -> MineConfi
         return MineConfig.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-        raise ConfigError(f"invalid config from pipeline {pipeline!r}: {problems}") from None
+        raise ConfigError(f"invalid config from pipeline {pipeline!r}: {problems}") from exc
 
 
 def mining_config(config: MineConfig) -> dict[str, Any]:

@@ -54,8 +54,8 @@ def _to_coco(rle: dict[str, Any]) -> dict[str, Any]:
     try:
         size = [int(rle["size"][0]), int(rle["size"][1])]
         counts = rle["counts"]
-    except (KeyError, TypeError, IndexError, ValueError):
-        raise RLEError(f"not a COCO RLE (needs size [h, w] and counts): {str(rle)[:80]}") from None
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise RLEError(f"not a COCO RLE (needs size [h, w] and counts): {str(rle)[:80]}") from exc
     if isinstance(counts, str):
         counts = counts.encode("ascii")
     return {"size": size, "counts": counts}

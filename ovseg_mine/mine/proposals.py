@@ -134,7 +134,7 @@ class SamMaskGenerator:
                 raise ImportError(
                     f"sam.min_mask_region_area={cfg.min_mask_region_area} needs opencv ({exc}); install "
                     "opencv-python-headless or --set sam.min_mask_region_area=0"
-                ) from None
+                ) from exc
         self.cfg = cfg
         self.sam = sam
         self.precision = precision

@@ -15,8 +15,25 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from ovseg_mine.storage import first_line
+
 if TYPE_CHECKING:
     import pyarrow as pa
+
+
+def error_row(exc: BaseException) -> dict[str, Any]:
+    """The fields of a result row for an image whose mining raised ``exc``: status ``error``, a one-line
+    ``reason`` (``Type: first line``), ``error_type`` (the exception's class name) and the formatted
+    ``traceback`` (with its causes), which the driver writes to the run's log."""
+    import traceback
+
+    return {
+        "status": "error",
+        "reason": f"{type(exc).__name__}: {first_line(exc)}",
+        "error_type": type(exc).__name__,
+        "traceback": "".join(traceback.format_exception(exc)),
+        "pairs": [],
+    }
 
 
 def image_result_schema() -> "pa.Schema":
@@ -42,6 +59,8 @@ def image_result_schema() -> "pa.Schema":
             ("crops_s", pa.float64()),
             ("clip_s", pa.float64()),
             ("notes", pa.list_(pa.string())),
+            ("error_type", pa.string()),
+            ("traceback", pa.string()),
             ("pairs", pa.list_(pair_struct)),
         ]
     )
@@ -144,7 +163,6 @@ class MaskMatchStage:
         """:meth:`_process` one image between the tracker's ``begin`` and ``end`` (see ovseg_mine.mine.attempts)."""
         import ray
 
-        from ovseg_mine.faults import failpoint
         from ovseg_mine.mine.attempts import worker_death_reason
 
         image_id = record["image_id"]
@@ -153,8 +171,8 @@ class MaskMatchStage:
         deaths = ray.get(self.tracker.begin.remote(image_id))
         if deaths >= self.cfg.ray.max_image_attempts:
             row = {**self._empty_row(record), "status": "error", "reason": worker_death_reason(deaths)}
+            row["error_type"] = "WorkerDied"
         else:
-            failpoint("image", image_id)
             row = self._process(record)
         self.tracker.end.remote(image_id)
         return row
@@ -176,6 +194,8 @@ class MaskMatchStage:
             "crops_s": 0.0,
             "clip_s": 0.0,
             "notes": [],
+            "error_type": "",
+            "traceback": "",
             "pairs": [],
         }
 
@@ -207,17 +227,22 @@ class MaskMatchStage:
             except torch.OutOfMemoryError as exc:  # transient: free the cache and try the image again
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                error = f"out of memory {attempt} times: {str(exc).splitlines()[0][:300]}"
-            except Exception as exc:  # one failing image is listed as failed, the run goes on
-                return {**out, "status": "error", "reason": f"{type(exc).__name__}: {exc}", "pairs": []}
-        return {**out, "status": "error", "reason": error, "pairs": []}
+                error = f"out of memory {attempt} times: {first_line(exc)}"
+            except Exception as exc:
+                # Per-image isolation: the image is listed as failed and the run goes on. The driver logs the
+                # traceback to the run's log, counts failures by type, and stops the run when the same exception
+                # keeps coming (ovseg_mine.mine.failures): a bug of ours must not pass for bad input.
+                return {**out, **error_row(exc)}
+        return {**out, "status": "error", "reason": error, "error_type": "OutOfMemoryError", "pairs": []}
 
     def _mine(self, image: Any, record: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         from ovseg_mine.crops import normalize, render_masked_crops
+        from ovseg_mine.faults import failpoint
         from ovseg_mine.mine.matching import encode_crops, keep_match, match_nouns
 
+        failpoint("image", record["image_id"])  # kill: the worker dies on this image; raise: mining it raises
         start = time.perf_counter()
         proposals = self.generator(image)
         out["proposals_s"] = time.perf_counter() - start
