@@ -50,6 +50,35 @@ def encode_many(masks: np.ndarray) -> list[dict[str, Any]]:
     ]
 
 
+def from_segmentation(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """A COCO annotation's ``segmentation`` as a compressed RLE (see :func:`encode`).
+
+    Args:
+        segmentation: polygons (``[[x0, y0, x1, y1, ...], ...]``, merged into one mask), an uncompressed RLE
+            (``{"size", "counts": [int, ...]}``, COCO's ``iscrowd`` form) or a compressed RLE.
+        height, width: the image's size (polygons carry none).
+
+    Raises:
+        RLEError: none of these forms.
+    """
+    from pycocotools import mask as mask_utils
+
+    try:
+        if isinstance(segmentation, list):
+            coco = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation.get("counts"), list):
+            coco = mask_utils.frPyObjects(segmentation, *[int(v) for v in segmentation["size"]])
+        else:
+            coco = _to_coco(segmentation)
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
+        raise RLEError(f"not a COCO segmentation (polygons or RLE): {str(segmentation)[:80]}") from exc
+    counts = coco["counts"]
+    return {
+        "size": [int(coco["size"][0]), int(coco["size"][1])],
+        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+    }
+
+
 def _to_coco(rle: dict[str, Any]) -> dict[str, Any]:
     try:
         size = [int(rle["size"][0]), int(rle["size"][1])]

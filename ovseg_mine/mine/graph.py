@@ -1,18 +1,22 @@
 """Ray for a mining run: start a local Ray or join a cluster, and the streaming graph of stages
-(records -> :class:`~ovseg_mine.mine.stages.NounStage` -> :class:`~ovseg_mine.mine.stages.MaskMatchStage`)."""
+(read step :mod:`~ovseg_mine.mine.sources.read` -> :class:`~ovseg_mine.mine.stages.NounStage` ->
+:class:`~ovseg_mine.mine.stages.MaskMatchStage`)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ovseg_mine.config import MineConfig
 from ovseg_mine.mine.run_folder import RunError
-from ovseg_mine.mine.sources import ImageRecord
+from ovseg_mine.mine.sources import ShardTask, Source
 from ovseg_mine.mine.weights import ResolvedWeights
 from ovseg_mine.storage import first_line
+
+if TYPE_CHECKING:
+    from ovseg_mine.mine.proposal_sources import ProposalSource
 
 
 def init_ray(address: str | None) -> bool:
@@ -55,8 +59,16 @@ def guarded(results):
         ) from exc
 
 
-def stream_results(records: list[ImageRecord], cfg: MineConfig, weights: ResolvedWeights):
-    """Yield per-image result rows (dicts, see stages.image_result_schema) as Ray finishes them.
+def stream_results(
+    source: Source,
+    tasks: list[ShardTask],
+    cfg: MineConfig,
+    weights: ResolvedWeights,
+    given: "ProposalSource | None" = None,
+):
+    """Yield per-image result rows (dicts, see stages.image_result_schema) as Ray finishes them: one per record
+    of ``tasks`` (read by ``source``'s read step, with ``given`` masks attached when the run has them), each
+    carrying its ``shard``, ``shard_size`` and ``shard_row``.
 
     Mask/match actors that die are restarted (``ray.max_actor_restarts``) and their batch retried; an image
     that keeps killing its worker is skipped after ``ray.max_image_attempts`` deaths (ovseg_mine.mine.attempts).
@@ -65,6 +77,7 @@ def stream_results(records: list[ImageRecord], cfg: MineConfig, weights: Resolve
     from ray.data import ActorPoolStrategy
 
     from ovseg_mine.mine.attempts import AttemptTracker
+    from ovseg_mine.mine.sources.read import records_dataset
     from ovseg_mine.mine.stages import MaskMatchStage, NounStage
 
     tracker = ray.remote(num_cpus=0, max_restarts=-1)(AttemptTracker).remote()
@@ -72,7 +85,7 @@ def stream_results(records: list[ImageRecord], cfg: MineConfig, weights: Resolve
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     config = cfg.model_dump(mode="json")
-    ds = ray.data.from_items([r.to_row() for r in records], override_num_blocks=max(1, min(len(records), 64)))
+    ds = records_dataset(source, tasks, given)
     ds = ds.map_batches(
         NounStage,
         fn_constructor_kwargs={"config": config},

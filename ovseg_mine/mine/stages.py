@@ -36,6 +36,12 @@ def error_row(exc: BaseException) -> dict[str, Any]:
     }
 
 
+def _score(value: Any) -> float | None:
+    """A proposal score for a pair row: None where the proposals had none (NaN: given masks without scores)."""
+    value = float(value)
+    return None if value != value else value
+
+
 def image_result_schema() -> "pa.Schema":
     """Arrow schema of :class:`MaskMatchStage` output rows (one per image; ``pairs`` nested)."""
     import pyarrow as pa
@@ -47,6 +53,9 @@ def image_result_schema() -> "pa.Schema":
         [
             ("image_id", pa.int64()),
             ("file_name", pa.string()),
+            ("shard", pa.int32()),
+            ("shard_size", pa.int32()),
+            ("shard_row", pa.int32()),
             ("status", pa.string()),
             ("reason", pa.string()),
             ("width", pa.int32()),
@@ -139,13 +148,15 @@ class MaskMatchStage:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         sam_cfg = self.cfg.sam.model_copy(update={"checkpoint": sam_checkpoint})
         self.precision = precision_mod.for_inference(self.cfg.clip.precision, self.device)
-        self.generator, _ = build_mask_generator(
-            "sam",
-            sam_cfg,
-            device=self.device,
-            seed=self.cfg.seed,
-            precision=precision_mod.for_inference(self.cfg.sam.precision, self.device),
-        )
+        self.generator = None  # given masks (--proposals coco:/sa1b:): SAM is not built at all
+        if self.cfg.proposals.kind == "sam":
+            self.generator, _ = build_mask_generator(
+                "sam",
+                sam_cfg,
+                device=self.device,
+                seed=self.cfg.seed,
+                precision=precision_mod.for_inference(self.cfg.sam.precision, self.device),
+            )
         self.clip, tokenizer, _ = load_clip(self.cfg.clip.arch, clip_pretrained, device=self.device, seed=self.cfg.seed)
         self.clip = precision_mod.cast_model(self.clip, self.precision)
         self.input_size = clip_input_size(self.clip)
@@ -182,6 +193,9 @@ class MaskMatchStage:
         return {
             "image_id": record["image_id"],
             "file_name": record["file_name"],
+            "shard": record.get("shard"),
+            "shard_size": record.get("shard_size"),
+            "shard_row": record.get("shard_row"),
             "status": "ok",
             "reason": "",
             "width": record["width"],
@@ -193,7 +207,7 @@ class MaskMatchStage:
             "proposals_s": 0.0,
             "crops_s": 0.0,
             "clip_s": 0.0,
-            "notes": [],
+            "notes": list(record.get("notes") or []),
             "error_type": "",
             "traceback": "",
             "pairs": [],
@@ -205,17 +219,19 @@ class MaskMatchStage:
         from ovseg_mine.images import ImageDecodeError, load_rgb
 
         out = self._empty_row(record)
+        if record.get("status", "ok") != "ok":  # rejected by the source (read step): passed through as it is
+            return {**out, "status": record["status"], "reason": record["reason"]}
         if not record["nouns"]:
             return {**out, "status": "nouns", "reason": "no visual noun in the captions"}
         start = time.perf_counter()
         try:
-            image = load_rgb(record["path"])
+            image = load_rgb(record["path"] if record.get("image_bytes") is None else record["image_bytes"])
         except ImageDecodeError as exc:
             return {**out, "status": "decode", "reason": str(exc)}
         out["decode_s"] = time.perf_counter() - start
         height, width = image.shape[:2]
-        if (width, height) != (record["width"], record["height"]):
-            out["notes"] = [
+        if record["width"] and record["height"] and (width, height) != (record["width"], record["height"]):
+            out["notes"] = out["notes"] + [
                 f"size in the captions file {record['width']}x{record['height']} differs from the "
                 f"decoded image {width}x{height} (EXIF orientation applied); the decoded size is used"
             ]
@@ -244,7 +260,15 @@ class MaskMatchStage:
 
         failpoint("image", record["image_id"])  # kill: the worker dies on this image; raise: mining it raises
         start = time.perf_counter()
-        proposals = self.generator(image)
+        if record.get("proposals") is not None or self.generator is None:
+            from ovseg_mine.mine.given_proposals import GivenMaskError, given_proposals
+
+            try:
+                proposals = given_proposals(record.get("proposals") or [], image.shape[:2], self.cfg.sam, self.device)
+            except GivenMaskError as exc:
+                return {**out, "status": "proposals", "reason": str(exc)}
+        else:
+            proposals = self.generator(image)
         out["proposals_s"] = time.perf_counter() - start
         out["num_proposals"] = len(proposals)
         if len(proposals) == 0:
@@ -290,8 +314,8 @@ class MaskMatchStage:
                     "similarity": match.similarity,
                     "probability": match.probability,
                     "margin": match.margin,
-                    "predicted_iou": float(proposals.predicted_iou[m]),
-                    "stability_score": float(proposals.stability_score[m]),
+                    "predicted_iou": _score(proposals.predicted_iou[m]),
+                    "stability_score": _score(proposals.stability_score[m]),
                 }
             )
         if not pairs:
