@@ -123,3 +123,22 @@ def mined_sources(coco8, source_dirs, tmp_path_factory) -> dict[str, Path]:
         if started:
             ray.shutdown()
     return runs
+
+
+@pytest.fixture(scope="session")
+def smoke_stages():
+    """``run(table, **overrides)``: record rows through the real NounStage and MaskMatchStage (smoke recipe, tiny
+    random models, no Ray), as result dicts; the stages are built once per config."""
+    from ovseg_mine.config import build_config
+    from ovseg_mine.mine.stages import MaskMatchStage, NounStage
+
+    built: dict[tuple, tuple] = {}
+
+    def run(table, *overrides: str) -> list[dict]:
+        if overrides not in built:
+            config = build_config("smoke", ["source.captions_per_image=1", *overrides]).model_dump(mode="json")
+            built[overrides] = (NounStage(config), MaskMatchStage(config, "random", "random"))
+        nouns, masks = built[overrides]
+        return masks(nouns(table)).to_pylist()
+
+    return run

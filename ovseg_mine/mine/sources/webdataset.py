@@ -18,6 +18,7 @@ is not an image), without a caption, with a key that occurs twice, with an id fi
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import posixpath
@@ -39,16 +40,16 @@ _LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand ``{00000..00009}`` (numeric, zero-padded like its first bound) and ``{a,b}`` groups, in order."""
-    match = _RANGE.search(pattern)
-    if match:
+    """Expand ``{00000..00009}`` (numeric, zero-padded like its first bound) and ``{a,b}`` groups, leftmost first."""
+    found = [m for m in (_RANGE.search(pattern), _LIST.search(pattern)) if m]
+    if not found:
+        return [pattern]
+    match = min(found, key=lambda m: m.start())
+    if match.re is _RANGE:
         first, last = match.group(1), match.group(2)
         width = len(first) if first.startswith("0") else 0
         values = [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
     else:
-        match = _LIST.search(pattern)
-        if not match:
-            return [pattern]
         values = match.group(1).split(",")
     head, tail = pattern[: match.start()], pattern[match.end() :]
     return [expanded for value in values for expanded in expand_braces(head + value + tail)]
@@ -133,17 +134,32 @@ class WebDatasetSource(Source):
         }
         return SourcePlan(tasks, info)
 
-    def _scan(self, tar: tarfile.TarFile, task: ShardTask) -> list[_Sample]:
-        samples: dict[str, _Sample] = {}
-        for member in tar.getmembers():  # headers only: the data of each member is skipped
-            if not member.isfile():
-                continue
-            key, ext = split_key(member.name)
-            sample = samples.setdefault(key, _Sample(key))
-            if ext in sample.members:
-                sample.duplicate = f"{key}.{ext}"
-            sample.members[ext] = member
+    def _scan(self, tar: tarfile.TarFile | None, task: ShardTask, problem: str | None = None) -> list[_Sample]:
+        """The samples of the tar (members grouped by key, headers only), selection applied. A tar that cannot be
+        opened is one sample with that problem; one whose end is cut off keeps the samples before the cut."""
         name = task.payload["name"]
+        if tar is None:
+            sample = _Sample("", problem=problem, image_id=stable_id(name))
+            return self.select([sample], task, lambda s: s.image_id)
+        samples: dict[str, _Sample] = {}
+        size = tar.fileobj.seek(0, 2)
+        try:
+            while (member := tar.next()) is not None:  # headers only: the data of each member is skipped
+                if not member.isfile():
+                    continue
+                key, ext = split_key(member.name)
+                sample = samples.setdefault(key, _Sample(key))
+                if ext in sample.members:
+                    sample.duplicate = f"{key}.{ext}"
+                sample.members[ext] = member
+                if member.offset_data + member.size > size:
+                    sample.problem = (
+                        f"the tar is truncated: {member.name} has {max(0, size - member.offset_data)} of its "
+                        f"{member.size} bytes"
+                    )
+        except tarfile.TarError as exc:
+            key = f"(after {len(samples)} samples)"
+            samples[key] = _Sample(key, problem=f"the rest of the tar cannot be read: {exc}")
         for sample in samples.values():
             sample.image_id = stable_id(f"{name}/{sample.key}")
             if self.cfg.id_column and sample.duplicate is None:
@@ -181,9 +197,15 @@ class WebDatasetSource(Source):
             return as_caption_list(meta.get(column))
         return as_caption_list(meta.get("caption", meta.get("captions")))
 
-    def _row(self, tar: tarfile.TarFile, sample: _Sample, name: str) -> dict[str, Any]:
+    def _row(self, tar: tarfile.TarFile | None, sample: _Sample, name: str) -> dict[str, Any]:
+        try:
+            return self._sample_row(tar, sample, name)
+        except (tarfile.TarError, OSError) as exc:  # a member whose data cannot be read
+            return reject_row(sample.image_id, f"{name}/{sample.key}", "source", f"cannot read the sample: {exc}")
+
+    def _sample_row(self, tar: Any, sample: _Sample, name: str) -> dict[str, Any]:
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample.members), None)
-        file_name = f"{name}/{sample.members[image_ext].name if image_ext else sample.key}"
+        file_name = f"{name}/{sample.members[image_ext].name if image_ext else sample.key}".rstrip("/")
         if sample.duplicate:
             return reject_row(sample.image_id, file_name, "source", f"duplicate key in the tar: {sample.duplicate}")
         if sample.problem:
@@ -197,19 +219,30 @@ class WebDatasetSource(Source):
         data = tar.extractfile(sample.members[image_ext]).read()
         return image_row(sample.image_id, file_name, captions, image_bytes=data, **self.screening.kwargs())
 
-    def _open(self, task: ShardTask) -> tarfile.TarFile:
+    @contextlib.contextmanager
+    def _open(self, task: ShardTask) -> Iterator[tuple[tarfile.TarFile | None, str | None]]:
+        """``(tar, None)``, or ``(None, why)`` when the file cannot be opened as a tar."""
         location = resolve(task.payload["file"])
         try:
-            return tarfile.open(fileobj=location.open_input(), mode="r:*")
-        except (tarfile.TarError, StorageError, OSError) as exc:
-            raise SourceError(f"{location} is not a readable tar file: {exc}") from exc
+            handle = location.open_input()
+        except StorageError as exc:
+            yield None, f"the tar file cannot be read: {exc}"
+            return
+        with handle:
+            try:
+                tar = tarfile.open(fileobj=handle, mode="r:*")
+            except (tarfile.TarError, OSError) as exc:
+                yield None, f"not a readable tar file: {exc}"
+                return
+            with tar:
+                yield tar, None
 
     def count(self, task: ShardTask) -> int:
-        with self._open(task) as tar:
-            return len(self._scan(tar, task))
+        with self._open(task) as (tar, problem):
+            return len(self._scan(tar, task, problem))
 
     def read_shard(self, task: ShardTask) -> Iterator["pa.Table"]:
-        with self._open(task) as tar:
-            samples = self._scan(tar, task)
+        with self._open(task) as (tar, problem):
+            samples = self._scan(tar, task, problem)
             rows = (self._row(tar, sample, task.payload["name"]) for sample in samples)
             yield from batches(rows, task.index, len(samples))
