@@ -221,3 +221,40 @@ def test_an_image_that_keeps_killing_its_worker_is_listed_and_the_run_goes_on(co
     assert manifest["status"] == "complete" and manifest["counts"]["images"] == IMAGES
     expected = [p for p in pairs if p["image_id"] != poison]
     assert read_pairs(out).to_pylist() == expected
+
+
+# --- sharded sources: a webdataset and a Hugging Face dataset (conftest's mined_sources are the references) -----
+
+
+@pytest.mark.parametrize("name, kind", [("webdataset", "webdataset"), ("hf_parquet", "hf")])
+def test_sharded_source_killed_mid_write_resumes_byte_identical(name, kind, mined_sources, source_dirs, tmp_path):
+    from conftest import SOURCE_RUN_SETTINGS
+
+    reference = mined_sources[name]
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "ovseg_mine.cli", "mine", "--source", f"{kind}:{source_dirs[name]}"]
+    command += ["--out", str(out), "--pipeline", "smoke", *(a for s in SOURCE_RUN_SETTINGS for a in ("--set", s))]
+
+    def run(failpoints: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env(failpoints))
+
+    # Killed inside the write of shard 1 (one output shard per input file), after its .tmp is written.
+    result = run("shard.before_rename:1=kill")
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert (out / "shards" / "shard-00001.parquet.tmp").is_file()
+    kept = read_done(out)
+    assert 1 not in kept
+    result = run()
+    assert result.returncode == 0, result.stderr
+    assert _digests(out) == _digests(reference) and len(_digests(out)) == 3
+    assert not list((out / "shards").glob("*.tmp"))
+    done, ref_done = read_done(out), read_done(reference)
+    for index, record in done.items():
+        for key in ("input", "image_ids", "images", "rejects", "warnings", "rows", "sha256"):
+            assert record[key] == ref_done[index][key], (index, key)
+        if index in kept:
+            assert record["sha256"] == kept[index]["sha256"]  # kept, not redone
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    redone = sum(len(r["image_ids"]) for i, r in done.items() if i not in kept)
+    assert manifest["timings"]["images_this_invocation"] == redone

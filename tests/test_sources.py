@@ -177,18 +177,19 @@ def test_stable_id_is_the_documented_63_bit_hash_of_the_key():
 
 def test_batches_stamp_the_shard_and_turn_a_repeated_id_into_a_reject():
     screening = {"captions_per_image": 2, "max_caption_chars": 1000, "skip_non_english": True}
-    rows = [image_row(i, f"f{i}", ["A dog.", "", "A cat."], path=f"/x/{i}.jpg", **screening) for i in range(40)]
+    rows = [image_row(i, f"f{i}", ["A dog.", "", "A cat."], path=f"/x/{i}.jpg", **screening) for i in range(300)]
     rows.append(image_row(3, "again", ["A dog."], path="/x/3.jpg", **screening))
-    rows.append(reject_row(99, "bad", "source", "no image"))
-    tables = list(batches(iter(rows), shard=5, shard_size=42))
-    assert [t.num_rows for t in tables] == [32, 10] and all(t.schema == record_schema() for t in tables)
+    rows.append(reject_row(999, "bad", "source", "no image"))
+    tables = list(batches(iter(rows), shard=5, shard_size=302))
+    assert [t.num_rows for t in tables] == [256, 46] and all(t.schema == record_schema() for t in tables)
     out = [r for t in tables for r in t.to_pylist()]
-    assert [r["shard_row"] for r in out] == list(range(42)) and {(r["shard"], r["shard_size"]) for r in out} == {
-        (5, 42)
-    }
+    assert [r["shard_row"] for r in out] == list(range(302))
+    assert {(r["shard"], r["shard_size"]) for r in out} == {(5, 302)}
     assert out[0]["captions"] == ["A dog.", "A cat."] and out[0]["notes"] == ["caption 1: empty caption"]
-    assert (out[40]["status"], out[40]["reason"]) == ("source", "duplicate image id (first kept)")
-    assert out[41]["status"] == "source" and out[41]["proposals"] is None
+    assert (out[300]["status"], out[300]["reason"]) == ("source", "duplicate image id (first kept)")
+    assert out[301]["status"] == "source" and out[301]["proposals"] is None
+    jpegs = [image_row(i, "f", ["A dog."], image_bytes=b"j" * (6 << 20), **screening) for i in range(5)]
+    assert [t.num_rows for t in batches(iter(jpegs), 0, 5)] == [3, 2]  # about 16 MiB of image bytes per batch
     assert image_row(1, "f", None, **screening)["reason"] == "no caption"
     assert image_row(1, "f", ["🐶"], **screening)["status"] == "captions"
     with pytest.raises(RuntimeError, match="yielded 1 rows, 2 were announced"):

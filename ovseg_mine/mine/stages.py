@@ -7,7 +7,11 @@ are processed in ``__call__`` (Arrow tables in, Arrow tables out).
   boundary; only RLE and scores leave it.
 
 Every input row leaves as exactly one output row per image, with a ``status`` (``ok`` or the stage that
-rejected it) and a ``reason``: nothing is dropped silently.
+rejected it) and a ``reason``: nothing is dropped silently. Input rows are the records of the read step
+(:func:`ovseg_mine.mine.sources.records.record_schema`): the image is read from ``path`` or decoded from
+``image_bytes``; a row the source already rejected passes through with its stage and reason; ``shard``,
+``shard_size`` and ``shard_row`` are carried to the output; a row with ``proposals`` (masks the user gave) uses
+them instead of SAM (:func:`ovseg_mine.mine.given_proposals.given_proposals`).
 """
 
 from __future__ import annotations
@@ -113,7 +117,8 @@ class NounStage:
 
 
 class MaskMatchStage:
-    """SAM proposals and CLIP matching for batches of images that carry their nouns.
+    """SAM proposals (or the record's given masks) and CLIP matching for batches of images that carry their nouns.
+    With ``proposals.kind`` other than ``sam`` in the config, SAM is not built at all.
 
     Args:
         config: the run's :class:`MineConfig` as a JSON-able dict.

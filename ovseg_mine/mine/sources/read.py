@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 
     from ovseg_mine.mine.proposal_sources import ProposalSource
 
-#: CPUs reserved per read task: reading is mostly I/O, and a whole CPU each would starve the actor pools on a
-#: small machine (a 2-core laptop runs one mask/match actor and a noun actor besides).
-READ_NUM_CPUS = 0.25
+#: Read tasks run at once per this many CPUs of the cluster (at least 2 at once). Read tasks reserve no CPU: the
+#: actor pools may hold every CPU of a small machine (2 mask/match actors on 2 cores), and a read step that waited
+#: for a CPU would then never feed them; this cap keeps them from crowding the machine instead.
+CPUS_PER_READ_TASK = 4
 
 
 def read_tasks(batch: "pa.Table", source: Source, given: "ProposalSource | None" = None) -> Iterator["pa.Table"]:
@@ -47,12 +48,14 @@ def records_dataset(
 
     rows: list[dict[str, Any]] = [task.to_row() for task in tasks]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     return ds.map_batches(
         read_tasks,
         fn_kwargs={"source": source, "given": given},
         batch_size=1,
         batch_format="pyarrow",
-        num_cpus=READ_NUM_CPUS,
+        num_cpus=0,
+        concurrency=max(2, cpus // CPUS_PER_READ_TASK),
     )
 
 

@@ -19,8 +19,10 @@ from ovseg_mine.mine.captions import screen_caption
 if TYPE_CHECKING:
     import pyarrow as pa
 
-#: Rows per Arrow batch a read step yields (and the most rows of image bytes a read task holds at once).
-READ_BATCH_ROWS = 32
+#: Rows a read step reads at once from a table file, and the most rows per Arrow batch it yields.
+READ_BATCH_ROWS = 256
+#: A read step yields its batch once the image bytes in it reach this size (so a batch of JPEGs stays a few MiB).
+READ_BATCH_BYTES = 16 << 20
 
 #: Image file extensions a source accepts as the image of a sample (lower case, without the dot).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -178,7 +180,8 @@ def reject_row(image_id: int, file_name: str | None, stage: str, reason: str) ->
 
 def batches(rows: Iterable[dict[str, Any]], shard: int, shard_size: int) -> Iterator["pa.Table"]:
     """Stamp ``rows`` (exactly ``shard_size`` of them, in shard order) with ``shard``, ``shard_size`` and
-    ``shard_row`` and yield them as :func:`record_schema` tables of at most :data:`READ_BATCH_ROWS` rows.
+    ``shard_row`` and yield them as :func:`record_schema` tables of at most :data:`READ_BATCH_ROWS` rows and about
+    :data:`READ_BATCH_BYTES` of image bytes.
 
     A row whose image id an earlier row of the shard already has becomes a reject (stage ``source``, "duplicate
     image id"): ids key the pairs (``pair_id``), so two images must never share one.
@@ -191,7 +194,7 @@ def batches(rows: Iterable[dict[str, Any]], shard: int, shard_size: int) -> Iter
 
     schema = record_schema()
     buffer: list[dict[str, Any]] = []
-    count = 0
+    count = size = 0
     seen: set[int] = set()
     for row in rows:
         if row["status"] == "ok" and row["image_id"] in seen:
@@ -199,9 +202,10 @@ def batches(rows: Iterable[dict[str, Any]], shard: int, shard_size: int) -> Iter
         seen.add(row["image_id"])
         buffer.append({**row, "shard": shard, "shard_size": shard_size, "shard_row": count, "proposals": None})
         count += 1
-        if len(buffer) == READ_BATCH_ROWS:
+        size += len(row["image_bytes"] or b"")
+        if len(buffer) == READ_BATCH_ROWS or size >= READ_BATCH_BYTES:
             yield pa.Table.from_pylist(buffer, schema=schema)
-            buffer = []
+            buffer, size = [], 0
     if buffer:
         yield pa.Table.from_pylist(buffer, schema=schema)
     if count != shard_size:
