@@ -390,3 +390,17 @@ def instance_masks(instances_json: Path, image_id: int) -> list[np.ndarray]:
             rle_ = mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], image["height"], image["width"]))
             masks.append(mask_utils.decode(rle_).astype(bool))
     return masks
+
+
+def source_of(kind: str, location, *overrides: str):
+    """The ``kind`` source at ``location`` with the smoke recipe and ``overrides`` (``--set`` strings)."""
+    from ovseg_mine.config import build_config
+    from ovseg_mine.mine.sources import build_source
+
+    return build_source(build_config("smoke", [f'source.kind="{kind}"', *overrides]), str(location))
+
+
+def read_rows(source, images_per_shard: int = 1000) -> list[dict]:
+    """Every record row of ``source``: its plan, then each task's read step, called here (no Ray)."""
+    plan = source.plan(images_per_shard)
+    return [r for task in plan.tasks for table in source.read_shard(task) for r in table.to_pylist()]

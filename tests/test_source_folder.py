@@ -7,21 +7,14 @@ import shutil
 
 import pytest
 
-from ovseg_mine.config import build_config
-from ovseg_mine.mine.sources import SourceError, build_source
+from ovseg_mine.mine.sources import SourceError
 from ovseg_mine.mine.sources.records import stable_id
 
-from helpers import build_folder
+from helpers import build_folder, read_rows, source_of
 
 
 def _source(location, *overrides: str):
-    cfg = build_config("smoke", ['source.kind="folder"', "source.captions_per_image=5", *overrides])
-    return build_source(cfg, str(location))
-
-
-def _rows(source, per_shard: int = 1000) -> list[dict]:
-    plan = source.plan(per_shard)
-    return [r for task in plan.tasks for table in source.read_shard(task) for r in table.to_pylist()]
+    return source_of("folder", location, *overrides)
 
 
 def test_jsonl_lines_become_records_in_shards_of_lines(coco8, tmp_path):
@@ -40,7 +33,7 @@ def test_jsonl_lines_become_records_in_shards_of_lines(coco8, tmp_path):
     plan = source.plan(5)
     assert [t.size for t in plan.tasks] == [5, 5, 4] and plan.info["images_in_file"] == 14
     assert plan.info["captions_sha256"] and plan.image_root == str(folder)
-    rows = _rows(source, 5)
+    rows = read_rows(source, 5)
     assert [r["file_name"] for r in rows[:8]] == [it["file_name"] for it in items]
     assert rows[0]["path"] == str(folder / items[0]["file_name"]) and rows[0]["captions"] == items[0]["captions"]
     assert rows[0]["image_id"] == stable_id(items[0]["file_name"])
@@ -53,9 +46,9 @@ def test_jsonl_lines_become_records_in_shards_of_lines(coco8, tmp_path):
         ("nocaption.jpg", "no caption"),
         ("x.jpg", ""),
     ]
-    same_shard = _rows(_source(folder), 1000)
+    same_shard = read_rows(_source(folder), 1000)
     assert same_shard[11]["reason"] == "duplicate file_name (again at line 13)"
-    with_ids = _rows(_source(folder, 'source.id_column="image_id"'), 1000)
+    with_ids = read_rows(_source(folder, 'source.id_column="image_id"'), 1000)
     assert [r["image_id"] for r in with_ids[:8]] == [it["image_id"] for it in items]
     assert with_ids[-1]["reason"] == "id field 'image_id' is not an integer: '7b'"
 
@@ -71,11 +64,11 @@ def test_csv_with_a_header_and_quoted_newlines(coco8, tmp_path):
     (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
     source = _source(tmp_path / "captions.csv", 'source.id_column="image_id"')
     assert [t.size for t in source.plan(2).tasks] == [2, 1]
-    rows = _rows(source, 2)
+    rows = read_rows(source, 2)
     assert rows[0]["captions"] == ['A dog, on a "bed".'] and rows[0]["image_id"] == items[0]["image_id"]
     assert rows[1]["captions"] == ["A cat\nsleeping."]
     assert rows[2]["reason"] == "id field 'image_id' is not an integer: 'x'"
-    assert _rows(_source(tmp_path))[2]["captions"] == ["A kitchen.", "A stove."]
+    assert read_rows(_source(tmp_path))[2]["captions"] == ["A kitchen.", "A stove."]
 
 
 def test_unusable_folders_are_one_line_errors(tmp_path):

@@ -8,21 +8,14 @@ from pathlib import Path
 import datasets
 import pytest
 
-from ovseg_mine.config import build_config
-from ovseg_mine.mine.sources import SourceError, build_source
+from ovseg_mine.mine.sources import SourceError
 from ovseg_mine.mine.sources.records import stable_id
 
-from helpers import build_hf
+from helpers import build_hf, read_rows, source_of
 
 
 def _source(location, *overrides: str):
-    cfg = build_config("smoke", ['source.kind="hf"', "source.captions_per_image=5", *overrides])
-    return build_source(cfg, str(location))
-
-
-def _rows(source, images_per_shard: int = 1000) -> list[dict]:
-    plan = source.plan(images_per_shard)
-    return [r for task in plan.tasks for table in source.read_shard(task) for r in table.to_pylist()]
+    return source_of("hf", location, *overrides)
 
 
 def test_save_to_disk_rows_carry_the_image_bytes_and_caption_lists(coco8, tmp_path):
@@ -35,12 +28,12 @@ def test_save_to_disk_rows_carry_the_image_bytes_and_caption_lists(coco8, tmp_pa
         (1, 4, "data-00001-of-00002.arrow"),
     ]
     assert plan.info["fingerprint"] and plan.info["columns"]["caption"] == "captions"
-    rows = _rows(source)
+    rows = read_rows(source)
     assert [r["image_id"] for r in rows] == [it["image_id"] for it in items]
     assert [r["captions"] for r in rows] == [it["captions"] for it in items]
     assert rows[5]["file_name"] == "data-00001-of-00002.arrow/1" and rows[5]["shard_row"] == 1
     assert all(r["image_bytes"] == Path(it["path"]).read_bytes() for r, it in zip(rows, items, strict=True))
-    hashed = _rows(_source(saved))
+    hashed = read_rows(_source(saved))
     assert hashed[5]["image_id"] == stable_id("data-00001-of-00002.arrow/1")
 
 
@@ -50,8 +43,8 @@ def test_dataset_dict_splits_and_hub_layout_parquet(coco8, tmp_path):
     datasets.DatasetDict({"train": ds.select(range(5)), "validation": ds.select(range(5, 8))}).save_to_disk(
         str(tmp_path / "dict")
     )
-    assert len(_rows(_source(tmp_path / "dict"))) == 5
-    assert [r["captions"][0] for r in _rows(_source(tmp_path / "dict", 'source.split="validation"'))] == [
+    assert len(read_rows(_source(tmp_path / "dict"))) == 5
+    assert [r["captions"][0] for r in read_rows(_source(tmp_path / "dict", 'source.split="validation"'))] == [
         it["captions"][0] for it in items[5:]
     ]
     with pytest.raises(SourceError, match="has no split 'test'; its splits: train, validation"):
@@ -60,7 +53,7 @@ def test_dataset_dict_splits_and_hub_layout_parquet(coco8, tmp_path):
     plan = _source(parquet).plan(10)
     assert [t.input["file"] for t in plan.tasks] == [f"data/train-0000{i}-of-00003.parquet" for i in range(3)]
     assert plan.info["split"] == "train" and plan.total == 8
-    assert len(_rows(_source(parquet / "data" / "train-00001-of-00003.parquet"))) == 3
+    assert len(read_rows(_source(parquet / "data" / "train-00001-of-00003.parquet"))) == 3
     limited = _source(parquet, "source.limit=4").plan(10)
     assert [(t.size, t.input.get("rows")) for t in limited.tasks] == [(3, None), (1, [0, 1])]
 
@@ -101,7 +94,7 @@ def test_bad_rows_are_listed_and_corrupt_images_rejected_when_decoded(coco8, tmp
     )
     ds.save_to_disk(str(tmp_path / "bad"))
     source = _source(tmp_path / "bad", 'source.image_column="image"', 'source.id_column="id"')
-    rows = _rows(source)
+    rows = read_rows(source)
     assert [(r["status"], r["reason"]) for r in rows] == [
         ("ok", ""),
         ("ok", ""),
@@ -117,7 +110,7 @@ def test_bad_rows_are_listed_and_corrupt_images_rejected_when_decoded(coco8, tmp
     assert results[0]["status"] == results[3]["status"] == "ok"
     duplicated = datasets.Dataset.from_dict({"image": [good, good], "caption": ["A dog."] * 2, "id": [5, 5]})
     duplicated.save_to_disk(str(tmp_path / "dup"))
-    rows = _rows(_source(tmp_path / "dup", 'source.id_column="id"'))
+    rows = read_rows(_source(tmp_path / "dup", 'source.id_column="id"'))
     assert [r["reason"] for r in rows] == ["", "duplicate image id (first kept)"]
 
 
@@ -132,6 +125,6 @@ def test_an_image_column_of_paths_relative_to_the_file(coco8, tmp_path):
     shutil.copy(item["path"], tmp_path / "img" / "a.jpg")
     table = pa.table({"image": ["img/a.jpg", str(tmp_path / "img" / "a.jpg")], "text": ["A dog.", "A cat."]})
     pq.write_table(table, tmp_path / "paths.parquet")
-    rows = _rows(_source(tmp_path / "paths.parquet"))
+    rows = read_rows(_source(tmp_path / "paths.parquet"))
     assert [r["path"] for r in rows] == [str(tmp_path / "img" / "a.jpg")] * 2
     assert [r["captions"] for r in rows] == [["A dog."], ["A cat."]] and rows[0]["image_bytes"] is None

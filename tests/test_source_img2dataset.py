@@ -8,21 +8,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ovseg_mine.config import build_config
-from ovseg_mine.mine.sources import SourceError, build_source
+from ovseg_mine.mine.sources import SourceError
 from ovseg_mine.mine.sources.records import stable_id
 
-from helpers import build_img2dataset, build_webdataset
+from helpers import build_img2dataset, build_webdataset, read_rows, source_of
 
 
 def _source(location, *overrides: str):
-    cfg = build_config("smoke", ['source.kind="img2dataset"', *overrides])
-    return build_source(cfg, str(location))
-
-
-def _rows(source) -> list[dict]:
-    plan = source.plan(1000)
-    return [r for task in plan.tasks for table in source.read_shard(task) for r in table.to_pylist()]
+    return source_of("img2dataset", location, *overrides)
 
 
 @pytest.mark.parametrize("layout", ["parquet", "files"])
@@ -36,7 +29,7 @@ def test_each_shard_with_its_failed_downloads(coco8, tmp_path, layout):
         (1, 4, "00001.parquet"),
     ]
     assert plan.info["format"] == layout
-    rows = _rows(source)
+    rows = read_rows(source)
     ok = [r for r in rows if r["status"] == "ok"]
     assert [r["captions"] for r in ok] == [[it["captions"][0]] for it in items]
     if layout == "parquet":
@@ -52,7 +45,7 @@ def test_each_shard_with_its_failed_downloads(coco8, tmp_path, layout):
     assert [(r["status"], r["reason"]) for r in failed] == [
         ("source", "img2dataset status failed_to_download: HTTP 404")
     ] * 2
-    with_ids = [r for r in _rows(_source(root, 'source.id_column="image_id"')) if r["status"] == "ok"]
+    with_ids = [r for r in read_rows(_source(root, 'source.id_column="image_id"')) if r["status"] == "ok"]
     assert [r["image_id"] for r in with_ids] == [it["image_id"] for it in items]
 
 
@@ -62,14 +55,14 @@ def test_webdataset_format_and_files_without_caption_column(coco8, tmp_path):
     pq.write_table(pa.table({"key": ["x"], "status": ["success"]}), tmp_path / "wds" / "00000.parquet")
     plan = _source(tmp_path / "wds").plan(10)
     assert plan.info["format"] == "webdataset" and plan.tasks[0].input["file"] == "00000.tar"
-    assert [r["file_name"] for r in _rows(_source(tmp_path / "wds"))] == [
+    assert [r["file_name"] for r in read_rows(_source(tmp_path / "wds"))] == [
         f"00000.tar/{it['file_name']}" for it in items
     ]
     root = build_img2dataset(tmp_path / "files", items, layout="files")
     table = pq.read_table(root / "00000.parquet").drop_columns(["caption"])
     pq.write_table(table, root / "00000.parquet")
     (root / "00000" / "000000001.jpg").unlink()
-    rows = _rows(_source(root))
+    rows = read_rows(_source(root))
     assert rows[0]["captions"] == [items[0]["captions"][0]]  # from 000000000.txt
     assert (rows[1]["status"], rows[1]["reason"]) == ("source", "image file missing from the shard folder")
 

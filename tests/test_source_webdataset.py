@@ -10,22 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from ovseg_mine.config import build_config
-from ovseg_mine.mine.sources import SourceError, build_source
+from ovseg_mine.mine.sources import SourceError
 from ovseg_mine.mine.sources.records import stable_id
 from ovseg_mine.mine.sources.webdataset import expand_braces, split_key
 
-from helpers import build_webdataset
+from helpers import build_webdataset, read_rows, source_of
 
 
 def _source(location, *overrides: str):
-    cfg = build_config("smoke", ['source.kind="webdataset"', "source.captions_per_image=5", *overrides])
-    return build_source(cfg, str(location))
-
-
-def _rows(source) -> list[dict]:
-    plan = source.plan(1000)
-    return [r for task in plan.tasks for table in source.read_shard(task) for r in table.to_pylist()]
+    return source_of("webdataset", location, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +47,7 @@ def bad_tars(coco8, tmp_path_factory) -> Path:
 
 
 def test_tar_samples_become_records_with_keys_inside_the_source(coco8, bad_tars):
-    rows = _rows(_source(bad_tars))
+    rows = read_rows(_source(bad_tars))
     by_name = {r["file_name"]: r for r in rows}
     good = coco8["items"][0]
     row = by_name[f"00000.tar/{good['file_name']}"]
@@ -88,7 +81,7 @@ def test_corrupt_image_in_a_tar_is_a_decode_reject(bad_tars, smoke_stages):
 
 
 def test_id_field_of_the_json_and_non_integer_ids_are_rejects(bad_tars, coco8):
-    rows = _rows(_source(bad_tars, 'source.id_column="image_id"'))
+    rows = read_rows(_source(bad_tars, 'source.id_column="image_id"'))
     ids = {r["file_name"].split("/")[1]: r for r in rows}
     assert ids[coco8["items"][0]["file_name"]]["image_id"] == coco8["items"][0]["image_id"]
     assert ids["listed.png"]["image_id"] == 7
@@ -105,11 +98,11 @@ def test_paths_patterns_limit_and_selection(bad_tars):
     assert [t.input["file"] for t in _source(bad_tars / "00001.tar").plan(10).tasks] == ["00001.tar"]
     limited = _source(bad_tars, "source.limit=5").plan(10)
     assert [(t.size, t.input.get("rows")) for t in limited.tasks] == [(3, None), (2, [0, 2])]
-    assert len(_rows(_source(bad_tars, "source.limit=5"))) == 5
+    assert len(read_rows(_source(bad_tars, "source.limit=5"))) == 5
     wanted = stable_id("00001.tar/dup")
     selected = _source(bad_tars, f"source.image_ids=[{wanted}, 5]")
     assert selected.plan(10).total is None
-    assert [r["file_name"] for r in _rows(selected)] == ["00001.tar/dup.jpg"]
+    assert [r["file_name"] for r in read_rows(selected)] == ["00001.tar/dup.jpg"]
 
 
 def test_unusable_locations_are_one_line_errors(tmp_path):
@@ -127,7 +120,7 @@ def test_a_truncated_tar_keeps_the_samples_before_the_cut(coco8, tmp_path):
     tar = tarfile.open(fileobj=io.BytesIO(data))
     second = [m for m in tar.getmembers() if m.name.endswith(".jpg")][1]
     (tmp_path / "00000.tar").write_bytes(data[: second.offset_data + 100])
-    rows = _rows(_source(tmp_path))
+    rows = read_rows(_source(tmp_path))
     assert rows[0]["status"] == "ok" and rows[0]["file_name"] == f"00000.tar/{coco8['items'][0]['file_name']}"
     cut = {r["file_name"]: r["reason"] for r in rows[1:]}
     assert cut[f"00000.tar/{coco8['items'][1]['file_name']}"].startswith("the tar is truncated: ")

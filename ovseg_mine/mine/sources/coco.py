@@ -244,7 +244,9 @@ class CocoSource(Source):
         tasks = []
         for start in range(0, len(coco.records), images_per_shard):
             rows = [r.to_row() for r in coco.records[start : start + images_per_shard]]
-            digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode("utf-8")).hexdigest()
+            # What decides the pairs, not where the files are: a moved image folder keeps its finished shards.
+            content = [{k: v for k, v in row.items() if k != "path"} for row in rows]
+            digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
             identity = {"images": [rows[0]["image_id"], rows[-1]["image_id"], len(rows)], "sha256": digest}
             tasks.append(ShardTask(len(tasks), identity, len(rows), {"rows": rows}))
         info = {
