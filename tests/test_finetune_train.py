@@ -211,6 +211,23 @@ def test_bad_input_is_a_one_line_error(smoke_run, tmp_path):
     )
 
 
+def test_unreadable_resume_state_or_manifest_is_a_one_line_error(smoke_run, tmp_path):
+    from ovseg_mine.finetune.data import DataError
+
+    torch.save({"step": torch.tensor(1)}, tmp_path / "good.pt")
+    (tmp_path / ckpt.STATE_FILE).parent.mkdir(parents=True)
+    for content in (b"", b"not a checkpoint", (tmp_path / "good.pt").read_bytes()[:200]):
+        (tmp_path / ckpt.STATE_FILE).write_bytes(content)
+        with pytest.raises(ckpt.CheckpointError, match="cannot read the resume state") as err:
+            ckpt.load_state(tmp_path)
+        assert "\n" not in str(err.value) and err.value.__cause__ is not None
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="not a readable manifest"):
+        scan_shards(run)
+
+
 def test_missing_images_are_counted_and_skipped(smoke_run, tmp_path):
     images = tmp_path / "images"
     source = json.loads((smoke_run / "manifest.json").read_text())["source"]["image_root"]
