@@ -15,7 +15,8 @@ from ovseg_mine.finetune import checkpoint as ckpt
 from ovseg_mine.finetune.config import FinetuneConfigError, build_config
 from ovseg_mine.finetune.data import PairDataset, make_loader, scan_shards
 from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE
-from ovseg_mine.finetune.train import ImageTower, batch_loss, train_worker
+from ovseg_mine.finetune.stage import ImageTower, batch_loss
+from ovseg_mine.finetune.train import train_worker
 from ovseg_mine.models import load_clip, register_clip_configs
 from ovseg_mine.text import NounEmbeddings
 

@@ -9,8 +9,8 @@ Modules, one concept each:
 * :mod:`~ovseg_mine.finetune.loss` -- contrastive loss with same-noun pairs as positives.
 * :mod:`~ovseg_mine.finetune.checkpoint` -- open_clip-loadable weights, prompts, metadata, resume state.
 * :mod:`~ovseg_mine.finetune.optim` -- AdamW as open_clip_train sets it up, warm-up + cosine schedule.
-* :mod:`~ovseg_mine.finetune.train` -- the training loop (one process, or one Ray Train worker), a
-  :class:`~ovseg_mine.finetune.train.StageRunner` per stage.
+* :mod:`~ovseg_mine.finetune.stage` -- one training stage (tower, optimizer, data, checkpoints, curve).
+* :mod:`~ovseg_mine.finetune.train` -- the whole finetune (one process, or one Ray Train worker), stage by stage.
 * :mod:`~ovseg_mine.finetune.distributed` -- the same loop under Ray Train (TorchTrainer, DDP).
 * :mod:`~ovseg_mine.finetune.evaluate` -- masked-region classification on ground-truth masks
   (read by :mod:`ovseg_mine.groundtruth`).
