@@ -23,8 +23,8 @@ from PIL import Image
 from ovseg_mine import rle
 from ovseg_mine.config import MineConfig
 from ovseg_mine.crops import CLIP_MEAN_PIXEL
-from ovseg_mine.mine.matching import VILD_TEMPLATES
 from ovseg_mine.mine.nouns import extract_nouns
+from ovseg_mine.text import VILD_TEMPLATES
 
 
 class ReferenceMiner:

@@ -68,8 +68,8 @@ class SamConfig(_Section):
     max_masks_per_image: int = Field(100, ge=1, description="keep the best N proposals by predicted_iou")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
-        description="dtype of SAM's image-encoder weights and the mask decoder's autocast (fp32: identical "
-        "to stock SAM); a CPU runs fp32 unless bf16 is asked for",
+        description="dtype of SAM's image-encoder weights (pure_bf16) and the mask decoder's autocast (amp_bf16); "
+        "fp32 is identical to stock SAM; fp16 runs as fp32 on a CPU (ovseg_mine.precision.for_inference)",
     )
 
 
@@ -80,14 +80,20 @@ class ClipConfig(_Section):
     pretrained: str = Field("openai", description="open_clip pretrained tag, a local checkpoint path, or 'random'")
     batch_size: int = Field(128, ge=1, description="crops per image-encoder call")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="autocast dtype on GPU; CPU runs fp32 unless bf16 is asked for"
+        "fp32",
+        description="dtype CLIP's weights are cast to (open_clip's pure_bf16, not autocast); fp16 runs as fp32 on a "
+        "CPU (ovseg_mine.precision.for_inference)",
     )
 
 
 class MatchingConfig(_Section):
     """The noun -> mask selection rule and the thresholds that keep a pair."""
 
-    temperature: float = Field(100.0, gt=0, description="logit scale for the noun probability softmax")
+    logit_scale: float = Field(
+        100.0,
+        gt=0,
+        description="CLIP's logit scale: the probability is a softmax over the nouns of logit_scale * cosine",
+    )
     min_similarity: float = Field(-1.0, ge=-1.0, le=1.0, description="cosine; paper setting keeps all")
     min_probability: float = Field(0.0, ge=0.0, le=1.0)
     min_margin: float = Field(-2.0, ge=-2.0, le=2.0, description="cosine margin to the runner-up mask")
@@ -112,6 +118,12 @@ class RayConfig(_Section):
     )
     max_actor_restarts: int = Field(
         16, ge=0, description="restarts of each mask/match actor before the run stops (resumable)"
+    )
+    max_consecutive_errors: int = Field(
+        8,
+        ge=1,
+        description="stop the run (resumable) when this many images in a row fail with the same exception type: "
+        "a bug or a broken setup, not bad input (ovseg_mine.mine.failures)",
     )
 
 
@@ -190,7 +202,7 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"pipeline {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"pipeline {path} is not valid TOML: {exc}") from exc
     data.setdefault("recipe", path.stem)
     return data
 
@@ -207,7 +219,7 @@ def build_config(pipeline: str, overrides: list[str] | None = None) -> MineConfi
         return MineConfig.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-        raise ConfigError(f"invalid config from pipeline {pipeline!r}: {problems}") from None
+        raise ConfigError(f"invalid config from pipeline {pipeline!r}: {problems}") from exc
 
 
 def mining_config(config: MineConfig) -> dict[str, Any]:

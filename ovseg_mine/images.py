@@ -37,10 +37,10 @@ def load_rgb(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXE
 
     try:
         size = os.path.getsize(path)
-    except FileNotFoundError:
-        raise ImageDecodeError("file not found") from None
+    except FileNotFoundError as exc:
+        raise ImageDecodeError("file not found") from exc
     except OSError as exc:
-        raise ImageDecodeError(f"cannot stat file: {exc.strerror}") from None
+        raise ImageDecodeError(f"cannot stat file: {exc.strerror}") from exc
     if size == 0:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
@@ -62,9 +62,9 @@ def load_rgb(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXE
             return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
     except ImageDecodeError:
         raise
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not a readable image (unknown or corrupt format)") from None
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("not a readable image (unknown or corrupt format)") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image too large: {exc}") from None
+        raise ImageDecodeError(f"image too large: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(f"corrupt image: {exc}") from None
+        raise ImageDecodeError(f"corrupt image: {exc}") from exc

@@ -191,7 +191,7 @@ def _load_state_dict(model: Any, path: str | Path, what: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, not a torch checkpoint, pickled code
-        raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
         state = state.get("state_dict", state.get("model"))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -385,7 +385,7 @@ def load_clip(
         except Exception as exc:
             raise WeightsError(
                 f"checkpoint {path} does not load into open_clip {arch!r}: {type(exc).__name__}: {str(exc)[:300]}"
-            ) from None
+            ) from exc
     return model.to(device).eval(), open_clip.get_tokenizer(arch), info
 
 

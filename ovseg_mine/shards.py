@@ -52,8 +52,8 @@ def _arrow_type(spec: Any) -> "pa.DataType":
                 "float32": pa.float32(),
                 "float64": pa.float64(),
             }[spec]
-        except KeyError:
-            raise ShardError(f"unknown type {spec!r} in schema") from None
+        except KeyError as exc:
+            raise ShardError(f"unknown type {spec!r} in schema") from exc
     if "list" in spec:
         return pa.list_(_arrow_type(spec["list"]), spec.get("size", -1))
     if "struct" in spec:
@@ -205,7 +205,7 @@ def read_file_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowInvalid) as exc:
-        raise ShardError(f"{path} is not a readable Parquet file: {exc}") from None
+        raise ShardError(f"{path} is not a readable Parquet file: {exc}") from exc
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise ShardError(f"{path} has no ovseg_mine metadata: not an ovseg-mine shard")

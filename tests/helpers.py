@@ -19,10 +19,16 @@ REPO = Path(__file__).resolve().parent.parent
 COCO_MINI = Path(os.environ.get("OVSEG_MINE_COCO_MINI", REPO.parent / "shared" / "data" / "coco-mini"))
 
 
-def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run ``ovseg-mine ARGS`` in a subprocess (real CLI, real local Ray); returns the completed process."""
+def run_cli(*args: str, timeout: int = 900, failpoints: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``ovseg-mine ARGS`` in a subprocess (real CLI, real local Ray); returns the completed process.
+
+    ``failpoints``: the ``OVSEG_MINE_FAILPOINTS`` of the run (ovseg_mine.faults); None: none, whatever the
+    test process has."""
+    env = {k: v for k, v in os.environ.items() if k != "OVSEG_MINE_FAILPOINTS"}
+    if failpoints:
+        env["OVSEG_MINE_FAILPOINTS"] = failpoints
     return subprocess.run(
-        [sys.executable, "-m", "ovseg_mine.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "ovseg_mine.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
 
 

@@ -11,9 +11,6 @@ import torch
 from PIL import Image
 
 from ovseg_mine.finetune.evaluate import EvaluateError, classify, load_ground_truth, topk_hits
-from ovseg_mine.mine.matching import TextEmbeddingCache
-from ovseg_mine.models import load_clip
-from ovseg_mine.text import NounEmbeddings
 
 from helpers import run_cli
 
@@ -124,14 +121,6 @@ def test_topk_hits_and_missing_images(colour_gt, tmp_path):
         load_ground_truth(path, images)
     with pytest.raises(EvaluateError, match="not found"):
         load_ground_truth(tmp_path / "nope.json", images)
-
-
-def test_batched_text_side_matches_mining():
-    model, tok, _ = load_clip("ovseg-tiny-vit", "random")
-    names = ["person", "fire hydrant", "cat"]
-    ours = NounEmbeddings(model, tok, "cpu", batch=20).embed(names)
-    theirs = TextEmbeddingCache(model, tok, torch.device("cpu")).embed(names)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
 def test_cli_evaluate_with_baseline(smoke_run, sample, tmp_path):

@@ -193,7 +193,7 @@ def test_bf16_proposals_are_close_to_fp32(images):
     same rank stays high for most masks); an unknown precision is refused."""
     cfg = SamConfig(**PERMISSIVE, max_masks_per_image=20)
     fp32, _ = build_mask_generator("sam", cfg, seed=0)
-    bf16, _ = build_mask_generator("sam", cfg, seed=0, precision="bf16")
+    bf16, _ = build_mask_generator("sam", cfg, seed=0, precision="pure_bf16")
     a, b = fp32(images[0]), bf16(images[0])
     _check(b, images[0], cap=20)
     ious = rle.iou(a.rles, b.rles).max(axis=1)

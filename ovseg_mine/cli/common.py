@@ -24,5 +24,8 @@ def warn(message: str) -> None:
 
 
 def setup_logging() -> None:
-    """Library warnings (the ``ovseg_mine`` logger and others) as ``LEVEL: message`` lines on stderr."""
+    """Library warnings (the ``ovseg_mine`` logger and others) as ``LEVEL: message`` lines on stderr; INFO
+    records (which a run also writes to its log file) stay off the console."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)

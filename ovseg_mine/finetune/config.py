@@ -81,7 +81,11 @@ class FinetuneConfig(BaseModel):
     prompt: OptimConfig = OptimConfig(lr=2e-2, weight_decay=0.0)
     warmup_steps: int = Field(100, ge=0, description="linear warm-up steps before the cosine decay")
     prompt_depth: int = Field(3, ge=1, description="layers with mask prompts (input + after blocks 1..depth-1)")
-    precision: Precision = Field("auto", description="auto: bf16 (or fp16) autocast on GPU, fp32 on CPU")
+    precision: Precision = Field(
+        "auto",
+        description="autocast dtype (amp_bf16 or amp_fp16: ovseg_mine.precision.for_training); "
+        "auto: bf16 (or fp16) on GPU, fp32 on CPU",
+    )
     seed: int = 0
     loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per training worker")
     shuffle_buffer: int = Field(2048, ge=1, description="rows (metadata only) held for shuffling")

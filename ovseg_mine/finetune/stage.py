@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ovseg_mine import precision as precision_mod
 from ovseg_mine.finetune import checkpoint as ckpt
 from ovseg_mine.finetune import optim
 from ovseg_mine.finetune.config import FinetuneConfig
@@ -26,7 +27,6 @@ from ovseg_mine.finetune.data import PairDataset, ShardIndex, make_loader, steps
 from ovseg_mine.finetune.loss import noun_contrastive_loss, unique_targets
 from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, MaskPrompts, save_prompts
 from ovseg_mine.finetune.patch_mask import patch_foreground
-from ovseg_mine.mine.matching import autocast
 
 log = logging.getLogger("ovseg_mine")
 
@@ -61,7 +61,7 @@ def batch_loss(
     float32 tensor on ``device`` (:func:`~.loss.noun_contrastive_loss`), with autograd history through ``tower``."""
     unique, targets = unique_targets(batch["noun"])
     text = text_cache.embed(unique)  # constants: the text tower is frozen
-    with autocast(device, precision):
+    with precision_mod.autocast(precision, device):
         feats = tower(batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True))
     return noun_contrastive_loss(feats, text, targets.to(device), logit_scale)
 
@@ -77,7 +77,8 @@ class TrainSetup:
         index: the shards (:func:`~.data.scan_shards`).
         size, mean, std: the model's input side in pixels and its per-channel normalization.
         logit_scale: CLIP's ``logit_scale.exp()``, at most 100 (fixed while training).
-        device, precision: where and in which precision (``fp32``, ``bf16``, ``fp16``) training runs.
+        device, precision: where and in which precision training runs (``fp32``, ``amp_bf16``, ``amp_fp16``:
+            :func:`ovseg_mine.precision.for_training`).
         rank, world_size: this worker among the training workers.
         on_step: called on rank 0 after every step (see :func:`train_worker`).
     """
@@ -131,7 +132,7 @@ class StageRunner:
         self.total = min(cfg.max_steps or self.per_epoch * cfg.epochs, self.per_epoch * cfg.epochs)
         self.warmup = min(cfg.warmup_steps, self.total)
         self.scheduler = optim.scheduler(self.optimizer, self.total, self.warmup)
-        self.scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.precision == "amp_fp16")
         self.step = 0
         self.dataset = PairDataset(
             setup.index,

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from ovseg_mine import precision as precision_mod
 from ovseg_mine.finetune import checkpoint as ckpt
 from ovseg_mine.finetune.config import FinetuneConfig
 from ovseg_mine.finetune.data import scan_shards
@@ -40,15 +41,6 @@ log = logging.getLogger("ovseg_mine")
 
 class FinetuneError(ValueError):
     """A finetune that cannot start: bad architecture for the mode, an output folder of another run, ..."""
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU; other values as given."""
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def resolve_start(cfg: FinetuneConfig, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +139,7 @@ def train_worker(
             "choose another --out, or delete it to start over"
         )
     device = _device(cfg, local_rank)
-    precision = resolve_precision(cfg.precision, device)
+    precision = precision_mod.for_training(cfg.precision, device)
     model, tokenizer, info = load_clip(
         start["arch"], start["pretrained"], device=device, seed=cfg.seed, allow_random=cfg.allow_random
     )

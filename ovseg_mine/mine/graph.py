@@ -12,6 +12,7 @@ from ovseg_mine.config import MineConfig
 from ovseg_mine.mine.run_folder import RunError
 from ovseg_mine.mine.sources import ImageRecord
 from ovseg_mine.mine.weights import ResolvedWeights
+from ovseg_mine.storage import first_line
 
 
 def init_ray(address: str | None) -> bool:
@@ -30,9 +31,7 @@ def init_ray(address: str | None) -> bool:
         )
     except Exception as exc:  # Ray raises bare Exception on start-up timeouts, ConnectionError on bad addresses
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise RunError(
-            f"could not start or join {where}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        ) from None
+        raise RunError(f"could not start or join {where}: {type(exc).__name__}: {first_line(exc)}") from exc
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -49,7 +48,7 @@ def guarded(results):
     try:
         yield from results
     except ray.exceptions.RayError as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise RunError(
             f"the Ray workers failed ({type(exc).__name__}: {first}); finished shards are kept: rerun the same "
             "command to resume"

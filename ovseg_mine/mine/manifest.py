@@ -30,6 +30,7 @@ def build_manifest(
     images = with_pairs = proposals = pairs = 0
     nouns: set[str] = set()
     stage_s: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
     for index in sorted(plan):
         record = done.get(index)
         if record is None:
@@ -49,6 +50,7 @@ def build_manifest(
         proposals += sum(image["num_proposals"] for image in record["images"])
         pairs += record["rows"]
         stage_s.update(record.get("stage_s", {}))
+        errors.update(image["error_type"] for image in record["images"] if image.get("error_type"))
         if record["rows"]:
             nouns.update(pq.read_table(out / record["file"], columns=["noun"]).column("noun").to_pylist())
     complete = all(index in done for index in plan)
@@ -76,6 +78,7 @@ def build_manifest(
             "unique_nouns": len(nouns),
             "proposals": proposals,
             "rejects_by_stage": dict(Counter(r["stage"] for r in rejects)),
+            "errors_by_type": dict(sorted(errors.items())),
             "images_with_warnings": len(warned),
         },
         "rejects": rejects,

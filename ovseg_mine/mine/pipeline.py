@@ -18,10 +18,11 @@ from typing import Any, Callable
 
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash, mining_config
+from ovseg_mine.mine.failures import FailureWatch
 from ovseg_mine.mine.graph import guarded, init_ray, stream_results
 from ovseg_mine.mine.manifest import build_manifest
-from ovseg_mine.mine.run_folder import RunError, plan_shards, prepare_run_dir
-from ovseg_mine.mine.sources import ImageRecord, Reject, read_coco_captions
+from ovseg_mine.mine.run_folder import RUN_LOG, RunError, plan_shards, prepare_run_dir, run_log
+from ovseg_mine.mine.sources import ImageRecord, Reject, Source, read_coco_captions
 from ovseg_mine.mine.weights import resolve_weights
 from ovseg_mine.shards import read_done, remove_partial_writes, write_json_atomic, write_shard
 
@@ -42,6 +43,7 @@ def _shard_outcome(index: int, records: list[ImageRecord], results: list[dict[st
         images.append(
             {k: result[k] for k in ("image_id", "status", "reason", "width", "height", "num_nouns", "num_proposals")}
             | {"num_pairs": len(result["pairs"]), "notes": notes}
+            | ({"error_type": result["error_type"]} if result.get("error_type") else {})
         )
         if result["status"] != "ok":
             rejects.append(Reject(record.image_id, record.file_name, result["status"], result["reason"]).to_dict())
@@ -106,6 +108,19 @@ def mine(
         skip_non_english=cfg.nouns.skip_non_english,
     )
     prepare_run_dir(out, cfg, overwrite)
+    with run_log(out / RUN_LOG):
+        return _mine_into(out, cfg, source, ray_address, on_progress, start)
+
+
+def _mine_into(
+    out: Path,
+    cfg: MineConfig,
+    source: Source,
+    ray_address: str | None,
+    on_progress: Callable[[int, int, int], None] | None,
+    start: float,
+) -> dict[str, Any]:
+    """:func:`mine` once the source is read and the run folder prepared."""
     for name in remove_partial_writes(out):
         log.info("removed %s, left by an interrupted write", name)
     weights = resolve_weights(cfg)
@@ -130,6 +145,7 @@ def mine(
     processed = 0
     pending: dict[int, list[dict[str, Any]]] = {}
     seen: set[int] = set()
+    watch = FailureWatch(cfg.ray.max_consecutive_errors, str(out / RUN_LOG))
     started_ray = False
     try:
         if todo:
@@ -138,6 +154,7 @@ def mine(
                 if result["image_id"] in seen:  # Ray yields a retried batch once; a duplicate would end a shard early
                     continue
                 seen.add(result["image_id"])
+                watch.observe(result)
                 index = shard_of[result["image_id"]]
                 pending.setdefault(index, []).append(result)
                 processed += 1

@@ -22,6 +22,10 @@ from ovseg_mine.models import ModelNameError, WeightsInfo, load_sam
 if TYPE_CHECKING:
     import torch
 
+#: segment_anything's ``SamAutomaticMaskGenerator(crop_nms_thresh=0.7)`` default. With one crop layer it only
+#: enters the second NMS after ``min_mask_region_area`` post-processing, at ``max(box_nms_thresh, this)``.
+CROP_NMS_THRESH = 0.7
+
 
 @dataclass
 class Proposals:
@@ -81,17 +85,6 @@ def tight_boxes(masks: np.ndarray) -> np.ndarray:
     return mask_bboxes(torch.from_numpy(np.ascontiguousarray(masks))).numpy().astype(np.int32)
 
 
-def _low_precision_encoder(encoder: Any, precision: str) -> None:
-    """Cast SAM's image encoder to bf16/fp16 in place, with hooks that cast its input to that dtype and its
-    output (the ``[1, 256, 64, 64]`` image embedding) back to float32."""
-    from ovseg_mine.mine.matching import precision_dtype
-
-    dtype = precision_dtype(precision)
-    encoder.to(dtype)
-    encoder.register_forward_pre_hook(lambda _module, args: (args[0].to(dtype), *args[1:]))
-    encoder.register_forward_hook(lambda _module, _args, out: out.float())
-
-
 class SamMaskGenerator:
     """segment-anything's automatic mask generator (AMG) with a :class:`SamConfig`'s parameters, re-implemented
     for speed with the same result as ``SamAutomaticMaskGenerator.generate``.
@@ -104,10 +97,11 @@ class SamMaskGenerator:
     * masks stay dense on the model's device through thresholds, boxes and NMS; only the at most
       ``max_masks_per_image`` kept masks are RLE-encoded (pycocotools), instead of every mask being
       RLE-encoded in Python and decoded again;
-    * ``precision="bf16"`` (or ``"fp16"``) runs the image encoder with its weights in that dtype (input cast on
-      the way in, image embedding cast back to float32 on the way out: forward hooks, SAM's code unchanged) and
-      autocasts the mask decoder; logits are cast to float32 before any post-processing. Measured on a 2-core
-      AMX CPU, vit_b encoder: 8.1 s under bf16 autocast, 5.6 s with bf16 weights (fp32: 15-30 s).
+    * ``precision="pure_bf16"`` (or ``"pure_fp16"``) runs the image encoder with its weights in that dtype
+      (:func:`ovseg_mine.precision.cast_model` and ``cast_io``: input cast on the way in, image embedding cast
+      back to float32 on the way out, SAM's code unchanged) and autocasts the mask decoder to the same dtype
+      (``amp_bf16``); logits are cast to float32 before any post-processing. Measured on a 2-core AMX CPU, vit_b
+      encoder: 8.1 s under bf16 autocast, 5.6 s with bf16 weights (fp32: 15-30 s).
 
     With ``precision="fp32"`` the proposals equal the stock AMG's (tests check it). Lower precisions perturb
     the logits and predicted IoUs slightly, so masks near a threshold or the cap can differ.
@@ -116,8 +110,9 @@ class SamMaskGenerator:
     Args:
         sam: a segment-anything ``Sam`` model (any ``image_encoder.img_size``: 1024, or the tiny 256).
         cfg: the AMG parameters and ``max_masks_per_image``.
-        precision: ``fp32``, ``bf16`` or ``fp16``: dtype of the image encoder's weights, autocast dtype of the
-            mask decoder. With bf16/fp16 the model's image encoder is cast in place.
+        precision: ``fp32``, ``pure_bf16`` or ``pure_fp16`` (:mod:`ovseg_mine.precision`; a recipe's
+            ``sam.precision`` goes through :func:`ovseg_mine.precision.for_inference`): the image encoder's weights
+            are cast in place to that dtype, the mask decoder runs under autocast to it.
 
     Raises:
         ImportError: ``min_mask_region_area > 0`` without opencv (the AMG needs ``cv2`` for it).
@@ -128,9 +123,10 @@ class SamMaskGenerator:
         from segment_anything import SamPredictor
         from segment_anything.utils.amg import build_point_grid
 
-        from ovseg_mine.mine.matching import precision_dtype
+        from ovseg_mine import precision as precision_mod
 
-        precision_dtype(precision)  # ValueError on an unknown name, before any work
+        if precision not in ("fp32", "pure_bf16", "pure_fp16"):
+            raise ValueError(f"precision must be one of fp32, pure_bf16, pure_fp16, got {precision!r}")
         if cfg.min_mask_region_area > 0:
             try:
                 import cv2  # noqa: F401  (segment_anything.utils.amg.remove_small_regions)
@@ -138,13 +134,14 @@ class SamMaskGenerator:
                 raise ImportError(
                     f"sam.min_mask_region_area={cfg.min_mask_region_area} needs opencv ({exc}); install "
                     "opencv-python-headless or --set sam.min_mask_region_area=0"
-                ) from None
+                ) from exc
         self.cfg = cfg
         self.sam = sam
         self.precision = precision
+        self.decoder_precision = precision.replace("pure_", "amp_")
         self.device = next(sam.parameters()).device
-        if precision != "fp32":
-            _low_precision_encoder(sam.image_encoder, precision)
+        precision_mod.cast_model(sam.image_encoder, precision)
+        precision_mod.cast_io(sam.image_encoder, precision)
         self.predictor = SamPredictor(sam)
         self.point_grid = build_point_grid(cfg.points_per_side)  # [P*P, 2] xy in [0, 1]
 
@@ -200,7 +197,7 @@ class SamMaskGenerator:
         import torch
         from segment_anything.utils.amg import calculate_stability_score
 
-        from ovseg_mine.mine.matching import autocast
+        from ovseg_mine.precision import autocast
 
         sam = self.sam
         coords = self.predictor.transform.apply_coords(points, size)
@@ -208,7 +205,7 @@ class SamMaskGenerator:
         labels = torch.ones((len(points), 1), dtype=torch.int, device=self.device)
         # The prompt encoder's Fourier features (sin/cos of large phases) stay in float32 whatever the precision.
         sparse, dense = sam.prompt_encoder(points=(coords_t, labels), boxes=None, masks=None)
-        with autocast(self.device, self.precision):
+        with autocast(self.decoder_precision, self.device):
             low_res, iou_preds = sam.mask_decoder(
                 image_embeddings=features,
                 image_pe=sam.prompt_encoder.get_dense_pe(),
@@ -246,7 +243,7 @@ class SamMaskGenerator:
             batched_mask_to_box(masks[keep]).float(),
             scores_t,
             torch.zeros_like(scores_t),
-            iou_threshold=max(self.cfg.box_nms_thresh, 0.7),
+            iou_threshold=max(self.cfg.box_nms_thresh, CROP_NMS_THRESH),
         )
         return keep[second]
 
@@ -269,7 +266,7 @@ def build_mask_generator(
     precision: str = "fp32",
 ) -> tuple[MaskGenerator, WeightsInfo]:
     """Build a mask generator and load its weights (:func:`ovseg_mine.models.load_sam` with ``cfg.model_type``
-    and ``cfg.checkpoint``); ``precision`` (``fp32``, ``bf16``, ``fp16``) as in :class:`SamMaskGenerator`.
+    and ``cfg.checkpoint``); ``precision`` (``fp32``, ``pure_bf16``, ``pure_fp16``) as in :class:`SamMaskGenerator`.
 
     Raises:
         ModelNameError: unknown ``name`` or ``cfg.model_type`` (a ValueError; the message lists the valid ones).

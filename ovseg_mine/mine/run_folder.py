@@ -6,13 +6,39 @@ Layout (see :mod:`ovseg_mine.shards`): ``config.json`` (resolved config and hash
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from ovseg_mine.config import MineConfig, config_hash
 from ovseg_mine.mine.sources import ImageRecord
 from ovseg_mine.shards import write_json_atomic
+
+#: The run's log file (in the run folder): warnings, and the traceback of every image that failed.
+RUN_LOG = "mine.log"
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[None]:
+    """Append the ``ovseg_mine`` logger's records (INFO and above, with timestamps) to ``path`` while the block
+    runs; the console keeps its own handlers (warnings only)."""
+    logger = logging.getLogger("ovseg_mine")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
 
 
 class RunError(RuntimeError):

@@ -88,7 +88,7 @@ def _load_json(captions_json: Path) -> dict[str, Any]:
         with captions_json.open("rb") as handle:
             data = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SourceError(f"captions file {captions_json} is not valid JSON: {exc}") from None
+        raise SourceError(f"captions file {captions_json} is not valid JSON: {exc}") from exc
     if (
         not isinstance(data, dict)
         or not isinstance(data.get("images"), list)

@@ -15,8 +15,25 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from ovseg_mine.storage import first_line
+
 if TYPE_CHECKING:
     import pyarrow as pa
+
+
+def error_row(exc: BaseException) -> dict[str, Any]:
+    """The fields of a result row for an image whose mining raised ``exc``: status ``error``, a one-line
+    ``reason`` (``Type: first line``), ``error_type`` (the exception's class name) and the formatted
+    ``traceback`` (with its causes), which the driver writes to the run's log."""
+    import traceback
+
+    return {
+        "status": "error",
+        "reason": f"{type(exc).__name__}: {first_line(exc)}",
+        "error_type": type(exc).__name__,
+        "traceback": "".join(traceback.format_exception(exc)),
+        "pairs": [],
+    }
 
 
 def image_result_schema() -> "pa.Schema":
@@ -42,6 +59,8 @@ def image_result_schema() -> "pa.Schema":
             ("crops_s", pa.float64()),
             ("clip_s", pa.float64()),
             ("notes", pa.list_(pa.string())),
+            ("error_type", pa.string()),
+            ("traceback", pa.string()),
             ("pairs", pa.list_(pair_struct)),
         ]
     )
@@ -107,10 +126,11 @@ class MaskMatchStage:
     ) -> None:
         import torch
 
+        from ovseg_mine import precision as precision_mod
         from ovseg_mine.config import MineConfig
-        from ovseg_mine.mine.matching import TextEmbeddingCache, low_precision_clip
         from ovseg_mine.mine.proposals import build_mask_generator
         from ovseg_mine.models import clip_input_size, clip_mean_std, load_clip
+        from ovseg_mine.text import NounEmbeddings
 
         if threads:
             torch.set_num_threads(threads)
@@ -118,26 +138,20 @@ class MaskMatchStage:
         self.tracker = tracker
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         sam_cfg = self.cfg.sam.model_copy(update={"checkpoint": sam_checkpoint})
-        precision = self._device_precision(self.cfg.clip.precision)
-        self.precision = precision
+        self.precision = precision_mod.for_inference(self.cfg.clip.precision, self.device)
         self.generator, _ = build_mask_generator(
             "sam",
             sam_cfg,
             device=self.device,
             seed=self.cfg.seed,
-            precision=self._device_precision(self.cfg.sam.precision),
+            precision=precision_mod.for_inference(self.cfg.sam.precision, self.device),
         )
         self.clip, tokenizer, _ = load_clip(self.cfg.clip.arch, clip_pretrained, device=self.device, seed=self.cfg.seed)
-        self.clip = low_precision_clip(self.clip, precision)
+        self.clip = precision_mod.cast_model(self.clip, self.precision)
         self.input_size = clip_input_size(self.clip)
         self.mean, self.std = clip_mean_std(self.clip)
-        self.text_cache = TextEmbeddingCache(self.clip, tokenizer, self.device, precision=precision)
-
-    def _device_precision(self, asked: str) -> str:
-        """The precision name used on this actor's device: as asked on GPU; bf16 or fp32 on CPU (no fp16)."""
-        if self.device.type == "cuda":
-            return asked
-        return "bf16" if asked == "bf16" else "fp32"
+        # One noun per encode_text call: a noun's embedding does not depend on which nouns this actor met first.
+        self.text_cache = NounEmbeddings(self.clip, tokenizer, self.device, nouns_per_call=1, precision=self.precision)
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         import pyarrow as pa
@@ -149,7 +163,6 @@ class MaskMatchStage:
         """:meth:`_process` one image between the tracker's ``begin`` and ``end`` (see ovseg_mine.mine.attempts)."""
         import ray
 
-        from ovseg_mine.faults import failpoint
         from ovseg_mine.mine.attempts import worker_death_reason
 
         image_id = record["image_id"]
@@ -158,8 +171,8 @@ class MaskMatchStage:
         deaths = ray.get(self.tracker.begin.remote(image_id))
         if deaths >= self.cfg.ray.max_image_attempts:
             row = {**self._empty_row(record), "status": "error", "reason": worker_death_reason(deaths)}
+            row["error_type"] = "WorkerDied"
         else:
-            failpoint("image", image_id)
             row = self._process(record)
         self.tracker.end.remote(image_id)
         return row
@@ -181,6 +194,8 @@ class MaskMatchStage:
             "crops_s": 0.0,
             "clip_s": 0.0,
             "notes": [],
+            "error_type": "",
+            "traceback": "",
             "pairs": [],
         }
 
@@ -212,17 +227,22 @@ class MaskMatchStage:
             except torch.OutOfMemoryError as exc:  # transient: free the cache and try the image again
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                error = f"out of memory {attempt} times: {str(exc).splitlines()[0][:300]}"
-            except Exception as exc:  # one failing image is listed as failed, the run goes on
-                return {**out, "status": "error", "reason": f"{type(exc).__name__}: {exc}", "pairs": []}
-        return {**out, "status": "error", "reason": error, "pairs": []}
+                error = f"out of memory {attempt} times: {first_line(exc)}"
+            except Exception as exc:
+                # Per-image isolation: the image is listed as failed and the run goes on. The driver logs the
+                # traceback to the run's log, counts failures by type, and stops the run when the same exception
+                # keeps coming (ovseg_mine.mine.failures): a bug of ours must not pass for bad input.
+                return {**out, **error_row(exc)}
+        return {**out, "status": "error", "reason": error, "error_type": "OutOfMemoryError", "pairs": []}
 
     def _mine(self, image: Any, record: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         from ovseg_mine.crops import normalize, render_masked_crops
+        from ovseg_mine.faults import failpoint
         from ovseg_mine.mine.matching import encode_crops, keep_match, match_nouns
 
+        failpoint("image", record["image_id"])  # kill: the worker dies on this image; raise: mining it raises
         start = time.perf_counter()
         proposals = self.generator(image)
         out["proposals_s"] = time.perf_counter() - start
@@ -244,7 +264,7 @@ class MaskMatchStage:
         image_emb = encode_crops(self.clip, crops, batch_size=self.cfg.clip.batch_size, precision=self.precision)
         nouns = record["nouns"]
         text_emb = self.text_cache.embed(nouns)
-        matches = match_nouns(image_emb, text_emb, temperature=self.cfg.matching.temperature)
+        matches = match_nouns(image_emb, text_emb, logit_scale=self.cfg.matching.logit_scale)
         out["clip_s"] = time.perf_counter() - start
         pairs = []
         for match in matches:
