@@ -256,7 +256,7 @@ def load_sam(
 
 
 @functools.cache
-def _register_clip_configs() -> None:
+def register_clip_configs() -> None:
     """Make the configs in ``ovseg_mine/model_configs/`` known to open_clip (once per process)."""
     import open_clip
 
@@ -337,7 +337,7 @@ def load_clip(
     """
     import open_clip
 
-    _register_clip_configs()
+    register_clip_configs()
     if arch not in open_clip.list_models():
         raise ModelNameError(f"unknown open_clip arch {arch!r}; open_clip.list_models() gives the valid names")
     info, path, tag_cfg = WeightsInfo(arch, "random", None, None), None, {}
