@@ -204,15 +204,19 @@ class CocoProposals(ProposalSource):
                 out.append(f"image id {image_id} is not in {name}")
                 continue
             anns = json.loads(entry["annotations"])
-            if self.format == "panoptic":
-                masks = [m for a in anns for m in self._panoptic(a)]
-            else:
-                height, width = entry["height"], entry["width"]
-                masks = [
-                    _entry(rle.from_segmentation(a["segmentation"], height, width), a.get("bbox"))
-                    for a in anns
-                    if not a.get("iscrowd")
-                ]
+            try:
+                if self.format == "panoptic":
+                    masks = [m for a in anns for m in self._panoptic(a)]
+                else:
+                    height, width = entry["height"], entry["width"]
+                    masks = [
+                        _entry(rle.from_segmentation(a["segmentation"], height, width), a.get("bbox"))
+                        for a in anns
+                        if not a.get("iscrowd")
+                    ]
+            except (rle.RLEError, StorageError, OSError) as exc:  # a malformed segmentation, a missing panoptic PNG
+                out.append(f"the masks of image {image_id} in {name} cannot be read: {exc}")
+                continue
             out.append(masks if masks else f"no mask for this image in {name}")
         return out
 
