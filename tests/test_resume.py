@@ -142,18 +142,19 @@ def test_sigkill_between_commits_and_inside_shard_writes_then_resume(coco_mini, 
     _reap(leftovers)
     assert proc.returncode == -signal.SIGKILL
     done = sorted(read_done(out))
-    assert done == [0]
+    assert 0 in done  # shards are read concurrently: another one may have been committed before shard 0
     # 2. Killed inside the next shard write, after its .tmp is written and before the rename.
     result = _run(coco_mini, out, failpoints="shard.before_rename:*=kill")
     assert result.returncode == -signal.SIGKILL
-    next_index = 1
-    assert (out / "shards" / f"shard-{next_index:05d}.parquet.tmp").is_file()
+    tmps = sorted((out / "shards").glob("shard-*.parquet.tmp"))
+    assert len(tmps) == 1 and int(tmps[0].name[len("shard-") :][:5]) not in done
     assert sorted(read_done(out)) == done
-    # 3. Killed after that shard's rename, before its done marker: the unmarked file must not count.
+    # 3. Killed after a shard's rename, before its done marker: the unmarked file must not count.
     result = _run(coco_mini, out, failpoints="shard.after_rename:*=kill")
     assert result.returncode == -signal.SIGKILL
-    assert (out / "shards" / f"shard-{next_index:05d}.parquet").is_file()
-    assert not (out / "shards" / f"shard-{next_index:05d}.done.json").exists()
+    written = {int(p.name[len("shard-") :][:5]) for p in (out / "shards").glob("shard-*.parquet")}
+    unmarked = written - set(done)
+    assert len(unmarked) == 1 and not (out / "shards" / f"shard-{min(unmarked):05d}.done.json").exists()
     assert sorted(read_done(out)) == done
     # 4. A done shard whose bytes no longer match its record is redone too.
     victim = out / "shards" / "shard-00000.parquet"
@@ -162,8 +163,8 @@ def test_sigkill_between_commits_and_inside_shard_writes_then_resume(coco_mini, 
     assert result.returncode == 0, result.stderr
     _assert_same_as(reference, out)
     manifest = json.loads((out / "manifest.json").read_text())
-    # shard 0 redone (corrupted), shard 1 (renamed, never marked) and shards 2-3 (never written) mined
-    assert manifest["timings"]["images_this_invocation"] == IMAGES
+    # shard 0 redone (corrupted), the renamed but unmarked shard and those never written mined
+    assert manifest["timings"]["images_this_invocation"] == IMAGES - PER_SHARD * (len(done) - 1)
 
 
 def test_ctrl_c_stops_cleanly_and_leaves_the_run_resumable(coco_mini, reference, tmp_path):
@@ -176,7 +177,8 @@ def test_ctrl_c_stops_cleanly_and_leaves_the_run_resumable(coco_mini, reference,
     assert "interrupted:" in stderr and "rerun the same command to resume" in stderr
     assert "Traceback" not in stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["status"] == "partial" and len(manifest["shards"]) == len(read_done(out)) == 1
+    assert manifest["status"] == "partial" and len(manifest["shards"]) == len(read_done(out)) >= 1
+    assert 0 in read_done(out)  # shards are read concurrently: another may be committed before shard 0
     result = _run(coco_mini, out)
     assert result.returncode == 0, result.stderr
     _assert_same_as(reference, out)
