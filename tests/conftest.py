@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 
 from ovseg_mine.resources import sample_dir
 
-from helpers import COCO_MINI, run_cli
+from helpers import COCO_MINI, MotoServer, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +35,23 @@ def smoke_run(tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "complete:" in result.stdout and "images/s" in result.stdout
     return out
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """One moto S3 server (its own process, 127.0.0.1) for the session."""
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch) -> str:
+    """A fresh bucket on the session's moto server, its ``s3://`` URI; the standard AWS variables (endpoint,
+    region, dummy credentials) are set for the test and the processes it starts."""
+    for key, value in moto_server.env.items():
+        monkeypatch.setenv(key, value)
+    return moto_server.bucket(f"test-{next(_buckets)}")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,69 @@ def run_cli(*args: str, timeout: int = 900, failpoints: str | None = None) -> su
     return subprocess.run(
         [sys.executable, "-m", "ovseg_mine.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MotoServer:
+    """moto's S3-compatible server in its own process, bound to 127.0.0.1 (no traffic leaves the machine).
+
+    ``env`` holds what a client needs (endpoint, region and dummy credentials, the standard AWS variables);
+    :meth:`bucket` creates a bucket and returns its ``s3://`` URI.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "test-key-id",
+            "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not start on 127.0.0.1:{self.port}") from None
+                time.sleep(0.1)
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name`` (lowercase, 3-63 characters) and return ``s3://name``."""
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(
+            access_key=self.env["AWS_ACCESS_KEY_ID"],
+            secret_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            endpoint_override=self.endpoint,
+            region=self.env["AWS_DEFAULT_REGION"],
+            allow_bucket_creation=True,
+        )
+        fs.create_dir(name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 SCORE_COLUMNS = ("similarity", "probability", "margin", "predicted_iou", "stability_score")
