@@ -11,6 +11,12 @@ import typer
 
 from ovseg_mine.cli.common import SET_HELP, fail, setup_logging
 
+RAY_ADDRESS_HELP = (
+    "Join this Ray cluster: HOST:PORT of its head, ray://HOST:10001, or auto (the one `ray start` started on this "
+    "machine). Default: RAY_ADDRESS if set, else a new local Ray bound to 127.0.0.1."
+)
+VERBOSE_HELP = "Also show Ray's own log lines (they always go to RUN/mine.log and Ray's session folder)."
+
 
 def _parse_ids(image_ids: Optional[str]) -> list[int] | None:
     if image_ids is None:
@@ -24,7 +30,7 @@ def _parse_ids(image_ids: Optional[str]) -> list[int] | None:
     return None
 
 
-def _summary(manifest: dict[str, Any], out: Path) -> None:
+def _summary(manifest: dict[str, Any], out: str) -> None:
     counts, timings = manifest["counts"], manifest["timings"]
     rejects = ", ".join(f"{k}: {v}" for k, v in sorted(counts["rejects_by_stage"].items())) or "none"
     typer.echo(
@@ -47,7 +53,7 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _shards_done(out: Path) -> str:
+def _shards_done(out: str) -> str:
     from ovseg_mine.shards import ShardError, read_manifest
 
     try:
@@ -59,14 +65,15 @@ def _shards_done(out: Path) -> str:
 
 def _run_mine(
     pipeline: str,
-    captions: Path,
-    images: Path,
-    out: Path,
+    captions: str,
+    images: str,
+    out: str,
     overrides: list[str],
     limit: Optional[int],
     image_ids: Optional[str],
     ray_address: Optional[str],
     overwrite: bool,
+    verbose: bool = False,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -105,7 +112,14 @@ def _run_mine(
 
         try:
             manifest = mine(
-                cfg, captions, images, out, ray_address=ray_address, overwrite=overwrite, on_progress=on_progress
+                cfg,
+                captions,
+                images,
+                out,
+                ray_address=ray_address,
+                overwrite=overwrite,
+                verbose=verbose,
+                on_progress=on_progress,
             )
         finally:
             if progress.live.is_started:
@@ -119,41 +133,42 @@ def _run_mine(
 
 
 def mine_command(
-    captions: Path = typer.Option(
-        ..., "--captions", help="COCO captions JSON (e.g. annotations/captions_train2017.json)."
+    captions: str = typer.Option(
+        ..., "--captions", help="COCO captions JSON (e.g. annotations/captions_train2017.json; a path or a URI)."
     ),
-    images: Path = typer.Option(..., "--images", help="Image root the JSON's file_name entries are relative to."),
-    out: Path = typer.Option(..., "--out", help="Run folder for shards and manifest (resumed if it exists)."),
+    images: str = typer.Option(..., "--images", help="Image root the JSON's file_name entries are relative to."),
+    out: str = typer.Option(
+        ..., "--out", help="Run folder for shards and manifest: a path or an s3:// gs:// file:// URI (resumed)."
+    ),
     pipeline: str = typer.Option(
         "coco-ovseg", "--pipeline", "-p", help="Recipe name (see `ovseg-mine pipelines`) or .toml path."
     ),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Mine only the first N images (by image id)."),
     image_ids: Optional[str] = typer.Option(None, "--image-ids", help="Comma-separated image ids, or a file of ids."),
-    ray_address: Optional[str] = typer.Option(
-        None, "--ray-address", help="Join this Ray cluster (default: start a local Ray)."
-    ),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard a run with another config in --out."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Mine mask-noun pairs from a COCO Captions dataset into Parquet shards."""
-    _run_mine(pipeline, captions, images, out, overrides, limit, image_ids, ray_address, overwrite)
+    _run_mine(pipeline, captions, images, out, overrides, limit, image_ids, ray_address, overwrite, verbose)
 
 
 def demo_command(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
+    out: str = typer.Option("runs/demo", "--out", help="Run folder (a path or a URI)."),
     pipeline: str = typer.Option("demo", "--pipeline", "-p", help="Recipe: demo (real weights if reachable) or smoke."),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Mine only the first N sample images."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard a run with another config in --out."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Mine the bundled sample (16 COCO val2017 images with their captions)."""
     from ovseg_mine.resources import sample_dir
 
     sample = sample_dir()
-    _run_mine(
-        pipeline, sample / "captions.json", sample / "images", out, overrides, limit, None, ray_address, overwrite
-    )
+    captions, images = str(sample / "captions.json"), str(sample / "images")
+    _run_mine(pipeline, captions, images, out, overrides, limit, None, ray_address, overwrite, verbose)
 
 
 def pipelines_command() -> None:

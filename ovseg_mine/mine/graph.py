@@ -1,9 +1,8 @@
-"""Ray for a mining run: start a local Ray or join a cluster, and the streaming graph of stages
-(records -> :class:`~ovseg_mine.mine.stages.NounStage` -> :class:`~ovseg_mine.mine.stages.MaskMatchStage`)."""
+"""The streaming graph of a mining run's stages on Ray (records -> :class:`~ovseg_mine.mine.stages.NounStage` ->
+:class:`~ovseg_mine.mine.stages.MaskMatchStage`). Ray is started or joined by :mod:`ovseg_mine.mine.ray_session`."""
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from typing import Any
@@ -13,31 +12,6 @@ from ovseg_mine.mine.run_folder import RunError
 from ovseg_mine.mine.sources import ImageRecord
 from ovseg_mine.mine.weights import ResolvedWeights
 from ovseg_mine.storage import first_line
-
-
-def init_ray(address: str | None) -> bool:
-    """Start a local Ray or join ``address``; returns True when this call started it (and should shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    try:
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-            configure_logging=True,
-        )
-    except Exception as exc:  # Ray raises bare Exception on start-up timeouts, ConnectionError on bad addresses
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise RunError(f"could not start or join {where}: {type(exc).__name__}: {first_line(exc)}") from exc
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    return True
 
 
 def guarded(results):

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash
 from ovseg_mine.mine.sources import ImageRecord, Source
 from ovseg_mine.mine.weights import ResolvedWeights
-from ovseg_mine.shards import SCHEMA_VERSION, sha256_file
+from ovseg_mine.shards import SCHEMA_VERSION, read_table, sha256_file
+from ovseg_mine.storage import Location
 
 
 def build_manifest(
-    out: Path,
+    out: Location,
     source: Source,
     cfg: MineConfig,
     weights: ResolvedWeights,
@@ -24,8 +24,6 @@ def build_manifest(
     processed: int,
 ) -> dict[str, Any]:
     """The run manifest (schemas/manifest-v1.schema.json) from the done shards of ``plan``."""
-    import pyarrow.parquet as pq
-
     shards, rejects, warned = [], [r.to_dict() for r in source.rejects], []
     images = with_pairs = proposals = pairs = 0
     nouns: set[str] = set()
@@ -52,7 +50,7 @@ def build_manifest(
         stage_s.update(record.get("stage_s", {}))
         errors.update(image["error_type"] for image in record["images"] if image.get("error_type"))
         if record["rows"]:
-            nouns.update(pq.read_table(out / record["file"], columns=["noun"]).column("noun").to_pylist())
+            nouns.update(read_table(out.join(record["file"]), columns=["noun"]).column("noun").to_pylist())
     complete = all(index in done for index in plan)
     return {
         "schema_version": SCHEMA_VERSION,

@@ -9,22 +9,25 @@ workers or the order in which batches finish.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable
 
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash, mining_config
 from ovseg_mine.mine.failures import FailureWatch
-from ovseg_mine.mine.graph import guarded, init_ray, stream_results
+from ovseg_mine.mine.graph import guarded, stream_results
 from ovseg_mine.mine.manifest import build_manifest
+from ovseg_mine.mine.ray_session import cluster_address, init_ray, probe_cluster, shutdown_ray
 from ovseg_mine.mine.run_folder import RUN_LOG, RunError, plan_shards, prepare_run_dir, run_log
+from ovseg_mine.mine.run_lock import hold_run
 from ovseg_mine.mine.sources import ImageRecord, Reject, Source, read_coco_captions
 from ovseg_mine.mine.weights import resolve_weights
 from ovseg_mine.shards import read_done, remove_partial_writes, write_json_atomic, write_shard
+from ovseg_mine.storage import Location, StorageError, resolve
 
 __all__ = ["RunError", "mine"]
 
@@ -62,7 +65,7 @@ def _shard_outcome(index: int, records: list[ImageRecord], results: list[dict[st
     return pairs, done
 
 
-def _write(out: Path, index: int, pairs: list[dict[str, Any]], done: dict, meta: dict, cfg: MineConfig) -> dict:
+def _write(out: Location, index: int, pairs: list[dict[str, Any]], done: dict, meta: dict, cfg: MineConfig) -> dict:
     import pyarrow as pa
 
     from ovseg_mine.shards import pair_schema
@@ -77,10 +80,11 @@ def mine(
     cfg: MineConfig,
     captions: str | os.PathLike[str],
     images: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | Location,
     *,
     ray_address: str | None = None,
     overwrite: bool = False,
+    verbose: bool = False,
     on_progress: Callable[[int, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Mine mask-noun pairs from a COCO Captions dataset into ``out``; returns the manifest.
@@ -88,15 +92,23 @@ def mine(
     Args:
         cfg: resolved config.
         captions, images: COCO captions JSON and image root.
-        out: run folder (created; resumed when it holds the same config).
-        ray_address: join this Ray cluster; None starts a local Ray.
+        out: run folder, a local path or a URI (``s3://``, ``gs://``...): created; resumed when it holds the same
+            config. One run at a time: the folder is held while the run works (ovseg_mine.mine.run_lock).
+        ray_address: join this Ray cluster; None: ``RAY_ADDRESS``, else a new local Ray (ovseg_mine.mine.graph).
         overwrite: discard a run with another config in ``out``.
+        verbose: Ray's own log lines on the console too (else only in ``RUN/mine.log``).
         on_progress: called as ``on_progress(images_done, images_total, pairs_done)`` after every image.
 
     Raises:
-        ovseg_mine.mine.sources.SourceError, RunError, ovseg_mine.models.WeightsError, ConfigError.
+        ovseg_mine.mine.sources.SourceError, RunError (also ovseg_mine.mine.run_lock.RunInUse: the folder is held
+        by another run), ovseg_mine.models.WeightsError, ConfigError.
     """
-    out = Path(out)
+    try:
+        out = resolve(out)
+    except StorageError as exc:
+        raise RunError(str(exc)) from exc
+    if cluster_address(ray_address) is not None:  # before any work: a cluster that answers nothing fails at once
+        probe_cluster(cluster_address(ray_address))
     start = time.perf_counter()
     source = read_coco_captions(
         captions,
@@ -107,16 +119,21 @@ def mine(
         max_caption_chars=cfg.nouns.max_caption_chars,
         skip_non_english=cfg.nouns.skip_non_english,
     )
-    prepare_run_dir(out, cfg, overwrite)
-    with run_log(out / RUN_LOG):
-        return _mine_into(out, cfg, source, ray_address, on_progress, start)
+    try:
+        with hold_run(out):
+            prepare_run_dir(out, cfg, overwrite)
+            with run_log(out) as log_handler:
+                start_ray = functools.partial(init_ray, ray_address, verbose=verbose, log_handler=log_handler)
+                return _mine_into(out, cfg, source, start_ray, on_progress, start)
+    except StorageError as exc:
+        raise RunError(str(exc)) from exc
 
 
 def _mine_into(
-    out: Path,
+    out: Location,
     cfg: MineConfig,
     source: Source,
-    ray_address: str | None,
+    start_ray: Callable[[], bool],
     on_progress: Callable[[int, int, int], None] | None,
     start: float,
 ) -> dict[str, Any]:
@@ -145,11 +162,11 @@ def _mine_into(
     processed = 0
     pending: dict[int, list[dict[str, Any]]] = {}
     seen: set[int] = set()
-    watch = FailureWatch(cfg.ray.max_consecutive_errors, str(out / RUN_LOG))
+    watch = FailureWatch(cfg.ray.max_consecutive_errors, out.join(RUN_LOG).uri)
     started_ray = False
     try:
         if todo:
-            started_ray = init_ray(ray_address)
+            started_ray = start_ray()
             for result in guarded(stream_results(todo, cfg, weights)):
                 if result["image_id"] in seen:  # Ray yields a retried batch once; a duplicate would end a shard early
                     continue
@@ -173,9 +190,7 @@ def _mine_into(
             if record.get("image_ids") == [x.image_id for x in plan[index]]:
                 done[index] = record
         manifest = build_manifest(out, source, cfg, weights, done, plan, time.perf_counter() - start, processed)
-        write_json_atomic(out / "manifest.json", manifest)
+        write_json_atomic(out.join("manifest.json"), manifest)
         if started_ray:
-            import ray
-
-            ray.shutdown()
+            shutdown_ray()
     return manifest
