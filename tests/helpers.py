@@ -97,6 +97,31 @@ class MotoServer:
             self.process.wait()
 
 
+#: How every line the CLI prints itself begins (its progress bar, summaries, notes, one-line errors, and the
+#: ``LEVEL: message`` lines of its logging set-up).
+CLI_LINE_PREFIXES = (
+    "mining ",
+    "complete:",
+    "partial:",
+    "note:",
+    "shards and manifest:",
+    "interrupted:",
+    "error:",
+    "warning:",
+    "WARNING:",
+    "ERROR:",
+    "report:",
+    "dry run:",
+    "published:",
+)
+
+
+def assert_only_cli_lines(output: str) -> None:
+    """Every non-empty line of ``output`` is one of the CLI's own (no line from Ray or another library)."""
+    foreign = [line for line in output.splitlines() if line.strip() and not line.startswith(CLI_LINE_PREFIXES)]
+    assert not foreign, "lines not from the CLI:\n" + "\n".join(foreign[:20])
+
+
 SCORE_COLUMNS = ("similarity", "probability", "margin", "predicted_iou", "stability_score")
 
 

@@ -7,10 +7,11 @@
   interfaces), whatever Ray's ``ray_current_cluster`` record in its temp folder names: a bare ``ray.init()``
   would join that cluster, and hang when it is gone.
 
-Unless ``verbose``, Ray's own output stays off the console: its Python loggers go to the run's log file
-(``RUN/mine.log``), its workers' output stays in Ray's session folder (``log_to_driver=False``), and what Ray's
-native code writes on the driver's standard error (gRPC, the core worker's C++ log) goes to the run's log too,
-through file descriptor 2, while Python's ``sys.stderr`` keeps the console for the CLI's own lines.
+Unless ``verbose``, Ray's own output stays off the console: its Python loggers, its warnings and the messages
+its driver prints as they come from the cluster (a node that died...) go to the run's log file (``RUN/mine.log``),
+its workers' output stays in Ray's session folder (``log_to_driver=False``), and what Ray's native code writes on
+the driver's standard error (gRPC, the core worker's C++ log) goes to the run's log too, through file descriptor 2,
+while Python's ``sys.stderr`` keeps the console for the CLI's own lines.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from typing import Any
 
 from ovseg_mine.mine.run_folder import RunError
@@ -98,11 +100,19 @@ def _route_ray_logs(handler: logging.Handler | None, *, console: bool) -> None:
         logger.propagate = False
 
 
-class _NativeStderr:
-    """Point file descriptor 2 at ``path`` (what native code writes there lands in the run's log) and give Python's
-    ``sys.stderr``, and the logging handlers that wrote to it, a copy of the console's descriptor."""
+class _Quiet:
+    """What keeps Ray off the console while a run is quiet, and undoes itself (:meth:`restore`):
+
+    * file descriptor 2 points at the run's log (``path``), so what Ray's native code writes there lands in it;
+      Python's ``sys.stderr``, and the logging handlers that wrote to it, get a copy of the console's descriptor;
+    * the messages Ray's driver prints as they come from the cluster (a node that died, a raylet's last log
+      lines: ``ray._private.worker.print_to_stdstream``) and Python warnings raised in Ray's code go to Ray's
+      logger, hence to the run's log.
+    """
 
     def __init__(self, path: str) -> None:
+        import ray._private.worker as ray_worker
+
         sys.stderr.flush()
         self._python_stderr = sys.stderr
         self._console_fd = os.dup(2)
@@ -115,8 +125,26 @@ class _NativeStderr:
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(target, 2)
         os.close(target)
+        self._showwarning = warnings.showwarning
+        warnings.showwarning = self._warning
+        self._ray_worker = ray_worker
+        self._print_to_stdstream = ray_worker.print_to_stdstream
+        ray_worker.print_to_stdstream = self._cluster_message
+
+    def _warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if f"{os.sep}ray{os.sep}" in str(filename):
+            logging.getLogger("ray").warning("%s:%s: %s: %s", filename, lineno, category.__name__, message)
+        else:
+            self._showwarning(message, category, filename, lineno, file, line)
+
+    @staticmethod
+    def _cluster_message(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        text = "\n".join(str(line) for line in data.get("lines", []))
+        logging.getLogger("ray").warning("(%s) %s", data.get("pid", "ray"), text)
 
     def restore(self) -> None:
+        self._ray_worker.print_to_stdstream = self._print_to_stdstream
+        warnings.showwarning = self._showwarning
         console = sys.stderr
         console.flush()
         os.dup2(self._console_fd, 2)
@@ -132,7 +160,7 @@ def _all_handlers() -> list[logging.Handler]:
     return [h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers]
 
 
-_native_stderr: _NativeStderr | None = None
+_quiet: _Quiet | None = None
 
 
 def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging.Handler | None = None) -> bool:
@@ -149,7 +177,7 @@ def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging
     Raises:
         RunError: the cluster does not answer, or Ray cannot start; one line.
     """
-    global _native_stderr
+    global _quiet
     import ray
     from ray._private import ray_constants
 
@@ -163,8 +191,8 @@ def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging
     ray_constants.ENABLE_RAY_CLUSTER = join is not None
     _route_ray_logs(log_handler, console=verbose)
     log_path = getattr(log_handler, "baseFilename", None)
-    if not verbose and log_path and _native_stderr is None:
-        _native_stderr = _NativeStderr(log_path)
+    if not verbose and log_path and _quiet is None:
+        _quiet = _Quiet(log_path)
     options: dict[str, Any] = {"logging_level": logging.INFO, "log_to_driver": verbose}
     if join is None:
         options.update(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
@@ -173,7 +201,7 @@ def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging
     try:
         ray.init(**options)
     except Exception as exc:  # Ray raises bare Exception on start-up timeouts, ConnectionError on bad addresses
-        _restore_stderr()
+        _end_quiet()
         where = f"the Ray cluster at {join}" if join else "a local Ray"
         raise RunError(f"could not start or join {where}: {type(exc).__name__}: {first_line(exc)}") from exc
     from ray.data import DataContext
@@ -189,14 +217,21 @@ def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # A block here is a few image records, and the work on it seconds of SAM and CLIP: hand each block to the least
+    # busy actor, wherever it runs, instead of queueing blocks on the actor next to them (Ray's default), which
+    # leaves the other nodes' actors idle on small runs. (Deprecated in Ray 2.60 for removal in 2027; pyproject pins
+    # Ray below 2.64.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.execution_options.actor_locality_enabled = False
     return True
 
 
-def _restore_stderr() -> None:
-    global _native_stderr
-    if _native_stderr is not None:
-        _native_stderr.restore()
-        _native_stderr = None
+def _end_quiet() -> None:
+    global _quiet
+    if _quiet is not None:
+        _quiet.restore()
+        _quiet = None
 
 
 def shutdown_ray() -> None:
@@ -207,5 +242,5 @@ def shutdown_ray() -> None:
     try:
         ray.shutdown()
     finally:
-        _restore_stderr()
+        _end_quiet()
         _route_ray_logs(None, console=True)
