@@ -31,8 +31,7 @@ def encode(mask: np.ndarray) -> dict[str, Any]:
 
     if mask.ndim != 2:
         raise RLEError(f"mask must be [H, W], got shape {tuple(mask.shape)}")
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+    return _from_coco(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8, copy=False))))
 
 
 def encode_many(masks: np.ndarray) -> list[dict[str, Any]]:
@@ -44,13 +43,11 @@ def encode_many(masks: np.ndarray) -> list[dict[str, Any]]:
     if masks.shape[0] == 0:
         return []
     stacked = np.asfortranarray(np.transpose(masks.astype(np.uint8, copy=False), (1, 2, 0)))
-    return [
-        {"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
-        for r in mask_utils.encode(stacked)
-    ]
+    return [_from_coco(r) for r in mask_utils.encode(stacked)]
 
 
 def _to_coco(rle: dict[str, Any]) -> dict[str, Any]:
+    """Our RLE (or pycocotools' own) as pycocotools' C functions take it: ``counts`` as bytes."""
     try:
         size = [int(rle["size"][0]), int(rle["size"][1])]
         counts = rle["counts"]
@@ -59,6 +56,60 @@ def _to_coco(rle: dict[str, Any]) -> dict[str, Any]:
     if isinstance(counts, str):
         counts = counts.encode("ascii")
     return {"size": size, "counts": counts}
+
+
+def _from_coco(rle: dict[str, Any]) -> dict[str, Any]:
+    """pycocotools' RLE (``counts`` bytes) as ours: ``{"size": [h, w] ints, "counts": str}``."""
+    counts = rle["counts"]
+    return {
+        "size": [int(rle["size"][0]), int(rle["size"][1])],
+        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+    }
+
+
+def from_segmentation(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """The RLE of a COCO annotation's ``segmentation``, in any of COCO's three forms.
+
+    Args:
+        segmentation: polygons (a list of ``[x0, y0, x1, y1, ...]`` lists in pixels, their union is the mask),
+            an uncompressed RLE (``{"size": [h, w], "counts": [int, ...]}``, COCO's ``iscrowd`` form) or a
+            compressed RLE (``counts`` a str or bytes).
+        height, width: the image's size in pixels (polygons and uncompressed RLE need it).
+
+    Returns:
+        ``{"size": [H, W], "counts": str}`` (pycocotools ``frPyObjects`` and ``merge``, as ``COCO.annToRLE``).
+
+    Raises:
+        RLEError: not one of the three forms, or an empty polygon list.
+    """
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):
+        if not segmentation:
+            raise RLEError("empty polygon list")
+        try:
+            return _from_coco(mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width)))
+        except (TypeError, ValueError, IndexError) as exc:
+            raise RLEError(f"not COCO polygons: {str(segmentation)[:80]}") from exc
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        try:
+            return _from_coco(mask_utils.frPyObjects(segmentation, height, width))
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
+            raise RLEError(f"not an uncompressed COCO RLE: {str(segmentation)[:80]}") from exc
+    return _from_coco(_to_coco(segmentation))
+
+
+def union(rles: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The union of RLEs of one size, as one RLE (pycocotools ``merge``).
+
+    Raises:
+        RLEError: no RLE given, or a malformed one.
+    """
+    from pycocotools import mask as mask_utils
+
+    if not rles:
+        raise RLEError("the union of no mask has no size")
+    return _from_coco(mask_utils.merge([_to_coco(r) for r in rles], intersect=False))
 
 
 def decode(rle: dict[str, Any]) -> np.ndarray:
