@@ -9,8 +9,7 @@ import tempfile
 
 import pytest
 
-from ovseg_mine.mine.ray_session import cluster_address, probe_cluster
-from ovseg_mine.mine.run_folder import RunError
+from ovseg_mine.ray_session import RayStartError, cluster_address, probe_cluster
 
 from helpers import assert_only_cli_lines, free_port, run_cli
 
@@ -37,9 +36,9 @@ def test_a_cluster_that_answers_nothing_is_one_line_and_exit_2(tmp_path):
 
 
 def test_auto_without_a_cluster_and_a_malformed_address_are_clear_errors(ray_tmpdir, monkeypatch):
-    with pytest.raises(RunError, match="--ray-address auto: no Ray cluster on this machine"):
+    with pytest.raises(RayStartError, match="--ray-address auto: no Ray cluster on this machine"):
         probe_cluster("auto")
-    with pytest.raises(RunError, match="is not HOST:PORT"):
+    with pytest.raises(RayStartError, match="is not HOST:PORT"):
         probe_cluster("nohost")
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert cluster_address(None) == "10.0.0.1:6379" and cluster_address("127.0.0.1:1") == "127.0.0.1:1"

@@ -82,6 +82,7 @@ def _run_mine(
     from ovseg_mine.mine.pipeline import RunError, mine
     from ovseg_mine.mine.sources import SourceError
     from ovseg_mine.models import WeightsError
+    from ovseg_mine.ray_session import RayStartError
 
     setup_logging()
     extra = list(overrides)
@@ -124,7 +125,7 @@ def _run_mine(
         finally:
             if progress.live.is_started:
                 progress.stop()
-    except (ConfigError, SourceError, RunError, WeightsError, SpacyModelMissing) as exc:
+    except (ConfigError, SourceError, RunError, RayStartError, WeightsError, SpacyModelMissing) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         typer.echo(f"interrupted: {_shards_done(out)} kept in {out}; rerun the same command to resume", err=True)

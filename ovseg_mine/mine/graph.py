@@ -1,5 +1,5 @@
 """The streaming graph of a mining run's stages on Ray (records -> :class:`~ovseg_mine.mine.stages.NounStage` ->
-:class:`~ovseg_mine.mine.stages.MaskMatchStage`). Ray is started or joined by :mod:`ovseg_mine.mine.ray_session`."""
+:class:`~ovseg_mine.mine.stages.MaskMatchStage`). Ray is started or joined by :mod:`ovseg_mine.ray_session`."""
 
 from __future__ import annotations
 

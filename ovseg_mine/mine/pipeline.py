@@ -21,11 +21,11 @@ from ovseg_mine.config import MineConfig, config_hash, mining_config
 from ovseg_mine.mine.failures import FailureWatch
 from ovseg_mine.mine.graph import guarded, stream_results
 from ovseg_mine.mine.manifest import build_manifest
-from ovseg_mine.mine.ray_session import cluster_address, init_ray, probe_cluster, shutdown_ray
 from ovseg_mine.mine.run_folder import RUN_LOG, RunError, plan_shards, prepare_run_dir, run_log
 from ovseg_mine.mine.run_lock import hold_run
 from ovseg_mine.mine.sources import ImageRecord, Reject, Source, read_coco_captions
 from ovseg_mine.mine.weights import resolve_weights
+from ovseg_mine.ray_session import cluster_address, init_ray, probe_cluster, shutdown_ray
 from ovseg_mine.shards import read_done, remove_partial_writes, write_json_atomic, write_shard
 from ovseg_mine.storage import Location, StorageError, resolve
 
@@ -101,7 +101,8 @@ def mine(
 
     Raises:
         ovseg_mine.mine.sources.SourceError, RunError (also ovseg_mine.mine.run_lock.RunInUse: the folder is held
-        by another run), ovseg_mine.models.WeightsError, ConfigError.
+        by another run), ovseg_mine.ray_session.RayStartError (no Ray to join or start), ovseg_mine.models.WeightsError,
+        ConfigError.
     """
     try:
         out = resolve(out)

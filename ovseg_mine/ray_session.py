@@ -1,4 +1,5 @@
-"""The Ray of a mining run: which one it joins or starts, and where Ray's own output goes.
+"""The Ray of a command (``mine``, ``finetune --num-workers``): which one it joins or starts, and where Ray's own
+output goes.
 
 * ``--ray-address`` (or ``RAY_ADDRESS``) given: join that cluster (``host:port`` of its head, ``ray://host:10001``
   for Ray Client, ``auto`` for the cluster that ``ray start`` last started on this machine). The address is
@@ -23,7 +24,6 @@ import sys
 import warnings
 from typing import Any
 
-from ovseg_mine.mine.run_folder import RunError
 from ovseg_mine.storage import first_line
 
 log = logging.getLogger("ovseg_mine")
@@ -32,6 +32,10 @@ log = logging.getLogger("ovseg_mine")
 PROBE_TIMEOUT_S = 5.0
 #: Ray's Python loggers, whose records go to the run's log (and, only when verbose, to the console).
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+
+
+class RayStartError(RuntimeError):
+    """Ray cannot be started or joined (a cluster address that answers nothing, ...); the message is one line."""
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -51,7 +55,7 @@ def probe_cluster(address: str, timeout: float = PROBE_TIMEOUT_S) -> str:
         The ``host:port`` that answered.
 
     Raises:
-        RunError: nothing answers there within ``timeout``, or ``auto`` finds no cluster; one line.
+        RayStartError: nothing answers there within ``timeout``, or ``auto`` finds no cluster; one line.
     """
     target = address.removeprefix("ray://")
     if target == "auto":
@@ -60,14 +64,14 @@ def probe_cluster(address: str, timeout: float = PROBE_TIMEOUT_S) -> str:
         try:
             target = services.canonicalize_bootstrap_address("auto") or ""
         except (ConnectionError, ValueError) as exc:
-            raise RunError(f"--ray-address auto: no Ray cluster on this machine ({first_line(exc)})") from exc
+            raise RayStartError(f"--ray-address auto: no Ray cluster on this machine ({first_line(exc)})") from exc
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
-        raise RunError(f"--ray-address {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+        raise RayStartError(f"--ray-address {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise RunError(
+        raise RayStartError(
             f"no Ray cluster answers at {address} ({first_line(exc)}); start one with `ray start --head`, or leave "
             "out --ray-address for a local Ray"
         ) from exc
@@ -175,7 +179,7 @@ def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging
         True when this call started or joined Ray (then call :func:`shutdown_ray`), False when Ray was up already.
 
     Raises:
-        RunError: the cluster does not answer, or Ray cannot start; one line.
+        RayStartError: the cluster does not answer, or Ray cannot start; one line.
     """
     global _quiet
     import ray
@@ -203,7 +207,7 @@ def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging
     except Exception as exc:  # Ray raises bare Exception on start-up timeouts, ConnectionError on bad addresses
         _end_quiet()
         where = f"the Ray cluster at {join}" if join else "a local Ray"
-        raise RunError(f"could not start or join {where}: {type(exc).__name__}: {first_line(exc)}") from exc
+        raise RayStartError(f"could not start or join {where}: {type(exc).__name__}: {first_line(exc)}") from exc
     from ray.data import DataContext
 
     _route_ray_logs(log_handler, console=verbose)  # ray.data set up its own console handler when it was imported
