@@ -16,10 +16,12 @@ be committed in steps (a shard, then its done marker) is built on that by :mod:`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import posixpath
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -187,6 +189,53 @@ class Location:
         except (OSError, ValueError) as exc:
             raise StorageError(f"cannot write {self.uri}: {first_line(exc)}") from exc
 
+    def write_via(self, write: Callable[[str], None]) -> None:
+        """Write the file with ``write(local_path)`` (a writer that only takes a path: ``torch.save``, safetensors),
+        whole as :meth:`write_bytes`: on a local disk to ``NAME.tmp``, fsynced and renamed; for an object store to a
+        local temporary file, then uploaded as one object (streamed, not held in memory).
+
+        Raises:
+            StorageError: not writable. What ``write`` raises passes through.
+        """
+        import tempfile
+
+        if self.is_local:
+            target = Path(self.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".tmp")
+            write(str(tmp))
+            try:
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(tmp, target)
+            except OSError as exc:
+                raise StorageError(f"cannot write {self.uri}: {first_line(exc)}") from exc
+            return
+        with tempfile.TemporaryDirectory(prefix="ovseg-mine-") as folder:
+            local = os.path.join(folder, self.name)
+            write(local)
+            _copy(resolve(local), self)
+
+    @contextlib.contextmanager
+    def local_file(self) -> Iterator[str]:
+        """A local path holding this file's bytes while the block runs: the file itself on a local disk, a
+        temporary copy (downloaded, streamed) of an object, deleted afterwards.
+
+        Raises:
+            StorageError: not found or not readable.
+        """
+        if self.is_local:
+            if not self.is_file():
+                raise StorageError(f"{self.uri} is not a file")
+            yield self.path
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ovseg-mine-") as folder:
+            local = os.path.join(folder, self.name)
+            _copy(self, resolve(local))
+            yield local
+
     def write_text(self, text: str, encoding: str = "utf-8") -> None:
         """:meth:`write_bytes` of ``text`` encoded. Raises StorageError."""
         self.write_bytes(text.encode(encoding))
@@ -248,6 +297,16 @@ class Location:
             raise StorageError(f"cannot list {self.uri}: {first_line(exc)}") from exc
         files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
         return [self.join(posixpath.relpath(p, self.path)) for p in files]
+
+
+def _copy(source: Location, target: Location) -> None:
+    """Stream ``source``'s bytes into ``target`` (pyarrow's copy: chunked, never the whole file in memory)."""
+    import pyarrow.fs as pafs
+
+    try:
+        pafs.copy_files(source.path, target.path, source_filesystem=source.fs, destination_filesystem=target.fs)
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"cannot copy {source.uri} to {target.uri}: {first_line(exc)}") from exc
 
 
 def sha256_file(location: "str | os.PathLike[str] | Location") -> str:
