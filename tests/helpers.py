@@ -34,6 +34,18 @@ def run_cli(*args: str, timeout: int = 900, failpoints: str | None = None) -> su
     )
 
 
+def kill_processes(processes: list) -> None:
+    """SIGKILL these ``psutil.Process``es (those already gone are skipped) and wait until they are gone."""
+    import psutil
+
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=30)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

@@ -27,7 +27,7 @@ import pytest
 
 from ovseg_mine.shards import read_pairs
 
-from helpers import assert_only_cli_lines, assert_same_pairs
+from helpers import assert_only_cli_lines, assert_same_pairs, kill_processes
 
 COPIES = 8
 PER_SHARD = 16
@@ -87,13 +87,7 @@ class NetNamespace:
     def close(self) -> None:
         """Kill every process in the namespace (the Ray cluster: no `ray stop`, which would stop other Rays on
         the machine too), then its holder."""
-        victims = self.processes()
-        for process in victims:
-            try:
-                process.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(victims, timeout=30)
+        kill_processes(self.processes())
         self.holder.kill()
         self.holder.wait()
 

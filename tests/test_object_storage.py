@@ -19,7 +19,7 @@ import pytest
 from ovseg_mine.shards import read_done, read_pairs, shard_files
 from ovseg_mine.storage import resolve
 
-from helpers import assert_only_cli_lines, run_cli
+from helpers import assert_only_cli_lines, kill_processes, run_cli
 
 SMOKE = ("--pipeline", "smoke", "--set", "shards.images_per_shard=6")
 
@@ -41,12 +41,7 @@ def _kill_with_its_ray(proc: subprocess.Popen) -> None:
     leftovers = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    for process in leftovers:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(leftovers, timeout=30)
+    kill_processes(leftovers)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ import pytest
 
 from ovseg_mine.shards import read_done, read_pairs
 
+from helpers import kill_processes
+
 IMAGES = 12
 PER_SHARD = 3
 
@@ -94,16 +96,6 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def _reap(processes: list[psutil.Process]) -> None:
-    """Kill what a killed driver left behind (its local Ray), as a machine restart would."""
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(processes, timeout=30)
-
-
 def _digests(run: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run / "shards").glob("*.parquet"))}
 
@@ -145,7 +137,7 @@ def test_sigkill_between_commits_and_inside_shard_writes_then_resume(coco_mini, 
     leftovers = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    _reap(leftovers)
+    kill_processes(leftovers)
     assert proc.returncode == -signal.SIGKILL
     done = sorted(read_done(out))
     assert done == [0]
