@@ -15,6 +15,10 @@ RAY_ADDRESS_HELP = (
     "Join this Ray cluster: HOST:PORT of its head, ray://HOST:10001, or auto (the one `ray start` started on this "
     "machine). Default: RAY_ADDRESS if set, else a new local Ray bound to 127.0.0.1."
 )
+RETRY_HELP = (
+    "Resume, and also mine again the images that failed (listed with stage 'error'), rewriting only their shards; "
+    "other rejects stay."
+)
 VERBOSE_HELP = "Also show Ray's own log lines (they always go to RUN/mine.log and Ray's session folder)."
 
 
@@ -74,6 +78,7 @@ def _run_mine(
     ray_address: Optional[str],
     overwrite: bool,
     verbose: bool = False,
+    retry_failed: bool = False,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -119,6 +124,7 @@ def _run_mine(
                 out,
                 ray_address=ray_address,
                 overwrite=overwrite,
+                retry_failed=retry_failed,
                 verbose=verbose,
                 on_progress=on_progress,
             )
@@ -149,10 +155,13 @@ def mine_command(
     image_ids: Optional[str] = typer.Option(None, "--image-ids", help="Comma-separated image ids, or a file of ids."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard a run with another config in --out."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help=RETRY_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Mine mask-noun pairs from a COCO Captions dataset into Parquet shards."""
-    _run_mine(pipeline, captions, images, out, overrides, limit, image_ids, ray_address, overwrite, verbose)
+    _run_mine(
+        pipeline, captions, images, out, overrides, limit, image_ids, ray_address, overwrite, verbose, retry_failed
+    )
 
 
 def demo_command(

@@ -14,13 +14,14 @@ import logging
 import os
 import time
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash, mining_config
 from ovseg_mine.mine.failures import FailureWatch
 from ovseg_mine.mine.graph import guarded, stream_results
 from ovseg_mine.mine.manifest import build_manifest
+from ovseg_mine.mine.retry import failed_images, kept_results, merged_stage_s
 from ovseg_mine.mine.run_folder import RUN_LOG, RunError, plan_shards, prepare_run_dir, run_log
 from ovseg_mine.mine.run_lock import hold_run
 from ovseg_mine.mine.sources import ImageRecord, Reject, Source, read_coco_captions
@@ -84,6 +85,7 @@ def mine(
     *,
     ray_address: str | None = None,
     overwrite: bool = False,
+    retry_failed: bool = False,
     verbose: bool = False,
     on_progress: Callable[[int, int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -96,6 +98,8 @@ def mine(
             config. One run at a time: the folder is held while the run works (ovseg_mine.mine.run_lock).
         ray_address: join this Ray cluster; None: ``RAY_ADDRESS``, else a new local Ray (ovseg_mine.mine.graph).
         overwrite: discard a run with another config in ``out``.
+        retry_failed: also mine again the images of finished shards that failed (stage ``error``), and rewrite
+            only their shards (ovseg_mine.mine.retry); other rejects stay as they are.
         verbose: Ray's own log lines on the console too (else only in ``RUN/mine.log``).
         on_progress: called as ``on_progress(images_done, images_total, pairs_done)`` after every image.
 
@@ -125,9 +129,36 @@ def mine(
             prepare_run_dir(out, cfg, overwrite)
             with run_log(out) as log_handler:
                 start_ray = functools.partial(init_ray, ray_address, verbose=verbose, log_handler=log_handler)
-                return _mine_into(out, cfg, source, start_ray, on_progress, start)
+                return _mine_into(out, cfg, source, start_ray, retry_failed, on_progress, start)
     except StorageError as exc:
         raise RunError(str(exc)) from exc
+
+
+class _Retry(NamedTuple):
+    """A finished shard being mined again: its failed image ids and its done record as it was."""
+
+    failed: set[int]
+    record: dict[str, Any]
+
+
+def _take_failed(
+    out: Location, plan: dict[int, list[ImageRecord]], done: dict[int, dict], pending: dict[int, list[dict]]
+) -> dict[int, _Retry]:
+    """For ``--retry-failed``: move each done shard with failed images from ``done`` to ``pending``, pre-filled with
+    the results of its other images; returns the failed ids per shard (ovseg_mine.mine.retry)."""
+    retried: dict[int, _Retry] = {}
+    for index, record in sorted(done.items()):
+        failed = failed_images(record)
+        if not failed:
+            continue
+        kept = kept_results(out, record, failed)
+        source_notes = {r.image_id: len(r.notes) for r in plan[index]}
+        for result in kept:  # the source's notes are added again when the shard is rebuilt
+            result["notes"] = result["notes"][source_notes[result["image_id"]] :]
+        pending[index] = kept
+        retried[index] = _Retry(failed, done.pop(index))
+        log.info("shard %d: mining again its %d failed image(s)", index, len(failed))
+    return retried
 
 
 def _mine_into(
@@ -135,6 +166,7 @@ def _mine_into(
     cfg: MineConfig,
     source: Source,
     start_ray: Callable[[], bool],
+    retry_failed: bool,
     on_progress: Callable[[int, int, int], None] | None,
     start: float,
 ) -> dict[str, Any]:
@@ -148,7 +180,11 @@ def _mine_into(
     done = {
         i: r for i, r in read_done(out).items() if i in plan and r.get("image_ids") == [x.image_id for x in plan[i]]
     }
-    todo = [r for i in sorted(plan) if i not in done for r in plan[i]]
+    pending: dict[int, list[dict[str, Any]]] = {}
+    retried = _take_failed(out, plan, done, pending) if retry_failed else {}
+    todo = [
+        r for i in sorted(plan) if i not in done for r in plan[i] if i not in retried or r.image_id in retried[i].failed
+    ]
     shard_of = {r.image_id: i for i in plan for r in plan[i]}
     meta = {
         "package_version": __version__,
@@ -158,10 +194,9 @@ def _mine_into(
         "weights": "random" if weights.random else "pretrained",
     }
     total = len(source.records)
-    images_done = sum(len(plan[i]) for i in done)
-    pairs_done = sum(r["rows"] for r in done.values())
+    images_done = sum(len(plan[i]) for i in done) + sum(len(kept) for kept in pending.values())
+    pairs_done = sum(r["rows"] for r in done.values()) + sum(len(r["pairs"]) for k in pending.values() for r in k)
     processed = 0
-    pending: dict[int, list[dict[str, Any]]] = {}
     seen: set[int] = set()
     watch = FailureWatch(cfg.ray.max_consecutive_errors, out.join(RUN_LOG).uri)
     started_ray = False
@@ -181,6 +216,8 @@ def _mine_into(
                 if len(pending[index]) == len(plan[index]):
                     pairs, record = _shard_outcome(index, plan[index], pending.pop(index))
                     pairs.sort(key=lambda p: (p["image_id"], p["caption_index"]))
+                    if index in retried:
+                        record["stage_s"] = merged_stage_s(retried[index].record, record)
                     done[index] = _write(out, index, pairs, record, meta, cfg)
                 if on_progress:
                     on_progress(images_done, total, pairs_done)
