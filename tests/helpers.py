@@ -46,6 +46,16 @@ def kill_processes(processes: list) -> None:
     psutil.wait_procs(processes, timeout=30)
 
 
+def upload(folder: Path, uri: str) -> str:
+    """Copy every file under the local ``folder`` to the same relative keys under ``uri``; returns ``uri``."""
+    from ovseg_mine.storage import resolve
+
+    target = resolve(uri)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        target.join(path.relative_to(folder).as_posix()).write_bytes(path.read_bytes())
+    return uri
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
