@@ -206,6 +206,7 @@ def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging
         ray.init(**options)
     except Exception as exc:  # Ray raises bare Exception on start-up timeouts, ConnectionError on bad addresses
         _end_quiet()
+        _route_ray_logs(None, console=True)
         where = f"the Ray cluster at {join}" if join else "a local Ray"
         raise RayStartError(f"could not start or join {where}: {type(exc).__name__}: {first_line(exc)}") from exc
     from ray.data import DataContext

@@ -34,7 +34,7 @@ def run_log(run: Location) -> Iterator[logging.Handler]:
     run's earlier log and is uploaded to ``RUN/mine.log`` when the block ends (however it ends, short of a kill).
 
     Yields:
-        The file handler, for other loggers to write to the same log (Ray's: ovseg_mine.mine.graph).
+        The file handler, for other loggers to write to the same log (Ray's: :mod:`ovseg_mine.ray_session`).
     """
     target = run.join(RUN_LOG)
     if run.is_local:
