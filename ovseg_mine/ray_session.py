@@ -57,6 +57,11 @@ def probe_cluster(address: str, timeout: float = PROBE_TIMEOUT_S) -> str:
     Raises:
         RayStartError: nothing answers there within ``timeout``, or ``auto`` finds no cluster; one line.
     """
+    if address.startswith(("http://", "https://")):
+        raise RayStartError(
+            f"{address} is a Ray dashboard address (for `ray job submit`); mine joins a cluster at HOST:PORT of its "
+            "head (port 6379 by default), ray://HOST:10001, or auto"
+        )
     target = address.removeprefix("ray://")
     if target == "auto":
         import ray._private.services as services

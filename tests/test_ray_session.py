@@ -40,6 +40,8 @@ def test_auto_without_a_cluster_and_a_malformed_address_are_clear_errors(ray_tmp
         probe_cluster("auto")
     with pytest.raises(RayStartError, match="is not HOST:PORT"):
         probe_cluster("nohost")
+    with pytest.raises(RayStartError, match="is a Ray dashboard address"):
+        probe_cluster("http://127.0.0.1:8265")
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert cluster_address(None) == "10.0.0.1:6379" and cluster_address("127.0.0.1:1") == "127.0.0.1:1"
 
