@@ -35,9 +35,8 @@ def test_a_cluster_that_answers_nothing_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before any work
 
 
-def test_auto_without_a_cluster_and_a_malformed_address_are_clear_errors(ray_tmpdir, monkeypatch):
-    with pytest.raises(RayStartError, match="--ray-address auto: no Ray cluster on this machine"):
-        probe_cluster("auto")
+def test_malformed_and_dashboard_addresses_are_clear_errors(ray_tmpdir, monkeypatch):
+    # (`auto` is not tested here: it joins any Ray that runs on the machine, as Ray defines it.)
     with pytest.raises(RayStartError, match="is not HOST:PORT"):
         probe_cluster("nohost")
     with pytest.raises(RayStartError, match="is a Ray dashboard address"):
