@@ -68,6 +68,10 @@ class NetNamespace:
             pytest.skip(f"the kernel or sandbox forbids network namespaces here: {reason.splitlines()[-1]}")
         self.enter = ["nsenter", "-t", str(self.holder.pid), "-n"] + ([] if root else ["-U", "--preserve-credentials"])
         self.net = os.readlink(f"/proc/{self.holder.pid}/ns/net")
+        joined = subprocess.run(self.command(["true"]), capture_output=True, text=True)
+        if joined.returncode != 0:
+            self.close()
+            pytest.skip(f"cannot join the network namespace here: {joined.stderr.strip() or joined.returncode}")
 
     def command(self, args: list[str]) -> list[str]:
         """``args`` run inside the namespace."""
