@@ -22,10 +22,14 @@ def guarded(results):
     try:
         yield from results
     except ray.exceptions.RayError as exc:
+        # Ray's message starts with where it failed and ends with the error that failed it (an actor constructor's
+        # WeightsError for a checkpoint of the wrong model, ...): say both, on one line.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         first = first_line(exc)
+        cause = f"; {lines[-1][:300]}" if len(lines) > 1 and lines[-1] != first else ""
         raise RunError(
-            f"the Ray workers failed ({type(exc).__name__}: {first}); finished shards are kept: rerun the same "
-            "command to resume"
+            f"the Ray workers failed ({type(exc).__name__}: {first}{cause}); finished shards are kept: rerun the "
+            "same command to resume"
         ) from exc
 
 
