@@ -207,21 +207,15 @@ def _load_state_dict(model: Any, path: str | Path, what: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def load_sam(
-    model_type: str, checkpoint: str, *, device: Any = "cpu", seed: int = 0, allow_random: bool = False
-) -> tuple[Any, WeightsInfo]:
-    """Build a SAM model (eval mode, on ``device``) and say where its weights came from.
+def resolve_sam_weights(
+    model_type: str, checkpoint: str, *, allow_random: bool = False
+) -> tuple[Path | None, WeightsInfo]:
+    """Where a SAM model's weights come from, without building the model: the checkpoint file (downloaded into
+    :func:`sam_cache_dir` and sha256-checked for ``"default"``) and its :class:`WeightsInfo`. Arguments and errors
+    as :func:`load_sam` (a file of another architecture is found by :func:`load_sam`, not here).
 
-    Args:
-        model_type: one of :func:`list_sam_models`.
-        checkpoint: ``"default"`` (published checkpoint, cached in :func:`sam_cache_dir`, sha256-checked),
-            a local path (``torch.save``'d state dict), or ``"random"`` (init after ``torch.manual_seed(seed)``).
-        allow_random: if the published weights cannot be obtained, warn and return random weights.
-
-    Raises:
-        ModelNameError: unknown ``model_type`` (a ValueError and a WeightsError; the message lists valid ones).
-        WeightsError: weights cannot be obtained (and not ``allow_random``), or a local file is missing,
-            corrupt, or of another architecture (always).
+    Returns:
+        ``(path, info)``; ``path`` is None for random weights.
     """
     if model_type not in _SAM_BUILDERS:
         raise ModelNameError(f"unknown SAM model_type {model_type!r}; valid: {', '.join(list_sam_models())}")
@@ -246,6 +240,26 @@ def load_sam(
         if not path.is_file():
             raise WeightsError(f"SAM checkpoint file not found: {path} (from --set sam.checkpoint=PATH)")
         info = WeightsInfo(model_type, "file", str(path.resolve()), sha256_file(path))
+    return path, info
+
+
+def load_sam(
+    model_type: str, checkpoint: str, *, device: Any = "cpu", seed: int = 0, allow_random: bool = False
+) -> tuple[Any, WeightsInfo]:
+    """Build a SAM model (eval mode, on ``device``) and say where its weights came from.
+
+    Args:
+        model_type: one of :func:`list_sam_models`.
+        checkpoint: ``"default"`` (published checkpoint, cached in :func:`sam_cache_dir`, sha256-checked),
+            a local path (``torch.save``'d state dict), or ``"random"`` (init after ``torch.manual_seed(seed)``).
+        allow_random: if the published weights cannot be obtained, warn and return random weights.
+
+    Raises:
+        ModelNameError: unknown ``model_type`` (a ValueError and a WeightsError; the message lists valid ones).
+        WeightsError: weights cannot be obtained (and not ``allow_random``), or a local file is missing,
+            corrupt, or of another architecture (always).
+    """
+    path, info = resolve_sam_weights(model_type, checkpoint, allow_random=allow_random)
     sam = _seeded(seed, _SAM_BUILDERS[model_type])
     if path is not None:
         _load_state_dict(sam, path, f"SAM model_type {model_type!r}")
@@ -337,6 +351,43 @@ def load_clip(
     """
     import open_clip
 
+    path, tag_cfg, info = resolve_clip_weights(arch, pretrained, allow_random=allow_random)
+    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+
+    def build() -> Any:
+        with _quiet_open_clip():
+            return open_clip.create_model(
+                arch,
+                pretrained=None,
+                pretrained_text=False,
+                force_preprocess_cfg=preprocess,
+                force_quick_gelu=bool(tag_cfg.get("quick_gelu")),
+            )
+
+    model = _seeded(seed, build)
+    if path is not None:
+        try:
+            open_clip.load_checkpoint(model, path, strict=True)
+        except Exception as exc:  # noqa: BLE001 as torch.load: any failure here is the checkpoint file's
+            raise WeightsError(
+                f"checkpoint {path} does not load into open_clip {arch!r}: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from exc
+    return model.to(device).eval(), open_clip.get_tokenizer(arch), info
+
+
+def resolve_clip_weights(
+    arch: str, pretrained: str, *, allow_random: bool = False
+) -> tuple[str | None, dict[str, Any], WeightsInfo]:
+    """Where an open_clip model's weights come from, without building the model: the checkpoint file (a tag's
+    file from open_clip's cache, downloaded if needed), the tag's pretrained config (preprocessing, QuickGELU; empty
+    for files and random weights) and its :class:`WeightsInfo`. Arguments and errors as :func:`load_clip` (a file
+    of another architecture is found by :func:`load_clip`, not here).
+
+    Returns:
+        ``(path, tag_cfg, info)``; ``path`` is None for random weights.
+    """
+    import open_clip
+
     register_clip_configs()
     if arch not in open_clip.list_models():
         raise ModelNameError(f"unknown open_clip arch {arch!r}; open_clip.list_models() gives the valid names")
@@ -366,27 +417,7 @@ def load_clip(
                 f"{pretrained!r} is not a pretrained tag of {arch!r} (tags: {tags or 'none'}), "
                 "a local checkpoint path, or 'random'"
             )
-    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
-
-    def build() -> Any:
-        with _quiet_open_clip():
-            return open_clip.create_model(
-                arch,
-                pretrained=None,
-                pretrained_text=False,
-                force_preprocess_cfg=preprocess,
-                force_quick_gelu=bool(tag_cfg.get("quick_gelu")),
-            )
-
-    model = _seeded(seed, build)
-    if path is not None:
-        try:
-            open_clip.load_checkpoint(model, path, strict=True)
-        except Exception as exc:  # noqa: BLE001 as torch.load: any failure here is the checkpoint file's
-            raise WeightsError(
-                f"checkpoint {path} does not load into open_clip {arch!r}: {type(exc).__name__}: {str(exc)[:300]}"
-            ) from exc
-    return model.to(device).eval(), open_clip.get_tokenizer(arch), info
+    return path, tag_cfg, info
 
 
 def clip_input_size(model: Any) -> int:

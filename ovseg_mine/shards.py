@@ -8,8 +8,15 @@ Layout of a run folder::
       shards/shard-00000.parquet    pairs of the images of shard 0 (schemas/pairs-v1.json)
       shards/shard-00000.done.json  row count, sha256, image ids, per-image status and rejects
 
-A shard is written to ``*.parquet.tmp``, fsynced, renamed, and only then marked done (its ``.done.json``
-written the same way). A shard without a valid done marker is redone on resume.
+The run folder is a local path or a URI (``s3://``, ``gs://``, ``file://``; :mod:`ovseg_mine.storage`). A shard is
+committed in two steps, then checked against each other when read:
+
+1. the shard file is put in place whole: on a local disk written to ``*.parquet.tmp``, fsynced and renamed; on an
+   object store (no rename) written as one object, which is visible only once its upload completes;
+2. its done marker ``.done.json`` (rows, sha256 of the file, image ids, per-image status) is written the same way.
+
+A shard is done only when both are there and agree: the file's sha256 is the marker's. A file without a marker,
+or one whose bytes no longer match it, is redone on resume; so is a marker without its file.
 """
 
 from __future__ import annotations
@@ -17,11 +24,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Union
 
 from ovseg_mine.faults import failpoint
 from ovseg_mine.resources import schemas_dir
-from ovseg_mine.storage import sha256_file
+from ovseg_mine.storage import Location, StorageError, resolve, sha256_file
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -32,6 +39,9 @@ SHARDS_DIR = "shards"
 MANIFEST = "manifest.json"
 
 __all__ = ["sha256_file"]  # re-exported: shards are checked by their sha256
+
+#: A run folder or file: a local path or a URI (str or PathLike), or a resolved Location.
+Where = Union[str, "os.PathLike[str]", Location]
 
 
 class ShardError(ValueError):
@@ -94,20 +104,19 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file, fsync and rename (readers never see a partial file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def write_json_atomic(path: Where, data: Any) -> None:
+    """Write JSON to ``path`` (a local path or a URI) whole: readers see the old file or the new, never a part
+    (:meth:`ovseg_mine.storage.Location.write_bytes`).
+
+    Raises:
+        ovseg_mine.storage.StorageError: not writable.
+    """
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    resolve(path).write_bytes(text.encode("utf-8"))
 
 
 def write_shard(
-    run_dir: str | os.PathLike[str],
+    run_dir: Where,
     index: int,
     table: "pa.Table",
     *,
@@ -115,10 +124,10 @@ def write_shard(
     done_record: dict[str, Any],
     row_group_size: int,
 ) -> dict[str, Any]:
-    """Write one shard atomically and mark it done.
+    """Write one shard and mark it done (the commit protocol of this module's docstring).
 
     Args:
-        run_dir: the run folder.
+        run_dir: the run folder (a local path or a URI).
         index: shard index.
         table: rows that follow :func:`pair_schema` (cast to it; extra columns are an error).
         file_metadata: JSON-able dict stored under the ``ovseg_mine`` key of the Parquet file metadata
@@ -128,73 +137,99 @@ def write_shard(
 
     Returns:
         The done record as written: ``done_record`` plus ``file``, ``rows``, ``sha256``.
+
+    Raises:
+        ovseg_mine.storage.StorageError: the run folder is not writable.
     """
     import pyarrow.parquet as pq
 
     schema = pair_schema()
     meta = {METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **file_metadata}, sort_keys=True).encode()}
     table = table.select(schema.names).cast(schema).replace_schema_metadata(meta)
-    shard_dir = Path(run_dir) / SHARDS_DIR
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    final = shard_dir / f"{shard_name(index)}.parquet"
-    tmp = final.with_name(final.name + ".tmp")
-    pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    failpoint("shard.before_rename", index)
-    os.replace(tmp, final)
+    shard_dir = resolve(run_dir).join(SHARDS_DIR)
+    final = shard_dir.join(f"{shard_name(index)}.parquet")
+    try:
+        if final.is_local:
+            shard_dir.makedirs()
+            tmp = Path(final.path + ".tmp")
+            pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            failpoint("shard.before_rename", index)
+            os.replace(tmp, final.path)
+        else:  # one object: absent until the upload completes, then whole
+            failpoint("shard.before_rename", index)
+            pq.write_table(table, final.path, filesystem=final.fs, row_group_size=row_group_size, compression="zstd")
+    except OSError as exc:
+        raise StorageError(f"cannot write {final.uri}: {exc}") from exc
     failpoint("shard.after_rename", index)
     record = {**done_record, "file": f"{SHARDS_DIR}/{final.name}", "rows": table.num_rows, "sha256": sha256_file(final)}
-    write_json_atomic(shard_dir / f"{shard_name(index)}.done.json", record)
+    write_json_atomic(shard_dir.join(f"{shard_name(index)}.done.json"), record)
     failpoint("shard.after_done", index)
     return record
 
 
-def remove_partial_writes(run_dir: str | os.PathLike[str]) -> list[str]:
+def remove_partial_writes(run_dir: Where) -> list[str]:
     """Delete the ``*.tmp`` files an interrupted shard or marker write left in ``run_dir/shards``.
 
-    A ``.tmp`` file is never a committed shard (commit is the rename), so removing it loses nothing.
+    A ``.tmp`` file is never a committed shard (commit is the rename), so removing it loses nothing. Object
+    stores have none: an interrupted upload leaves no object.
 
     Returns:
         The names of the removed files, sorted.
     """
-    shard_dir = Path(run_dir) / SHARDS_DIR
-    removed = sorted(p.name for p in shard_dir.glob("*.tmp")) if shard_dir.is_dir() else []
+    shard_dir = resolve(run_dir).join(SHARDS_DIR)
+    if not shard_dir.is_local or not shard_dir.is_dir():
+        return []
+    removed = sorted(f.name for f in shard_dir.list_files() if f.name.endswith(".tmp"))
     for name in removed:
-        (shard_dir / name).unlink(missing_ok=True)
+        shard_dir.join(name).delete()
     return removed
 
 
-def read_done(
-    run_dir: str | os.PathLike[str], *, verify: bool = True, only: Iterable[int] | None = None
-) -> dict[int, dict[str, Any]]:
+def _done_index(name: str) -> int | None:
+    """Shard index of a done marker's file name (``shard-00042.done.json`` -> 42), None for other files."""
+    if not (name.startswith("shard-") and name.endswith(".done.json")):
+        return None
+    try:
+        return int(name[len("shard-") : -len(".done.json")])
+    except ValueError:
+        return None
+
+
+def read_done(run_dir: Where, *, verify: bool = True, only: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
     """Done records of a run's shards, by shard index.
 
     With ``verify``, a record whose Parquet file is missing or whose sha256 differs is left out (its shard
     will be redone). Malformed done files are left out too. ``only``: read just these shard indices.
     """
-    shard_dir = Path(run_dir) / SHARDS_DIR
+    run = resolve(run_dir)
+    shard_dir = run.join(SHARDS_DIR)
+    if only is None:
+        markers = [f for f in shard_dir.list_files() if _done_index(f.name) is not None] if shard_dir.is_dir() else []
+    else:
+        markers = [shard_dir.join(f"{shard_name(i)}.done.json") for i in sorted(only)]
     records: dict[int, dict[str, Any]] = {}
-    paths = (
-        sorted(shard_dir.glob("shard-*.done.json"))
-        if only is None
-        else [p for p in (shard_dir / f"{shard_name(i)}.done.json" for i in sorted(only)) if p.is_file()]
-    )
-    for path in paths:
+    for marker in markers:
         try:
-            index = int(path.name[len("shard-") :].split(".")[0])
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, json.JSONDecodeError):
+            record = json.loads(marker.read_bytes())
+        except (StorageError, ValueError):  # absent, unreadable or not JSON: not done
             continue
-        parquet = Path(run_dir) / record.get("file", "")
-        if verify and (not parquet.is_file() or sha256_file(parquet) != record.get("sha256")):
+        if not isinstance(record, dict):
             continue
-        records[index] = record
+        parquet = run.join(record.get("file", ""))
+        if verify:
+            try:
+                if sha256_file(parquet) != record.get("sha256"):
+                    continue
+            except StorageError:
+                continue
+        records[_done_index(marker.name)] = record
     return records
 
 
-def read_file_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``ovseg_mine`` metadata of a shard file.
+def read_file_metadata(path: Where) -> dict[str, Any]:
+    """The ``ovseg_mine`` metadata of a shard file (a local path or a URI).
 
     Raises:
         ShardError: not a Parquet file, no ovseg_mine metadata, or an unknown schema version.
@@ -202,8 +237,9 @@ def read_file_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    path = resolve(path)
     try:
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(path.path, filesystem=path.fs)
     except (OSError, pa.ArrowInvalid) as exc:
         raise ShardError(f"{path} is not a readable Parquet file: {exc}") from exc
     raw = (schema.metadata or {}).get(METADATA_KEY)
@@ -217,7 +253,7 @@ def read_file_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def validate_shard(path: str | os.PathLike[str]) -> list[str]:
+def validate_shard(path: Where) -> list[str]:
     """Problems of one shard against its declared contract (empty list: valid).
 
     Checks the schema version, that every contract column is present with the contract's type, and that
@@ -230,7 +266,8 @@ def validate_shard(path: str | os.PathLike[str]) -> list[str]:
     except ShardError as exc:
         return [str(exc)]
     expected = pair_schema(meta["schema_version"])
-    table = pq.read_table(path)
+    path = resolve(path)
+    table = pq.read_table(path.path, filesystem=path.fs)
     problems = []
     for field in expected:
         if field.name not in table.schema.names:
@@ -247,47 +284,57 @@ def validate_shard(path: str | os.PathLike[str]) -> list[str]:
     return problems
 
 
-def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def read_manifest(run_dir: Where) -> dict[str, Any]:
     """The run manifest (``RUN/manifest.json``, ``schemas/manifest-v1.schema.json``) as a dict.
 
     Raises:
         ShardError: the folder is not a run folder (missing, or no manifest in it), or the manifest is not
             readable JSON; the message says which, in one line.
     """
-    run_dir = Path(run_dir)
-    path = run_dir / MANIFEST
-    if not run_dir.is_dir():
-        raise ShardError(f"{run_dir} is not a folder")
-    if not path.is_file():
-        raise ShardError(f"{run_dir} is not an ovseg-mine run folder (no {MANIFEST} in it)")
+    run = resolve(run_dir)
+    path = run.join(MANIFEST)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if not run.is_dir():
+            raise ShardError(f"{run} is not a folder")
+        if not path.is_file():
+            raise ShardError(f"{run} is not an ovseg-mine run folder (no {MANIFEST} in it)")
+        manifest = json.loads(path.read_bytes())
+    except (StorageError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ShardError(f"{path} is not a readable manifest: {exc}") from exc
     if not isinstance(manifest, dict):
         raise ShardError(f"{path} is not a manifest: a JSON object was expected")
     return manifest
 
 
-def shard_files(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """The run's shard files in index order.
+def shard_files(run_dir: Where) -> list[Location]:
+    """The run's shard files in index order (Locations; a local one works wherever a path does).
 
     Raises:
-        ShardError: the folder is not a run folder (no ``shards/`` folder or no shard in it).
+        ShardError: the folder is not a run folder (no ``shards/`` folder in it), or cannot be listed.
     """
-    shard_dir = Path(run_dir) / SHARDS_DIR
-    if not shard_dir.is_dir():
-        raise ShardError(f"{run_dir} is not an ovseg-mine run folder (no {SHARDS_DIR}/ in it)")
-    return sorted(shard_dir.glob("shard-*.parquet"))
+    shard_dir = resolve(run_dir).join(SHARDS_DIR)
+    try:
+        if not shard_dir.is_dir():
+            raise ShardError(f"{resolve(run_dir)} is not an ovseg-mine run folder (no {SHARDS_DIR}/ in it)")
+        files = shard_dir.list_files()
+    except StorageError as exc:
+        raise ShardError(str(exc)) from exc
+    return [f for f in files if f.name.startswith("shard-") and f.name.endswith(".parquet")]
 
 
-def read_pairs(run_dir: str | os.PathLike[str], columns: Iterable[str] | None = None) -> "pa.Table":
-    """All pairs of a run as one Arrow table (for small runs, tests and inspection)."""
-    import pyarrow as pa
+def read_table(path: Where, columns: Iterable[str] | None = None) -> "pa.Table":
+    """One shard file (a local path or a URI) as an Arrow table, ``columns`` only if given."""
     import pyarrow.parquet as pq
 
-    files = shard_files(run_dir)
-    tables = [pq.read_table(f, columns=list(columns) if columns else None) for f in files]
+    path = resolve(path)
+    return pq.read_table(path.path, filesystem=path.fs, columns=list(columns) if columns else None)
+
+
+def read_pairs(run_dir: Where, columns: Iterable[str] | None = None) -> "pa.Table":
+    """All pairs of a run as one Arrow table (for small runs, tests and inspection)."""
+    import pyarrow as pa
+
+    tables = [read_table(f, columns) for f in shard_files(run_dir)]
     if not tables:
         return pair_schema().empty_table()
     return pa.concat_tables(tables).replace_schema_metadata(None)

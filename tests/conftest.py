@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 
 from ovseg_mine.resources import sample_dir
 
-from helpers import COCO_MINI, run_cli
+from helpers import COCO_MINI, MotoServer, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -101,11 +102,9 @@ SOURCE_RUNS = {
 def mined_sources(coco8, source_dirs, tmp_path_factory) -> dict[str, Path]:
     """Each run of :data:`SOURCE_RUNS` mined once per session, in this process, on one local Ray (started here
     and shut down before the tests run): ``smoke`` recipe, :data:`SOURCE_RUN_SETTINGS`. Read-only for tests."""
-    import ray
-
     from ovseg_mine.config import build_config
-    from ovseg_mine.mine.graph import init_ray
     from ovseg_mine.mine.pipeline import mine
+    from ovseg_mine.ray_session import init_ray, shutdown_ray
 
     root = tmp_path_factory.mktemp("mined")
     runs = {}
@@ -121,7 +120,7 @@ def mined_sources(coco8, source_dirs, tmp_path_factory) -> dict[str, Path]:
             runs[name] = root / name
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
     return runs
 
 
@@ -142,3 +141,23 @@ def smoke_stages():
         return masks(nouns(table)).to_pylist()
 
     return run
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """One moto S3 server (its own process, 127.0.0.1) for the session."""
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch) -> str:
+    """A fresh bucket on the session's moto server, its ``s3://`` URI; the standard AWS variables (endpoint,
+    region, dummy credentials) are set for the test and the processes it starts."""
+    for key, value in moto_server.env.items():
+        monkeypatch.setenv(key, value)
+    return moto_server.bucket(f"test-{next(_buckets)}")

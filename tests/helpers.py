@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,116 @@ def run_cli(*args: str, timeout: int = 900, failpoints: str | None = None) -> su
     return subprocess.run(
         [sys.executable, "-m", "ovseg_mine.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def kill_processes(processes: list) -> None:
+    """SIGKILL these ``psutil.Process``es (those already gone are skipped) and wait until they are gone."""
+    import psutil
+
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=30)
+
+
+def upload(folder: Path, uri: str) -> str:
+    """Copy every file under the local ``folder`` to the same relative keys under ``uri``; returns ``uri``."""
+    from ovseg_mine.storage import resolve
+
+    target = resolve(uri)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        target.join(path.relative_to(folder).as_posix()).write_bytes(path.read_bytes())
+    return uri
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MotoServer:
+    """moto's S3-compatible server in its own process, bound to 127.0.0.1 (no traffic leaves the machine).
+
+    ``env`` holds what a client needs (endpoint, region and dummy credentials, the standard AWS variables);
+    :meth:`bucket` creates a bucket and returns its ``s3://`` URI.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "test-key-id",
+            "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not start on 127.0.0.1:{self.port}") from None
+                time.sleep(0.1)
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name`` (lowercase, 3-63 characters) and return ``s3://name``."""
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(
+            access_key=self.env["AWS_ACCESS_KEY_ID"],
+            secret_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            endpoint_override=self.endpoint,
+            region=self.env["AWS_DEFAULT_REGION"],
+            allow_bucket_creation=True,
+        )
+        fs.create_dir(name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+#: How every line the CLI prints itself begins (its progress bar, summaries, notes, one-line errors, and the
+#: ``LEVEL: message`` lines of its logging set-up).
+CLI_LINE_PREFIXES = (
+    "mining ",
+    "complete:",
+    "partial:",
+    "note:",
+    "shards and manifest:",
+    "interrupted:",
+    "error:",
+    "warning:",
+    "WARNING:",
+    "ERROR:",
+    "report:",
+    "dry run:",
+    "published:",
+)
+
+
+def assert_only_cli_lines(output: str) -> None:
+    """Every non-empty line of ``output`` is one of the CLI's own (no line from Ray or another library)."""
+    foreign = [line for line in output.splitlines() if line.strip() and not line.startswith(CLI_LINE_PREFIXES)]
+    assert not foreign, "lines not from the CLI:\n" + "\n".join(foreign[:20])
 
 
 SCORE_COLUMNS = ("similarity", "probability", "margin", "predicted_iou", "stability_score")

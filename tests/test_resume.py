@@ -20,6 +20,8 @@ import pytest
 
 from ovseg_mine.shards import read_done, read_pairs
 
+from helpers import kill_processes
+
 IMAGES = 12
 PER_SHARD = 3
 
@@ -94,16 +96,6 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def _reap(processes: list[psutil.Process]) -> None:
-    """Kill what a killed driver left behind (its local Ray), as a machine restart would."""
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(processes, timeout=30)
-
-
 def _digests(run: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run / "shards").glob("*.parquet"))}
 
@@ -131,15 +123,21 @@ def reference(coco_mini, tmp_path_factory) -> Path:
 
 
 def test_sigkill_between_commits_and_inside_shard_writes_then_resume(coco_mini, reference, tmp_path):
-    """One run folder through every crash point of a shard commit, then a corrupted shard, then the resume."""
+    """One run folder through every crash point of a shard commit, then a corrupted shard, then the resume; the
+    lock of a killed run never blocks its resume."""
     out = tmp_path / "run"
     # 1. SIGKILL of the driver (only the driver) between shard commits.
     proc = _start(coco_mini, out, failpoints=PAUSE_AFTER_SHARD_0)
     _wait_for(lambda: (out / "shards" / "shard-00000.done.json").is_file(), proc)
+    # 0. A second run into the folder in use is refused at once, naming the run that holds it.
+    second = _run(coco_mini, out)
+    assert second.returncode == 2 and second.stdout == ""
+    assert second.stderr.count("\n") == 1 and "is in use by another ovseg-mine run" in second.stderr
+    assert f"pid {proc.pid}," in second.stderr
     leftovers = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    _reap(leftovers)
+    kill_processes(leftovers)
     assert proc.returncode == -signal.SIGKILL
     done = sorted(read_done(out))
     assert 0 in done  # shards are read concurrently: another one may have been committed before shard 0

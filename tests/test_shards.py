@@ -11,11 +11,14 @@ from ovseg_mine.shards import (
     pair_schema,
     read_done,
     read_file_metadata,
+    read_manifest,
     read_pairs,
     shard_files,
     validate_shard,
+    write_json_atomic,
     write_shard,
 )
+from ovseg_mine.storage import resolve
 
 
 def _pair(image_id=1, noun="dog"):
@@ -88,3 +91,37 @@ def test_unknown_schema_version_and_foreign_files(tmp_path):
     assert "not a readable Parquet file" in validate_shard(tmp_path / "junk.parquet")[0]
     with pytest.raises(ShardError, match="not an ovseg-mine run folder"):
         shard_files(tmp_path / "nothing")
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_root(request, tmp_path) -> str:
+    """Where a run folder goes: a local path, or a bucket on a local moto S3 server."""
+    return str(tmp_path / "run") if request.param == "local" else request.getfixturevalue("s3") + "/run"
+
+
+def test_commit_protocol_on_disks_and_object_stores(run_root):
+    """A shard is done only when its file and its done marker are both there and agree (rows, sha256)."""
+    run = resolve(run_root)
+    table = pa.Table.from_pylist([_pair(1, "dog"), _pair(2, "cat")], schema=pair_schema())
+    records = {
+        i: write_shard(run_root, i, table, file_metadata={}, done_record={"image_ids": [1, 2]}, row_group_size=10)
+        for i in range(4)
+    }
+    assert read_done(run_root) == records
+    assert [f.name for f in shard_files(run_root)] == [f"shard-0000{i}.parquet" for i in range(4)]
+    assert validate_shard(shard_files(run_root)[0]) == [] and read_file_metadata(shard_files(run_root)[0])
+    assert read_pairs(run_root).num_rows == 8
+    shards = run.join("shards")
+    # 0: the file's bytes changed after it was marked done; 1: the file is gone, its marker left;
+    # 2: a file without its marker (written, then the run stopped); 3 stays done.
+    shards.join("shard-00000.parquet").write_bytes(shards.join("shard-00000.parquet").read_bytes()[:-8])
+    shards.join("shard-00001.parquet").delete()
+    shards.join("shard-00002.done.json").delete()
+    assert sorted(read_done(run_root)) == [3]
+    assert sorted(read_done(run_root, verify=False)) == [0, 1, 3]
+    assert sorted(read_done(run_root, only=[2, 3])) == [3]
+    write_json_atomic(run.join("manifest.json"), {"status": "partial"})
+    assert read_manifest(run_root) == {"status": "partial"}
+    # the same table gives the same bytes wherever it is written
+    local = write_shard(run_root + "-again", 0, table, file_metadata={}, done_record={}, row_group_size=10)
+    assert local["sha256"] == records[0]["sha256"]

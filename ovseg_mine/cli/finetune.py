@@ -13,11 +13,15 @@ from ovseg_mine.cli.common import fail, setup_logging
 
 
 def finetune_command(
-    shards: Path = typer.Option(..., "--shards", help="Run folder of `ovseg-mine mine` (manifest.json + shards/)."),
-    out: Path = typer.Option(..., "--out", help="Output folder (weights, mask prompts, metadata); a rerun resumes."),
+    shards: str = typer.Option(
+        ..., "--shards", help="Run folder of `ovseg-mine mine` (manifest.json + shards/): a path or a URI."
+    ),
+    out: str = typer.Option(
+        ..., "--out", help="Output folder (weights, mask prompts, metadata), a path or a URI; a rerun resumes."
+    ),
     mode: str = typer.Option("full", "--mode", help="full | prompt | full+prompt (finetune, then prompt-tune)."),
-    images: Optional[Path] = typer.Option(
-        None, "--images", help="Image root (default: the manifest's source.image_root)."
+    images: Optional[str] = typer.Option(
+        None, "--images", help="Image root, a path or a URI (default: the manifest's source.image_root)."
     ),
     arch: Optional[str] = typer.Option(
         None, "--arch", help="open_clip architecture (default: the CLIP that mined the shards)."

@@ -11,12 +11,12 @@ from ovseg_mine.cli.common import fail
 
 
 def inspect_command(
-    run: Path = typer.Argument(..., help="Run folder (manifest.json + shards/)."),
+    run: str = typer.Argument(..., help="Run folder (manifest.json + shards/): a path or an s3:// gs:// file:// URI."),
     gt: Optional[Path] = typer.Option(
         None, "--gt", help="COCO instances (or panoptic) JSON of the same images: adds agreement with ground truth."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON (stdout) instead of text."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Report folder (default RUN/report)."),
+    report: Optional[str] = typer.Option(None, "--report", help="Report folder, a path or a URI (default RUN/report)."),
     no_report: bool = typer.Option(False, "--no-report", help="Only print the figures; write no HTML report."),
     gallery: int = typer.Option(48, "--gallery", min=0, help="Pairs shown in the report's gallery."),
     seed: int = typer.Option(0, "--seed", help="Seed of the gallery's sampling (same seed, same pairs)."),
@@ -32,7 +32,7 @@ def inspect_command(
         if not no_report:
             from ovseg_mine.inspect.report import write_report
 
-            path = write_report(insp, report or run / "report", gallery=gallery, seed=seed)
+            path = write_report(insp, report or insp.run_dir.join("report"), gallery=gallery, seed=seed)
     except InspectError as exc:
         fail(str(exc))
     except OSError as exc:

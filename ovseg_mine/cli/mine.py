@@ -13,6 +13,16 @@ import typer
 
 from ovseg_mine.cli.common import SET_HELP, fail, setup_logging
 
+RAY_ADDRESS_HELP = (
+    "Join this Ray cluster: HOST:PORT of its head, ray://HOST:10001, or auto (the one `ray start` started on this "
+    "machine). Default: RAY_ADDRESS if set, else a new local Ray bound to 127.0.0.1."
+)
+RETRY_HELP = (
+    "Resume, and also mine again the images that failed (listed with stage 'error'), rewriting only their shards; "
+    "other rejects stay."
+)
+VERBOSE_HELP = "Also show Ray's own log lines (they always go to RUN/mine.log and Ray's session folder)."
+
 
 def _parse_ids(image_ids: Optional[str]) -> list[int] | None:
     if image_ids is None:
@@ -26,7 +36,7 @@ def _parse_ids(image_ids: Optional[str]) -> list[int] | None:
     return None
 
 
-def _summary(manifest: dict[str, Any], out: Path) -> None:
+def _summary(manifest: dict[str, Any], out: str) -> None:
     counts, timings = manifest["counts"], manifest["timings"]
     rejects = ", ".join(f"{k}: {v}" for k, v in sorted(counts["rejects_by_stage"].items())) or "none"
     typer.echo(
@@ -49,7 +59,7 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _shards_done(out: Path) -> str:
+def _shards_done(out: str) -> str:
     from ovseg_mine.shards import ShardError, read_manifest
 
     try:
@@ -72,8 +82,8 @@ class _Input:
 
 def _input(
     source: Optional[str],
-    captions: Optional[Path],
-    images: Optional[Path],
+    captions: Optional[str],
+    images: Optional[str],
     proposals: Optional[str],
     columns: dict[str, Optional[str]],
 ) -> _Input:
@@ -102,12 +112,14 @@ def _input(
 def _run_mine(
     pipeline: str,
     what: _Input,
-    out: Path,
+    out: str,
     overrides: list[str],
     limit: Optional[int],
     image_ids: Optional[str],
     ray_address: Optional[str],
     overwrite: bool,
+    verbose: bool = False,
+    retry_failed: bool = False,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -116,6 +128,7 @@ def _run_mine(
     from ovseg_mine.mine.pipeline import RunError, mine
     from ovseg_mine.mine.sources import SourceError
     from ovseg_mine.models import WeightsError
+    from ovseg_mine.ray_session import RayStartError
 
     setup_logging()
     extra = what.overrides + list(overrides)
@@ -153,12 +166,14 @@ def _run_mine(
                 proposals=what.proposals,
                 ray_address=ray_address,
                 overwrite=overwrite,
+                retry_failed=retry_failed,
+                verbose=verbose,
                 on_progress=on_progress,
             )
         finally:
             if progress.live.is_started:
                 progress.stop()
-    except (ConfigError, SourceError, RunError, WeightsError, SpacyModelMissing) as exc:
+    except (ConfigError, SourceError, RunError, RayStartError, WeightsError, SpacyModelMissing) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         typer.echo(f"interrupted: {_shards_done(out)} kept in {out}; rerun the same command to resume", err=True)
@@ -171,15 +186,17 @@ def mine_command(
         None,
         "--source",
         help="KIND:LOCATION: hf:NAME_OR_PATH, webdataset:PATHS, img2dataset:DIR, folder:DIR, coco:JSON "
-        "(see the README's 'Mining your data').",
+        "(see the README's 'Mining your data'; locations may be s3:// gs:// file:// URIs).",
     ),
-    captions: Optional[Path] = typer.Option(
-        None, "--captions", help="COCO captions JSON (e.g. annotations/captions_train2017.json)."
+    captions: Optional[str] = typer.Option(
+        None, "--captions", help="COCO captions JSON (e.g. annotations/captions_train2017.json; a path or a URI)."
     ),
-    images: Optional[Path] = typer.Option(
-        None, "--images", help="COCO: image root the JSON's file_name entries are relative to."
+    images: Optional[str] = typer.Option(
+        None, "--images", help="COCO: image root the JSON's file_name entries are relative to (a path or a URI)."
     ),
-    out: Path = typer.Option(..., "--out", help="Run folder for shards and manifest (resumed if it exists)."),
+    out: str = typer.Option(
+        ..., "--out", help="Run folder for shards and manifest: a path or an s3:// gs:// file:// URI (resumed)."
+    ),
     split: Optional[str] = typer.Option(None, "--split", help="hf: the split (default: train, or the only one)."),
     hf_config: Optional[str] = typer.Option(None, "--hf-config", help="hf: the Hub dataset's configuration."),
     image_column: Optional[str] = typer.Option(None, "--image-column", help="Column holding the image."),
@@ -202,10 +219,10 @@ def mine_command(
         None, "--limit", min=1, help="Mine only the first N images (COCO: by image id; other sources: in source order)."
     ),
     image_ids: Optional[str] = typer.Option(None, "--image-ids", help="Comma-separated image ids, or a file of ids."),
-    ray_address: Optional[str] = typer.Option(
-        None, "--ray-address", help="Join this Ray cluster (default: start a local Ray)."
-    ),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard a run with another config in --out."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help=RETRY_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Mine mask-noun pairs from an image-caption dataset into Parquet shards."""
     columns = {
@@ -216,23 +233,24 @@ def mine_command(
         "id_column": id_column,
     }
     what = _input(source, captions, images, proposals, columns)
-    _run_mine(pipeline, what, out, overrides, limit, image_ids, ray_address, overwrite)
+    _run_mine(pipeline, what, out, overrides, limit, image_ids, ray_address, overwrite, verbose, retry_failed)
 
 
 def demo_command(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
+    out: str = typer.Option("runs/demo", "--out", help="Run folder (a path or a URI)."),
     pipeline: str = typer.Option("demo", "--pipeline", "-p", help="Recipe: demo (real weights if reachable) or smoke."),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Mine only the first N sample images."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard a run with another config in --out."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Mine the bundled sample (16 COCO val2017 images with their captions)."""
     from ovseg_mine.resources import sample_dir
 
     sample = sample_dir()
     what = _Input(str(sample / "captions.json"), str(sample / "images"), None, ['source.kind="coco"'])
-    _run_mine(pipeline, what, out, overrides, limit, None, ray_address, overwrite)
+    _run_mine(pipeline, what, out, overrides, limit, None, ray_address, overwrite, verbose)
 
 
 def pipelines_command() -> None:

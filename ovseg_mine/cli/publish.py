@@ -12,7 +12,7 @@ from ovseg_mine.cli.common import fail, warn
 
 
 def publish_command(
-    run: Path = typer.Argument(..., help="Run folder (manifest.json + shards/)."),
+    run: str = typer.Argument(..., help="Run folder (manifest.json + shards/): a path or an s3:// gs:// file:// URI."),
     repo_id: Optional[str] = typer.Option(None, "--repo-id", help="Dataset repository USER/NAME (created if missing)."),
     private: bool = typer.Option(False, "--private", help="Create the repository as private."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to upload to (created if missing)."),

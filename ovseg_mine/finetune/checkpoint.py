@@ -10,7 +10,9 @@ Layout of an output folder::
       metadata.json                 config, start weights, shards' identity, per-stage results, training curve
       state/last.pt                 resume state (trainable weights, optimizer, scheduler, step, curve)
 
-Every file is written to a temporary name and renamed, so an interrupted run never leaves a partial file.
+``OUT`` is a local path or a URI (``s3://``, ``gs://``...: the shared storage a multi-node finetune needs). Every
+file is written whole (:mod:`ovseg_mine.storage`: a temporary name and a rename on disks, one object on object
+stores), so an interrupted run never leaves a partial file.
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, load_prompts
-from ovseg_mine.storage import first_line
+from ovseg_mine.storage import Location, StorageError, first_line, resolve
 
 if TYPE_CHECKING:
     import torch
@@ -60,54 +61,46 @@ def open_clip_arch(arch: str, quick_gelu: bool) -> str:
     return variant if variant in open_clip.list_models() else arch
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
-def save_weights(model: "torch.nn.Module", out: str | os.PathLike[str]) -> Path:
-    """Write ``model.state_dict()`` (float32, CPU) to ``OUT/open_clip_model.safetensors``; returns the path."""
+def save_weights(model: "torch.nn.Module", out: str | os.PathLike[str] | Location) -> Location:
+    """Write ``model.state_dict()`` (float32, CPU) to ``OUT/open_clip_model.safetensors``; returns where."""
     from safetensors.torch import save_file
 
-    path = Path(out) / WEIGHTS_FILE
+    path = resolve(out).join(WEIGHTS_FILE)
     state = {k: v.detach().float().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(_tmp(path)), metadata={"format": "pt"})
-    os.replace(_tmp(path), path)
+    path.write_via(lambda local: save_file(state, local, metadata={"format": "pt"}))
     return path
 
 
-def write_metadata(out: str | os.PathLike[str], metadata: dict[str, Any]) -> None:
-    """Write ``OUT/metadata.json`` atomically (JSON, sorted keys)."""
+def write_metadata(out: str | os.PathLike[str] | Location, metadata: dict[str, Any]) -> None:
+    """Write ``OUT/metadata.json`` whole (JSON, sorted keys)."""
     from ovseg_mine.shards import write_json_atomic
 
-    write_json_atomic(Path(out) / METADATA_FILE, metadata)
+    write_json_atomic(resolve(out).join(METADATA_FILE), metadata)
 
 
-def read_metadata(out: str | os.PathLike[str]) -> dict[str, Any]:
+def read_metadata(out: str | os.PathLike[str] | Location) -> dict[str, Any]:
     """``OUT/metadata.json`` as a dict.
 
     Raises:
-        CheckpointError: no such file (not a finetune output) or invalid JSON.
+        CheckpointError: no such file (not a finetune output), invalid JSON, or a location that cannot be read.
     """
-    path = Path(out) / METADATA_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{out} is not an ovseg-mine finetune output (no {METADATA_FILE} in it)")
+    path = resolve(out).join(METADATA_FILE)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        if not path.is_file():
+            raise CheckpointError(f"{out} is not an ovseg-mine finetune output (no {METADATA_FILE} in it)")
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, StorageError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON: {exc}") from exc
 
 
-def save_state(out: str | os.PathLike[str], state: dict[str, Any]) -> None:
+def save_state(out: str | os.PathLike[str] | Location, state: dict[str, Any]) -> None:
     """Write the resume state ``OUT/state/last.pt`` (``torch.save`` of tensors, dicts and numbers)."""
     import torch
 
-    path = Path(out) / STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, _tmp(path))
-    os.replace(_tmp(path), path)
+    resolve(out).join(STATE_FILE).write_via(lambda local: torch.save(state, local))
 
 
-def load_state(out: str | os.PathLike[str]) -> dict[str, Any] | None:
+def load_state(out: str | os.PathLike[str] | Location) -> dict[str, Any] | None:
     """The resume state of ``OUT``, or None when there is none.
 
     Raises:
@@ -115,23 +108,24 @@ def load_state(out: str | os.PathLike[str]) -> dict[str, Any] | None:
     """
     import torch
 
-    path = Path(out) / STATE_FILE
-    if not path.is_file():
-        return None
+    path = resolve(out).join(STATE_FILE)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except UNREADABLE_STATE as exc:
+        if not path.is_file():
+            return None
+        with path.local_file() as local:
+            return torch.load(local, map_location="cpu", weights_only=True)
+    except (*UNREADABLE_STATE, StorageError) as exc:
         raise CheckpointError(
             f"cannot read the resume state {path} ({type(exc).__name__}: {first_line(exc, 200)}); "
             "delete it to start over"
         ) from exc
 
 
-def load_finetuned(folder: str | os.PathLike[str], *, device: Any = "cpu", with_prompts: bool = True):
+def load_finetuned(folder: str | os.PathLike[str] | Location, *, device: Any = "cpu", with_prompts: bool = True):
     """Load a finetune output for inference.
 
     Args:
-        folder: an output folder of ``ovseg-mine finetune``.
+        folder: an output folder of ``ovseg-mine finetune`` (a local path or a URI).
         device: torch device for the model.
         with_prompts: attach ``mask_prompts.safetensors`` when the folder has one.
 
@@ -144,16 +138,17 @@ def load_finetuned(folder: str | os.PathLike[str], *, device: Any = "cpu", with_
     """
     from ovseg_mine.models import WeightsError, load_clip
 
-    folder = Path(folder)
+    folder = resolve(folder)
     meta = read_metadata(folder)
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}: the run has not finished a stage yet")
+    weights = folder.join(WEIGHTS_FILE)
     try:
-        model, tokenizer, _info = load_clip(meta["open_clip_arch"], str(weights), device=device)
-    except WeightsError as exc:
+        if not weights.is_file():
+            raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}: the run has not finished a stage yet")
+        with weights.local_file() as local:
+            model, tokenizer, _info = load_clip(meta["open_clip_arch"], local, device=device)
+        prompts = None
+        if with_prompts and folder.join(PROMPTS_FILE).is_file():
+            prompts = load_prompts(folder.join(PROMPTS_FILE), model)
+    except (WeightsError, StorageError) as exc:
         raise CheckpointError(str(exc)) from exc
-    prompts = None
-    if with_prompts and (folder / PROMPTS_FILE).is_file():
-        prompts = load_prompts(folder / PROMPTS_FILE, model)
     return model, tokenizer, prompts, meta

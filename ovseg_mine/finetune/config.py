@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,9 +155,10 @@ def build_config(**options: Any) -> FinetuneConfig:
         for key, given in (("full", full), ("prompt", prompt)):
             base = defaults[key].default.model_dump()
             options[key] = OptimConfig(**{**base, **{k: v for k, v in given.items() if v is not None}})
-        for key in ("shards", "out", "images", "init"):
+        for key in ("shards", "out", "images", "init"):  # local paths made absolute, URIs kept
             if options.get(key) is not None:
-                options[key] = str(Path(options[key]).expanduser().resolve())
+                value = os.fspath(options[key])
+                options[key] = value if "://" in value else str(Path(value).expanduser().resolve())
         options = {k: v for k, v in options.items() if v is not None}
         return FinetuneConfig(**options)
     except ValidationError as exc:

@@ -18,16 +18,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ovseg_mine.shards import MANIFEST, ShardError, read_done, read_file_metadata, read_manifest, shard_files
-from ovseg_mine.storage import sha256_file
+from ovseg_mine.storage import Location, StorageError, resolve, sha256_file
 
 log = logging.getLogger("ovseg_mine")
 COLUMNS = ("pair_id", "file_name", "noun", "mask")
@@ -42,18 +42,18 @@ class ShardIndex:
     """What :func:`scan_shards` learned about a run folder, without reading any pixels.
 
     Attributes:
-        run_dir: the run folder.
-        image_root: folder the pairs' ``file_name`` is relative to.
+        run_dir: the run folder (a local path or a URI, resolved).
+        image_root: folder the pairs' ``file_name`` is relative to (a local path or a URI, resolved).
         manifest: the run's ``manifest.json`` (empty dict if it has none).
-        row_groups: ``(shard path, row group index, rows)`` of every row group, in shard order.
+        row_groups: ``(shard path or URI, row group index, rows)`` of every row group, in shard order.
         rows: pairs in the shards.
         missing_images: sorted file names the image root lacks; their pairs are skipped (counted here).
         skipped_rows: pairs skipped because their image is missing.
         shards_id: sha256 over the shards' file hashes (identifies the exact training data).
     """
 
-    run_dir: Path
-    image_root: Path
+    run_dir: Location
+    image_root: Location
     manifest: dict[str, Any]
     row_groups: list[tuple[str, int, int]]
     rows: int
@@ -67,12 +67,13 @@ class ShardIndex:
         return self.rows - self.skipped_rows
 
 
-def scan_shards(run_dir: str | os.PathLike[str], images: str | os.PathLike[str] | None = None) -> ShardIndex:
+def scan_shards(run_dir: str | os.PathLike[str] | Location, images: str | os.PathLike[str] | None = None) -> ShardIndex:
     """Check a run folder and index its shards for training.
 
     Args:
-        run_dir: output folder of ``ovseg-mine mine`` (``shards/*.parquet``, usually ``manifest.json``).
-        images: image root; default the manifest's ``source.image_root``.
+        run_dir: output folder of ``ovseg-mine mine`` (``shards/*.parquet``, usually ``manifest.json``): a local
+            path or a URI (``s3://``, ``gs://``...).
+        images: image root (a path or a URI); default the manifest's ``source.image_root``.
 
     Returns:
         A :class:`ShardIndex`. Pairs whose image file is missing are counted and listed, not an error.
@@ -83,32 +84,38 @@ def scan_shards(run_dir: str | os.PathLike[str], images: str | os.PathLike[str] 
     """
     import pyarrow.parquet as pq
 
-    run_dir = Path(run_dir)
     try:
+        run_dir = resolve(run_dir)
         files = shard_files(run_dir)
         if not files:
-            raise DataError(f"{run_dir / 'shards'} holds no shard (shard-*.parquet): nothing to train on")
+            raise DataError(f"{run_dir.join('shards')} holds no shard (shard-*.parquet): nothing to train on")
         for path in files:
             read_file_metadata(path)
-        manifest = read_manifest(run_dir) if (run_dir / MANIFEST).is_file() else {}
-    except ShardError as exc:
+        manifest = read_manifest(run_dir) if run_dir.join(MANIFEST).is_file() else {}
+    except (ShardError, StorageError) as exc:
         raise DataError(str(exc)) from exc
     root = images or manifest.get("source", {}).get("image_root")
     if not root:
         raise DataError(f"{run_dir} has no manifest with source.image_root: pass --images")
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image root {root} is not a folder (pass --images)")
-    done = {Path(r.get("file", "")).name: r.get("sha256") for r in read_done(run_dir, verify=False).values()}
-    row_groups, names, digest = [], {}, hashlib.sha256()
-    for path in files:
-        parquet = pq.ParquetFile(path)
-        digest.update((done.get(path.name) or sha256_file(path)).encode())
-        for g in range(parquet.num_row_groups):
-            row_groups.append((str(path), g, parquet.metadata.row_group(g).num_rows))
-            for name in parquet.read_row_group(g, columns=["file_name"]).column(0).to_pylist():
-                names[name] = names.get(name, 0) + 1
-    missing = sorted(n for n in names if not (root / n).is_file())
+    try:
+        root = resolve(root)
+        if not root.is_dir():
+            raise DataError(f"image root {root} is not a folder (pass --images)")
+        records = read_done(run_dir, verify=False).values()
+        done = {posixpath.basename(r.get("file", "")): r.get("sha256") for r in records}
+        row_groups, names, digest = [], {}, hashlib.sha256()
+        for path in files:
+            with path.open_input() as handle:
+                parquet = pq.ParquetFile(handle)
+                digest.update((done.get(path.name) or sha256_file(path)).encode())
+                for g in range(parquet.num_row_groups):
+                    row_groups.append((path.uri, g, parquet.metadata.row_group(g).num_rows))
+                    for name in parquet.read_row_group(g, columns=["file_name"]).column(0).to_pylist():
+                        names[name] = names.get(name, 0) + 1
+        exists = _image_exists(root)
+        missing = sorted(n for n in names if not exists(n))
+    except StorageError as exc:
+        raise DataError(str(exc)) from exc
     index = ShardIndex(
         run_dir,
         root,
@@ -124,6 +131,15 @@ def scan_shards(run_dir: str | os.PathLike[str], images: str | os.PathLike[str] 
     if not index.rows:
         raise DataError(f"the shards of {run_dir} hold no pairs: nothing to train on")
     return index
+
+
+def _image_exists(root: Location) -> Callable[[str], bool]:
+    """Whether ``root/name`` is a file: one stat per name on a local disk; on an object store the root is listed
+    once (a request per thousand objects, not one per image)."""
+    if root.is_local:
+        return lambda name: os.path.isfile(os.path.join(root.path, name))
+    listed = {posixpath.relpath(f.path, root.path) for f in root.list_files(recursive=True)}
+    return listed.__contains__
 
 
 def _random_resized_crop(
@@ -193,7 +209,8 @@ class PairDataset(IterableDataset):
         rng.shuffle(groups)
         position = 0
         for path, group, _rows in groups:
-            table = pq.ParquetFile(path).read_row_group(group, columns=list(COLUMNS))
+            with resolve(path).open_input() as handle:
+                table = pq.ParquetFile(handle).read_row_group(group, columns=list(COLUMNS))
             rows = table.to_pylist()
             rng.shuffle(rows)
             for row in rows:
@@ -238,7 +255,7 @@ class PairDataset(IterableDataset):
         from ovseg_mine.images import ImageDecodeError, load_rgb
 
         try:
-            image = torch.from_numpy(load_rgb(self.index.image_root / row["file_name"])).permute(2, 0, 1)
+            image = torch.from_numpy(load_rgb(self.index.image_root.join(row["file_name"]).uri)).permute(2, 0, 1)
             mask = torch.from_numpy(rle.decode(row["mask"]))[None]
         except (ImageDecodeError, rle.RLEError) as exc:
             log.warning("skipping pair %s: %s", row["pair_id"], exc)

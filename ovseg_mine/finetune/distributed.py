@@ -4,20 +4,20 @@ Each Ray Train worker runs :func:`ovseg_mine.finetune.train.train_worker` with i
 creates the torch process group (NCCL on GPUs, gloo on CPUs) and the trainable module is wrapped in
 ``DistributedDataParallel`` by the loop. Every worker reads its own share of the shards' rows. Rank 0 writes
 the outputs and the resume state to ``--out``: on several nodes ``--out``, the shards and the images must be
-on a filesystem that every node sees (the same path everywhere).
+where every node reads them: an object store (``s3://``, ``gs://``; Ray Train keeps its own run state there
+too) or a filesystem that every node mounts at the same path.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from ovseg_mine.finetune.config import FinetuneConfig
-from ovseg_mine.storage import first_line
+from ovseg_mine.ray_session import RayStartError, init_ray, shutdown_ray
+from ovseg_mine.storage import first_line, resolve
 
 log = logging.getLogger("ovseg_mine")
-RAY_START_ERRORS = (ConnectionError, RuntimeError, ValueError, TimeoutError)
 
 
 class DistributedError(RuntimeError):
@@ -42,8 +42,9 @@ def _worker(config: dict[str, Any]) -> None:
 def run_distributed(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run ``cfg`` on ``cfg.num_workers`` Ray Train workers; returns the run's metadata.
 
-    Joins the Ray cluster at ``cfg.ray_address``, or starts a local Ray. Each worker gets one GPU when
-    ``cfg.use_gpu`` (None: when the cluster has GPUs), else one CPU and the gloo backend.
+    Joins the Ray cluster at ``cfg.ray_address`` (or ``RAY_ADDRESS``), or starts a local Ray bound to loopback,
+    never the one a stale ``ray_current_cluster`` record names (:func:`ovseg_mine.ray_session.init_ray`). Each
+    worker gets one GPU when ``cfg.use_gpu`` (None: when the cluster has GPUs), else one CPU and the gloo backend.
 
     Raises:
         DistributedError: Ray cannot start or be joined, or the training failed on a worker (the message
@@ -57,15 +58,10 @@ def run_distributed(cfg: FinetuneConfig) -> dict[str, Any]:
 
     from ovseg_mine.finetune.checkpoint import read_metadata
 
-    try:
-        if not ray.is_initialized():
-            ray.init(address=cfg.ray_address, log_to_driver=True, configure_logging=False)
-    except Exception as exc:
-        # Ray reports a bad address or a failed start as ConnectionError, RuntimeError, ValueError or TimeoutError,
-        # and a start-up timeout as a bare Exception; anything else is a bug, not Ray failing to start.
-        if not isinstance(exc, RAY_START_ERRORS) and type(exc) is not Exception:
-            raise
-        raise DistributedError(f"cannot start or join Ray ({cfg.ray_address or 'local'}): {first_line(exc)}") from exc
+    try:  # a local Ray on loopback unless --ray-address / RAY_ADDRESS says where to join (ovseg_mine.ray_session)
+        started = init_ray(cfg.ray_address, verbose=True)
+    except RayStartError as exc:
+        raise DistributedError(str(exc)) from exc
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     config = cfg.model_dump(mode="json") | {"use_gpu": use_gpu}
     trainer = TorchTrainer(
@@ -73,7 +69,7 @@ def run_distributed(cfg: FinetuneConfig) -> dict[str, Any]:
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name="ovseg-mine-finetune", storage_path=str((Path(cfg.out) / "ray").resolve())),
+        run_config=RunConfig(name="ovseg-mine-finetune", storage_path=resolve(cfg.out).join("ray").uri),
     )
     try:
         trainer.fit()
@@ -84,4 +80,7 @@ def run_distributed(cfg: FinetuneConfig) -> dict[str, Any]:
         raise DistributedError(
             f"distributed training failed: {type(cause).__name__}: {first_line(cause, 500)}"
         ) from exc
+    finally:
+        if started:
+            shutdown_ray()
     return read_metadata(cfg.out)

@@ -24,8 +24,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import nn
 
+from ovseg_mine.storage import resolve
+
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from ovseg_mine.storage import Location
 
 PROMPTS_FILE = "mask_prompts.safetensors"
 
@@ -159,9 +163,10 @@ class MaskPrompts(nn.Module):
         self._handles = []
 
 
-def save_prompts(prompts: MaskPrompts, path: "str | Path", *, arch: str) -> None:
-    """Write the prompts as safetensors: tensor ``prompts`` float32 ``[depth, n_patches, width]``, and string
-    metadata ``arch``, ``depth``, ``grid`` (``"gh,gw"``) and ``patch_size`` (``"ph,pw"``)."""
+def save_prompts(prompts: MaskPrompts, path: "str | Path | Location", *, arch: str) -> None:
+    """Write the prompts as safetensors (a local path or a URI, whole): tensor ``prompts`` float32
+    ``[depth, n_patches, width]``, and string metadata ``arch``, ``depth``, ``grid`` (``"gh,gw"``) and
+    ``patch_size`` (``"ph,pw"``)."""
     from safetensors.torch import save_file
 
     meta = {
@@ -171,14 +176,15 @@ def save_prompts(prompts: MaskPrompts, path: "str | Path", *, arch: str) -> None
         "patch_size": ",".join(map(str, prompts.patch_size)),
         "format": "ovseg-mine mask prompts v1",
     }
-    save_file({"prompts": prompts.prompts.detach().float().cpu().contiguous()}, str(path), metadata=meta)
+    tensors = {"prompts": prompts.prompts.detach().float().cpu().contiguous()}
+    resolve(path).write_via(lambda local: save_file(tensors, local, metadata=meta))
 
 
-def load_prompts(path: "str | Path", model: nn.Module) -> MaskPrompts:
+def load_prompts(path: "str | Path | Location", model: nn.Module) -> MaskPrompts:
     """Attach the mask prompts saved by :func:`save_prompts` to ``model.visual`` (hooks registered).
 
     Args:
-        path: a ``mask_prompts.safetensors`` file.
+        path: a ``mask_prompts.safetensors`` file (a local path or a URI).
         model: the open_clip CLIP model they were trained with (same architecture).
 
     Returns:
@@ -189,7 +195,7 @@ def load_prompts(path: "str | Path", model: nn.Module) -> MaskPrompts:
     """
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
+    with resolve(path).local_file() as local, safe_open(local, framework="pt") as handle:
         if "prompts" not in handle.keys():
             raise MaskPromptError(f"{path} holds no 'prompts' tensor")
         tensor = handle.get_tensor("prompts")

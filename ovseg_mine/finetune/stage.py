@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -27,6 +26,7 @@ from ovseg_mine.finetune.data import PairDataset, ShardIndex, make_loader, steps
 from ovseg_mine.finetune.loss import noun_contrastive_loss, unique_targets
 from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, MaskPrompts, save_prompts
 from ovseg_mine.finetune.patch_mask import patch_foreground
+from ovseg_mine.storage import resolve
 
 log = logging.getLogger("ovseg_mine")
 
@@ -258,7 +258,7 @@ class StageRunner:
         """Rank 0: the resume state, the stage's result when ``complete`` (weights or prompts), the metadata."""
         if self.setup.rank != 0:
             return
-        out, model = Path(self.setup.cfg.out), self.setup.model
+        out, model = resolve(self.setup.cfg.out), self.setup.model
         self.meta["stages"][self.stage] = self.summary(complete)
         ckpt.save_state(
             out,
@@ -279,5 +279,5 @@ class StageRunner:
             if self.stage == "full":
                 ckpt.save_weights(model, out)
             else:
-                save_prompts(self.prompts, out / PROMPTS_FILE, arch=self.meta["open_clip_arch"])
+                save_prompts(self.prompts, out.join(PROMPTS_FILE), arch=self.meta["open_clip_arch"])
         ckpt.write_metadata(out, self.meta)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
+import os
 from typing import Any, Callable
 
 import torch
@@ -35,6 +35,7 @@ from ovseg_mine.finetune.config import FinetuneConfig
 from ovseg_mine.finetune.data import scan_shards
 from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, MaskPrompts, is_vit_arch, load_prompts
 from ovseg_mine.finetune.stage import StageRunner, TrainSetup
+from ovseg_mine.storage import resolve
 
 log = logging.getLogger("ovseg_mine")
 
@@ -58,11 +59,14 @@ def resolve_start(cfg: FinetuneConfig, manifest: dict[str, Any]) -> dict[str, An
             meta = ckpt.read_metadata(cfg.init)
         except ckpt.CheckpointError as exc:
             raise FinetuneError(f"--init: {exc}") from exc
-        prompts = Path(cfg.init) / PROMPTS_FILE
+        init = resolve(cfg.init)
+        if not init.is_local:
+            raise FinetuneError(f"--init {cfg.init}: a local folder is needed (copy the finetune output here first)")
+        prompts = init.join(PROMPTS_FILE)
         return {
             "arch": meta["open_clip_arch"],
-            "pretrained": str(Path(cfg.init) / ckpt.WEIGHTS_FILE),
-            "prompts": str(prompts) if prompts.is_file() else None,
+            "pretrained": init.join(ckpt.WEIGHTS_FILE).path,
+            "prompts": prompts.path if prompts.is_file() else None,
             "init": cfg.init,
         }
     clip = manifest.get("models", {}).get("clip", {})
@@ -117,7 +121,7 @@ def train_worker(
     from ovseg_mine.text import NounEmbeddings
 
     cfg = config if isinstance(config, FinetuneConfig) else FinetuneConfig(**config)
-    out = Path(cfg.out)
+    out = resolve(cfg.out)
     index = scan_shards(cfg.shards, cfg.images)
     start = resolve_start(cfg, index.manifest)
     if "prompt" in cfg.stages and not is_vit_arch(start["arch"]) and _known_arch(start["arch"]):
@@ -126,7 +130,7 @@ def train_worker(
             "VisionTransformer (use --mode full)"
         )
     state = ckpt.load_state(out)
-    if state is None and (out / ckpt.METADATA_FILE).is_file():
+    if state is None and out.join(ckpt.METADATA_FILE).is_file():
         old = ckpt.read_metadata(out)
         if old.get("training_hash") != cfg.training_hash():
             raise FinetuneError(f"{out} holds a finetune with another config; choose another --out")
@@ -160,7 +164,7 @@ def train_worker(
         "start": {**start, "weights": info.to_dict(), "seed": cfg.seed},
         "preprocess": {"mean": mean, "std": std, "size": size},
         "shards": {
-            "run": str(index.run_dir),
+            "run": index.run_dir.uri,
             "config_hash": index.manifest.get("config_hash"),
             "shards_id": index.shards_id,
             "rows": index.rows,
@@ -191,8 +195,8 @@ def train_worker(
         on_step=on_step,
     )
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if state is None and not (out / ckpt.WEIGHTS_FILE).is_file():
+        out.makedirs()
+        if state is None and not out.join(ckpt.WEIGHTS_FILE).is_file():
             ckpt.save_weights(model, out)  # the start weights: evaluate and prompt-only runs need a full model
             ckpt.write_metadata(out, meta)
     for stage in cfg.stages:
@@ -213,7 +217,8 @@ def train_worker(
     meta["complete"] = True
     if rank == 0:
         ckpt.write_metadata(out, meta)
-        (out / ckpt.STATE_FILE).unlink(missing_ok=True)  # done: a rerun finds metadata.json complete
-        with contextlib.suppress(OSError):
-            (out / ckpt.STATE_FILE).parent.rmdir()
+        out.join(ckpt.STATE_FILE).delete()  # done: a rerun finds metadata.json complete
+        if out.is_local:
+            with contextlib.suppress(OSError):
+                os.rmdir(out.join(ckpt.STATE_FILE).parent.path)
     return meta

@@ -21,6 +21,7 @@ from ovseg_mine.groundtruth import GroundTruth, GroundTruthError
 from ovseg_mine.inspect.synonyms import NounMapper
 from ovseg_mine.shards import ShardError, read_done, read_file_metadata, read_manifest, read_pairs, shard_files
 from ovseg_mine.stats import QUANTILES, summarize
+from ovseg_mine.storage import Location, StorageError, resolve
 
 SCORES = ("similarity", "probability", "margin", "area_fraction", "predicted_iou", "stability_score")
 BIN_SCORES = ("similarity", "probability", "margin")
@@ -37,7 +38,7 @@ class Inspection:
     """Result of :func:`inspect_run`.
 
     Attributes:
-        run_dir: the run folder.
+        run_dir: the run folder (a local path or a URI, resolved).
         manifest: its manifest.json.
         pairs: list of row dicts (pairs-v1 columns plus ``area_fraction``), in shard order.
         gt_iou: float64 ``[len(pairs)]``, IoU with the ground truth, NaN where not evaluated.
@@ -45,7 +46,7 @@ class Inspection:
         figures: the JSON-able figures (see :func:`format_summary`).
     """
 
-    run_dir: Path
+    run_dir: Location
     manifest: dict[str, Any]
     pairs: list[dict[str, Any]]
     gt_iou: np.ndarray
@@ -77,7 +78,7 @@ def quantiles(values: Any) -> dict[str, Any]:
     }
 
 
-def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, dict[str, Any]]]:
+def load_run(run_dir: str | Path | Location) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, dict[str, Any]]]:
     """Read a run folder: ``(manifest, pairs as row dicts, done records by shard index)``.
 
     The row dicts have the pairs-v1 columns (``mask`` a COCO RLE dict, ``bbox`` XYWH pixels) plus
@@ -281,11 +282,11 @@ def _gt_figures(pairs: list[dict[str, Any]], image_ids: set[int], gt: GroundTrut
     return figures, ious, cats
 
 
-def inspect_run(run_dir: str | Path, gt_path: str | Path | None = None, *, top: int = 20) -> Inspection:
+def inspect_run(run_dir: str | Path | Location, gt_path: str | Path | None = None, *, top: int = 20) -> Inspection:
     """Compute the quality figures of a run folder.
 
     Args:
-        run_dir: a run folder (manifest.json + shards/).
+        run_dir: a run folder (manifest.json + shards/): a local path or a URI (``s3://``, ``gs://``...).
         gt_path: optional COCO instance or panoptic annotations of the same images.
         top: how many top nouns to list.
 
@@ -297,11 +298,14 @@ def inspect_run(run_dir: str | Path, gt_path: str | Path | None = None, *, top: 
         InspectError: see :func:`load_run`; a ground truth that cannot be read (:class:`GroundTruth`) or that
             shares no image id with the run.
     """
-    run_dir = Path(run_dir)
+    try:
+        run_dir = resolve(run_dir)
+    except StorageError as exc:
+        raise InspectError(str(exc)) from exc
     manifest, pairs, done = load_run(run_dir)
     images = _image_records(done, pairs)
     figures: dict[str, Any] = {
-        "run": str(run_dir),
+        "run": run_dir.uri,
         "status": manifest.get("status"),
         "weights": manifest.get("weights"),
         "counts": _counts(manifest, pairs, images),

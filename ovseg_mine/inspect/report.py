@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ovseg_mine.inspect.quality import SCORES, Inspection
+from ovseg_mine.storage import Location, StorageError, resolve
 
 THUMB = 320  # longest side of a gallery image, pixels
 CROP = 160  # side of a gallery crop, pixels
@@ -132,15 +133,15 @@ def gallery_html(insp: Inspection, n: int, seed: int) -> str:
     from ovseg_mine.images import ImageDecodeError, load_rgb
 
     picked = sorted(random.Random(seed).sample(range(len(insp.pairs)), min(n, len(insp.pairs))))
-    root = Path(insp.manifest.get("source", {}).get("image_root", ""))
+    root = insp.manifest.get("source", {}).get("image_root", "") or "."
     cache: dict[int, np.ndarray | None] = {}
     cards = []
     for i in picked:
         p = insp.pairs[i]
         if p["image_id"] not in cache:
             try:
-                cache[p["image_id"]] = load_rgb(root / p["file_name"])
-            except ImageDecodeError:
+                cache[p["image_id"]] = load_rgb(resolve(root).join(p["file_name"]).uri)
+            except (ImageDecodeError, StorageError):
                 cache[p["image_id"]] = None
         image, pictures = cache[p["image_id"]], "<p class='warn'>image not found under the run's image root</p>"
         if image is not None:
@@ -317,14 +318,13 @@ def render_html(insp: Inspection, *, gallery: int = 48, seed: int = 0) -> str:
     )
 
 
-def write_report(insp: Inspection, out_dir: str | Path, *, gallery: int = 48, seed: int = 0) -> Path:
-    """Write ``out_dir/index.html`` (folder created) and return its path. ``gallery``: pairs shown; ``seed``: sampling.
+def write_report(insp: Inspection, out_dir: str | Path | Location, *, gallery: int = 48, seed: int = 0) -> Location:
+    """Write ``out_dir/index.html`` (a local folder, created, or a URI) and return where it is. ``gallery``: pairs
+    shown; ``seed``: sampling.
 
     Raises:
-        OSError: the folder or the file cannot be written.
+        OSError: the folder or the file cannot be written (:class:`ovseg_mine.storage.StorageError` for a URI).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "index.html"
-    path.write_text(render_html(insp, gallery=gallery, seed=seed), encoding="utf-8")
+    path = resolve(out_dir).join("index.html")
+    path.write_text(render_html(insp, gallery=gallery, seed=seed))
     return path

@@ -1,10 +1,9 @@
-"""Ray for a mining run: start a local Ray or join a cluster, and the streaming graph of stages
-(read step :mod:`~ovseg_mine.mine.sources.read` -> :class:`~ovseg_mine.mine.stages.NounStage` ->
-:class:`~ovseg_mine.mine.stages.MaskMatchStage`)."""
+"""The streaming graph of a mining run's stages on Ray (read step :mod:`~ovseg_mine.mine.sources.read` ->
+:class:`~ovseg_mine.mine.stages.NounStage` -> :class:`~ovseg_mine.mine.stages.MaskMatchStage`). Ray is started or
+joined by :mod:`ovseg_mine.ray_session`."""
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -19,31 +18,6 @@ if TYPE_CHECKING:
     from ovseg_mine.mine.proposal_sources import ProposalSource
 
 
-def init_ray(address: str | None) -> bool:
-    """Start a local Ray or join ``address``; returns True when this call started it (and should shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    try:
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-            configure_logging=True,
-        )
-    except Exception as exc:  # Ray raises bare Exception on start-up timeouts, ConnectionError on bad addresses
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise RunError(f"could not start or join {where}: {type(exc).__name__}: {first_line(exc)}") from exc
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    return True
-
-
 def guarded(results):
     """Pass ``results`` through, turning a Ray failure (workers that died more than their restarts allow, an
     actor whose constructor failed) into a :class:`RunError` that says the run can be resumed."""
@@ -52,10 +26,14 @@ def guarded(results):
     try:
         yield from results
     except ray.exceptions.RayError as exc:
+        # Ray's message starts with where it failed and ends with the error that failed it (an actor constructor's
+        # WeightsError for a checkpoint of the wrong model, ...): say both, on one line.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         first = first_line(exc)
+        cause = f"; {lines[-1][:300]}" if len(lines) > 1 and lines[-1] != first else ""
         raise RunError(
-            f"the Ray workers failed ({type(exc).__name__}: {first}); finished shards are kept: rerun the same "
-            "command to resume"
+            f"the Ray workers failed ({type(exc).__name__}: {first}{cause}); finished shards are kept: rerun the "
+            "same command to resume"
         ) from exc
 
 

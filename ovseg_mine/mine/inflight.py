@@ -45,6 +45,13 @@ class InFlightShards:
         self._closed.add(shard)
         return [rows[i] for i in sorted(rows)]
 
+    def reopen(self, shard: int, size: int) -> None:
+        """Take ``shard`` back in flight with ``size`` rows expected (``mine --retry-failed``: a done shard whose
+        failed images are mined again; its other rows are then added back as results)."""
+        self._closed.discard(shard)
+        self._results.setdefault(shard, {})
+        self._sizes[shard] = size
+
     def close(self, shard: int) -> None:
         """Mark ``shard`` done without results (e.g. an input shard with no sample)."""
         self._closed.add(shard)

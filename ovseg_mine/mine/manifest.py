@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash
 from ovseg_mine.mine.sources import SourcePlan
 from ovseg_mine.mine.weights import ResolvedWeights
-from ovseg_mine.shards import SCHEMA_VERSION
+from ovseg_mine.shards import SCHEMA_VERSION, read_table
+from ovseg_mine.storage import Location
 
 
 def build_manifest(
-    out: Path,
+    out: Location,
     plan: SourcePlan,
     cfg: MineConfig,
     weights: ResolvedWeights,
@@ -29,8 +29,6 @@ def build_manifest(
     location, sha256 and counts). When ``source.image_ids`` names ids that no shard of a complete run holds
     (sources whose ids are only known once read), each is listed as a reject (stage ``source``).
     """
-    import pyarrow.parquet as pq
-
     shards, rejects, warned = [], [r.to_dict() for r in plan.rejects], []
     images = with_pairs = proposals = pairs = 0
     nouns: set[str] = set()
@@ -61,7 +59,7 @@ def build_manifest(
         stage_s.update(record.get("stage_s", {}))
         errors.update(image["error_type"] for image in record["images"] if image.get("error_type"))
         if record["rows"]:
-            nouns.update(pq.read_table(out / record["file"], columns=["noun"]).column("noun").to_pylist())
+            nouns.update(read_table(out.join(record["file"]), columns=["noun"]).column("noun").to_pylist())
     complete = all(task.index in done for task in plan.tasks)
     if complete:
         rejects.extend(

@@ -11,25 +11,30 @@ of workers or the order in which batches finish.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from collections import Counter
-from pathlib import Path
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any, Callable, NamedTuple
 
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash, mining_config
 from ovseg_mine.mine.failures import FailureWatch
-from ovseg_mine.mine.graph import guarded, init_ray, stream_results
+from ovseg_mine.mine.graph import guarded, stream_results
 from ovseg_mine.mine.inflight import InFlightShards
 from ovseg_mine.mine.manifest import build_manifest
 from ovseg_mine.mine.proposal_sources import ProposalSource, build_proposal_source
+from ovseg_mine.mine.retry import failed_images, kept_results, merged_stage_s
 from ovseg_mine.mine.run_folder import RUN_LOG, RunError, prepare_run_dir, run_log
+from ovseg_mine.mine.run_lock import hold_run
 from ovseg_mine.mine.sources import Reject, ShardTask, SourceError, SourcePlan, build_source
 from ovseg_mine.mine.sources.read import first_records
 from ovseg_mine.mine.weights import resolve_weights
+from ovseg_mine.ray_session import cluster_address, init_ray, probe_cluster, shutdown_ray
 from ovseg_mine.shards import read_done, remove_partial_writes, write_json_atomic, write_shard
+from ovseg_mine.storage import Location, StorageError, resolve
 
 __all__ = ["RunError", "mine"]
 
@@ -72,7 +77,7 @@ def _shard_outcome(task: ShardTask, results: list[dict[str, Any]]) -> tuple[list
     return pairs, done
 
 
-def _write(out: Path, index: int, pairs: list[dict[str, Any]], done: dict, meta: dict, cfg: MineConfig) -> dict:
+def _write(out: Location, index: int, pairs: list[dict[str, Any]], done: dict, meta: dict, cfg: MineConfig) -> dict:
     import pyarrow as pa
 
     from ovseg_mine.shards import pair_schema
@@ -86,30 +91,44 @@ def _write(out: Path, index: int, pairs: list[dict[str, Any]], done: dict, meta:
 def mine(
     cfg: MineConfig,
     source: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | Location,
     *,
     images: str | os.PathLike[str] | None = None,
     proposals: str | None = None,
     ray_address: str | None = None,
     overwrite: bool = False,
+    retry_failed: bool = False,
+    verbose: bool = False,
     on_progress: Callable[[int, int | None, int], None] | None = None,
 ) -> dict[str, Any]:
     """Mine mask-noun pairs from the source ``cfg.source.kind`` at ``source`` into ``out``; returns the manifest.
 
     Args:
         cfg: resolved config (``source.kind`` picks the source, ``proposals.kind`` the masks).
-        source: the source's location (COCO: the captions JSON; see :mod:`ovseg_mine.mine.sources`).
-        out: run folder (created; resumed when it holds the same config).
+        source: the source's location (COCO: the captions JSON; see :mod:`ovseg_mine.mine.sources`), a path or a
+            URI (``s3://``, ``gs://``...).
+        out: run folder, a local path or a URI: created; resumed when it holds the same config. One run at a
+            time: the folder is held while the run works (ovseg_mine.mine.run_lock).
         images: COCO's image root (``--images``); None for the other kinds.
         proposals: location of the given masks when ``cfg.proposals.kind`` is ``coco`` or ``sa1b``.
-        ray_address: join this Ray cluster; None starts a local Ray.
+        ray_address: join this Ray cluster; None: ``RAY_ADDRESS``, else a new local Ray (ovseg_mine.ray_session).
         overwrite: discard a run with another config in ``out``.
+        retry_failed: also mine again the images of finished shards that failed (stage ``error``), and rewrite
+            only their shards (ovseg_mine.mine.retry); other rejects stay as they are.
+        verbose: Ray's own log lines on the console too (else only in ``RUN/mine.log``).
         on_progress: called as ``on_progress(images_done, images_total or None, pairs_done)`` after every image.
 
     Raises:
-        ovseg_mine.mine.sources.SourceError, RunError, ovseg_mine.models.WeightsError, ConfigError.
+        ovseg_mine.mine.sources.SourceError, RunError (also ovseg_mine.mine.run_lock.RunInUse: the folder is held
+        by another run), ovseg_mine.ray_session.RayStartError (no Ray to join or start), ovseg_mine.models.WeightsError,
+        ConfigError.
     """
-    out = Path(out)
+    try:
+        out = resolve(out)
+    except StorageError as exc:
+        raise RunError(str(exc)) from exc
+    if cluster_address(ray_address) is not None:  # before any work: a cluster that answers nothing fails at once
+        probe_cluster(cluster_address(ray_address))
     start = time.perf_counter()
     src = build_source(cfg, os.fspath(source), image_root=os.fspath(images) if images is not None else None)
     given = None
@@ -120,24 +139,63 @@ def mine(
     elif proposals:
         raise SourceError("a proposals location was given but proposals.kind is 'sam'")
     plan = src.plan(cfg.shards.images_per_shard)
-    prepare_run_dir(out, cfg, overwrite)
-    with run_log(out / RUN_LOG):
-        proposals_info: dict[str, Any] = {"kind": "sam"}
-        if given is not None:
-            proposals_info = given.prepare(str(out))
-            if plan.tasks:
-                given.check(*first_records(src, plan.tasks[0]))
-        return _mine_into(out, cfg, src, plan, given, proposals_info, ray_address, on_progress, start)
+    try:
+        with hold_run(out):
+            prepare_run_dir(out, cfg, overwrite)
+            with run_log(out) as log_handler:
+                proposals_info: dict[str, Any] = {"kind": "sam"}
+                if given is not None:
+                    proposals_info = given.prepare(out.uri)
+                    if plan.tasks:
+                        given.check(*first_records(src, plan.tasks[0]))
+                start_ray = functools.partial(init_ray, ray_address, verbose=verbose, log_handler=log_handler)
+                run = _Run(src, plan, given, proposals_info)
+                return _mine_into(out, cfg, run, start_ray, retry_failed, on_progress, start)
+    except StorageError as exc:
+        raise RunError(str(exc)) from exc
+
+
+class _Run(NamedTuple):
+    """What a run mines: the planned source and the given masks, when it has them."""
+
+    source: Any
+    plan: SourcePlan
+    given: ProposalSource | None
+    proposals_info: dict[str, Any]
+
+
+class _Retry(NamedTuple):
+    """A finished shard being mined again: its failed image ids and its done record as it was."""
+
+    failed: set[int]
+    record: dict[str, Any]
+
+
+def _take_failed(out: Location, done: dict[int, dict], inflight: InFlightShards) -> dict[int, _Retry]:
+    """For ``--retry-failed``: move each done shard with failed images out of ``done`` and into ``inflight``,
+    pre-filled with the results of its other images at their positions; returns the failed ids per shard
+    (ovseg_mine.mine.retry)."""
+    retried: dict[int, _Retry] = {}
+    for index, record in sorted(done.items()):
+        failed = failed_images(record)
+        if not failed:
+            continue
+        size = len(record["images"])
+        rows = {image["image_id"]: row for row, image in enumerate(record["images"])}
+        inflight.reopen(index, size)
+        for result in kept_results(out, record, failed):
+            inflight.add(result | {"shard": index, "shard_size": size, "shard_row": rows[result["image_id"]]})
+        retried[index] = _Retry(failed, done.pop(index))
+        log.info("shard %d: mining again its %d failed image(s)", index, len(failed))
+    return retried
 
 
 def _mine_into(
-    out: Path,
+    out: Location,
     cfg: MineConfig,
-    source: Any,
-    plan: SourcePlan,
-    given: ProposalSource | None,
-    proposals_info: dict[str, Any],
-    ray_address: str | None,
+    run: _Run,
+    start_ray: Callable[[], bool],
+    retry_failed: bool,
     on_progress: Callable[[int, int | None, int], None] | None,
     start: float,
 ) -> dict[str, Any]:
@@ -147,13 +205,18 @@ def _mine_into(
     weights = resolve_weights(cfg)
     if weights.random:
         log.warning("this run uses randomly initialised weights: its pairs are meaningless (manifest: weights=random)")
+    plan = run.plan
     tasks = {task.index: task for task in plan.tasks}
 
     def matches(index: int, record: dict[str, Any]) -> bool:
         return index in tasks and record.get("input") == tasks[index].input
 
     done = {i: r for i, r in read_done(out).items() if matches(i, r)}
-    todo = [task for task in plan.tasks if task.index not in done]
+    inflight = InFlightShards(set(done))
+    retried = _take_failed(out, done, inflight) if retry_failed else {}
+    todo = [task for task in plan.tasks if task.index not in done and task.index not in retried]
+    todo += [replace(tasks[i], payload={**tasks[i].payload, "only_ids": sorted(r.failed)}) for i, r in retried.items()]
+    todo.sort(key=lambda task: task.index)
     meta = {
         "package_version": __version__,
         "config": mining_config(cfg),
@@ -161,19 +224,18 @@ def _mine_into(
         "models": weights.models,
         "weights": "random" if weights.random else "pretrained",
         "source": {"kind": plan.info["kind"], "location": plan.info["location"]},
-        "proposals": proposals_info,
+        "proposals": run.proposals_info,
     }
     total = plan.total
-    images_done = sum(len(r["image_ids"]) for r in done.values())
-    pairs_done = sum(r["rows"] for r in done.values())
+    images_done = sum(len(r["image_ids"]) for r in done.values()) + len(inflight)
+    pairs_done = sum(r["rows"] for r in done.values()) + sum(r.record["rows"] for r in retried.values())
     processed = 0
-    inflight = InFlightShards(set(done))
-    watch = FailureWatch(cfg.ray.max_consecutive_errors, str(out / RUN_LOG))
+    watch = FailureWatch(cfg.ray.max_consecutive_errors, out.join(RUN_LOG).uri)
     started_ray = False
     try:
         if todo:
-            started_ray = init_ray(ray_address)
-            for result in guarded(stream_results(source, todo, cfg, weights, given)):
+            started_ray = start_ray()
+            for result in guarded(stream_results(run.source, todo, cfg, weights, run.given)):
                 if not inflight.add(result):  # a retried batch's rows come twice; a duplicate would end a shard early
                     continue
                 watch.observe(result)
@@ -184,6 +246,8 @@ def _mine_into(
                 results = inflight.pop_complete(index)
                 if results is not None:
                     pairs, record = _shard_outcome(tasks[index], results)
+                    if index in retried:
+                        record["stage_s"] = merged_stage_s(retried[index].record, record)
                     done[index] = _write(out, index, pairs, record, meta, cfg)
                 if on_progress:
                     on_progress(images_done, total, pairs_done)
@@ -198,10 +262,9 @@ def _mine_into(
         # A stop can land after a shard's done marker is written and before _write returns: trust the disk.
         unfinished = {task.index for task in todo} - done.keys()
         done.update({i: r for i, r in read_done(out, only=unfinished).items() if matches(i, r)})
-        manifest = build_manifest(out, plan, cfg, weights, proposals_info, done, time.perf_counter() - start, processed)
-        write_json_atomic(out / "manifest.json", manifest)
+        wall_s = time.perf_counter() - start
+        manifest = build_manifest(out, plan, cfg, weights, run.proposals_info, done, wall_s, processed)
+        write_json_atomic(out.join("manifest.json"), manifest)
         if started_ray:
-            import ray
-
-            ray.shutdown()
+            shutdown_ray()
     return manifest

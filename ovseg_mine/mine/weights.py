@@ -23,29 +23,22 @@ class ResolvedWeights:
 
 
 def resolve_weights(cfg: MineConfig) -> ResolvedWeights:
-    """Load both models once on CPU in the driver: downloads and checks weights, applies the recipe's
-    random fallback, and records what was loaded. Actors then load exactly these weights (the cached file,
-    or ``random`` with the run's seed), so no actor downloads or falls back on its own. With given masks
-    (``proposals.kind`` not ``sam``) SAM is not loaded: only CLIP is resolved and recorded.
+    """Resolve the models' weights once in the driver, without building the models (no SAM or CLIP in the
+    driver's memory): downloads and checks published weights, applies the recipe's random fallback, and records
+    where the weights came from. Actors then load exactly these weights (the cached file, or ``random`` with the
+    run's seed), so no actor downloads or falls back on its own. A local file of the wrong architecture is found
+    by the actors, whose first failure stops the run with the loader's message (ovseg_mine.mine.graph.guarded).
+    With given masks (``proposals.kind`` not ``sam``) SAM is not resolved: only CLIP is resolved and recorded.
 
     Raises:
         ovseg_mine.models.WeightsError: weights unavailable and the recipe does not allow random weights.
     """
-    import gc
-
-    from ovseg_mine.models import load_clip, load_sam
+    from ovseg_mine.models import resolve_clip_weights, resolve_sam_weights
 
     sam_info = None
     if cfg.proposals.kind == "sam":
-        sam, sam_info = load_sam(
-            cfg.sam.model_type, cfg.sam.checkpoint, device="cpu", seed=cfg.seed, allow_random=cfg.allow_random_weights
-        )
-        del sam
-    clip, _, clip_info = load_clip(
-        cfg.clip.arch, cfg.clip.pretrained, device="cpu", seed=cfg.seed, allow_random=cfg.allow_random_weights
-    )
-    del clip
-    gc.collect()
+        _, sam_info = resolve_sam_weights(cfg.sam.model_type, cfg.sam.checkpoint, allow_random=cfg.allow_random_weights)
+    _, _, clip_info = resolve_clip_weights(cfg.clip.arch, cfg.clip.pretrained, allow_random=cfg.allow_random_weights)
 
     def actor_spec(info: "WeightsInfo", asked: str) -> str:
         if info.is_random:

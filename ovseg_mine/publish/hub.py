@@ -38,10 +38,11 @@ from ovseg_mine.shards import (
     read_done,
     read_file_metadata,
     read_manifest,
+    read_table,
     schema_spec,
     shard_files,
 )
-from ovseg_mine.storage import first_line
+from ovseg_mine.storage import Location, first_line, resolve
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,10 @@ def load_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise PublishError(str(exc)) from exc
 
 
-def publishable_shards(run_dir: str | os.PathLike[str], manifest: dict[str, Any], *, allow_partial: bool) -> list[Path]:
-    """The shard files to publish, in index order, after checking the run.
+def publishable_shards(
+    run_dir: str | os.PathLike[str], manifest: dict[str, Any], *, allow_partial: bool
+) -> list[Location]:
+    """The shard files to publish, in index order, after checking the run (a local path or a URI).
 
     Every shard file must be an ovseg-mine shard of a known schema version. A run is complete when the
     manifest says ``status: complete`` and each shard it lists has a done marker with the same sha256 as
@@ -110,7 +113,8 @@ def publishable_shards(run_dir: str | os.PathLike[str], manifest: dict[str, Any]
             f"incomplete run {run_dir}: {problems[0]} ({len(problems)} problem(s)); resume the "
             "mining to finish it, or pass --allow-partial to publish the finished shards"
         )
-    chosen = [Path(run_dir) / done[i]["file"] for i in sorted(done)]
+    run = resolve(run_dir)
+    chosen = [run.join(done[i]["file"]) for i in sorted(done)]
     if not chosen:
         raise PublishError(f"{run_dir} has no finished shard to publish")
     return chosen
@@ -121,7 +125,8 @@ def render_crops(table: "Any", image_root: str | os.PathLike[str], *, size: int 
 
     Args:
         table: Arrow table of pairs (``image_id``, ``file_name``, ``width``, ``height``, ``mask`` columns).
-        image_root: folder the ``file_name`` entries are relative to (manifest ``source.image_root``).
+        image_root: folder the ``file_name`` entries are relative to (manifest ``source.image_root``; a local
+            path or a URI).
         size: crop side in pixels.
 
     Returns:
@@ -145,7 +150,7 @@ def render_crops(table: "Any", image_root: str | os.PathLike[str], *, size: int 
         by_image.setdefault(row["image_id"], []).append(i)
     for indices in by_image.values():
         first = rows[indices[0]]
-        path = Path(image_root) / first["file_name"]
+        path = resolve(image_root).join(first["file_name"]).uri
         try:
             pixels = load_rgb(path)
         except ImageDecodeError as exc:
@@ -222,7 +227,7 @@ def _write_folder(
     run_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     manifest: dict[str, Any],
-    sources: list[Path],
+    sources: list[Location],
     *,
     embed: Optional[str],
     crop_size: int,
@@ -231,12 +236,11 @@ def _write_folder(
 ) -> BuiltFolder:
     """:func:`build_folder` after its checks: ``manifest`` loaded, ``sources`` from :func:`publishable_shards`."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    partial = (
-        sources != [Path(run_dir) / e["file"] for e in manifest.get("shards", [])]
-        or manifest.get("status") != "complete"
-    )
+    run = resolve(run_dir)
+    partial = [s.uri for s in sources] != [run.join(e["file"]).uri for e in manifest.get("shards", [])] or manifest.get(
+        "status"
+    ) != "complete"
     warnings = []
     if manifest.get("weights") == "random":
         warnings.append("this run used randomly initialised weights: its pairs are meaningless")
@@ -256,7 +260,7 @@ def _write_folder(
     stat_tables = []
     with ParquetParts(data, schema, max_file_bytes=max_file_bytes) as parts:
         for path in sources:
-            table = pq.read_table(path).replace_schema_metadata(None)
+            table = read_table(path).replace_schema_metadata(None)
             stat_tables.append(table.select(STAT_COLUMNS))
             if embed_size:
                 pngs = render_crops(table, image_root, size=embed_size)

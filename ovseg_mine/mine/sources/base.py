@@ -163,11 +163,16 @@ class Source:
 
     def read_shard(self, task: ShardTask) -> Iterator["pa.Table"]:
         """Yield the record rows of one task as Arrow tables (:func:`ovseg_mine.mine.sources.records.batches`):
-        exactly one row per selected sample, each stamped with the shard, its size and its position."""
+        exactly one row per selected sample, each stamped with the shard, its size and its position.
+
+        A task whose payload has ``only_ids`` (``mine --retry-failed``) yields only the rows of those image ids,
+        stamped as in the whole shard; the shard's input is read again to find them."""
         from ovseg_mine.mine.sources.records import batches
 
         samples = self.samples(task)
-        yield from batches(self.rows(task, samples), task.index, len(samples))
+        only = task.payload.get("only_ids")
+        keep = frozenset(only) if only is not None else None
+        yield from batches(self.rows(task, samples), task.index, len(samples), keep=keep)
 
     def count(self, task: ShardTask) -> int:
         """Rows :meth:`read_shard` yields for ``task`` (lists its samples)."""

@@ -178,13 +178,16 @@ def reject_row(image_id: int, file_name: str | None, stage: str, reason: str) ->
     }
 
 
-def batches(rows: Iterable[dict[str, Any]], shard: int, shard_size: int) -> Iterator["pa.Table"]:
+def batches(
+    rows: Iterable[dict[str, Any]], shard: int, shard_size: int, keep: frozenset[int] | None = None
+) -> Iterator["pa.Table"]:
     """Stamp ``rows`` (exactly ``shard_size`` of them, in shard order) with ``shard``, ``shard_size`` and
     ``shard_row`` and yield them as :func:`record_schema` tables of at most :data:`READ_BATCH_ROWS` rows and about
     :data:`READ_BATCH_BYTES` of image bytes.
 
     A row whose image id an earlier row of the shard already has becomes a reject (stage ``source``, "duplicate
-    image id"): ids key the pairs (``pair_id``), so two images must never share one.
+    image id"): ids key the pairs (``pair_id``), so two images must never share one. With ``keep``, only the rows
+    of those image ids are yielded (each still stamped with its position in the whole shard).
 
     Raises:
         RuntimeError: ``rows`` does not hold exactly ``shard_size`` rows (a bug in a source: the driver would
@@ -200,8 +203,10 @@ def batches(rows: Iterable[dict[str, Any]], shard: int, shard_size: int) -> Iter
         if row["status"] == "ok" and row["image_id"] in seen:
             row = reject_row(row["image_id"], row["file_name"], "source", "duplicate image id (first kept)")
         seen.add(row["image_id"])
-        buffer.append({**row, "shard": shard, "shard_size": shard_size, "shard_row": count, "proposals": None})
         count += 1
+        if keep is not None and row["image_id"] not in keep:
+            continue
+        buffer.append({**row, "shard": shard, "shard_size": shard_size, "shard_row": count - 1, "proposals": None})
         size += len(row["image_bytes"] or b"")
         if len(buffer) == READ_BATCH_ROWS or size >= READ_BATCH_BYTES:
             yield pa.Table.from_pylist(buffer, schema=schema)

@@ -1,0 +1,256 @@
+"""The Ray of a command (``mine``, ``finetune --num-workers``): which one it joins or starts, and where Ray's own
+output goes.
+
+* ``--ray-address`` (or ``RAY_ADDRESS``) given: join that cluster (``host:port`` of its head, ``ray://host:10001``
+  for Ray Client, ``auto`` for the cluster that ``ray start`` last started on this machine). The address is
+  probed first, so one that answers nothing fails in seconds with one line instead of Ray's minutes of retries.
+* none given: start a new local Ray bound to loopback (127.0.0.1; nothing listens on the machine's other
+  interfaces), whatever Ray's ``ray_current_cluster`` record in its temp folder names: a bare ``ray.init()``
+  would join that cluster, and hang when it is gone.
+
+Unless ``verbose``, Ray's own output stays off the console: its Python loggers, its warnings and the messages
+its driver prints as they come from the cluster (a node that died...) go to the run's log file (``RUN/mine.log``),
+its workers' output stays in Ray's session folder (``log_to_driver=False``), and what Ray's native code writes on
+the driver's standard error (gRPC, the core worker's C++ log) goes to the run's log too, through file descriptor 2,
+while Python's ``sys.stderr`` keeps the console for the CLI's own lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import warnings
+from typing import Any
+
+from ovseg_mine.storage import first_line
+
+log = logging.getLogger("ovseg_mine")
+
+#: Seconds to wait for a cluster's head to accept a connection before giving up.
+PROBE_TIMEOUT_S = 5.0
+#: Ray's Python loggers, whose records go to the run's log (and, only when verbose, to the console).
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+
+
+class RayStartError(RuntimeError):
+    """Ray cannot be started or joined (a cluster address that answers nothing, ...); the message is one line."""
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster a run joins: ``address``, else ``RAY_ADDRESS``, else None (start a local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def probe_cluster(address: str, timeout: float = PROBE_TIMEOUT_S) -> str:
+    """Check that a Ray head answers at ``address`` before Ray tries (and retries) to connect.
+
+    Args:
+        address: ``host:port`` (GCS of the head), ``ray://host:port`` (Ray Client) or ``auto`` (the cluster named
+            by ``ray_current_cluster`` in Ray's temp folder, as ``ray start`` wrote it).
+        timeout: seconds to wait for the TCP connection.
+
+    Returns:
+        The ``host:port`` that answered.
+
+    Raises:
+        RayStartError: nothing answers there within ``timeout``, or ``auto`` finds no cluster; one line.
+    """
+    if address.startswith(("http://", "https://")):
+        raise RayStartError(
+            f"{address} is a Ray dashboard address (for `ray job submit`); mine joins a cluster at HOST:PORT of its "
+            "head (port 6379 by default), ray://HOST:10001, or auto"
+        )
+    target = address.removeprefix("ray://")
+    if target == "auto":
+        import ray._private.services as services
+
+        try:
+            target = services.canonicalize_bootstrap_address("auto") or ""
+        except (ConnectionError, ValueError) as exc:
+            raise RayStartError(f"--ray-address auto: no Ray cluster on this machine ({first_line(exc)})") from exc
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayStartError(f"--ray-address {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RayStartError(
+            f"no Ray cluster answers at {address} ({first_line(exc)}); start one with `ray start --head`, or leave "
+            "out --ray-address for a local Ray"
+        ) from exc
+    return target
+
+
+class _ToRunLog(logging.Handler):
+    """Hands Ray's log records (INFO and above) to the run's log handler. (Ray sets its own format on the
+    handlers of its loggers; this one keeps the run log's.)"""
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__(logging.INFO)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.handle(record)
+
+
+def _route_ray_logs(handler: logging.Handler | None, *, console: bool) -> None:
+    """Send the records of Ray's loggers to ``handler`` (the run's log); unless ``console``, take Ray's console
+    handlers off them."""
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            console_handler = isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler)
+            if isinstance(old, _ToRunLog) or (console_handler and not console):
+                logger.removeHandler(old)
+        if handler is not None:
+            logger.addHandler(_ToRunLog(handler))
+        logger.propagate = False
+
+
+class _Quiet:
+    """What keeps Ray off the console while a run is quiet, and undoes itself (:meth:`restore`):
+
+    * file descriptor 2 points at the run's log (``path``), so what Ray's native code writes there lands in it;
+      Python's ``sys.stderr``, and the logging handlers that wrote to it, get a copy of the console's descriptor;
+    * the messages Ray's driver prints as they come from the cluster (a node that died, a raylet's last log
+      lines: ``ray._private.worker.print_to_stdstream``) and Python warnings raised in Ray's code go to Ray's
+      logger, hence to the run's log.
+    """
+
+    def __init__(self, path: str) -> None:
+        import ray._private.worker as ray_worker
+
+        sys.stderr.flush()
+        self._python_stderr = sys.stderr
+        self._console_fd = os.dup(2)
+        encoding = sys.stderr.encoding or "utf-8"
+        console = os.fdopen(os.dup(self._console_fd), "w", buffering=1, encoding=encoding, errors="backslashreplace")
+        self._handlers = [h for h in _all_handlers() if vars(h).get("stream") is self._python_stderr]
+        for handler in self._handlers:
+            handler.setStream(console)
+        sys.stderr = console
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(target, 2)
+        os.close(target)
+        self._showwarning = warnings.showwarning
+        warnings.showwarning = self._warning
+        self._ray_worker = ray_worker
+        self._print_to_stdstream = ray_worker.print_to_stdstream
+        ray_worker.print_to_stdstream = self._cluster_message
+
+    def _warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if f"{os.sep}ray{os.sep}" in str(filename):
+            logging.getLogger("ray").warning("%s:%s: %s: %s", filename, lineno, category.__name__, message)
+        else:
+            self._showwarning(message, category, filename, lineno, file, line)
+
+    @staticmethod
+    def _cluster_message(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        text = "\n".join(str(line) for line in data.get("lines", []))
+        logging.getLogger("ray").warning("(%s) %s", data.get("pid", "ray"), text)
+
+    def restore(self) -> None:
+        self._ray_worker.print_to_stdstream = self._print_to_stdstream
+        warnings.showwarning = self._showwarning
+        console = sys.stderr
+        console.flush()
+        os.dup2(self._console_fd, 2)
+        os.close(self._console_fd)
+        for handler in self._handlers:
+            handler.setStream(self._python_stderr)
+        sys.stderr = self._python_stderr
+        console.close()
+
+
+def _all_handlers() -> list[logging.Handler]:
+    loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
+    return [h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers]
+
+
+_quiet: _Quiet | None = None
+
+
+def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging.Handler | None = None) -> bool:
+    """Start a local Ray (loopback only) or join a cluster (see the module docstring).
+
+    Args:
+        address: ``--ray-address``; None: ``RAY_ADDRESS`` if set, else a new local Ray.
+        verbose: leave Ray's log lines (and its workers' output) on the console too.
+        log_handler: the run's log (:func:`ovseg_mine.mine.run_folder.run_log`), where Ray's log lines go.
+
+    Returns:
+        True when this call started or joined Ray (then call :func:`shutdown_ray`), False when Ray was up already.
+
+    Raises:
+        RayStartError: the cluster does not answer, or Ray cannot start; one line.
+    """
+    global _quiet
+    import ray
+    from ray._private import ray_constants
+
+    if ray.is_initialized():
+        return False
+    join = cluster_address(address)
+    if join is not None:
+        probe_cluster(join)
+    # A local Ray advertises and binds 127.0.0.1: Ray's own rule for single-machine instances (on macOS and
+    # Windows), which a Linux Ray follows too when this is off. A cluster member needs its reachable address.
+    ray_constants.ENABLE_RAY_CLUSTER = join is not None
+    _route_ray_logs(log_handler, console=verbose)
+    log_path = getattr(log_handler, "baseFilename", None)
+    if not verbose and log_path and _quiet is None:
+        _quiet = _Quiet(log_path)
+    options: dict[str, Any] = {"logging_level": logging.INFO, "log_to_driver": verbose}
+    if join is None:
+        options.update(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+    else:
+        options.update(address=join)
+    try:
+        ray.init(**options)
+    except Exception as exc:  # Ray raises bare Exception on start-up timeouts, ConnectionError on bad addresses
+        _end_quiet()
+        _route_ray_logs(None, console=True)
+        where = f"the Ray cluster at {join}" if join else "a local Ray"
+        raise RayStartError(f"could not start or join {where}: {type(exc).__name__}: {first_line(exc)}") from exc
+    from ray.data import DataContext
+
+    _route_ray_logs(log_handler, console=verbose)  # ray.data set up its own console handler when it was imported
+    node = ray._private.worker._global_node  # None for a Ray Client connection (ray://)
+    log.info(
+        "Ray %s at %s; its session folder (every Ray process's log): %s",
+        "joined" if join else "started",
+        join or node.gcs_address,
+        node.get_session_dir_path() if node is not None else "on the cluster's head",
+    )
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    # A block here is a few image records, and the work on it seconds of SAM and CLIP: hand each block to the least
+    # busy actor, wherever it runs, instead of queueing blocks on the actor next to them (Ray's default), which
+    # leaves the other nodes' actors idle on small runs. (Deprecated in Ray 2.60 for removal in 2027; pyproject pins
+    # Ray below 2.64.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.execution_options.actor_locality_enabled = False
+    return True
+
+
+def _end_quiet() -> None:
+    global _quiet
+    if _quiet is not None:
+        _quiet.restore()
+        _quiet = None
+
+
+def shutdown_ray() -> None:
+    """Shut down (or leave) the Ray that :func:`init_ray` started or joined; standard error goes back to the
+    console and Ray's loggers stop writing to the run's log."""
+    import ray
+
+    try:
+        ray.shutdown()
+    finally:
+        _end_quiet()
+        _route_ray_logs(None, console=True)
