@@ -110,3 +110,20 @@ def test_inspect_and_publish_read_the_run_from_s3(s3_run, smoke_run, tmp_path):
     assert built.returncode == 0, built.stderr
     assert f"dry run: {read_pairs(smoke_run).num_rows} pairs" in built.stdout
     assert (tmp_path / "hub" / "README.md").is_file() and list((tmp_path / "hub" / "data").glob("*.parquet"))
+
+
+def test_a_webdataset_source_on_s3_gives_the_pairs_of_the_local_tars(s3_module, source_dirs, mined_sources, tmp_path):
+    """Sources read through the same storage layer: the tars of ``source_dirs["webdataset"]`` uploaded to the
+    bucket and mined from there (``--source webdataset:s3://...``) give the local run's pairs, keys and all."""
+    from helpers import assert_same_pairs, upload
+
+    tars = upload(source_dirs["webdataset"], f"{s3_module}/sources/webdataset")
+    out = tmp_path / "run"
+    settings = ["--set", "source.captions_per_image=1", "--set", "shards.images_per_shard=3"]
+    result = run_cli("mine", "--source", f"webdataset:{tars}", "--out", str(out), "--pipeline", "smoke", *settings)
+    assert result.returncode == 0, result.stderr
+    local = read_pairs(mined_sources["webdataset"]).to_pylist()
+    assert len(local) > 0
+    assert_same_pairs(local, read_pairs(out).to_pylist())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["kind"] == "webdataset" and manifest["source"]["location"].startswith("s3://")
