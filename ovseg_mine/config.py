@@ -1,7 +1,7 @@
 """Typed mining configuration, loaded from a recipe (TOML) in ``pipelines/`` plus ``--set`` overrides.
 
 A recipe is a TOML file whose tables mirror :class:`MineConfig` (``[source]``, ``[nouns]``, ``[sam]``,
-``[clip]``, ``[matching]``, ``[shards]``, ``[ray]``). Recipes ship with the package and resolve by name
+``[clip]``, ``[matching]``, ``[engine]``, ``[shards]``, ``[ray]``). Recipes ship with the package and resolve by name
 (``demo``, ``smoke``, ``coco-ovseg``) or by path. The resolved config is recorded in every shard and in the
 run manifest; :func:`config_hash` identifies it so that a rerun with another config is refused.
 """
@@ -60,7 +60,7 @@ class SamConfig(_Section):
         description="'default' (published checkpoint, downloaded and sha256-checked), a local path, or 'random'",
     )
     points_per_side: int = Field(32, ge=1)
-    points_per_batch: int = Field(64, ge=1)
+    points_per_batch: int = Field(64, ge=1, description="point prompts per mask-decoder call (3 masks each)")
     pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)
     stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
     box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
@@ -71,6 +71,12 @@ class SamConfig(_Section):
         description="dtype of SAM's image-encoder weights (pure_bf16) and the mask decoder's autocast (amp_bf16); "
         "fp32 is identical to stock SAM; fp16 runs as fp32 on a CPU (ovseg_mine.precision.for_inference)",
     )
+    encoder_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="images per image-encoder call; a short batch is padded to it, so an image's features do not "
+        "depend on how images were batched. Default: 1 on a CPU, 8 on a GPU",
+    )
 
 
 class ClipConfig(_Section):
@@ -78,7 +84,12 @@ class ClipConfig(_Section):
 
     arch: str = Field("ViT-B-16", description="open_clip architecture name (open_clip.list_models())")
     pretrained: str = Field("openai", description="open_clip pretrained tag, a local checkpoint path, or 'random'")
-    batch_size: int = Field(128, ge=1, description="crops per image-encoder call")
+    batch_size: int = Field(
+        128,
+        ge=1,
+        description="crops per image-encoder call; the GPU stage pools the crops of its batch of images and pads the "
+        "last call to this size (an embedding does not depend on the other crops)",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         description="dtype CLIP's weights are cast to (open_clip's pure_bf16, not autocast); fp16 runs as fp32 on a "
@@ -99,6 +110,19 @@ class MatchingConfig(_Section):
     min_margin: float = Field(-2.0, ge=-2.0, le=2.0, description="cosine margin to the runner-up mask")
 
 
+class EngineConfig(_Section):
+    """How the GPU stage computes (ovseg_mine.mine.engine): choices that change float rounding only."""
+
+    compile: bool = Field(
+        False, description="torch.compile SAM's encoder and decoder and CLIP's image tower (CUDA only; off on a CPU)"
+    )
+    crops: Literal["auto", "batched", "loop"] = Field(
+        "auto",
+        description="masked crops: 'batched' renders all masks in one gather op (the GPU path), 'loop' one "
+        "F.interpolate per mask (cheaper on a CPU); 'auto' picks batched on a GPU, loop on a CPU",
+    )
+
+
 class ShardsConfig(_Section):
     """How pairs are grouped into Parquet shards."""
 
@@ -111,8 +135,19 @@ class RayConfig(_Section):
 
     num_gpus_per_actor: float = Field(1.0, ge=0.0, description="used only when GPUs are present")
     actors: int | None = Field(None, ge=1, description="mask/match actors; default one per GPU, else 1")
-    noun_actors: int = Field(1, ge=1)
-    batch_size: int = Field(4, ge=1, description="images per mask/match actor call")
+    noun_actors: int | None = Field(
+        None, ge=1, description="spaCy actors; default grows with the cluster: one per 32 GPUs (at least 1)"
+    )
+    batch_size: int = Field(8, ge=1, description="images per mask/match (GPU stage) call")
+    batches_in_flight: int = Field(
+        2, ge=1, description="batches queued per mask/match actor, so the next batch is ready when one ends"
+    )
+    chunk_mib: int = Field(
+        2048,
+        ge=16,
+        description="memory the GPU stage gives full-resolution masks at a time (upsampling, crops, run lengths): "
+        "what keeps a 64 MP image within bounds",
+    )
     max_image_attempts: int = Field(
         3, ge=1, description="an image whose worker died this many times (OOM, GPU fault, crash) is listed as failed"
     )
@@ -142,6 +177,7 @@ class MineConfig(_Section):
     sam: SamConfig = SamConfig()
     clip: ClipConfig = ClipConfig()
     matching: MatchingConfig = MatchingConfig()
+    engine: EngineConfig = EngineConfig()
     shards: ShardsConfig = ShardsConfig()
     ray: RayConfig = RayConfig()
 

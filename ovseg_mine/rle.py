@@ -6,9 +6,12 @@ counts as pycocotools' compressed ASCII string), the same as COCO's ``iscrowd`` 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RLEError(ValueError):
@@ -48,6 +51,56 @@ def encode_many(masks: np.ndarray) -> list[dict[str, Any]]:
         {"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
         for r in mask_utils.encode(stacked)
     ]
+
+
+def mask_runs(masks: Sequence["torch.Tensor"]) -> list[list[np.ndarray]]:
+    """Uncompressed COCO run lengths of bool masks that live on a device, with one host sync for all of them.
+
+    COCO RLE reads a mask column by column (Fortran order) and alternates runs of 0s and 1s, starting with 0s
+    (a mask whose first pixel is set starts with a run of length 0). The change points of every mask are found
+    on the device in one ``nonzero``; only they travel to the host, where the run lengths are their
+    differences. :func:`from_runs` turns runs into the compressed RLE pycocotools writes.
+
+    Args:
+        masks: bool tensors ``[k_i, H_i, W_i]`` (any device; sizes may differ between tensors).
+
+    Returns:
+        For each tensor, its ``k_i`` run-length arrays (uint32, summing to ``H_i * W_i``).
+    """
+    import torch
+
+    flats = [m.transpose(1, 2).reshape(-1) for m in masks if m.numel()]
+    lengths = [m.shape[1] * m.shape[2] for m in masks for _ in range(m.shape[0])]
+    if not flats:
+        return [[] for _ in masks]
+    values = torch.cat(flats)
+    starts = np.cumsum([0] + lengths)
+    previous = torch.cat([values.new_zeros(1), values[:-1]])
+    previous[torch.as_tensor(starts[:-1], device=values.device)] = False  # each mask starts with a run of 0s
+    changes = torch.nonzero(values != previous).squeeze(1).cpu().numpy()  # the one host sync
+    bounds = np.searchsorted(changes, starts)
+    runs = [
+        np.diff(np.concatenate([[0], changes[lo:hi] - start, [end - start]])).astype(np.uint32)
+        for start, end, lo, hi in zip(starts[:-1], starts[1:], bounds[:-1], bounds[1:], strict=True)
+    ]
+    firsts = np.cumsum([0] + [m.shape[0] for m in masks])
+    return [runs[a:b] for a, b in zip(firsts[:-1], firsts[1:], strict=True)]
+
+
+def from_runs(runs: Sequence[int] | np.ndarray, height: int, width: int) -> dict[str, Any]:
+    """The compressed COCO RLE (see :func:`encode`) of uncompressed run lengths (column-major, 0s first), as
+    :func:`mask_runs` gives them; equal to :func:`encode` of the same mask.
+
+    Raises:
+        RLEError: the runs do not cover ``height * width`` pixels.
+    """
+    from pycocotools import mask as mask_utils
+
+    counts = [int(v) for v in runs]
+    if sum(counts) != height * width:
+        raise RLEError(f"runs cover {sum(counts)} pixels, expected {height}x{width} = {height * width}")
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
 def _to_coco(rle: dict[str, Any]) -> dict[str, Any]:
