@@ -87,8 +87,8 @@ class ClipConfig(_Section):
     batch_size: int = Field(
         128,
         ge=1,
-        description="crops per image-encoder call; the GPU stage pools the crops of its batch of images and pads the "
-        "last call to this size (an embedding does not depend on the other crops)",
+        description="crops per image-encoder call (with engine.batching='pooled' the crops of a batch of images, "
+        "the last call padded to this size so that an embedding does not depend on the other crops)",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
@@ -116,10 +116,12 @@ class EngineConfig(_Section):
     compile: bool = Field(
         False, description="torch.compile SAM's encoder and decoder and CLIP's image tower (CUDA only; off on a CPU)"
     )
-    crops: Literal["auto", "batched", "loop"] = Field(
+    batching: Literal["auto", "pooled", "per_image"] = Field(
         "auto",
-        description="masked crops: 'batched' renders all masks in one gather op (the GPU path), 'loop' one "
-        "F.interpolate per mask (cheaper on a CPU); 'auto' picks batched on a GPU, loop on a CPU",
+        description="crops and CLIP: 'pooled' renders all masks in one gather op and runs CLIP over the crops of "
+        "the whole batch in calls padded to clip.batch_size (the GPU path: few, large kernels); 'per_image' one "
+        "F.interpolate per mask and CLIP per image, unpadded (cheaper on a CPU); 'auto': pooled on a GPU, "
+        "per_image on a CPU. Either way an image's pairs do not depend on the other images of its batch",
     )
 
 

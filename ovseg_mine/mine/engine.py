@@ -11,7 +11,10 @@ nouns, :meth:`MiningEngine.mine`:
    low-resolution logits;
 3. renders the masked crops of all kept masks (OVSeg's crop: tight box, CLIP's mean pixel, bicubic), chunk by
    chunk, upsampling the kept masks again for that;
-4. embeds the crops of the whole batch with CLIP in fixed-size calls and each image's nouns (cached per noun);
+4. embeds the crops with CLIP, and each image's nouns (cached per noun). ``engine.batching='pooled'`` (a GPU's
+   default) renders each chunk's crops in one gather op and runs CLIP over the crops of the whole batch in calls
+   padded to ``clip.batch_size``; ``per_image`` (a CPU's default) renders one crop at a time and runs CLIP per
+   image without padding. Either way the kernels an image's crops see depend on that image alone;
 5. per image, picks each noun's best mask on the device (:func:`~ovseg_mine.mine.matching.best_masks`), applies
    the matching thresholds, upsamples the chosen masks and takes their column-major run lengths
    (:func:`ovseg_mine.rle.mask_runs`, one ``nonzero`` for the batch);
@@ -173,7 +176,7 @@ class MiningEngine:
         self.fill = [255.0 * m for m in self.mean]
         # One noun per encode_text call: a noun's embedding does not depend on which nouns this actor met first.
         self.text = NounEmbeddings(clip, tokenizer, self.device, nouns_per_call=1, precision=self.clip_precision)
-        self.batched_crops = cfg.engine.crops == "batched" or (cfg.engine.crops == "auto" and cuda)
+        self.pooled = cfg.engine.batching == "pooled" or (cfg.engine.batching == "auto" and cuda)
         self.chunk_bytes = cfg.ray.chunk_mib * 2**20
 
     # ----------------------------------------------------------------------------------------------- inputs
@@ -232,7 +235,7 @@ class MiningEngine:
             with timer("crops"):
                 crops = self._crops(jobs, sets)
             with timer("clip"):
-                embeddings = self._embed_crops(crops)
+                embeddings = self._embed_crops(crops, [len(masks) for masks in sets])
                 outcomes = self._match(jobs, sets, embeddings)
         share = {step: seconds / len(jobs) for step, seconds in timer.seconds.items()}
         for outcome in outcomes:
@@ -263,9 +266,9 @@ class MiningEngine:
 
         from ovseg_mine.crops import normalize, render_masked_crops, render_masked_crops_batched
 
-        render = render_masked_crops_batched if self.batched_crops else render_masked_crops
+        render = render_masked_crops_batched if self.pooled else render_masked_crops
         side = self.input_size
-        per_crop = 33 * 16 * side * side if self.batched_crops else 0  # the gather's bytes per mask
+        per_crop = 33 * 16 * side * side if self.pooled else 0  # the gather's bytes per mask
         out = []
         for job, masks in zip(jobs, sets, strict=True):
             k = len(masks)
@@ -273,16 +276,24 @@ class MiningEngine:
             for start in range(0, k, step):
                 index = torch.arange(start, min(k, start + step), device=self.device)
                 boxes = masks.boxes.index_select(0, index)
-                if not self.batched_crops:  # the per-mask loop refuses empty boxes; empty masks are flagged
+                if not self.pooled:  # the per-mask loop refuses empty boxes; empty masks are flagged
                     boxes = torch.cat([boxes[:, :2], boxes[:, 2:].clamp(min=1)], dim=1)
                 out.append(render(job.image, masks.masks(index), boxes, size=side, fill=self.fill))
         crops = torch.cat(out) if out else torch.zeros((0, 3, side, side), device=self.device)
         return normalize(crops, self.mean, self.std)
 
-    def _embed_crops(self, crops: "torch.Tensor") -> "torch.Tensor":
+    def _embed_crops(self, crops: "torch.Tensor", counts: list[int]) -> "torch.Tensor":
+        """CLIP embeddings of the batch's crops: pooled in padded calls, or per image (``counts`` crops each)."""
+        import torch
+
         from ovseg_mine.mine.matching import encode_crops
 
-        return encode_crops(self.clip, crops, batch_size=self.cfg.clip.batch_size, precision=self.clip_precision)
+        size, precision = self.cfg.clip.batch_size, self.clip_precision
+        if self.pooled:
+            return encode_crops(self.clip, crops, batch_size=size, precision=precision)
+        parts = [encode_crops(self.clip, part, batch_size=size, precision=precision, pad=False)
+                 for part in torch.split(crops, counts) if len(part)]
+        return torch.cat(parts) if parts else crops.new_zeros((0, 0))
 
     def _match(
         self, jobs: Sequence[ImageJob], sets: Sequence["MaskSet"], embeddings: "torch.Tensor"

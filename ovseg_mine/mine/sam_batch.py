@@ -15,10 +15,13 @@ What changes, and why it keeps the result:
 * **Prompt embeddings cached per image size.** The sparse point embeddings depend only on the original image
   size (the grid is scaled to it); the dense "no mask" embedding and the dense positional encoding
   (``get_dense_pe``) depend on nothing: computed once, not per point batch.
-* **Low precision** (``pure_bf16`` / ``pure_fp16``): encoder and decoder weights in that dtype, the encoder's
-  attention through SDPA (:mod:`ovseg_mine.mine.sam_attention`), the decoder's IoU head kept in float32 (a bf16
-  IoU head gives about 30 distinct predicted IoUs above 0.88, so the NMS order and the top-N cap would be
-  decided by ties). In ``fp32`` SAM's code and kernels run unchanged.
+* **Low precision** (``pure_bf16`` / ``pure_fp16``): encoder weights in that dtype, its attention through SDPA
+  (:mod:`ovseg_mine.mine.sam_attention`); decoder weights in that dtype on a GPU (its cost is memory traffic,
+  which bf16 weights halve), autocast to it on a CPU (where bf16 element-wise ops are slower than float32 ones:
+  measured 104 s vs 36 s for 128 prompts with bf16 weights vs float32 on this project's 2-core CPU, autocast
+  about as fast as float32); the decoder's IoU head in float32 either way (a bf16 IoU head gives about 30
+  distinct predicted IoUs above 0.88, so the NMS order and the top-N cap would be decided by ties). In ``fp32``
+  SAM's code and kernels run unchanged.
 """
 
 from __future__ import annotations
@@ -78,17 +81,22 @@ class BatchedSam:
         self.mask_threshold = float(sam.mask_threshold)
         self.transform = ResizeLongestSide(self.img_size)
         self.point_grid = build_point_grid(points_per_side)  # [P*P, 2] xy in [0, 1]
+        self.decoder_precision = "fp32"
+        self.decoder_dtype = torch.float32
         if precision_mod.is_pure(precision):
             sam.image_encoder.to(self.dtype)
             use_sdpa(sam.image_encoder)
-            sam.mask_decoder.to(self.dtype)
-            head = sam.mask_decoder.iou_prediction_head.float()
-            head.register_forward_pre_hook(lambda _module, args: (args[0].float(), *args[1:]))
+            if self.device.type == "cuda":
+                sam.mask_decoder.to(self.dtype)
+                self.decoder_dtype = self.dtype
+            else:
+                self.decoder_precision = precision.replace("pure_", "amp_")
+            _float32_iou_head(sam.mask_decoder, self.device)
         with torch.inference_mode():
-            self._dense_pe = sam.prompt_encoder.get_dense_pe().to(self.dtype)  # [1, C, h, w]
+            self._dense_pe = sam.prompt_encoder.get_dense_pe().to(self.decoder_dtype)  # [1, C, h, w]
             emb = sam.prompt_encoder.image_embedding_size
             self._no_mask = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *emb)
-            self._no_mask = self._no_mask.to(self.dtype)
+            self._no_mask = self._no_mask.to(self.decoder_dtype)
         self._sparse: dict[tuple[int, int], torch.Tensor] = {}
         self._encoder, self._decoder = sam.image_encoder, sam.mask_decoder
         if compile and self.device.type == "cuda":
@@ -146,7 +154,7 @@ class BatchedSam:
                 sparse, _ = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
             if len(self._sparse) >= 64:  # many distinct sizes (non-COCO data): keep the cache small
                 self._sparse.clear()
-            self._sparse[size] = sparse.to(self.dtype)
+            self._sparse[size] = sparse.to(self.decoder_dtype)
         return self._sparse[size]
 
     def decode(self, features: "torch.Tensor", size: tuple[int, int]) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -157,14 +165,17 @@ class BatchedSam:
             size: original image size ``(H, W)`` in pixels.
 
         Returns:
-            Low-resolution mask logits ``[3P, 4h', 4w']`` in the decoder's dtype (point-major, three masks per
+            Low-resolution mask logits ``[3P, 4h', 4w']`` in the decoder's output dtype (point-major, three masks per
             point, as the AMG flattens them) and predicted IoUs float32 ``[3P]``; no host sync.
         """
         import torch
 
+        from ovseg_mine.precision import autocast
+
         sparse = self._sparse_prompts(size)
+        features = features.to(self.decoder_dtype)
         lows, ious = [], []
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.decoder_precision, self.device):
             for start in range(0, len(sparse), self.points_per_batch):
                 prompts = sparse[start : start + self.points_per_batch]
                 low, iou = self._decoder(
@@ -178,3 +189,18 @@ class BatchedSam:
                 ious.append(iou)
         low, iou = torch.cat(lows), torch.cat(ious)
         return low.flatten(0, 1), iou.flatten(0, 1).float()
+
+
+def _float32_iou_head(decoder: Any, device: "torch.device") -> None:
+    """Run the mask decoder's IoU head in float32, whatever the decoder's weights or autocast: its input is
+    cast to float32 and autocast is off inside it."""
+    import torch
+
+    head = decoder.iou_prediction_head.float()
+    forward = head.forward
+
+    def float32_forward(x: "torch.Tensor") -> "torch.Tensor":
+        with torch.autocast(device.type, enabled=False):
+            return forward(x.float())
+
+    head.forward = float32_forward
