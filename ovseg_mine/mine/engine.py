@@ -291,8 +291,11 @@ class MiningEngine:
         size, precision = self.cfg.clip.batch_size, self.clip_precision
         if self.pooled:
             return encode_crops(self.clip, crops, batch_size=size, precision=precision)
-        parts = [encode_crops(self.clip, part, batch_size=size, precision=precision, pad=False)
-                 for part in torch.split(crops, counts) if len(part)]
+        parts = [
+            encode_crops(self.clip, part, batch_size=size, precision=precision, pad=False)
+            for part in torch.split(crops, counts)
+            if len(part)
+        ]
         return torch.cat(parts) if parts else crops.new_zeros((0, 0))
 
     def _match(
