@@ -4,6 +4,7 @@ Ray pipeline end to end, noun extraction. Each part writes its section of one JS
     python benchmarks/mine_benchmark.py speed --images 2              # baseline vs ovseg-mine, agreement
     python benchmarks/mine_benchmark.py proxies --images 8            # syncs, aten ops, non-torch time per image
     python benchmarks/mine_benchmark.py ray --images 8                # the real Ray pipeline, end to end
+    python benchmarks/mine_benchmark.py big-image --images 0          # host memory: COCO vs 64 MP images
     python benchmarks/mine_benchmark.py nouns                         # captions/s of the noun stage
     python benchmarks/mine_benchmark.py nouns-json --out benchmarks/data/coco_sample_nouns.json
 
@@ -38,7 +39,6 @@ from ovseg_mine import rle  # noqa: E402
 #: What the GPU stage runs with on a GPU (``gpu_check.py`` uses the same); the proxies run it on the CPU.
 GPU_SETTINGS = [
     "sam.points_per_batch=512",
-    "clip.batch_size=256",
     "engine.batching='pooled'",
 ]
 
@@ -226,6 +226,46 @@ def proxies(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     }
 
 
+def big_image(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
+    """Peak host memory of the GPU stage (on this CPU) for a default-size batch of COCO images, of 64 MP images,
+    and the memory the models take: what a 64 MP image costs beyond a small one is its pixels, not its masks."""
+    from PIL import Image
+
+    points = args.points_per_side or 8
+    cfg = bench_config(points, "bf16", ckpt)
+    batch = cfg.ray.batch_size if args.images <= 0 else args.images
+    records = _records(args, batch)
+    rows = with_nouns(records, nouns_with_spacy(records))
+    memory = PeakRSS()
+    with memory.track("models"):
+        runner = StageRunner(cfg, ckpt)
+        time.sleep(0.05)
+    report: dict[str, Any] = {"machine": machine(), "settings": {"batch": batch, "points_per_side": points}}
+    with tempfile.TemporaryDirectory() as tmp:
+        big = Path(tmp) / "big.jpg"
+        Image.open(records[0]["path"]).convert("RGB").resize((9216, 6912), Image.BICUBIC).save(big, quality=90)
+        big_rows = [{**row, "path": str(big), "width": 9216, "height": 6912} for row in rows]
+        for label, batch_rows in (("coco", rows), ("64mp", big_rows)):
+            decoded = runner.decode(batch_rows)
+            start = time.perf_counter()
+            with memory.track(label):
+                out = runner.stage(decoded).to_pylist()
+            report[label] = {
+                "images": len(batch_rows),
+                "pixels_per_image": batch_rows[0]["width"] * batch_rows[0]["height"],
+                "seconds": time.perf_counter() - start,
+                "peak_rss_gib": memory.peak[label] / 2**30,
+                "decoded_batch_gib": decoded.nbytes / 2**30,
+                "statuses": sorted({r["status"] for r in out}),
+                "masks_per_image": float(np.mean([r["num_proposals"] for r in out])),
+            }
+            del decoded
+            print(label, report[label], flush=True)
+    report["models_rss_gib"] = memory.peak["models"] / 2**30
+    report["chunk_mib"] = cfg.ray.chunk_mib
+    return report
+
+
 def ray_end_to_end(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     """The real pipeline (``ovseg_mine.mine.pipeline.mine``, a local Ray) on the first N coco-mini images."""
     from ovseg_mine.mine.pipeline import mine
@@ -267,7 +307,7 @@ def nouns_speed(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["speed", "proxies", "ray", "nouns", "nouns-json"])
+    parser.add_argument("part", choices=["speed", "proxies", "ray", "big-image", "nouns", "nouns-json"])
     parser.add_argument("--data", default=str(COCO_MINI), help="COCO layout: annotations/, val2017/")
     parser.add_argument("--images", type=int, default=2, help="images timed")
     parser.add_argument("--warmup", type=int, default=1, help="speed: images run first by everyone, not timed")
@@ -292,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "speed": lambda: speed(args, ckpt),
             "proxies": lambda: proxies(args, ckpt),
             "ray": lambda: ray_end_to_end(args, ckpt),
+            "big-image": lambda: big_image(args, ckpt),
             "nouns": lambda: nouns_speed(args),
         }[args.part]()
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}

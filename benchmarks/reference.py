@@ -48,7 +48,7 @@ class ReferenceMiner:
         self.amg = SamAutomaticMaskGenerator(
             sam,
             points_per_side=cfg.sam.points_per_side,
-            points_per_batch=cfg.sam.points_per_batch,
+            points_per_batch=cfg.sam.points_per_batch or 64,  # the stock default
             pred_iou_thresh=cfg.sam.pred_iou_thresh,
             stability_score_thresh=cfg.sam.stability_score_thresh,
             box_nms_thresh=cfg.sam.box_nms_thresh,

@@ -60,7 +60,12 @@ class SamConfig(_Section):
         description="'default' (published checkpoint, downloaded and sha256-checked), a local path, or 'random'",
     )
     points_per_side: int = Field(32, ge=1)
-    points_per_batch: int = Field(64, ge=1, description="point prompts per mask-decoder call (3 masks each)")
+    points_per_batch: int | None = Field(
+        None,
+        ge=1,
+        description="point prompts per mask-decoder call (3 masks each); default 64 on a CPU (segment-anything's), "
+        "512 on a GPU (two decoder calls for a 32x32 grid)",
+    )
     pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)
     stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
     box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)

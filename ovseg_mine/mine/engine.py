@@ -162,7 +162,7 @@ class MiningEngine:
         self.sam = BatchedSam(
             sam,
             points_per_side=cfg.sam.points_per_side,
-            points_per_batch=cfg.sam.points_per_batch,
+            points_per_batch=cfg.sam.points_per_batch or (512 if cuda else 64),
             precision=precision_mod.for_inference(cfg.sam.precision, self.device),
             encoder_batch_size=cfg.sam.encoder_batch_size or (8 if cuda else 1),
             compile=cfg.engine.compile,
@@ -182,12 +182,15 @@ class MiningEngine:
     # ----------------------------------------------------------------------------------------------- inputs
 
     def to_device(self, pixels: np.ndarray) -> "torch.Tensor":
-        """uint8 ``[H, W, 3]`` host pixels -> uint8 ``[3, H, W]`` on the device (asynchronous from pinned memory)."""
+        """uint8 ``[H, W, 3]`` host pixels -> uint8 ``[3, H, W]`` on the device: a view of the same memory on a CPU
+        (the engine only reads it), an asynchronous copy from pinned memory on a GPU."""
+        import warnings
+
         import torch
 
-        if not pixels.flags.writeable or not pixels.flags.c_contiguous:
-            pixels = np.array(pixels)  # torch wants writable memory
-        tensor = torch.from_numpy(pixels)
+        with warnings.catch_warnings():  # Arrow's buffers are read-only; nothing writes into the pixels
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(np.ascontiguousarray(pixels))
         if self.device.type == "cuda":
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.permute(2, 0, 1)

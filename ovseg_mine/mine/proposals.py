@@ -128,7 +128,7 @@ class SamMaskGenerator:
         self.batched = BatchedSam(
             sam,
             points_per_side=cfg.points_per_side,
-            points_per_batch=cfg.points_per_batch,
+            points_per_batch=cfg.points_per_batch or (512 if next(sam.parameters()).is_cuda else 64),
             precision=precision,
             encoder_batch_size=cfg.encoder_batch_size or 1,
         )

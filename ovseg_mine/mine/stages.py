@@ -196,7 +196,10 @@ class MaskMatchStage:
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         import pyarrow as pa
 
-        records = batch.to_pylist()
+        records = batch.drop_columns(["pixels", "sam_pixels"]).to_pylist()
+        for column in ("pixels", "sam_pixels"):  # the pixels stay in Arrow's buffers (no copy on the host)
+            for record, value in zip(records, batch.column(column), strict=True):
+                record[column] = value.as_buffer()
         rows = [{**_carried(record), "matches": []} for record in records]
         todo = [i for i, row in enumerate(rows) if row["status"] == "ok"]
         self._tracked(records, rows, todo)
