@@ -1,9 +1,9 @@
 """Typed mining configuration, loaded from a recipe (TOML) in ``pipelines/`` plus ``--set`` overrides.
 
-A recipe is a TOML file whose tables mirror :class:`MineConfig` (``[source]``, ``[nouns]``, ``[sam]``,
-``[clip]``, ``[matching]``, ``[engine]``, ``[shards]``, ``[ray]``). Recipes ship with the package and resolve by name
-(``demo``, ``smoke``, ``coco-ovseg``) or by path. The resolved config is recorded in every shard and in the
-run manifest; :func:`config_hash` identifies it so that a rerun with another config is refused.
+A recipe is a TOML file whose tables mirror :class:`MineConfig` (``[source]``, ``[proposals]``, ``[nouns]``,
+``[sam]``, ``[clip]``, ``[matching]``, ``[engine]``, ``[shards]``, ``[ray]``). Recipes ship with the package and
+resolve by name (``demo``, ``smoke``, ``coco-ovseg``) or by path. The resolved config is recorded in every shard and
+in the run manifest; :func:`config_hash` identifies it so that a rerun with another config is refused.
 """
 
 from __future__ import annotations
@@ -27,12 +27,43 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SourceConfig(_Section):
-    """Which images and captions to read (COCO Captions layout)."""
+#: Source kinds (``--source KIND:LOCATION``); :func:`ovseg_mine.mine.sources.list_sources` lists the same names.
+SourceKind = Literal["coco", "hf", "webdataset", "img2dataset", "folder"]
 
+
+class SourceConfig(_Section):
+    """Which images and captions to read, and how a source's columns become records.
+
+    The source's *location* is not part of the config (it is recorded in the manifest, and what identifies each
+    input shard in its done record): the same config mines any copy of a dataset.
+    """
+
+    kind: SourceKind = Field("coco", description="source kind: coco, hf, webdataset, img2dataset or folder")
     captions_per_image: int = Field(1, ge=1, le=5, description="first N captions of each image (paper: 1)")
-    limit: int | None = Field(None, ge=1, description="mine at most this many images (after sorting by id)")
+    limit: int | None = Field(
+        None, ge=1, description="mine at most this many images (COCO: the first by id; other sources: in source order)"
+    )
     image_ids: list[int] | None = Field(None, description="mine only these image ids")
+    split: str | None = Field(None, description="hf: the split to read (default: train, or the only split)")
+    hf_config: str | None = Field(None, description="hf: the dataset configuration (subset) of a Hub dataset")
+    image_column: str | None = Field(None, description="column (hf, img2dataset) holding the image; default: found")
+    caption_column: str | None = Field(
+        None, description="column or JSON field holding a caption string or a list of captions; default: found"
+    )
+    id_column: str | None = Field(
+        None, description="integer column or JSON field holding the image id; default: a 63-bit hash of the sample key"
+    )
+
+
+class ProposalsConfig(_Section):
+    """Where the masks come from: SAM's automatic mask generator, or masks the user already has.
+
+    With ``coco`` (COCO instances or panoptic JSON) or ``sa1b`` (SA-1B per-image JSON) SAM is neither loaded nor
+    run; ``sam.max_masks_per_image`` and the score thresholds (``sam.pred_iou_thresh``,
+    ``sam.stability_score_thresh``) still apply where the given masks carry scores.
+    """
+
+    kind: Literal["sam", "coco", "sa1b"] = Field("sam", description="sam, coco (instances/panoptic JSON) or sa1b")
 
 
 class NounsConfig(_Section):
@@ -180,6 +211,7 @@ class MineConfig(_Section):
         "(only the demo and smoke recipes); such runs are marked weights=random in the manifest",
     )
     source: SourceConfig = SourceConfig()
+    proposals: ProposalsConfig = ProposalsConfig()
     nouns: NounsConfig = NounsConfig()
     sam: SamConfig = SamConfig()
     clip: ClipConfig = ClipConfig()

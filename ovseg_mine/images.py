@@ -20,11 +20,12 @@ class ImageDecodeError(Exception):
     """The file cannot be used as an image; ``str(error)`` is the reason recorded in the run's rejects."""
 
 
-def load_rgb(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode an image file to RGB.
+def load_rgb(path: str | os.PathLike[str] | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image to RGB.
 
     Args:
-        path: image file (JPEG, PNG, ... anything Pillow reads).
+        path: an image file (a local path, or a URI read through :mod:`ovseg_mine.storage`), or the encoded image
+            itself as bytes (JPEG, PNG, ... anything Pillow reads).
         max_pixels: refuse images with more pixels than this (checked from the header, before decoding).
 
     Returns:
@@ -33,14 +34,31 @@ def load_rgb(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXE
     Raises:
         ImageDecodeError: missing, empty, unreadable, truncated or too large; the message is the reason.
     """
+    import io
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError as exc:
-        raise ImageDecodeError("file not found") from exc
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot stat file: {exc.strerror}") from exc
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        size = len(path)
+        path = io.BytesIO(path)
+    elif "://" in os.fspath(path):
+        from ovseg_mine.storage import StorageError, resolve
+
+        try:
+            location = resolve(os.fspath(path))
+            if not location.is_file():
+                raise ImageDecodeError("file not found")
+            path = io.BytesIO(location.read_bytes())
+        except StorageError as exc:
+            raise ImageDecodeError(f"cannot read file: {exc}") from exc
+        size = len(path.getvalue())
+    else:
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError as exc:
+            raise ImageDecodeError("file not found") from exc
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot stat file: {exc.strerror}") from exc
     if size == 0:
         raise ImageDecodeError("empty file (0 bytes)")
     try:

@@ -205,7 +205,7 @@ def _load_state_dict(model: Any, path: str | Path, what: str) -> None:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, not a torch checkpoint, pickled code
+    except Exception as exc:  # noqa: BLE001 torch.load of an arbitrary file raises anything (IndexError, UnpicklingError...): the file's fault
         raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
         state = state.get("state_dict", state.get("model"))
@@ -248,7 +248,7 @@ def load_sam(
         try:
             path, sha = _fetch_sam_checkpoint(model_type)
             info = WeightsInfo(model_type, "default", _SAM_URL + path.name, sha)
-        except Exception as exc:
+        except (OSError, WeightsError) as exc:  # no network, HTTP errors, a download whose sha256 differs
             url = _SAM_URL + _SAM_CHECKPOINTS[model_type][0]
             _fallback(
                 allow_random,
@@ -271,7 +271,7 @@ def load_sam(
 
 
 @functools.cache
-def _register_clip_configs() -> None:
+def register_clip_configs() -> None:
     """Make the configs in ``ovseg_mine/model_configs/`` known to open_clip (once per process)."""
     import open_clip
 
@@ -352,7 +352,7 @@ def load_clip(
     """
     import open_clip
 
-    _register_clip_configs()
+    register_clip_configs()
     if arch not in open_clip.list_models():
         raise ModelNameError(f"unknown open_clip arch {arch!r}; open_clip.list_models() gives the valid names")
     info, path, tag_cfg = WeightsInfo(arch, "random", None, None), None, {}
@@ -362,7 +362,7 @@ def load_clip(
             try:
                 path, source = _fetch_clip_tag(tag_cfg)
                 info = WeightsInfo(arch, pretrained, source, sha256_file(path))
-            except Exception as exc:
+            except (OSError, RuntimeError, ValueError) as exc:  # no network, hub errors, a failed checksum
                 path, tag_cfg = None, {}  # the fallback is exactly load_clip(arch, "random", seed=seed)
                 _fallback(
                     allow_random,
@@ -397,7 +397,7 @@ def load_clip(
     if path is not None:
         try:
             open_clip.load_checkpoint(model, path, strict=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 as torch.load: any failure here is the checkpoint file's
             raise WeightsError(
                 f"checkpoint {path} does not load into open_clip {arch!r}: {type(exc).__name__}: {str(exc)[:300]}"
             ) from exc

@@ -34,8 +34,7 @@ def encode(mask: np.ndarray) -> dict[str, Any]:
 
     if mask.ndim != 2:
         raise RLEError(f"mask must be [H, W], got shape {tuple(mask.shape)}")
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+    return _from_coco(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8, copy=False))))
 
 
 def encode_many(masks: np.ndarray) -> list[dict[str, Any]]:
@@ -47,10 +46,7 @@ def encode_many(masks: np.ndarray) -> list[dict[str, Any]]:
     if masks.shape[0] == 0:
         return []
     stacked = np.asfortranarray(np.transpose(masks.astype(np.uint8, copy=False), (1, 2, 0)))
-    return [
-        {"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
-        for r in mask_utils.encode(stacked)
-    ]
+    return [_from_coco(r) for r in mask_utils.encode(stacked)]
 
 
 def mask_runs(masks: Sequence["torch.Tensor"]) -> list[list[np.ndarray]]:
@@ -103,7 +99,60 @@ def from_runs(runs: Sequence[int] | np.ndarray, height: int, width: int) -> dict
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
+def counts_of(rle: dict[str, Any]) -> np.ndarray:
+    """Uncompressed run lengths (int64, column-major, 0s first; the inverse of :func:`from_runs`) of an RLE whose
+    ``counts`` are COCO's compressed string (or already a list of runs), without decoding the mask.
+
+    COCO's string (``maskApi.c``, ``rleToString``) writes each run as 5-bit groups, least significant first, as
+    characters ``48 + group`` with bit 0x20 set on every group but a run's last, whose bit 0x10 is the sign; from
+    the fourth run on, the value stored is the difference to the run two places before. Decoded here with numpy
+    (no Python loop over characters).
+
+    Raises:
+        RLEError: the counts are malformed or do not cover the RLE's ``size``.
+    """
+    counts = rle["counts"]
+    height, width = (int(v) for v in rle["size"])
+    if isinstance(counts, (list, tuple, np.ndarray)):
+        runs = np.asarray(counts, dtype=np.int64)
+    else:
+        raw = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+        chars = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
+        if chars.size and (chars.min() < 0 or chars.max() > 63 or chars[-1] & 0x20):
+            raise RLEError("malformed RLE counts string")
+        last = (chars & 0x20) == 0  # the last group of each run
+        run = np.concatenate([[0], np.cumsum(last)[:-1]])  # which run each character belongs to
+        starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))
+        shift = 5 * (np.arange(chars.size) - starts[run])
+        runs = np.zeros(int(last.sum()), dtype=np.int64)
+        np.add.at(runs, run, (chars & 0x1F) << shift)
+        ends = np.flatnonzero(last)
+        negative = (chars[ends] & 0x10) != 0
+        runs[negative] -= np.int64(1) << (shift[ends][negative] + 5)
+        for first in (1, 2):  # runs 3, 5, ... add run 1 cumulatively; runs 4, 6, ... add run 2
+            runs[first::2] = np.cumsum(runs[first::2])
+    if (runs < 0).any() or int(runs.sum()) != height * width:
+        raise RLEError(f"RLE counts cover {int(runs.sum())} pixels, expected {height}x{width} = {height * width}")
+    return runs
+
+
+def masks_from_counts(counts: "torch.Tensor", height: int, width: int) -> "torch.Tensor":
+    """Decode run lengths on their device, with no host sync: ``counts`` int64 ``[k, L]``, each row a mask's
+    uncompressed COCO runs (:func:`counts_of`) padded with zeros to ``L``, summing to ``height * width``.
+
+    Returns:
+        bool ``[k, height, width]`` on ``counts``' device.
+    """
+    import torch
+
+    k, length = counts.shape
+    values = (torch.arange(length, device=counts.device) % 2).bool().expand(k, length)
+    flat = torch.repeat_interleave(values.reshape(-1), counts.reshape(-1), output_size=k * height * width)
+    return flat.reshape(k, width, height).transpose(1, 2)
+
+
 def _to_coco(rle: dict[str, Any]) -> dict[str, Any]:
+    """Our RLE (or pycocotools' own) as pycocotools' C functions take it: ``counts`` as bytes."""
     try:
         size = [int(rle["size"][0]), int(rle["size"][1])]
         counts = rle["counts"]
@@ -112,6 +161,60 @@ def _to_coco(rle: dict[str, Any]) -> dict[str, Any]:
     if isinstance(counts, str):
         counts = counts.encode("ascii")
     return {"size": size, "counts": counts}
+
+
+def _from_coco(rle: dict[str, Any]) -> dict[str, Any]:
+    """pycocotools' RLE (``counts`` bytes) as ours: ``{"size": [h, w] ints, "counts": str}``."""
+    counts = rle["counts"]
+    return {
+        "size": [int(rle["size"][0]), int(rle["size"][1])],
+        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+    }
+
+
+def from_segmentation(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """The RLE of a COCO annotation's ``segmentation``, in any of COCO's three forms.
+
+    Args:
+        segmentation: polygons (a list of ``[x0, y0, x1, y1, ...]`` lists in pixels, their union is the mask),
+            an uncompressed RLE (``{"size": [h, w], "counts": [int, ...]}``, COCO's ``iscrowd`` form) or a
+            compressed RLE (``counts`` a str or bytes).
+        height, width: the image's size in pixels (polygons and uncompressed RLE need it).
+
+    Returns:
+        ``{"size": [H, W], "counts": str}`` (pycocotools ``frPyObjects`` and ``merge``, as ``COCO.annToRLE``).
+
+    Raises:
+        RLEError: not one of the three forms, or an empty polygon list.
+    """
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):
+        if not segmentation:
+            raise RLEError("empty polygon list")
+        try:
+            return _from_coco(mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width)))
+        except (TypeError, ValueError, IndexError) as exc:
+            raise RLEError(f"not COCO polygons: {str(segmentation)[:80]}") from exc
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        try:
+            return _from_coco(mask_utils.frPyObjects(segmentation, height, width))
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
+            raise RLEError(f"not an uncompressed COCO RLE: {str(segmentation)[:80]}") from exc
+    return _from_coco(_to_coco(segmentation))
+
+
+def union(rles: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The union of RLEs of one size, as one RLE (pycocotools ``merge``).
+
+    Raises:
+        RLEError: no RLE given, or a malformed one.
+    """
+    from pycocotools import mask as mask_utils
+
+    if not rles:
+        raise RLEError("the union of no mask has no size")
+    return _from_coco(mask_utils.merge([_to_coco(r) for r in rles], intersect=False))
 
 
 def decode(rle: dict[str, Any]) -> np.ndarray:

@@ -34,3 +34,115 @@ def smoke_run(tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "complete:" in result.stdout and "images/s" in result.stdout
     return out
+
+
+#: The config every source's run of the same 8 images uses (see ``mined_sources``), as ``--set`` overrides.
+SOURCE_RUN_SETTINGS = ["source.captions_per_image=1", "shards.images_per_shard=3"]
+
+
+@pytest.fixture(scope="session")
+def coco8(tmp_path_factory) -> dict:
+    """The first 8 images (by id) of coco-mini (the bundled sample when coco-mini is absent) and their captions:
+    ``items`` (helpers.coco_items), ``captions`` (a COCO Captions JSON of just them), ``images``, ``instances``."""
+    from helpers import coco_items, write_coco_captions
+
+    root = COCO_MINI if (COCO_MINI / "annotations" / "captions_val2017.json").is_file() else None
+    if root is not None:
+        captions, images = root / "annotations" / "captions_val2017.json", root / "val2017"
+        instances = root / "annotations" / "instances_val2017.json"
+    else:
+        captions, images, instances = (
+            sample_dir() / "captions.json",
+            sample_dir() / "images",
+            sample_dir() / "instances.json",
+        )
+    items = coco_items(captions, images, 8)
+    dest = tmp_path_factory.mktemp("coco8") / "captions.json"
+    return {"items": items, "captions": write_coco_captions(dest, items), "images": images, "instances": instances}
+
+
+@pytest.fixture(scope="session")
+def source_dirs(coco8, tmp_path_factory) -> dict[str, Path]:
+    """The same 8 images as every kind of source, built with each format's own writer (helpers.build_*):
+    ``hf_saved`` (save_to_disk, 2 Arrow files), ``hf_parquet`` (to_parquet, 3 files), ``webdataset`` (3 tars of
+    3, 3, 2 samples), ``img2dataset_parquet`` and ``img2dataset_files`` (2 shards), ``folder`` (captions.jsonl),
+    ``sa1b`` (SA-1B JSON of the COCO instance masks)."""
+    from helpers import build_folder, build_hf, build_img2dataset, build_sa1b, build_webdataset
+
+    root = tmp_path_factory.mktemp("sources")
+    items = coco8["items"]
+    return {
+        "hf_saved": build_hf(root / "hf_saved", items, arrow_shards=2),
+        "hf_parquet": build_hf(root / "hf_parquet", items, parquet_files=3),
+        "webdataset": build_webdataset(root / "webdataset", items, per_tar=3),
+        "img2dataset_parquet": build_img2dataset(root / "i2d_parquet", items, layout="parquet", per_shard=5),
+        "img2dataset_files": build_img2dataset(root / "i2d_files", items, layout="files", per_shard=5),
+        "folder": build_folder(root / "folder", items),
+        "sa1b": build_sa1b(root / "sa1b", coco8["instances"], items),
+    }
+
+
+#: name -> (--source, extra --set overrides, --proposals) of the runs ``mined_sources`` makes.
+SOURCE_RUNS = {
+    "coco": (None, [], None),
+    "hf_saved": ("hf", ['source.id_column="image_id"'], None),
+    "hf_parquet": ("hf", [], None),
+    "webdataset": ("webdataset", [], None),
+    "img2dataset_parquet": ("img2dataset", ['source.id_column="image_id"'], None),
+    "img2dataset_files": ("img2dataset", ['source.id_column="image_id"'], None),
+    "folder": ("folder", ['source.id_column="image_id"'], None),
+    # Given masks; SAM's model type is made unloadable: these runs succeed only if SAM is never built.
+    "coco_given_coco": (None, ['sam.model_type="no-such-sam"'], "coco"),
+    "webdataset_given_sa1b": ("webdataset", ['sam.model_type="no-such-sam"', "sam.max_masks_per_image=3"], "sa1b"),
+}
+
+
+@pytest.fixture(scope="session")
+def mined_sources(coco8, source_dirs, tmp_path_factory) -> dict[str, Path]:
+    """Each run of :data:`SOURCE_RUNS` mined once per session, in this process, on one local Ray (started here
+    and shut down before the tests run): ``smoke`` recipe, :data:`SOURCE_RUN_SETTINGS`. Read-only for tests."""
+    import ray
+
+    from ovseg_mine.config import build_config
+    from ovseg_mine.mine.graph import init_ray
+    from ovseg_mine.mine.pipeline import mine
+
+    root = tmp_path_factory.mktemp("mined")
+    runs = {}
+    started = init_ray(None)
+    try:
+        for name, (kind, extra, given) in SOURCE_RUNS.items():
+            overrides = [f'source.kind="{kind or "coco"}"', f'proposals.kind="{given or "sam"}"']
+            cfg = build_config("smoke", overrides + SOURCE_RUN_SETTINGS + extra)
+            location = coco8["captions"] if kind is None else source_dirs[name.split("_given")[0]]
+            proposals = {"coco": str(coco8["instances"]), "sa1b": str(source_dirs["sa1b"])}.get(given)
+            images = coco8["images"] if kind is None else None
+            mine(cfg, str(location), root / name, images=images, proposals=proposals)
+            runs[name] = root / name
+    finally:
+        if started:
+            ray.shutdown()
+    return runs
+
+
+@pytest.fixture(scope="session")
+def smoke_stages():
+    """``run(table, **overrides)``: record rows through the real stages after the read step (NounStage,
+    decode_stage, MaskMatchStage, finalize_stage; smoke recipe, tiny random models, no Ray), as result dicts; the
+    stages are built once per config."""
+    from ovseg_mine.config import build_config
+    from ovseg_mine.mine.stages import MaskMatchStage, NounStage, decode_stage, finalize_stage
+    from ovseg_mine.models import sam_input_size
+
+    built: dict[tuple, tuple] = {}
+
+    def run(table, *overrides: str) -> list[dict]:
+        if overrides not in built:
+            cfg = build_config("smoke", ["source.captions_per_image=1", *overrides])
+            config = cfg.model_dump(mode="json")
+            size = sam_input_size(cfg.sam.model_type) if cfg.proposals.kind == "sam" else None
+            built[overrides] = (NounStage(config), size, MaskMatchStage(config, "random", "random"))
+        nouns, size, masks = built[overrides]
+        return finalize_stage(masks(decode_stage(nouns(table), sam_input_size=size))).to_pylist()
+
+    return run

@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import jsonschema
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ovseg_mine import rle
 from ovseg_mine.resources import schemas_dir
@@ -153,3 +155,24 @@ def test_help_is_fast_and_lists_commands():
         "print(sorted(m for m in ('torch', 'ray', 'spacy', 'open_clip') if m in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_source_mistakes_are_one_line_errors_before_any_work(tmp_path):
+    out = str(tmp_path / "o")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "captions.jsonl").write_text('{"file_name": "a.jpg", "caption": "A dog."}\n')
+    pq.write_table(pa.table({"image": ["a.jpg"], "caption": ["A dog."], "id": ["7b"]}), tmp_path / "t.parquet")
+    cases = [
+        ([], "nothing to mine: give --source KIND:LOCATION, or --captions F --images DIR"),
+        (["--source", "tars:x"], "--source must be KIND:LOCATION with KIND one of coco, folder, hf, img2dataset"),
+        (["--source", f"hf:{tmp_path / 'missing'}"], "not found"),
+        (["--source", "folder:x", "--images", str(tmp_path)], "--images is for COCO sources"),
+        (["--source", "hf:x", "--captions", "c.json"], "not both"),
+        (["--source", f"folder:{tmp_path / 'photos'}", "--proposals", "masks:x"], "--proposals must be sam, or"),
+        (["--source", f"hf:{tmp_path / 't.parquet'}", "--id-column", "id"], "holds string values, not integers"),
+        (["--source", f"hf:{tmp_path / 't.parquet'}", "--caption-column", "text"], "has no column 'text'"),
+    ]
+    for args, message in cases:
+        result = run_cli("mine", "--out", out, "--pipeline", "smoke", *args, timeout=300)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-500:])
+        assert "Traceback" not in result.stderr

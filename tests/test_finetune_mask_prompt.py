@@ -11,7 +11,7 @@ import torch
 from ovseg_mine.finetune.loss import noun_contrastive_loss, unique_targets
 from ovseg_mine.finetune.mask_prompt import MaskPromptError, MaskPrompts, is_vit_arch, load_prompts, save_prompts
 from ovseg_mine.finetune.patch_mask import crop_masks, patch_foreground
-from ovseg_mine.finetune.train import ImageTower
+from ovseg_mine.finetune.stage import ImageTower
 from ovseg_mine.models import load_clip
 
 

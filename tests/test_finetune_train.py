@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from ovseg_mine.finetune import checkpoint as ckpt
-from ovseg_mine.finetune.config import build_config
+from ovseg_mine.finetune.config import FinetuneConfigError, build_config
 from ovseg_mine.finetune.data import PairDataset, make_loader, scan_shards
 from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE
-from ovseg_mine.finetune.train import ImageTower, batch_loss, train_worker
-from ovseg_mine.models import _register_clip_configs, load_clip
+from ovseg_mine.finetune.stage import ImageTower, batch_loss
+from ovseg_mine.finetune.train import train_worker
+from ovseg_mine.models import load_clip, register_clip_configs
 from ovseg_mine.text import NounEmbeddings
 
 from helpers import run_cli
@@ -55,6 +56,7 @@ def test_each_mode_lowers_the_loss_and_reloads_through_open_clip(smoke_run, tmp_
     meta = train_worker(cfg)
     assert meta["complete"] and list(meta["stages"]) == cfg.stages
     assert all(s["steps"] == 6 for s in meta["stages"].values())
+    assert all(s["betas"] == [0.9, 0.98] and s["eps"] == 1e-6 for s in meta["stages"].values())  # a ViT's
     assert [c["step"] for c in meta["curve"]] == [s for _ in cfg.stages for s in range(1, 7)]
     assert all({"loss", "lr", "samples_per_s"} <= set(c) for c in meta["curve"])
     assert meta["shards"]["config_hash"] == json.loads((smoke_run / "manifest.json").read_text())["config_hash"]
@@ -71,7 +73,7 @@ def test_each_mode_lowers_the_loss_and_reloads_through_open_clip(smoke_run, tmp_
         assert all(torch.equal(a, b) for a, b in pairs)
 
     # open_clip's own loader reads the weights file and gives the same embeddings
-    _register_clip_configs()
+    register_clip_configs()
     plain, _, _ = open_clip.create_model_and_transforms(
         saved["open_clip_arch"], pretrained=str(out / ckpt.WEIGHTS_FILE)
     )
@@ -95,7 +97,9 @@ def test_interrupted_run_resumes_to_the_same_weights(smoke_run, tmp_path):
     cfg = build_config(out=tmp_path / "resumed", **options)
     with pytest.raises(KeyboardInterrupt):
         train_worker(cfg, on_step=stop)
-    assert torch.load(tmp_path / "resumed" / ckpt.STATE_FILE, weights_only=True)["step"] == 2
+    state = torch.load(tmp_path / "resumed" / ckpt.STATE_FILE, weights_only=True)
+    assert state["step"] == 2
+    assert {(g["betas"], g["eps"]) for g in state["optimizer"]["param_groups"]} == {((0.9, 0.98), 1e-6)}
     meta = train_worker(cfg)  # the same command again: resumes at step 2
     assert meta["complete"] and [c["step"] for c in meta["curve"]] == [1, 2, 3, 4, 5]
     from safetensors.torch import load_file
@@ -137,11 +141,29 @@ def test_ray_train_with_two_cpu_workers(smoke_run, tmp_path):
         "--num-workers",
         "2",
         "--cpu",
+        "--beta2",
+        "0.99",
+        "--eps",
+        "1e-7",
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     meta = json.loads((out / ckpt.METADATA_FILE).read_text())
     assert meta["world_size"] == 2 and meta["complete"] and [c["step"] for c in meta["curve"]] == [1, 2]
+    assert meta["stages"]["full"]["betas"] == [0.9, 0.99] and meta["stages"]["full"]["eps"] == 1e-7
+    assert (meta["config"]["full"]["beta2"], meta["config"]["full"]["eps"]) == (0.99, 1e-7)
     assert "full: 2/2 steps" in result.stdout
+
+
+def test_adamw_betas_and_eps_default_to_open_clip_train(tmp_path):
+    cfg = build_config(shards=tmp_path, out=tmp_path / "o")
+    assert cfg.full.adamw("ViT-L-14") == cfg.prompt.adamw("ovseg-tiny-vit") == {"betas": (0.9, 0.98), "eps": 1e-6}
+    assert cfg.full.adamw("RN50") == {"betas": (0.9, 0.999), "eps": 1e-8}
+    assert cfg.training_dict()["full"] == {"lr": 5e-6, "weight_decay": 0.2}  # defaults: the hash of older outputs
+    given = build_config(shards=tmp_path, out=tmp_path / "o", beta1=0.8, eps=1e-5)
+    assert given.full.adamw("RN50") == given.prompt.adamw("RN50") == {"betas": (0.8, 0.999), "eps": 1e-5}
+    assert given.training_hash() != cfg.training_hash()
+    with pytest.raises(FinetuneConfigError, match="beta2"):
+        build_config(shards=tmp_path, out=tmp_path / "o", beta2=1.0)
 
 
 def _fails(*args):
@@ -188,6 +210,23 @@ def test_bad_input_is_a_one_line_error(smoke_run, tmp_path):
     assert "none of the" in _fails(
         "finetune", "--shards", str(smoke_run), "--out", str(tmp_path / "o5"), "--images", str(tmp_path)
     )
+
+
+def test_unreadable_resume_state_or_manifest_is_a_one_line_error(smoke_run, tmp_path):
+    from ovseg_mine.finetune.data import DataError
+
+    torch.save({"step": torch.tensor(1)}, tmp_path / "good.pt")
+    (tmp_path / ckpt.STATE_FILE).parent.mkdir(parents=True)
+    for content in (b"", b"not a checkpoint", (tmp_path / "good.pt").read_bytes()[:200]):
+        (tmp_path / ckpt.STATE_FILE).write_bytes(content)
+        with pytest.raises(ckpt.CheckpointError, match="cannot read the resume state") as err:
+            ckpt.load_state(tmp_path)
+        assert "\n" not in str(err.value) and err.value.__cause__ is not None
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="not a readable manifest"):
+        scan_shards(run)
 
 
 def test_missing_images_are_counted_and_skipped(smoke_run, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from ovseg_mine.publish import hub
-from ovseg_mine.shards import METADATA_KEY
+from ovseg_mine.shards import METADATA_KEY, pair_schema
 
 from helpers import run_cli
 
@@ -87,7 +87,7 @@ def test_dry_run_loads_with_datasets(dry_folder, smoke_run, tmp_path):
     meta, _ = _card(dry_folder)
     ds = datasets.load_dataset(str(dry_folder), split="train", cache_dir=str(tmp_path / "cache"))
     expected = datasets.Features._from_yaml_list(meta["dataset_info"]["features"])
-    assert ds.features == expected
+    assert ds.features == expected == datasets.Features.from_arrow_schema(pair_schema().remove_metadata())
     assert ds.num_rows == meta["dataset_info"]["splits"][0]["num_examples"]
     source = pq.read_table(sorted((smoke_run / "shards").glob("*.parquet"))[0])
     assert ds[0]["pair_id"] == source["pair_id"][0].as_py()

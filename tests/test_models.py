@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +55,22 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_list_sam_models():
-    assert models.list_sam_models() == ["tiny", "vit_b", "vit_h", "vit_l"]
+def test_every_listed_sam_model_builds():
+    """Each model type of list_sam_models() builds its SAM, on the meta device (shapes only: no memory, no
+    weights); the published ones at 1024 px with segment-anything's image encoders, each with a checkpoint."""
+    encoders = {}
+    for name in models.list_sam_models():
+        with torch.device("meta"):
+            sam, info = load_sam(name, "random", device="meta")
+        assert info == WeightsInfo(name, "random", None, None)
+        encoders[name] = (sam.image_encoder.img_size, sum(p.numel() for p in sam.image_encoder.parameters()))
+    assert encoders["tiny"][0] == 256
+    assert {encoders[n] for n in ("vit_b", "vit_l", "vit_h")} == {
+        (1024, 89_670_912),
+        (1024, 308_278_272),
+        (1024, 637_026_048),
+    }
+    assert set(models._SAM_CHECKPOINTS) == set(models.list_sam_models()) - {"tiny"}
 
 
 def test_sam_cache_dir_follows_env(cache):
@@ -232,14 +245,12 @@ def test_clip_tag_from_open_clip_registry(tmp_path, monkeypatch):
     [{"hf_hub": "ovseg-mine/no-such-repo/"}, {"url": "https://openaipublic.azureedge.net/clip/models/0/none.pt"}],
 )
 def test_clip_tag_download_fails(monkeypatch, caplog, tag_cfg):
-    """Real open_clip download path for a tag that cannot be fetched: a quick, clear error, or the fallback."""
+    """Real open_clip download path for a tag that cannot be fetched: a clear error, or the fallback."""
     import open_clip
 
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "ovseg-tiny-vit", {"gone": tag_cfg})
-    start = time.monotonic()
     with pytest.raises(WeightsError, match="ovseg-tiny-vit/gone.*clip.pretrained=PATH"):
         load_clip("ovseg-tiny-vit", "gone")
-    assert time.monotonic() - start < 20
     with caplog.at_level(logging.WARNING, logger="ovseg_mine"):
         model, _, info = load_clip("ovseg-tiny-vit", "gone", allow_random=True, seed=0)
     ref, _, _ = load_clip("ovseg-tiny-vit", "random", seed=0)

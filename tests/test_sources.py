@@ -1,10 +1,15 @@
+"""The source registry, record rows, stable ids, and the COCO source (one record per image from a captions JSON)."""
+
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
+from ovseg_mine.config import build_config
 from ovseg_mine.mine.captions import screen_caption
-from ovseg_mine.mine.sources import SourceError, read_coco_captions
+from ovseg_mine.mine.sources import SourceError, build_source, list_sources, parse_source, read_coco_captions
+from ovseg_mine.mine.sources.records import batches, image_row, record_schema, reject_row, stable_id
 
 
 def _write(tmp_path: Path, data) -> Path:
@@ -148,3 +153,59 @@ def test_every_coco_mini_caption_passes_screening(coco_mini):
     screened = [screen_caption(a["caption"]) for a in data["annotations"]]
     assert len(screened) == 395
     assert [s for s in screened if s.text is None or s.note] == []
+
+
+def test_registry_lists_the_kinds_and_refuses_others():
+    assert list_sources() == ["coco", "folder", "hf", "img2dataset", "webdataset"]
+    assert parse_source("webdataset:shards/{00000..00009}.tar") == ("webdataset", "shards/{00000..00009}.tar")
+    assert parse_source("hf:user/name@refs/convert/parquet") == ("hf", "user/name@refs/convert/parquet")
+    with pytest.raises(SourceError, match="KIND one of coco, folder, hf, img2dataset, webdataset; got 'tars:x'"):
+        parse_source("tars:x")
+    with pytest.raises(SourceError, match="names no location"):
+        parse_source("hf:")
+    cfg = build_config("smoke", ['source.kind="folder"'])
+    with pytest.raises(SourceError, match="--images is for COCO sources only"):
+        build_source(cfg, "x", image_root="y")
+
+
+def test_stable_id_is_the_documented_63_bit_hash_of_the_key():
+    key = "00000.tar/000000000790"
+    expected = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") & (2**63 - 1)
+    assert stable_id(key) == expected == stable_id(str(key))
+    assert 0 <= stable_id("") < 2**63 and stable_id("a") != stable_id("b")
+
+
+def test_batches_stamp_the_shard_and_turn_a_repeated_id_into_a_reject():
+    screening = {"captions_per_image": 2, "max_caption_chars": 1000, "skip_non_english": True}
+    rows = [image_row(i, f"f{i}", ["A dog.", "", "A cat."], path=f"/x/{i}.jpg", **screening) for i in range(300)]
+    rows.append(image_row(3, "again", ["A dog."], path="/x/3.jpg", **screening))
+    rows.append(reject_row(999, "bad", "source", "no image"))
+    tables = list(batches(iter(rows), shard=5, shard_size=302))
+    assert [t.num_rows for t in tables] == [256, 46] and all(t.schema == record_schema() for t in tables)
+    out = [r for t in tables for r in t.to_pylist()]
+    assert [r["shard_row"] for r in out] == list(range(302))
+    assert {(r["shard"], r["shard_size"]) for r in out} == {(5, 302)}
+    assert out[0]["captions"] == ["A dog.", "A cat."] and out[0]["notes"] == ["caption 1: empty caption"]
+    assert (out[300]["status"], out[300]["reason"]) == ("source", "duplicate image id (first kept)")
+    assert out[301]["status"] == "source" and out[301]["proposals"] is None
+    jpegs = [image_row(i, "f", ["A dog."], image_bytes=b"j" * (6 << 20), **screening) for i in range(5)]
+    assert [t.num_rows for t in batches(iter(jpegs), 0, 5)] == [3, 2]  # about 16 MiB of image bytes per batch
+    assert image_row(1, "f", None, **screening)["reason"] == "no caption"
+    assert image_row(1, "f", ["🐶"], **screening)["status"] == "captions"
+    with pytest.raises(RuntimeError, match="yielded 1 rows, 2 were announced"):
+        list(batches(iter(rows[:1]), shard=0, shard_size=2))
+
+
+def test_coco_source_plans_chunks_of_the_id_sorted_records(sample):
+    cfg = build_config("smoke", ["source.limit=7"])
+    source = build_source(cfg, str(sample / "captions.json"), image_root=str(sample / "images"))
+    plan = source.plan(3)
+    assert [t.size for t in plan.tasks] == [3, 3, 1] and plan.total == 7
+    rows = [r for t in plan.tasks for table in source.read_shard(t) for r in table.to_pylist()]
+    ids = [r["image_id"] for r in rows]
+    assert ids == sorted(ids) and len(ids) == 7 and all(r["path"] and r["status"] == "ok" for r in rows)
+    assert plan.info["kind"] == "coco" and plan.info["captions_sha256"] and plan.image_root == str(sample / "images")
+    again = source.plan(3)
+    assert [t.input for t in again.tasks] == [t.input for t in plan.tasks]
+    with pytest.raises(SourceError, match="needs its image folder"):
+        build_source(cfg, str(sample / "captions.json"))

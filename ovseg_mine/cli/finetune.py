@@ -31,6 +31,13 @@ def finetune_command(
     weight_decay: float = typer.Option(0.2, "--weight-decay", help="AdamW weight decay of full finetuning."),
     prompt_lr: float = typer.Option(2e-2, "--prompt-lr", help="Peak learning rate of prompt tuning."),
     prompt_weight_decay: float = typer.Option(0.0, "--prompt-weight-decay", help="Weight decay of prompt tuning."),
+    beta1: Optional[float] = typer.Option(None, "--beta1", help="AdamW beta1, both stages (default: 0.9)."),
+    beta2: Optional[float] = typer.Option(
+        None, "--beta2", help="AdamW beta2, both stages (default, as open_clip_train: 0.98 for a ViT, else 0.999)."
+    ),
+    eps: Optional[float] = typer.Option(
+        None, "--eps", help="AdamW eps, both stages (default, as open_clip_train: 1e-6 for a ViT, else 1e-8)."
+    ),
     warmup_steps: int = typer.Option(100, "--warmup-steps", min=0, help="Linear warm-up steps, then cosine decay."),
     prompt_depth: int = typer.Option(3, "--prompt-depth", min=1, help="Prompted layers (input + blocks 1..depth-1)."),
     precision: str = typer.Option("auto", "--precision", help="auto (AMP on GPU, fp32 on CPU) | fp32 | bf16 | fp16."),
@@ -71,6 +78,9 @@ def finetune_command(
             weight_decay=weight_decay,
             prompt_lr=prompt_lr,
             prompt_weight_decay=prompt_weight_decay,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
             warmup_steps=warmup_steps,
             prompt_depth=prompt_depth,
             precision=precision,
@@ -109,9 +119,9 @@ def _train(cfg):
         return _train_with_progress(cfg)
     except errors as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         typer.echo(f"interrupted: the last checkpoint is in {cfg.out}; rerun the same command to resume", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(130) from exc
 
 
 def _train_with_progress(cfg):

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,10 +59,49 @@ def _shards_done(out: Path) -> str:
     return f"{len(shards)} finished shard{'s' if len(shards) != 1 else ''} ({sum(s['rows'] for s in shards)} pairs)"
 
 
+@dataclass
+class _Input:
+    """What to mine, as the command line says it: a location, COCO's image root, given masks, and the config
+    overrides (``source.*``, ``proposals.kind``) the options imply."""
+
+    location: str
+    images: Optional[str] = None
+    proposals: Optional[str] = None
+    overrides: list[str] = field(default_factory=list)
+
+
+def _input(
+    source: Optional[str],
+    captions: Optional[Path],
+    images: Optional[Path],
+    proposals: Optional[str],
+    columns: dict[str, Optional[str]],
+) -> _Input:
+    """Check the source options and turn them into an :class:`_Input` (a one-line error on a bad combination)."""
+    from ovseg_mine.mine.proposal_sources import parse_proposals
+    from ovseg_mine.mine.sources import SourceError, parse_source
+
+    try:
+        if source is not None and captions is not None:
+            raise SourceError("give either --source KIND:LOCATION or --captions F --images DIR, not both")
+        if source is None and captions is None:
+            raise SourceError("nothing to mine: give --source KIND:LOCATION, or --captions F --images DIR (COCO)")
+        kind, location = parse_source(source) if source is not None else ("coco", str(captions))
+        if kind == "coco" and images is None:
+            raise SourceError("a COCO source needs its image folder: --images DIR")
+        if kind != "coco" and images is not None:
+            raise SourceError(f"--images is for COCO sources; a {kind} source finds its images itself")
+        given_kind, given = parse_proposals(proposals) if proposals is not None else ("sam", "")
+    except SourceError as exc:
+        fail(str(exc))
+    overrides = [f"source.kind={json.dumps(kind)}", f"proposals.kind={json.dumps(given_kind)}"]
+    overrides += [f"source.{key}={json.dumps(value)}" for key, value in columns.items() if value is not None]
+    return _Input(location, str(images) if images is not None else None, given or None, overrides)
+
+
 def _run_mine(
     pipeline: str,
-    captions: Path,
-    images: Path,
+    what: _Input,
     out: Path,
     overrides: list[str],
     limit: Optional[int],
@@ -77,7 +118,7 @@ def _run_mine(
     from ovseg_mine.models import WeightsError
 
     setup_logging()
-    extra = list(overrides)
+    extra = what.overrides + list(overrides)
     if limit is not None:
         extra.append(f"source.limit={limit}")
     ids = _parse_ids(image_ids)
@@ -97,7 +138,7 @@ def _run_mine(
         )
         task = progress.add_task("mine", total=None, rate="", pairs=0)
 
-        def on_progress(done: int, total: int, pairs: int) -> None:
+        def on_progress(done: int, total: Optional[int], pairs: int) -> None:
             if not progress.live.is_started:  # shown once models are loaded and images flow
                 progress.start()
             rate = done / max(1e-9, time.perf_counter() - started)
@@ -105,7 +146,14 @@ def _run_mine(
 
         try:
             manifest = mine(
-                cfg, captions, images, out, ray_address=ray_address, overwrite=overwrite, on_progress=on_progress
+                cfg,
+                what.location,
+                out,
+                images=what.images,
+                proposals=what.proposals,
+                ray_address=ray_address,
+                overwrite=overwrite,
+                on_progress=on_progress,
             )
         finally:
             if progress.live.is_started:
@@ -119,24 +167,56 @@ def _run_mine(
 
 
 def mine_command(
-    captions: Path = typer.Option(
-        ..., "--captions", help="COCO captions JSON (e.g. annotations/captions_train2017.json)."
+    source: Optional[str] = typer.Option(
+        None,
+        "--source",
+        help="KIND:LOCATION: hf:NAME_OR_PATH, webdataset:PATHS, img2dataset:DIR, folder:DIR, coco:JSON "
+        "(see the README's 'Mining your data').",
     ),
-    images: Path = typer.Option(..., "--images", help="Image root the JSON's file_name entries are relative to."),
+    captions: Optional[Path] = typer.Option(
+        None, "--captions", help="COCO captions JSON (e.g. annotations/captions_train2017.json)."
+    ),
+    images: Optional[Path] = typer.Option(
+        None, "--images", help="COCO: image root the JSON's file_name entries are relative to."
+    ),
     out: Path = typer.Option(..., "--out", help="Run folder for shards and manifest (resumed if it exists)."),
+    split: Optional[str] = typer.Option(None, "--split", help="hf: the split (default: train, or the only one)."),
+    hf_config: Optional[str] = typer.Option(None, "--hf-config", help="hf: the Hub dataset's configuration."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Column holding the image."),
+    caption_column: Optional[str] = typer.Option(
+        None, "--caption-column", help="Column or JSON field holding a caption or a list of captions."
+    ),
+    id_column: Optional[str] = typer.Option(
+        None, "--id-column", help="Integer column or JSON field holding the image id (default: hashed keys)."
+    ),
+    proposals: Optional[str] = typer.Option(
+        None,
+        "--proposals",
+        help="Masks you already have instead of SAM's: coco:INSTANCES_OR_PANOPTIC_JSON or sa1b:DIR.",
+    ),
     pipeline: str = typer.Option(
         "coco-ovseg", "--pipeline", "-p", help="Recipe name (see `ovseg-mine pipelines`) or .toml path."
     ),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Mine only the first N images (by image id)."),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", min=1, help="Mine only the first N images (COCO: by image id; other sources: in source order)."
+    ),
     image_ids: Optional[str] = typer.Option(None, "--image-ids", help="Comma-separated image ids, or a file of ids."),
     ray_address: Optional[str] = typer.Option(
         None, "--ray-address", help="Join this Ray cluster (default: start a local Ray)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard a run with another config in --out."),
 ) -> None:
-    """Mine mask-noun pairs from a COCO Captions dataset into Parquet shards."""
-    _run_mine(pipeline, captions, images, out, overrides, limit, image_ids, ray_address, overwrite)
+    """Mine mask-noun pairs from an image-caption dataset into Parquet shards."""
+    columns = {
+        "split": split,
+        "hf_config": hf_config,
+        "image_column": image_column,
+        "caption_column": caption_column,
+        "id_column": id_column,
+    }
+    what = _input(source, captions, images, proposals, columns)
+    _run_mine(pipeline, what, out, overrides, limit, image_ids, ray_address, overwrite)
 
 
 def demo_command(
@@ -151,9 +231,8 @@ def demo_command(
     from ovseg_mine.resources import sample_dir
 
     sample = sample_dir()
-    _run_mine(
-        pipeline, sample / "captions.json", sample / "images", out, overrides, limit, None, ray_address, overwrite
-    )
+    what = _Input(str(sample / "captions.json"), str(sample / "images"), None, ['source.kind="coco"'])
+    _run_mine(pipeline, what, out, overrides, limit, None, ray_address, overwrite)
 
 
 def pipelines_command() -> None:

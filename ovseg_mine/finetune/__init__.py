@@ -8,10 +8,14 @@ Modules, one concept each:
 * :mod:`~ovseg_mine.finetune.mask_prompt` -- mask prompt tuning as hooks on an open_clip VisionTransformer.
 * :mod:`~ovseg_mine.finetune.loss` -- contrastive loss with same-noun pairs as positives.
 * :mod:`~ovseg_mine.finetune.checkpoint` -- open_clip-loadable weights, prompts, metadata, resume state.
-* :mod:`~ovseg_mine.finetune.train` -- the training loop (one process, or one Ray Train worker).
+* :mod:`~ovseg_mine.finetune.optim` -- AdamW as open_clip_train sets it up, warm-up + cosine schedule.
+* :mod:`~ovseg_mine.finetune.stage` -- one training stage (tower, optimizer, data, checkpoints, curve).
+* :mod:`~ovseg_mine.finetune.train` -- the whole finetune (one process, or one Ray Train worker), stage by stage.
 * :mod:`~ovseg_mine.finetune.distributed` -- the same loop under Ray Train (TorchTrainer, DDP).
-* :mod:`~ovseg_mine.finetune.evaluate` -- masked-region classification on ground-truth masks.
-* :mod:`~ovseg_mine.cli.finetune` -- the ``finetune`` and ``evaluate`` commands.
+* :mod:`~ovseg_mine.finetune.evaluate` -- masked-region classification on ground-truth masks
+  (read by :mod:`ovseg_mine.groundtruth`).
+
+The commands are :mod:`ovseg_mine.cli.finetune` and :mod:`ovseg_mine.cli.evaluate`.
 
 Heavy dependencies (torch, open_clip, pyarrow, ray) are imported inside the modules that need them.
 """

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, load_prompts
+from ovseg_mine.storage import first_line
 
 if TYPE_CHECKING:
     import torch
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "open_clip_model.safetensors"
 METADATA_FILE = "metadata.json"
 STATE_FILE = "state/last.pt"
+# What torch.load(weights_only=True) raises on a file that is not a readable checkpoint: truncated (RuntimeError
+# from the zip reader, EOFError), foreign bytes (KeyError, UnpicklingError from the restricted unpickler), unreadable.
+UNREADABLE_STATE = (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError)
 
 
 class CheckpointError(ValueError):
@@ -89,7 +94,7 @@ def read_metadata(out: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def save_state(out: str | os.PathLike[str], state: dict[str, Any]) -> None:
@@ -115,10 +120,11 @@ def load_state(out: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign file
+    except UNREADABLE_STATE as exc:
         raise CheckpointError(
-            f"cannot read the resume state {path} ({type(exc).__name__}: {str(exc)[:200]}); delete it to start over"
-        ) from None
+            f"cannot read the resume state {path} ({type(exc).__name__}: {first_line(exc, 200)}); "
+            "delete it to start over"
+        ) from exc
 
 
 def load_finetuned(folder: str | os.PathLike[str], *, device: Any = "cpu", with_prompts: bool = True):
@@ -146,7 +152,7 @@ def load_finetuned(folder: str | os.PathLike[str], *, device: Any = "cpu", with_
     try:
         model, tokenizer, _info = load_clip(meta["open_clip_arch"], str(weights), device=device)
     except WeightsError as exc:
-        raise CheckpointError(str(exc)) from None
+        raise CheckpointError(str(exc)) from exc
     prompts = None
     if with_prompts and (folder / PROMPTS_FILE).is_file():
         prompts = load_prompts(folder / PROMPTS_FILE, model)

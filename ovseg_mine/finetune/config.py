@@ -5,7 +5,9 @@ Defaults follow the OVSeg reference training scripts (facebookresearch/ov-seg,
 ``coco_proposal_1cap_mask_prompt_tuning_VitL.sh``) and the paper (Liang et al., CVPR 2023, Sec. 3.3-3.4):
 full finetuning with AdamW, lr 5e-6, weight decay 0.2, cosine schedule after 100 warm-up steps, mixed
 precision, text tower locked, 5 epochs; mask prompt tuning with lr 2e-2, weight decay 0, both towers frozen,
-prompt depth 3. The resolved config is recorded in the output's ``metadata.json``.
+prompt depth 3. AdamW's betas and eps are open_clip_train's defaults (the reference scripts do not set them):
+0.9, 0.98, 1e-6 for a ViT, 0.9, 0.999, 1e-8 for other image towers. The resolved config is recorded in the
+output's ``metadata.json``, with each stage's betas and eps.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ class FinetuneConfigError(ValueError):
     """A finetuning config that cannot be used; the message names the option and the problem."""
 
 
+# open_clip_train's AdamW (beta1, beta2, eps) by architecture (open_clip_train ``params.get_default_params``, from
+# the CLIP paper): a model whose name contains "vit", and any other. The OVSeg reference scripts train ViTs
+# without overriding them, so the ViT values are OVSeg's.
+VIT_ADAMW = (0.9, 0.98, 1.0e-6)
+OTHER_ADAMW = (0.9, 0.999, 1.0e-8)
+
+
 class OptimConfig(BaseModel):
     """AdamW and schedule of one training stage (full finetuning or prompt tuning)."""
 
@@ -32,6 +41,20 @@ class OptimConfig(BaseModel):
 
     lr: float = Field(gt=0, description="peak learning rate after warm-up")
     weight_decay: float = Field(ge=0, description="AdamW decoupled weight decay (not applied to gains/biases)")
+    beta1: float | None = Field(None, ge=0, lt=1, description="AdamW beta1; None: open_clip_train's (0.9)")
+    beta2: float | None = Field(
+        None, ge=0, lt=1, description="AdamW beta2; None: open_clip_train's (0.98 for a ViT, else 0.999)"
+    )
+    eps: float | None = Field(None, gt=0, description="AdamW eps; None: open_clip_train's (1e-6 for a ViT, else 1e-8)")
+
+    def adamw(self, arch: str) -> dict[str, Any]:
+        """``{"betas": (beta1, beta2), "eps": eps}`` for the open_clip architecture ``arch``: the values set here,
+        else open_clip_train's defaults (:data:`VIT_ADAMW` when ``arch`` names a ViT, else :data:`OTHER_ADAMW`)."""
+        beta1, beta2, eps = VIT_ADAMW if "vit" in arch.lower() else OTHER_ADAMW
+        return {
+            "betas": (beta1 if self.beta1 is None else self.beta1, beta2 if self.beta2 is None else self.beta2),
+            "eps": eps if self.eps is None else self.eps,
+        }
 
 
 class FinetuneConfig(BaseModel):
@@ -102,7 +125,10 @@ class FinetuneConfig(BaseModel):
             "ray_address",
             "allow_random",
         }
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
+        out = {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
+        for stage in ("full", "prompt"):  # AdamW settings left at their defaults keep the hash of older outputs
+            out[stage] = {k: v for k, v in out[stage].items() if v is not None or k not in ("beta1", "beta2", "eps")}
+        return out
 
     def training_hash(self) -> str:
         """sha256 of :meth:`training_dict`: a resumed run must have the same one."""
@@ -112,15 +138,17 @@ class FinetuneConfig(BaseModel):
 
 def build_config(**options: Any) -> FinetuneConfig:
     """A :class:`FinetuneConfig` from keyword options; ``lr``/``weight_decay`` set the full stage,
-    ``prompt_lr``/``prompt_weight_decay`` the prompt stage. Paths are made absolute.
+    ``prompt_lr``/``prompt_weight_decay`` the prompt stage, ``beta1``/``beta2``/``eps`` both stages' AdamW.
+    Paths are made absolute.
 
     Raises:
         FinetuneConfigError: an invalid value (the message names the option).
     """
     from pydantic import ValidationError
 
-    full = {"lr": options.pop("lr", None), "weight_decay": options.pop("weight_decay", None)}
-    prompt = {"lr": options.pop("prompt_lr", None), "weight_decay": options.pop("prompt_weight_decay", None)}
+    adamw = {key: options.pop(key, None) for key in ("beta1", "beta2", "eps")}
+    full = {"lr": options.pop("lr", None), "weight_decay": options.pop("weight_decay", None), **adamw}
+    prompt = {"lr": options.pop("prompt_lr", None), "weight_decay": options.pop("prompt_weight_decay", None), **adamw}
     defaults = FinetuneConfig.model_fields
     try:
         for key, given in (("full", full), ("prompt", prompt)):
@@ -134,4 +162,4 @@ def build_config(**options: Any) -> FinetuneConfig:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "config"
-        raise FinetuneConfigError(f"invalid finetune option {where}: {err['msg']}") from None
+        raise FinetuneConfigError(f"invalid finetune option {where}: {err['msg']}") from exc

@@ -16,7 +16,6 @@ without decoding them. Augmentation is seeded per pair, so it does not depend on
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -27,7 +26,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ovseg_mine.shards import ShardError, read_done, read_file_metadata, sha256_file, shard_files
+from ovseg_mine.shards import MANIFEST, ShardError, read_done, read_file_metadata, read_manifest, shard_files
+from ovseg_mine.storage import sha256_file
 
 log = logging.getLogger("ovseg_mine")
 COLUMNS = ("pair_id", "file_name", "noun", "mask")
@@ -79,7 +79,7 @@ def scan_shards(run_dir: str | os.PathLike[str], images: str | os.PathLike[str] 
 
     Raises:
         DataError: no run folder, no shard in it, a shard of an unknown schema version or not an
-            ovseg-mine shard, no image root, or no pair with an existing image.
+            ovseg-mine shard, an unreadable manifest, no image root, or no pair with an existing image.
     """
     import pyarrow.parquet as pq
 
@@ -90,10 +90,9 @@ def scan_shards(run_dir: str | os.PathLike[str], images: str | os.PathLike[str] 
             raise DataError(f"{run_dir / 'shards'} holds no shard (shard-*.parquet): nothing to train on")
         for path in files:
             read_file_metadata(path)
+        manifest = read_manifest(run_dir) if (run_dir / MANIFEST).is_file() else {}
     except ShardError as exc:
-        raise DataError(str(exc)) from None
-    manifest_path = run_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+        raise DataError(str(exc)) from exc
     root = images or manifest.get("source", {}).get("image_root")
     if not root:
         raise DataError(f"{run_dir} has no manifest with source.image_root: pass --images")

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ovseg_mine.finetune.config import FinetuneConfig
+from ovseg_mine.storage import first_line
 
 log = logging.getLogger("ovseg_mine")
+RAY_START_ERRORS = (ConnectionError, RuntimeError, ValueError, TimeoutError)
 
 
 class DistributedError(RuntimeError):
@@ -48,6 +50,8 @@ def run_distributed(cfg: FinetuneConfig) -> dict[str, Any]:
             carries the worker's error).
     """
     import ray
+    import ray.exceptions
+    import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -56,8 +60,12 @@ def run_distributed(cfg: FinetuneConfig) -> dict[str, Any]:
     try:
         if not ray.is_initialized():
             ray.init(address=cfg.ray_address, log_to_driver=True, configure_logging=False)
-    except Exception as exc:  # ConnectionError, RuntimeError, ValueError: Ray reports them all differently
-        raise DistributedError(f"cannot start or join Ray ({cfg.ray_address or 'local'}): {exc}") from None
+    except Exception as exc:
+        # Ray reports a bad address or a failed start as ConnectionError, RuntimeError, ValueError or TimeoutError,
+        # and a start-up timeout as a bare Exception; anything else is a bug, not Ray failing to start.
+        if not isinstance(exc, RAY_START_ERRORS) and type(exc) is not Exception:
+            raise
+        raise DistributedError(f"cannot start or join Ray ({cfg.ray_address or 'local'}): {first_line(exc)}") from exc
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     config = cfg.model_dump(mode="json") | {"use_gpu": use_gpu}
     trainer = TorchTrainer(
@@ -69,9 +77,11 @@ def run_distributed(cfg: FinetuneConfig) -> dict[str, Any]:
     )
     try:
         trainer.fit()
-    except Exception as exc:  # ray.train.TrainingFailedError wraps the worker's exception
+    except (ray.train.TrainingFailedError, ray.exceptions.RayError) as exc:  # wraps the worker's exception
         cause = exc
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        raise DistributedError(f"distributed training failed: {type(cause).__name__}: {str(cause)[:500]}") from None
+        raise DistributedError(
+            f"distributed training failed: {type(cause).__name__}: {first_line(cause, 500)}"
+        ) from exc
     return read_metadata(cfg.out)

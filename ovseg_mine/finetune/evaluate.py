@@ -8,53 +8,24 @@ has them), and classified among the file's category names, each embedded with th
 averaged (:class:`ovseg_mine.text.NounEmbeddings`). Reported: top-1 and top-5 accuracy over all
 masks, the mean over categories, and per category.
 
-Choices: crowd annotations (``iscrowd=1``, a group of objects) are skipped; masks under ``min_area`` pixels
-are skipped; annotations of an image that is missing or cannot be decoded are skipped. All are counted.
+The ground truth is read by :mod:`ovseg_mine.groundtruth` (the same reader as ``inspect --gt``). Choices:
+crowd annotations (``iscrowd=1``, a group of objects) are skipped; masks under ``min_area`` pixels are skipped;
+annotations of an image that is missing or cannot be decoded are skipped. All are counted.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from ovseg_mine.groundtruth import GroundTruth, GroundTruthError, Selection
+
 
 class EvaluateError(ValueError):
     """A ground-truth file or image folder that cannot be evaluated on; the message says why."""
-
-
-@dataclass
-class GroundTruth:
-    """Instance annotations to classify.
-
-    Attributes:
-        coco: the pycocotools ``COCO`` object.
-        images_root: folder of the images (``file_name`` relative to it).
-        categories: ``{category id: name}`` in id order; the classes to choose among.
-        by_image: ``{image id: [annotation dict, ...]}`` of the annotations kept (non-crowd, area >= min_area,
-            image present).
-        skipped: counts of annotations left out: ``crowd``, ``tiny`` (area < min_area), ``missing_image``,
-            ``undecodable_image`` (filled in by :func:`classify`).
-        missing_images: file names of images not found.
-    """
-
-    coco: Any
-    images_root: Path
-    categories: dict[int, str]
-    by_image: dict[int, list[dict[str, Any]]]
-    skipped: dict[str, int] = field(default_factory=dict)
-    missing_images: list[str] = field(default_factory=list)
-
-    @property
-    def annotations(self) -> int:
-        """Annotations kept, over all images of ``by_image``."""
-        return sum(len(v) for v in self.by_image.values())
 
 
 def load_ground_truth(
@@ -63,57 +34,38 @@ def load_ground_truth(
     *,
     min_area: float = 16,
     limit: int | None = None,
-) -> GroundTruth:
+) -> Selection:
     """Read COCO instance annotations and select the masks to classify.
 
     Args:
-        instances: ``instances_*.json`` (polygons, RLE and uncompressed RLE all handled by pycocotools).
+        instances: ``instances_*.json`` (polygons, RLE and uncompressed RLE; read by
+            :class:`~ovseg_mine.groundtruth.GroundTruth`).
         images_root: folder holding the images.
         min_area: skip annotations whose ``area`` (pixels) is below this.
         limit: only the first N images by id.
 
+    Returns:
+        A :class:`~ovseg_mine.groundtruth.Selection` of the non-crowd annotations of at least ``min_area`` pixels
+        whose image is present; its ``skipped`` counts ``crowd``, ``tiny``, ``missing_image`` and
+        ``undecodable_image`` (0 here, filled in by :func:`classify`).
+
     Raises:
         EvaluateError: unreadable file, not instance annotations, no image folder, or nothing to classify.
     """
-    from pycocotools.coco import COCO
-
     path, root = Path(instances), Path(images_root)
-    if not path.is_file():
-        raise EvaluateError(f"ground-truth file {path} not found")
     if not root.is_dir():
         raise EvaluateError(f"image folder {root} not found")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco = COCO(str(path))
-        categories = {int(c["id"]): str(c["name"]) for c in sorted(coco.dataset["categories"], key=lambda c: c["id"])}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as exc:
-        raise EvaluateError(f"{path} is not COCO instance annotations: {type(exc).__name__}: {exc}") from None
-    if coco.dataset.get("annotations") and "segmentation" not in coco.dataset["annotations"][0]:
+        gt = GroundTruth(path)
+    except GroundTruthError as exc:
+        raise EvaluateError(str(exc)) from exc
+    if gt.kind != "instances" or (gt.left_out["no_segmentation"] and not gt.num_annotations):
         raise EvaluateError(f"{path} has no instance masks (segmentation): use an instances_*.json file")
-    skipped = {"crowd": 0, "tiny": 0, "missing_image": 0, "undecodable_image": 0}
-    by_image, missing = {}, []
-    for image_id in sorted(coco.imgs)[:limit]:
-        anns = coco.imgToAnns.get(image_id, [])
-        if not anns:
-            continue
-        if not (root / coco.imgs[image_id]["file_name"]).is_file():
-            missing.append(coco.imgs[image_id]["file_name"])
-            skipped["missing_image"] += len(anns)
-            continue
-        kept = []
-        for a in anns:
-            if a.get("iscrowd"):
-                skipped["crowd"] += 1
-            elif a.get("area", 0) < min_area:
-                skipped["tiny"] += 1
-            else:
-                kept.append(a)
-        if kept:
-            by_image[image_id] = kept
-    gt = GroundTruth(coco, root, categories, by_image, skipped, missing)
-    if not gt.annotations:
-        raise EvaluateError(f"no annotation to classify in {path} with images in {root} (skipped: {skipped})")
-    return gt
+    selection = gt.select(min_area=min_area, images_root=root, limit=limit)
+    selection.skipped["undecodable_image"] = 0
+    if not selection.annotations:
+        raise EvaluateError(f"no annotation to classify in {path} with images in {root} (skipped: {selection.skipped})")
+    return selection
 
 
 def topk_hits(logits: "Any", targets: "Any", k: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +90,7 @@ def topk_hits(logits: "Any", targets: "Any", k: int = 5) -> tuple[np.ndarray, np
 def classify(
     model: Any,
     tokenizer: Callable[[list[str]], Any],
-    gt: GroundTruth,
+    gt: Selection,
     *,
     size: int,
     mean: Any,
@@ -153,7 +105,7 @@ def classify(
     Args:
         model: an open_clip CLIP (``encode_image``, ``encode_text``; anything with those two methods).
         tokenizer: its tokenizer.
-        gt: from :func:`load_ground_truth`.
+        gt: the masks to classify, from :func:`load_ground_truth`.
         size: crop side (the model's input size); mean, std: its normalization for pixels in [0, 1].
         prompts: :class:`~ovseg_mine.finetune.mask_prompt.MaskPrompts` to apply, or None.
         on_image: called after each image (progress).
@@ -161,6 +113,9 @@ def classify(
     Returns:
         ``{"masks", "top1", "top5", "mean_top1", "mean_top5", "per_category": {name: {"n", "top1", "top5"}},
         "skipped": {...}, "categories": K}``; accuracies are fractions in [0, 1] (None with no mask).
+
+    Raises:
+        EvaluateError: an annotation whose mask cannot be read (malformed segmentation).
     """
     import torch
 
@@ -177,11 +132,14 @@ def classify(
     top1, top5, targets = [], [], []
     for image_id, anns in gt.by_image.items():
         try:
-            image = torch.from_numpy(load_rgb(gt.images_root / gt.coco.imgs[image_id]["file_name"])).permute(2, 0, 1)
+            image = torch.from_numpy(load_rgb(gt.image_path(image_id))).permute(2, 0, 1)
         except ImageDecodeError:
             skipped["undecodable_image"] += len(anns)
             continue
-        masks = np.stack([gt.coco.annToMask(a).astype(bool) for a in anns])
+        try:
+            masks = gt.masks(image_id)
+        except GroundTruthError as exc:
+            raise EvaluateError(str(exc)) from exc
         if masks.shape[1:] != tuple(image.shape[1:]):
             skipped["undecodable_image"] += len(anns)
             continue

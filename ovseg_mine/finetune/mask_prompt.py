@@ -42,9 +42,9 @@ def is_vit_arch(arch: str) -> bool:
     """
     import open_clip
 
-    from ovseg_mine.models import _register_clip_configs
+    from ovseg_mine.models import register_clip_configs
 
-    _register_clip_configs()  # this package's test architectures (ovseg-tiny-vit)
+    register_clip_configs()  # this package's test architectures (ovseg-tiny-vit)
     cfg = open_clip.get_model_config(arch) or {}
     vision = cfg.get("vision_cfg", {})
     return bool(vision) and not vision.get("timm_model_name") and isinstance(vision.get("layers", 12), int)

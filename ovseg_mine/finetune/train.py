@@ -1,9 +1,12 @@
 """The training loop: full finetuning of CLIP's image tower, mask prompt tuning, or both in turn.
 
-One function, :func:`train_worker`, runs a whole finetune in one process; under Ray Train each worker runs
-it with its rank (:mod:`ovseg_mine.finetune.distributed`) and the trainable module is wrapped in DDP. The text
-tower is always frozen (OVSeg's ``--lock-text``), so noun embeddings are constants: the 14 ViLD templates,
-averaged (:class:`ovseg_mine.text.NounEmbeddings`), computed once per noun.
+One function, :func:`train_worker`, runs a whole finetune in one process: it resolves the start weights, builds
+what the stages share (:class:`~ovseg_mine.finetune.stage.TrainSetup`) and runs each stage with a
+:class:`~ovseg_mine.finetune.stage.StageRunner` (the trainable tower, AdamW and its schedule, the data,
+checkpoints and the curve). Under Ray Train each worker runs it with its rank
+(:mod:`ovseg_mine.finetune.distributed`) and the trainable module is wrapped in DDP. The text tower is always
+frozen (OVSeg's ``--lock-text``), so noun embeddings are constants: the 14 ViLD templates, averaged
+(:class:`ovseg_mine.text.NounEmbeddings`), computed once per noun.
 
 Stages (OVSeg paper Sec. 3.3-3.4; facebookresearch/ov-seg ``open_clip_training/src/training/main.py`` and
 ``main_mask_prompt_tuning.py``):
@@ -21,65 +24,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from ovseg_mine import precision as precision_mod
 from ovseg_mine.finetune import checkpoint as ckpt
 from ovseg_mine.finetune.config import FinetuneConfig
-from ovseg_mine.finetune.data import PairDataset, make_loader, scan_shards, steps_per_epoch
-from ovseg_mine.finetune.loss import noun_contrastive_loss, unique_targets
-from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, MaskPrompts, is_vit_arch, load_prompts, save_prompts
-from ovseg_mine.finetune.patch_mask import patch_foreground
+from ovseg_mine.finetune.data import scan_shards
+from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, MaskPrompts, is_vit_arch, load_prompts
+from ovseg_mine.finetune.stage import StageRunner, TrainSetup
 
 log = logging.getLogger("ovseg_mine")
 
 
 class FinetuneError(ValueError):
     """A finetune that cannot start: bad architecture for the mode, an output folder of another run, ..."""
-
-
-class ImageTower(nn.Module):
-    """The trainable part, as one module (what DDP wraps): CLIP's visual tower, optionally with mask prompts.
-
-    ``forward(images [B,3,S,S] float, pixel_masks [B,S,S] bool)`` returns unit-norm float32 ``[B, D]``.
-    """
-
-    def __init__(self, visual: nn.Module, prompts: MaskPrompts | None = None) -> None:
-        super().__init__()
-        self.visual, self.prompts = visual, prompts
-
-    def forward(self, images: torch.Tensor, pixel_masks: torch.Tensor) -> torch.Tensor:
-        if self.prompts is None:
-            feats = self.visual(images)
-        else:
-            feats = self.prompts(images, patch_foreground(pixel_masks, self.prompts.patch_size))
-        return nn.functional.normalize(feats.float(), dim=-1)
-
-
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the peak lr at ``step`` (0-based): linear warm-up over ``warmup`` steps, then cosine to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups as open_clip_train: no decay on 1-D parameters (norms, biases, class embedding); weights
-    of 2 or more dimensions, the mask prompts ``[depth, n_patches, width]`` included, decay."""
-    decay = [p for _, p in params if p.ndim >= 2]
-    rest = [p for _, p in params if p.ndim < 2]
-    return [
-        g
-        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
-        if g["params"]
-    ]
 
 
 def resolve_start(cfg: FinetuneConfig, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +57,7 @@ def resolve_start(cfg: FinetuneConfig, manifest: dict[str, Any]) -> dict[str, An
         try:
             meta = ckpt.read_metadata(cfg.init)
         except ckpt.CheckpointError as exc:
-            raise FinetuneError(f"--init: {exc}") from None
+            raise FinetuneError(f"--init: {exc}") from exc
         prompts = Path(cfg.init) / PROMPTS_FILE
         return {
             "arch": meta["open_clip_arch"],
@@ -127,23 +88,6 @@ def _device(cfg: FinetuneConfig, local_rank: int) -> torch.device:
     if use_gpu and not torch.cuda.is_available():
         raise FinetuneError("--gpu was asked for but torch sees no CUDA device")
     return torch.device(f"cuda:{local_rank}") if use_gpu else torch.device("cpu")
-
-
-def batch_loss(
-    tower: nn.Module,
-    text_cache: Any,
-    batch: dict[str, Any],
-    logit_scale: float,
-    device: torch.device,
-    precision: str = "fp32",
-) -> torch.Tensor:
-    """The training loss of one batch (``image``, ``mask``, ``noun`` as from :func:`~.data.make_loader`): a scalar
-    float32 tensor on ``device`` (:func:`~.loss.noun_contrastive_loss`), with autograd history through ``tower``."""
-    unique, targets = unique_targets(batch["noun"])
-    text = text_cache.embed(unique)  # constants: the text tower is frozen
-    with precision_mod.autocast(precision, device):
-        feats = tower(batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True))
-    return noun_contrastive_loss(feats, text, targets.to(device), logit_scale)
 
 
 def train_worker(
@@ -231,6 +175,21 @@ def train_worker(
     }
     if state is not None:
         meta["stages"], meta["curve"] = state["stages"], state["curve"]
+    setup = TrainSetup(
+        cfg=cfg,
+        model=model,
+        text_cache=text_cache,
+        index=index,
+        size=size,
+        mean=mean,
+        std=std,
+        logit_scale=logit_scale,
+        device=device,
+        precision=precision,
+        rank=rank,
+        world_size=world_size,
+        on_step=on_step,
+    )
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if state is None and not (out / ckpt.WEIGHTS_FILE).is_file():
@@ -247,25 +206,7 @@ def train_worker(
                 else MaskPrompts(model.visual, depth=cfg.prompt_depth).to(device)
             )
         stage_state = state if state is not None and state["stage"] == stage else None
-        _run_stage(
-            cfg,
-            stage,
-            model,
-            prompts,
-            text_cache,
-            index,
-            meta,
-            stage_state,
-            size=size,
-            mean=mean,
-            std=std,
-            logit_scale=logit_scale,
-            device=device,
-            precision=precision,
-            rank=rank,
-            world_size=world_size,
-            on_step=on_step,
-        )
+        StageRunner(setup, stage, prompts, meta, stage_state).run()
         state = None
         if prompts is not None:
             prompts.remove()
@@ -276,149 +217,3 @@ def train_worker(
         with contextlib.suppress(OSError):
             (out / ckpt.STATE_FILE).parent.rmdir()
     return meta
-
-
-def _run_stage(
-    cfg: FinetuneConfig,
-    stage: str,
-    model: nn.Module,
-    prompts: MaskPrompts | None,
-    text_cache: Any,
-    index: Any,
-    meta: dict[str, Any],
-    state: dict[str, Any] | None,
-    *,
-    size: int,
-    mean: Any,
-    std: Any,
-    logit_scale: float,
-    device: torch.device,
-    precision: str,
-    rank: int,
-    world_size: int,
-    on_step: Callable[[dict[str, Any]], None] | None,
-) -> None:
-    out = Path(cfg.out)
-    if stage == "full":
-        model.visual.requires_grad_(True)
-        trainable = [(n, p) for n, p in model.visual.named_parameters()]
-    else:
-        model.visual.requires_grad_(False)
-        trainable = [("prompts", prompts.prompts)]
-    if prompts is not None and state is not None and state.get("prompts") is not None:
-        with torch.no_grad():
-            prompts.prompts.copy_(state["prompts"])
-    tower: nn.Module = ImageTower(model.visual, prompts)
-    tower.train()
-    if world_size > 1:
-        tower = nn.parallel.DistributedDataParallel(tower, device_ids=[device.index] if device.type == "cuda" else None)
-    optim_cfg = cfg.optim(stage)
-    optimizer = torch.optim.AdamW(
-        param_groups(trainable, optim_cfg.weight_decay), lr=optim_cfg.lr, betas=(0.9, 0.98), eps=1e-6
-    )
-    per_epoch = steps_per_epoch(index, cfg.batch_size, world_size)
-    total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
-    warmup = min(cfg.warmup_steps, total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total, warmup))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        log.info("resuming stage %s at step %d of %d", stage, step, total)
-    dataset = PairDataset(
-        index,
-        size=size,
-        mean=mean,
-        std=std,
-        seed=cfg.seed,
-        crop_scale=tuple(cfg.crop_scale),
-        shuffle_buffer=cfg.shuffle_buffer,
-        rank=rank,
-        world_size=world_size,
-    )
-
-    def save(complete: bool) -> None:
-        if rank != 0:
-            return
-        meta["stages"][stage] = {
-            "complete": complete,
-            "steps": step,
-            "total_steps": total,
-            "steps_per_epoch": per_epoch,
-            "lr": optim_cfg.lr,
-            "weight_decay": optim_cfg.weight_decay,
-            "warmup_steps": warmup,
-        }
-        ckpt.save_state(
-            out,
-            {
-                "training_hash": cfg.training_hash(),
-                "stage": stage,
-                "step": step,
-                "visual": model.visual.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "prompts": None if prompts is None else prompts.prompts.detach().cpu(),
-                "stages": meta["stages"],
-                "curve": meta["curve"],
-            },
-        )
-        if complete:
-            if stage == "full":
-                ckpt.save_weights(model, out)
-            else:
-                save_prompts(prompts, out / PROMPTS_FILE, arch=meta["open_clip_arch"])
-        ckpt.write_metadata(out, meta)
-
-    wraps = 0
-    while step < total:
-        epoch = step // per_epoch
-        dataset.set_epoch(
-            epoch + 1000 * wraps, skip_batches=0 if wraps else step % per_epoch, batch_size=cfg.batch_size
-        )
-        batches = iter(make_loader(dataset, batch_size=cfg.batch_size, workers=cfg.loader_workers))
-        tick = time.perf_counter()
-        while step < total:
-            batch = next(batches, None)
-            if batch is None:  # rows lost to undecodable images: go round again to keep all workers in step
-                wraps += 1
-                break
-            loss = batch_loss(tower, text_cache, batch, logit_scale, device, precision)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            now = time.perf_counter()
-            record = {
-                "stage": stage,
-                "step": step,
-                "total": total,
-                "epoch": epoch,
-                "loss": round(float(loss.detach()), 5),
-                "lr": lr,
-                "samples_per_s": round(len(batch["noun"]) * world_size / max(now - tick, 1e-9), 2),
-            }
-            tick = now
-            if rank == 0:
-                if step % cfg.log_every == 0 or step in (1, total):
-                    meta["curve"].append(record)
-                    log.info(
-                        "%(stage)s step %(step)d/%(total)d loss %(loss).4f lr %(lr).3g %(samples_per_s).1f samples/s",
-                        record,
-                    )
-                if on_step is not None:
-                    on_step(record)
-            if step % per_epoch == 0 and not wraps:
-                break  # epoch boundary: next epoch's order
-            if step % cfg.checkpoint_every == 0 and step < total:  # the last step is saved once, below
-                save(False)
-        if step % cfg.checkpoint_every == 0 or step == total:
-            save(step == total)
-    model.visual.requires_grad_(False)

@@ -1,5 +1,6 @@
 """Quality figures of a run folder (``ovseg-mine inspect``): counts, score distributions, nouns, duplicate
-masks and, given COCO instance or panoptic annotations, agreement with the ground truth.
+masks and, given COCO instance or panoptic annotations (:class:`ovseg_mine.groundtruth.GroundTruth`), agreement
+with the ground truth.
 
 :func:`inspect_run` computes everything into an :class:`Inspection` whose ``figures`` dict is what
 ``--json`` prints; :func:`format_summary` renders it as text. The HTML report is :mod:`ovseg_mine.inspect.report`.
@@ -7,7 +8,6 @@ masks and, given COCO instance or panoptic annotations, agreement with the groun
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from ovseg_mine import rle
+from ovseg_mine.groundtruth import GroundTruth, GroundTruthError
 from ovseg_mine.inspect.synonyms import NounMapper
-from ovseg_mine.shards import ShardError, read_done, read_file_metadata, read_pairs, shard_files
+from ovseg_mine.shards import ShardError, read_done, read_file_metadata, read_manifest, read_pairs, shard_files
+from ovseg_mine.stats import QUANTILES, summarize
 
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SCORES = ("similarity", "probability", "margin", "area_fraction", "predicted_iou", "stability_score")
 BIN_SCORES = ("similarity", "probability", "margin")
 DUPLICATE_IOU = 0.9
@@ -62,17 +63,18 @@ def quantiles(values: Any) -> dict[str, Any]:
     """Summary of a 1-D sample: ``n``, ``nulls`` (None/NaN left out), ``mean``, ``min``, ``p5`` .. ``p95``, ``max``.
 
     Args:
-        values: iterable of numbers, None allowed. Statistics are None when nothing is left.
+        values: iterable of numbers, None allowed. Statistics are None when nothing is left; rounded to 4 digits.
     """
-    arr = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
-    good = arr[np.isfinite(arr)]
-    out: dict[str, Any] = {"n": int(good.size), "nulls": int(arr.size - good.size)}
-    stats = {"mean": None, "min": None, **{f"p{int(q * 100)}": None for q in QUANTILES}, "max": None}
-    if good.size:
-        stats["mean"], stats["min"], stats["max"] = _num(good.mean()), _num(good.min()), _num(good.max())
-        for q, v in zip(QUANTILES, np.quantile(good, QUANTILES), strict=True):
-            stats[f"p{int(q * 100)}"] = _num(v)
-    return out | stats
+    s = summarize(values)
+    levels = s.quantiles or [None] * len(QUANTILES)
+    return {
+        "n": s.n,
+        "nulls": s.nulls,
+        "mean": _num(s.mean),
+        "min": _num(s.min),
+        **{f"p{int(q * 100)}": _num(v) for q, v in zip(QUANTILES, levels, strict=True)},
+        "max": _num(s.max),
+    }
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, dict[str, Any]]]:
@@ -85,23 +87,13 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]],
         InspectError: not a run folder (no manifest.json or shards/), unreadable manifest, or a shard that is
             not an ovseg-mine shard or uses an unknown schema version.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise InspectError(f"{run_dir} is not a folder")
-    manifest_path = run_dir / "manifest.json"
     try:
-        files = shard_files(run_dir)
-        if not manifest_path.is_file():
-            raise InspectError(f"{run_dir} is not an ovseg-mine run folder (no manifest.json in it)")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InspectError(f"{manifest_path} is not valid JSON: {exc}") from None
-        for path in files:
+        manifest = read_manifest(run_dir)
+        for path in shard_files(run_dir):
             read_file_metadata(path)
         table = read_pairs(run_dir)
     except ShardError as exc:
-        raise InspectError(str(exc)) from None
+        raise InspectError(str(exc)) from exc
     rows = table.to_pylist()
     for row in rows:
         row["area_fraction"] = row["area"] / max(1, row["width"] * row["height"])
@@ -189,90 +181,6 @@ def _duplicates(pairs: list[dict[str, Any]], threshold: float = DUPLICATE_IOU) -
     }
 
 
-# ---------------------------------------------------------------- ground truth
-
-
-class GroundTruth:
-    """COCO instance or panoptic annotations, as per-image, per-category union masks (COCO RLE).
-
-    Args:
-        path: ``instances_*.json`` or ``panoptic_*.json`` (its PNG folder beside it, same name without .json).
-
-    Raises:
-        InspectError: unreadable file, or not COCO instance/panoptic annotations.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            self.categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
-            self.images = {int(im["id"]): im for im in data["images"]}
-            anns = data["annotations"]
-        except FileNotFoundError:
-            raise InspectError(f"ground-truth file {self.path} not found") from None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InspectError(f"ground-truth file {self.path} is not readable JSON: {exc}") from None
-        except (KeyError, TypeError, ValueError):
-            raise InspectError(f"{self.path} is not COCO annotations (needs images, annotations, categories)") from None
-        self.kind = "panoptic" if anns and "segments_info" in anns[0] else "instances"
-        self._anns: dict[int, list[dict]] = defaultdict(list)
-        for a in anns:
-            self._anns[int(a["image_id"])].append(a)
-        self._cache: dict[int, dict[int, dict]] = {}
-
-    def _instance_masks(self, image: dict, anns: list[dict]) -> dict[int, list]:
-        from pycocotools import mask as mask_utils
-
-        h, w = int(image["height"]), int(image["width"])
-        by_cat: dict[int, list] = defaultdict(list)
-        for a in anns:
-            seg = a.get("segmentation")
-            if not seg:
-                continue
-            if isinstance(seg, list):  # polygons
-                by_cat[int(a["category_id"])].extend(mask_utils.frPyObjects(seg, h, w))
-            elif isinstance(seg.get("counts"), list):  # uncompressed RLE (iscrowd)
-                by_cat[int(a["category_id"])].append(mask_utils.frPyObjects(seg, h, w))
-            else:
-                by_cat[int(a["category_id"])].append(
-                    {
-                        "size": seg["size"],
-                        "counts": seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else seg["counts"],
-                    }
-                )
-        return by_cat
-
-    def _panoptic_masks(self, ann: dict) -> dict[int, list]:
-        from PIL import Image
-        from pycocotools import mask as mask_utils
-
-        png = self.path.with_suffix("") / ann["file_name"]
-        if not png.is_file():
-            raise InspectError(f"panoptic PNG {png} not found (expected beside {self.path.name})")
-        rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.uint32)
-        ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-        by_cat: dict[int, list] = defaultdict(list)
-        for seg in ann["segments_info"]:
-            by_cat[int(seg["category_id"])].append(
-                mask_utils.encode(np.asfortranarray((ids == seg["id"]).astype(np.uint8)))
-            )
-        return by_cat
-
-    def masks(self, image_id: int) -> dict[int, dict[str, Any]]:
-        """``{category id: union mask as COCO RLE}`` of one image (empty when the file has no such image)."""
-        if image_id not in self._cache:
-            from pycocotools import mask as mask_utils
-
-            anns = self._anns.get(image_id, [])
-            if self.kind == "panoptic":
-                by_cat = self._panoptic_masks(anns[0]) if anns else {}
-            else:
-                by_cat = self._instance_masks(self.images.get(image_id, {}), anns) if image_id in self.images else {}
-            self._cache[image_id] = {c: mask_utils.merge(rles, intersect=False) for c, rles in by_cat.items() if rles}
-        return self._cache[image_id]
-
-
 def _agreement(ious: np.ndarray) -> dict[str, Any]:
     return {
         "pairs": int(ious.size),
@@ -331,7 +239,7 @@ def _gt_figures(pairs: list[dict[str, Any]], image_ids: set[int], gt: GroundTrut
         if p["image_id"] not in gt.images:
             status["image_not_in_gt"] += 1
             continue
-        union = gt.masks(p["image_id"]).get(cid)
+        union = gt.category_masks(p["image_id"]).get(cid)
         if union is None:
             status["category_absent"] += 1
             continue
@@ -340,7 +248,7 @@ def _gt_figures(pairs: list[dict[str, Any]], image_ids: set[int], gt: GroundTrut
             continue
         todo[p["image_id"]].append((i, cid))
     for image_id, items in todo.items():  # one IoU call per image: its pairs x the categories they map to
-        unions = gt.masks(image_id)
+        unions = gt.category_masks(image_id)
         column = {cid: k for k, cid in enumerate(dict.fromkeys(cid for _, cid in items))}
         matrix = rle.iou([pairs[i]["mask"] for i, _ in items], [unions[cid] for cid in column])
         for row, (i, cid) in enumerate(items):
@@ -386,8 +294,8 @@ def inspect_run(run_dir: str | Path, gt_path: str | Path | None = None, *, top: 
         duplicates and gt (None without ``gt_path``). Mask areas are fractions of the image area; IoUs in [0, 1].
 
     Raises:
-        InspectError: see :func:`load_run` and :class:`GroundTruth`; also a ground truth sharing no image id
-            with the run.
+        InspectError: see :func:`load_run`; a ground truth that cannot be read (:class:`GroundTruth`) or that
+            shares no image id with the run.
     """
     run_dir = Path(run_dir)
     manifest, pairs, done = load_run(run_dir)
@@ -404,7 +312,11 @@ def inspect_run(run_dir: str | Path, gt_path: str | Path | None = None, *, top: 
     }
     ious, cats = np.full(len(pairs), np.nan), [None] * len(pairs)
     if gt_path is not None:
-        figures["gt"], ious, cats = _gt_figures(pairs, {int(img["image_id"]) for img in images}, GroundTruth(gt_path))
+        try:
+            gt = GroundTruth(gt_path)
+            figures["gt"], ious, cats = _gt_figures(pairs, {int(img["image_id"]) for img in images}, gt)
+        except GroundTruthError as exc:
+            raise InspectError(str(exc)) from exc
     return Inspection(run_dir, manifest, pairs, ious, cats, figures)
 
 

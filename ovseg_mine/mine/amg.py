@@ -37,26 +37,31 @@ CROP_NMS_THRESH = 0.7
 
 @dataclass
 class MaskSet:
-    """The kept proposals of one image, on the device, best first.
+    """The kept proposals of one image, on the device, best first: SAM's (kept as low-resolution logits) or
+    masks the user gave (kept as run lengths, :func:`ovseg_mine.mine.given_proposals.given_mask_set`).
 
     Attributes:
-        low_res: mask logits at the decoder's resolution, ``[K, h, w]`` in the decoder's dtype.
-        predicted_iou: float32 ``[K]``, descending among the valid masks.
-        stability_score: float32 ``[K]``.
+        low_res: mask logits at the decoder's resolution, ``[K, h, w]`` in the decoder's dtype (None for given
+            masks).
+        predicted_iou: float32 ``[K]``, descending among the valid masks (NaN: a given mask without scores).
+        stability_score: float32 ``[K]`` (NaN: a given mask without scores).
         boxes: int64 ``[K, 4]`` tight boxes, XYWH in pixels of the original image (COCO: ``w = x1 - x0 + 1``;
             ``[0, 0, 0, 0]`` for an empty mask).
         areas: int64 ``[K]`` foreground pixels.
         valid: bool ``[K]``, False for an empty mask (all of them sorted after the valid ones).
         size: original image size ``(H, W)``.
         num_generated: masks left after NMS, before the empty-mask drop and the cap (host int).
-        upsample: maps low-res logits ``[k, h, w]`` to float32 full-resolution logits ``[k, H, W]``.
+        upsample: maps low-res logits ``[k, h, w]`` to float32 full-resolution logits ``[k, H, W]`` (None for
+            given masks).
         mask_threshold: logit above which a pixel is in the mask.
         chunk: masks upsampled at a time to stay within the chunk's byte budget (host int).
         full_res: bool ``[K, H, W]`` masks when ``min_mask_region_area`` changed them (they are then no longer
             the upsampled logits); None otherwise.
+        counts: int64 ``[K, L]`` given masks' column-major run lengths, zero-padded (:func:`ovseg_mine.rle.counts_of`),
+            decoded on the device by :meth:`masks`; None for SAM's masks.
     """
 
-    low_res: "torch.Tensor"
+    low_res: "torch.Tensor | None"
     predicted_iou: "torch.Tensor"
     stability_score: "torch.Tensor"
     boxes: "torch.Tensor"
@@ -64,19 +69,24 @@ class MaskSet:
     valid: "torch.Tensor"
     size: tuple[int, int]
     num_generated: int
-    upsample: Callable[["torch.Tensor"], "torch.Tensor"]
+    upsample: Callable[["torch.Tensor"], "torch.Tensor"] | None
     mask_threshold: float
     chunk: int
     full_res: "torch.Tensor | None" = None
+    counts: "torch.Tensor | None" = None
 
     def __len__(self) -> int:
-        return int(self.low_res.shape[0])
+        return int(self.predicted_iou.shape[0])
 
     def masks(self, index: "torch.Tensor") -> "torch.Tensor":
         """Full-resolution bool masks ``[len(index), H, W]`` of the proposals ``index`` (int64 on the device).
         Callers that hold many masks of a large image should ask for at most :attr:`chunk` at a time."""
         if self.full_res is not None:
             return self.full_res.index_select(0, index)
+        if self.counts is not None:
+            from ovseg_mine.rle import masks_from_counts
+
+            return masks_from_counts(self.counts.index_select(0, index), *self.size)
         return self.upsample(self.low_res.index_select(0, index).float()) > self.mask_threshold
 
 

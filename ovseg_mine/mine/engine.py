@@ -8,7 +8,8 @@ nouns, :meth:`MiningEngine.mine`:
 1. encodes the images with SAM's image encoder in fixed-size batches (:class:`~ovseg_mine.mine.sam_batch.BatchedSam`);
 2. per image, decodes every grid point and selects the proposals (:func:`~ovseg_mine.mine.amg.select_masks`:
    predicted-IoU and stability filters, box NMS, empty masks last, the best ``max_masks_per_image``), kept as
-   low-resolution logits;
+   low-resolution logits. An image whose masks the user gave (:attr:`ImageJob.given`, built by
+   :meth:`MiningEngine.given_masks`) skips 1 and 2: its masks are kept as run lengths and decoded on the device;
 3. renders the masked crops of all kept masks (OVSeg's crop: tight box, CLIP's mean pixel, bicubic), chunk by
    chunk, upsampling the kept masks again for that;
 4. embeds the crops with CLIP, and each image's nouns (cached per noun). ``engine.batching='pooled'`` (a GPU's
@@ -53,14 +54,19 @@ class ImageJob:
     Attributes:
         image_id: the dataset's id (reported back with the outcome).
         image: uint8 ``[3, H, W]`` RGB original pixels on the engine's device (crops are cut from it).
-        sam_image: uint8 ``[3, h, w]`` RGB, SAM's resize of ``image`` (longest side = SAM's input size).
+        sam_image: uint8 ``[3, h, w]`` RGB, SAM's resize of ``image`` (longest side = SAM's input size); None
+            when ``given`` is set.
         nouns: the image's nouns (at least one).
+        given: the image's given masks (:meth:`MiningEngine.given_masks`), used instead of SAM; None: SAM runs.
+        given_s: seconds spent building ``given``.
     """
 
     image_id: int
     image: "torch.Tensor"
-    sam_image: "torch.Tensor"
+    sam_image: "torch.Tensor | None"
     nouns: list[str]
+    given: "MaskSet | None" = None
+    given_s: float = 0.0
 
     @property
     def size(self) -> tuple[int, int]:
@@ -75,7 +81,7 @@ class NounMatch:
         noun_index: index into the job's nouns.
         mask_index: rank of the mask among the image's proposals (0 = highest predicted IoU).
         similarity, probability, margin: as :class:`ovseg_mine.mine.matching.Match` (margin None: no runner-up).
-        predicted_iou, stability_score: SAM's scores of the mask.
+        predicted_iou, stability_score: SAM's scores of the mask (None: a given mask without scores).
         bbox: tight box, XYWH in pixels (COCO convention).
         area: foreground pixels.
         runs: uint32 column-major run lengths (uncompressed COCO RLE; :func:`ovseg_mine.rle.from_runs`).
@@ -86,8 +92,8 @@ class NounMatch:
     similarity: float
     probability: float
     margin: float | None
-    predicted_iou: float
-    stability_score: float
+    predicted_iou: float | None
+    stability_score: float | None
     bbox: list[int]
     area: int
     runs: np.ndarray
@@ -143,7 +149,8 @@ class MiningEngine:
 
     Args:
         cfg: the run's config (``sam``, ``clip``, ``matching``, ``engine``, ``ray.chunk_mib``).
-        sam: a segment-anything ``Sam`` on ``device`` (weights as loaded; cast here for low precisions).
+        sam: a segment-anything ``Sam`` on ``device`` (weights as loaded; cast here for low precisions), or None
+            when the run's masks are given (every job then carries :attr:`ImageJob.given`).
         clip, tokenizer: an open_clip model on ``device`` and its tokenizer.
         device: where everything runs.
     """
@@ -159,13 +166,17 @@ class MiningEngine:
         self.cfg = cfg
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
-        self.sam = BatchedSam(
-            sam,
-            points_per_side=cfg.sam.points_per_side,
-            points_per_batch=cfg.sam.points_per_batch or (512 if cuda else 64),
-            precision=precision_mod.for_inference(cfg.sam.precision, self.device),
-            encoder_batch_size=cfg.sam.encoder_batch_size or (8 if cuda else 1),
-            compile=cfg.engine.compile,
+        self.sam = (
+            None
+            if sam is None
+            else BatchedSam(
+                sam,
+                points_per_side=cfg.sam.points_per_side,
+                points_per_batch=cfg.sam.points_per_batch or (512 if cuda else 64),
+                precision=precision_mod.for_inference(cfg.sam.precision, self.device),
+                encoder_batch_size=cfg.sam.encoder_batch_size or (8 if cuda else 1),
+                compile=cfg.engine.compile,
+            )
         )
         self.clip_precision = precision_mod.for_inference(cfg.clip.precision, self.device)
         self.clip = precision_mod.cast_model(clip, self.clip_precision)
@@ -198,6 +209,17 @@ class MiningEngine:
     def resize_for_sam(self, image: np.ndarray) -> np.ndarray:
         """SAM's resize (longest side = SAM's input size), uint8 ``[h, w, 3]``; what the decode stage runs."""
         return self.sam.resize(image)
+
+    def given_masks(self, entries: list[dict[str, Any]], size: tuple[int, int]) -> "MaskSet":
+        """An image's given masks as its proposals on the device
+        (:func:`ovseg_mine.mine.given_proposals.given_mask_set` with the run's ``sam`` filters and chunk budget).
+
+        Raises:
+            GivenMaskError: a mask's size differs from ``size`` ``(H, W)``.
+        """
+        from ovseg_mine.mine.given_proposals import given_mask_set
+
+        return given_mask_set(entries, size, self.cfg.sam, self.device, self.chunk_bytes)
 
     # -------------------------------------------------------------------------------------------- the batch
 
@@ -233,8 +255,15 @@ class MiningEngine:
         timer = StepTimer(self.device)
         with torch.inference_mode():
             with timer("proposals"):
-                features = self.sam.embed([job.sam_image for job in jobs])
-                sets = [self._propose(job, features[i : i + 1]) for i, job in enumerate(jobs)]
+                sam_jobs = [job for job in jobs if job.given is None]
+                features = self.sam.embed([job.sam_image for job in sam_jobs]) if sam_jobs else None
+                sets, j = [], 0
+                for job in jobs:
+                    if job.given is None:
+                        sets.append(self._propose(job, features[j : j + 1]))
+                        j += 1
+                    else:
+                        sets.append(job.given)
             with timer("crops"):
                 crops = self._crops(jobs, sets)
             with timer("clip"):
@@ -352,8 +381,8 @@ class MiningEngine:
                     similarity=float(row[1]),
                     probability=float(row[2]),
                     margin=None if np.isinf(row[3]) else float(row[3]),
-                    predicted_iou=float(row[5]),
-                    stability_score=float(row[6]),
+                    predicted_iou=None if np.isnan(row[5]) else float(row[5]),
+                    stability_score=None if np.isnan(row[6]) else float(row[6]),
                     bbox=[int(v) for v in row[9:13]],
                     area=int(row[7]),
                     runs=image_runs[i],

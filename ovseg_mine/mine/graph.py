@@ -1,18 +1,23 @@
 """Ray for a mining run: start a local Ray or join a cluster, and the streaming graph of stages laid out by
-resource (records -> :class:`~ovseg_mine.mine.stages.NounStage` -> :func:`~ovseg_mine.mine.stages.decode_stage`
--> :class:`~ovseg_mine.mine.stages.MaskMatchStage` -> :func:`~ovseg_mine.mine.stages.finalize_stage`)."""
+resource (read step :mod:`~ovseg_mine.mine.sources.read` -> :class:`~ovseg_mine.mine.stages.NounStage` ->
+:func:`~ovseg_mine.mine.stages.decode_stage` -> :class:`~ovseg_mine.mine.stages.MaskMatchStage` ->
+:func:`~ovseg_mine.mine.stages.finalize_stage`)."""
 
 from __future__ import annotations
 
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ovseg_mine.config import MineConfig
 from ovseg_mine.mine.run_folder import RunError
-from ovseg_mine.mine.sources import ImageRecord
+from ovseg_mine.mine.sources import ShardTask, Source
 from ovseg_mine.mine.weights import ResolvedWeights
 from ovseg_mine.storage import first_line
+
+if TYPE_CHECKING:
+    from ovseg_mine.mine.proposal_sources import ProposalSource
 
 
 def init_ray(address: str | None) -> bool:
@@ -89,8 +94,16 @@ def plan_stages(cfg: MineConfig, cpus: int, gpus: int) -> StagePlan:
     return StagePlan(nouns, actors, resources, threads, 0.5 if cpus >= 4 else 0.25)
 
 
-def stream_results(records: list[ImageRecord], cfg: MineConfig, weights: ResolvedWeights):
-    """Yield per-image result rows (dicts, see stages.image_result_schema) as Ray finishes them.
+def stream_results(
+    source: Source,
+    tasks: list[ShardTask],
+    cfg: MineConfig,
+    weights: ResolvedWeights,
+    given: "ProposalSource | None" = None,
+):
+    """Yield per-image result rows (dicts, see stages.image_result_schema) as Ray finishes them: one per record
+    of ``tasks`` (read by ``source``'s read step, with ``given`` masks attached when the run has them), each
+    carrying its ``shard``, ``shard_size`` and ``shard_row``.
 
     The graph, by resource: nouns (spaCy actors) -> decode (CPU tasks: JPEG, SAM's resize) -> mask/match (an
     actor per GPU over batches of images, ``ray.batches_in_flight`` batches queued each) -> finalize (CPU tasks:
@@ -102,6 +115,7 @@ def stream_results(records: list[ImageRecord], cfg: MineConfig, weights: Resolve
     from ray.data import ActorPoolStrategy
 
     from ovseg_mine.mine.attempts import AttemptTracker
+    from ovseg_mine.mine.sources.read import records_dataset
     from ovseg_mine.mine.stages import MaskMatchStage, NounStage, decode_stage, finalize_stage
     from ovseg_mine.models import sam_input_size
 
@@ -110,7 +124,7 @@ def stream_results(records: list[ImageRecord], cfg: MineConfig, weights: Resolve
     plan = plan_stages(cfg, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
     config = cfg.model_dump(mode="json")
     batch = cfg.ray.batch_size
-    ds = ray.data.from_items([r.to_row() for r in records], override_num_blocks=max(1, min(len(records), 64)))
+    ds = records_dataset(source, tasks, given)
     ds = ds.map_batches(
         NounStage,
         fn_constructor_kwargs={"config": config},
@@ -121,7 +135,7 @@ def stream_results(records: list[ImageRecord], cfg: MineConfig, weights: Resolve
     )
     ds = ds.map_batches(
         decode_stage,
-        fn_kwargs={"sam_input_size": sam_input_size(cfg.sam.model_type)},
+        fn_kwargs={"sam_input_size": sam_input_size(cfg.sam.model_type) if cfg.proposals.kind == "sam" else None},
         batch_size=batch,
         batch_format="pyarrow",
         num_cpus=plan.cpu_task_cpus,

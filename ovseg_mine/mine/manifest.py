@@ -8,31 +8,38 @@ from typing import Any
 
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash
-from ovseg_mine.mine.sources import ImageRecord, Source
+from ovseg_mine.mine.sources import SourcePlan
 from ovseg_mine.mine.weights import ResolvedWeights
-from ovseg_mine.shards import SCHEMA_VERSION, sha256_file
+from ovseg_mine.shards import SCHEMA_VERSION
 
 
 def build_manifest(
     out: Path,
-    source: Source,
+    plan: SourcePlan,
     cfg: MineConfig,
     weights: ResolvedWeights,
+    proposals_info: dict[str, Any],
     done: dict[int, dict],
-    plan: dict[int, list[ImageRecord]],
     wall_s: float,
     processed: int,
 ) -> dict[str, Any]:
-    """The run manifest (schemas/manifest-v1.schema.json) from the done shards of ``plan``."""
+    """The run manifest (schemas/manifest-v1.schema.json) from the done shards of ``plan``.
+
+    ``proposals_info`` describes where the masks came from (``{"kind": "sam"}``, or the given-mask source's kind,
+    location, sha256 and counts). When ``source.image_ids`` names ids that no shard of a complete run holds
+    (sources whose ids are only known once read), each is listed as a reject (stage ``source``).
+    """
     import pyarrow.parquet as pq
 
-    shards, rejects, warned = [], [r.to_dict() for r in source.rejects], []
+    shards, rejects, warned = [], [r.to_dict() for r in plan.rejects], []
     images = with_pairs = proposals = pairs = 0
     nouns: set[str] = set()
     stage_s: Counter[str] = Counter()
     errors: Counter[str] = Counter()
-    for index in sorted(plan):
-        record = done.get(index)
+    found: set[int] = set()
+    wanted = set(cfg.source.image_ids or ()) if cfg.source.kind != "coco" else set()
+    for task in plan.tasks:
+        record = done.get(task.index)
         if record is None:
             continue
         shards.append(
@@ -41,8 +48,10 @@ def build_manifest(
                 "rows": record["rows"],
                 "sha256": record["sha256"],
                 "images": len(record["image_ids"]),
+                "input": record.get("input"),
             }
         )
+        found.update(i for i in record["image_ids"] if i in wanted)
         rejects.extend(record["rejects"])
         warned.extend(record.get("warnings", []))
         images += len(record["images"])
@@ -53,7 +62,16 @@ def build_manifest(
         errors.update(image["error_type"] for image in record["images"] if image.get("error_type"))
         if record["rows"]:
             nouns.update(pq.read_table(out / record["file"], columns=["noun"]).column("noun").to_pylist())
-    complete = all(index in done for index in plan)
+    complete = all(task.index in done for task in plan.tasks)
+    if complete:
+        rejects.extend(
+            {"image_id": i, "file_name": None, "stage": "source", "reason": "image id not in the source"}
+            for i in sorted(wanted - found)
+        )
+    source = dict(plan.info)
+    if plan.image_root is not None:
+        source["image_root"] = plan.image_root
+    source["images_selected"] = plan.total if plan.total is not None else sum(s["images"] for s in shards)
     return {
         "schema_version": SCHEMA_VERSION,
         "package_version": __version__,
@@ -62,13 +80,8 @@ def build_manifest(
         "config_hash": config_hash(cfg),
         "models": weights.models,
         "weights": "random" if weights.random else "pretrained",
-        "source": {
-            "captions": source.captions_path,
-            "captions_sha256": sha256_file(source.captions_path),
-            "image_root": source.image_root,
-            "images_in_file": source.num_images_in_file,
-            "images_selected": len(source.records),
-        },
+        "source": source,
+        "proposals": proposals_info,
         "shards": shards,
         "counts": {
             "images": images,

@@ -24,6 +24,8 @@ from ovseg_mine.models import ModelNameError, WeightsInfo, load_sam
 if TYPE_CHECKING:
     import torch
 
+    from ovseg_mine.mine.amg import MaskSet
+
 #: Memory a single-image :class:`SamMaskGenerator` gives full-resolution masks at a time (2 GiB).
 DEFAULT_CHUNK_BYTES = 2 * 2**30
 
@@ -164,25 +166,34 @@ class SamMaskGenerator:
                 chunk=chunk_size(size, sam.img_size, DEFAULT_CHUNK_BYTES),
                 min_region_area=self.cfg.min_mask_region_area,
             )
-            n = int(kept.valid.sum())  # valid masks come first
-            index = torch.arange(n, device=self.device)
-            masks = torch.cat(
-                [kept.masks(index[i : i + kept.chunk]) for i in range(0, n, kept.chunk)]
-                or [torch.zeros((0, *size), dtype=torch.bool, device=self.device)]
-            )
-        masks_np = masks.cpu().numpy()
-        return Proposals(
-            masks=masks,
-            rles=rle_utils.encode_many(masks_np),
-            bboxes=kept.boxes[:n].cpu().numpy().astype(np.int32),
-            areas=kept.areas[:n].cpu().numpy().astype(np.int64),
-            predicted_iou=kept.predicted_iou[:n].cpu().numpy().astype(np.float32),
-            stability_score=kept.stability_score[:n].cpu().numpy().astype(np.float32),
-            num_generated=kept.num_generated,
-        )
+        return proposals_of(kept)
 
 
 _GENERATORS = {"sam": SamMaskGenerator}
+
+
+def proposals_of(kept: "MaskSet") -> Proposals:
+    """The :class:`Proposals` of an image's kept masks (:class:`~ovseg_mine.mine.amg.MaskSet`, valid masks first):
+    dense masks on the set's device, their RLEs, and the boxes, areas and scores on the host."""
+    import torch
+
+    n = int(kept.valid.sum())
+    device = kept.valid.device
+    with torch.inference_mode():
+        index = torch.arange(n, device=device)
+        masks = torch.cat(
+            [kept.masks(index[i : i + kept.chunk]) for i in range(0, n, kept.chunk)]
+            or [torch.zeros((0, *kept.size), dtype=torch.bool, device=device)]
+        )
+    return Proposals(
+        masks=masks,
+        rles=rle_utils.encode_many(masks.cpu().numpy()),
+        bboxes=kept.boxes[:n].cpu().numpy().astype(np.int32),
+        areas=kept.areas[:n].cpu().numpy().astype(np.int64),
+        predicted_iou=kept.predicted_iou[:n].cpu().numpy().astype(np.float32),
+        stability_score=kept.stability_score[:n].cpu().numpy().astype(np.float32),
+        num_generated=kept.num_generated,
+    )
 
 
 def list_mask_generators() -> list[str]:

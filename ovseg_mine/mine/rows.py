@@ -44,6 +44,9 @@ def _status_fields() -> list[tuple[str, "pa.DataType"]]:
     return [
         ("image_id", pa.int64()),
         ("file_name", pa.string()),
+        ("shard", pa.int32()),
+        ("shard_size", pa.int32()),
+        ("shard_row", pa.int32()),
         ("status", pa.string()),
         ("reason", pa.string()),
         ("width", pa.int32()),
@@ -69,15 +72,20 @@ def _record_fields() -> list[tuple[str, "pa.DataType"]]:
 
 
 def decoded_schema() -> "pa.Schema":
-    """Rows of the decode stage: status fields, the record, and the pixels (empty unless ``status == "ok"``):
+    """Rows of the decode stage: status fields, the record, the given masks (``proposals``, null when SAM runs:
+    :func:`ovseg_mine.mine.sources.records.proposal_type`) and the pixels (empty unless ``status == "ok"``):
     ``pixels`` uint8 RGB ``[height, width, 3]`` (C order, the decoded image, EXIF orientation applied) and
-    ``sam_pixels`` uint8 RGB ``[sam_height, sam_width, 3]`` (SAM's resize to its input size)."""
+    ``sam_pixels`` uint8 RGB ``[sam_height, sam_width, 3]`` (SAM's resize to its input size; empty with given
+    masks)."""
     import pyarrow as pa
+
+    from ovseg_mine.mine.sources.records import proposal_type
 
     return pa.schema(
         [
             *_status_fields(),
             *_record_fields(),
+            ("proposals", pa.list_(proposal_type())),
             ("pixels", pa.large_binary()),
             ("sam_pixels", pa.large_binary()),
             ("sam_height", pa.int32()),
@@ -98,7 +106,7 @@ def match_struct() -> "pa.StructType":
             ("similarity", pa.float64()),
             ("probability", pa.float64()),
             ("margin", pa.float64()),
-            ("predicted_iou", pa.float64()),
+            ("predicted_iou", pa.float64()),  # null: a given mask without scores
             ("stability_score", pa.float64()),
             ("bbox", pa.list_(pa.int32())),
             ("area", pa.int64()),

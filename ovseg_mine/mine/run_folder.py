@@ -1,4 +1,4 @@
-"""The run folder of a mining run: its config check and its shard plan.
+"""The run folder of a mining run: its config check and its log.
 
 Layout (see :mod:`ovseg_mine.shards`): ``config.json`` (resolved config and hash, written when a run starts),
 ``manifest.json``, ``shards/``. A folder that holds a run of another config is refused, not mixed.
@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ovseg_mine.config import MineConfig, config_hash
-from ovseg_mine.mine.sources import ImageRecord
 from ovseg_mine.shards import write_json_atomic
 
 #: The run's log file (in the run folder): warnings, and the traceback of every image that failed.
@@ -72,11 +71,3 @@ def prepare_run_dir(out: Path, cfg: MineConfig, overwrite: bool) -> None:
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cfg_path, {"config_hash": digest, "config": cfg.model_dump(mode="json")})
-
-
-def plan_shards(records: list[ImageRecord], images_per_shard: int) -> dict[int, list[ImageRecord]]:
-    """Shard index -> its records, in id order (records must already be sorted by image_id)."""
-    plan: dict[int, list[ImageRecord]] = {}
-    for position, record in enumerate(records):
-        plan.setdefault(position // images_per_shard, []).append(record)
-    return plan

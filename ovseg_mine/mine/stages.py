@@ -10,7 +10,12 @@ Arrow tables out):
 * :func:`finalize_stage` (CPU tasks): run lengths -> COCO RLE, pair rows.
 
 Every input row leaves each stage as exactly one row per image (:mod:`ovseg_mine.mine.rows`), with a ``status``
-(``ok`` or the stage that rejected it) and a ``reason``: nothing is dropped silently.
+(``ok`` or the stage that rejected it) and a ``reason``: nothing is dropped silently. Input rows are the records of
+the read step (:func:`ovseg_mine.mine.sources.records.record_schema`): the image is read from ``path`` or decoded
+from ``image_bytes``; a row the source already rejected passes through with its stage and reason; ``shard``,
+``shard_size`` and ``shard_row`` are carried to the output; a row with ``proposals`` (masks the user gave) uses them
+instead of SAM (:func:`ovseg_mine.mine.given_proposals.given_mask_set`), and with ``proposals.kind`` other than
+``sam`` SAM is neither loaded nor run.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ def _carried(record: dict[str, Any]) -> dict[str, Any]:
     return {
         "image_id": record["image_id"],
         "file_name": record["file_name"],
+        "shard": record.get("shard"),
+        "shard_size": record.get("shard_size"),
+        "shard_row": record.get("shard_row"),
         "status": record.get("status") or "ok",
         "reason": record.get("reason") or "",
         "width": record["width"],
@@ -99,17 +107,21 @@ class NounStage:
         return batch.append_column("nouns_s", pa.array([per_image_s] * batch.num_rows, pa.float64()))
 
 
-def decode_stage(batch: "pa.Table", *, sam_input_size: int, max_pixels: int | None = None) -> "pa.Table":
+def decode_stage(batch: "pa.Table", *, sam_input_size: int | None, max_pixels: int | None = None) -> "pa.Table":
     """Decode each image of a batch of noun-stage rows (CPU work, run as Ray tasks).
 
-    Rows without a noun are rejected here (status ``nouns``) and not decoded; a file that cannot be decoded is
-    rejected with status ``decode`` and the decoder's reason. The decoded size wins over the record's (a note says
-    so when they differ, e.g. after EXIF rotation).
+    A row the source already rejected passes through with its stage and reason; rows without a noun are rejected
+    here (status ``nouns``) and not decoded; a file that cannot be decoded is rejected with status ``decode`` and
+    the decoder's reason. The decoded size wins over the record's (a note says so when they differ, e.g. after EXIF
+    rotation). Rows with given masks (``proposals``), or every row when ``sam_input_size`` is None, skip SAM's
+    resize (SAM does not run on them).
 
     Args:
-        batch: rows with ``image_id``, ``file_name``, ``path``, ``width``, ``height``, ``captions``, ``nouns``,
-            ``noun_caption_index``, ``nouns_s``.
-        sam_input_size: side of SAM's square input (:func:`ovseg_mine.models.sam_input_size`).
+        batch: rows with ``image_id``, ``file_name``, ``path`` or ``image_bytes``, ``width``, ``height``,
+            ``captions``, ``nouns``, ``noun_caption_index``, ``nouns_s`` (and optionally the read step's
+            ``status``, ``reason``, ``notes``, ``shard``, ``shard_size``, ``shard_row``, ``proposals``).
+        sam_input_size: side of SAM's square input (:func:`ovseg_mine.models.sam_input_size`); None when the run
+            has given masks instead of SAM.
         max_pixels: refuse larger images (default :data:`ovseg_mine.images.DEFAULT_MAX_PIXELS`).
 
     Returns:
@@ -120,18 +132,30 @@ def decode_stage(batch: "pa.Table", *, sam_input_size: int, max_pixels: int | No
 
     from ovseg_mine.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
 
-    resize = ResizeLongestSide(sam_input_size)
+    resize = None if sam_input_size is None else ResizeLongestSide(sam_input_size)
     rows = []
     for record in batch.to_pylist():
-        row = {**_carried(record), "pixels": b"", "sam_pixels": b"", "sam_height": 0, "sam_width": 0}
+        row = {
+            **_carried(record),
+            "proposals": record.get("proposals"),
+            "pixels": b"",
+            "sam_pixels": b"",
+            "sam_height": 0,
+            "sam_width": 0,
+        }
         rows.append(row)
+        if row["status"] != "ok":  # rejected by the source (read step): passed through as it is
+            continue
         if not record["nouns"]:
             row.update(status="nouns", reason="no visual noun in the captions")
             continue
         start = time.perf_counter()
+        encoded = record.get("image_bytes")
         try:
-            image = load_rgb(record["path"], max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-            sam_image = resize.apply_image(image)
+            image = load_rgb(
+                record["path"] if encoded is None else encoded, max_pixels=max_pixels or DEFAULT_MAX_PIXELS
+            )
+            sam_image = None if resize is None or row["proposals"] is not None else resize.apply_image(image)
         except ImageDecodeError as exc:
             row.update(status="decode", reason=str(exc))
             continue
@@ -139,25 +163,20 @@ def decode_stage(batch: "pa.Table", *, sam_input_size: int, max_pixels: int | No
             row.update(error_row(exc))
             continue
         height, width = image.shape[:2]
-        if (width, height) != (record["width"], record["height"]):
+        if record["width"] and record["height"] and (width, height) != (record["width"], record["height"]):
             row["notes"].append(
                 f"size in the captions file {record['width']}x{record['height']} differs from the "
                 f"decoded image {width}x{height} (EXIF orientation applied); the decoded size is used"
             )
-        row.update(
-            width=width,
-            height=height,
-            pixels=image.tobytes(),
-            sam_pixels=sam_image.tobytes(),
-            sam_height=sam_image.shape[0],
-            sam_width=sam_image.shape[1],
-            decode_s=time.perf_counter() - start,
-        )
+        row.update(width=width, height=height, pixels=image.tobytes(), decode_s=time.perf_counter() - start)
+        if sam_image is not None:
+            row.update(sam_pixels=sam_image.tobytes(), sam_height=sam_image.shape[0], sam_width=sam_image.shape[1])
     return pa.Table.from_pylist(rows, schema=decoded_schema())
 
 
 class MaskMatchStage:
-    """SAM proposals and CLIP matching for batches of decoded images (the GPU stage).
+    """SAM proposals (or the record's given masks) and CLIP matching for batches of decoded images (the GPU stage).
+    With ``proposals.kind`` other than ``sam`` in the config, SAM is not built at all.
 
     Args:
         config: the run's :class:`MineConfig` as a JSON-able dict.
@@ -189,7 +208,9 @@ class MaskMatchStage:
         self.cfg = MineConfig.model_validate(config)
         self.tracker = tracker
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        sam, _ = load_sam(self.cfg.sam.model_type, sam_checkpoint, device=device, seed=self.cfg.seed)
+        sam = None  # given masks (--proposals coco:/sa1b:): SAM is not built at all
+        if self.cfg.proposals.kind == "sam":
+            sam, _ = load_sam(self.cfg.sam.model_type, sam_checkpoint, device=device, seed=self.cfg.seed)
         clip, tokenizer, _ = load_clip(self.cfg.clip.arch, clip_pretrained, device=device, seed=self.cfg.seed)
         self.engine = MiningEngine(self.cfg, sam, clip, tokenizer, device)
 
@@ -233,6 +254,7 @@ class MaskMatchStage:
     def _mine(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], todo: list[int]) -> None:
         """Mine rows ``todo`` as one batch (failures stay per image) and fill in their results."""
         from ovseg_mine.faults import failpoint
+        from ovseg_mine.mine.given_proposals import GivenMaskError
 
         jobs, where = [], []
         for i in todo:
@@ -241,23 +263,41 @@ class MaskMatchStage:
                 failpoint("image", record["image_id"])  # kill: the worker dies on this image; raise: mining it raises
                 jobs.append(self._job(record))
                 where.append(i)
+            except GivenMaskError as exc:
+                rows[i].update(status="proposals", reason=str(exc))
             except Exception as exc:
                 rows[i].update(error_row(exc))
-        for i, outcome in zip(where, self.engine.mine_each(jobs), strict=True):
+        for i, job, outcome in zip(where, jobs, self.engine.mine_each(jobs), strict=True):
             if isinstance(outcome, BaseException):
                 rows[i].update(error_row(outcome))
             else:
                 rows[i].update(self._result(rows[i], outcome))
+                rows[i]["proposals_s"] += job.given_s
 
     def _job(self, record: dict[str, Any]) -> Any:
+        """The engine's job for a decoded record; given masks (the record's, or none when SAM is not built) become
+        the job's proposals here, so a mask that does not fit its image is refused before the batch runs.
+
+        Raises:
+            GivenMaskError: a given mask's size differs from the decoded image's.
+        """
         import numpy as np
 
         from ovseg_mine.mine.engine import ImageJob
 
         image = np.frombuffer(record["pixels"], np.uint8).reshape(record["height"], record["width"], 3)
-        sam = np.frombuffer(record["sam_pixels"], np.uint8).reshape(record["sam_height"], record["sam_width"], 3)
-        to_device = self.engine.to_device
-        return ImageJob(record["image_id"], to_device(image), to_device(sam), list(record["nouns"]))
+        job = ImageJob(record["image_id"], self.engine.to_device(image), None, list(record["nouns"]))
+        given = record.get("proposals")
+        if given is None and self.engine.sam is None:
+            given = []  # a run without SAM: an image without given masks has no proposal
+        if given is not None:
+            start = time.perf_counter()
+            job.given = self.engine.given_masks(given, job.size)
+            job.given_s = time.perf_counter() - start
+        else:
+            sam = np.frombuffer(record["sam_pixels"], np.uint8).reshape(record["sam_height"], record["sam_width"], 3)
+            job.sam_image = self.engine.to_device(sam)
+        return job
 
     @staticmethod
     def _result(row: dict[str, Any], outcome: "ImageOutcome") -> dict[str, Any]:

@@ -25,7 +25,8 @@ class ResolvedWeights:
 def resolve_weights(cfg: MineConfig) -> ResolvedWeights:
     """Load both models once on CPU in the driver: downloads and checks weights, applies the recipe's
     random fallback, and records what was loaded. Actors then load exactly these weights (the cached file,
-    or ``random`` with the run's seed), so no actor downloads or falls back on its own.
+    or ``random`` with the run's seed), so no actor downloads or falls back on its own. With given masks
+    (``proposals.kind`` not ``sam``) SAM is not loaded: only CLIP is resolved and recorded.
 
     Raises:
         ovseg_mine.models.WeightsError: weights unavailable and the recipe does not allow random weights.
@@ -34,10 +35,12 @@ def resolve_weights(cfg: MineConfig) -> ResolvedWeights:
 
     from ovseg_mine.models import load_clip, load_sam
 
-    sam, sam_info = load_sam(
-        cfg.sam.model_type, cfg.sam.checkpoint, device="cpu", seed=cfg.seed, allow_random=cfg.allow_random_weights
-    )
-    del sam
+    sam_info = None
+    if cfg.proposals.kind == "sam":
+        sam, sam_info = load_sam(
+            cfg.sam.model_type, cfg.sam.checkpoint, device="cpu", seed=cfg.seed, allow_random=cfg.allow_random_weights
+        )
+        del sam
     clip, _, clip_info = load_clip(
         cfg.clip.arch, cfg.clip.pretrained, device="cpu", seed=cfg.seed, allow_random=cfg.allow_random_weights
     )
@@ -49,9 +52,12 @@ def resolve_weights(cfg: MineConfig) -> ResolvedWeights:
             return "random"
         return info.source if info.weights == "file" and info.source else asked
 
+    models = {"clip": clip_info.to_dict()}
+    if sam_info is not None:
+        models = {"sam": sam_info.to_dict(), **models}
     return ResolvedWeights(
-        sam_checkpoint=actor_spec(sam_info, cfg.sam.checkpoint),
+        sam_checkpoint=actor_spec(sam_info, cfg.sam.checkpoint) if sam_info is not None else "",
         clip_pretrained=actor_spec(clip_info, cfg.clip.pretrained),
-        models={"sam": sam_info.to_dict(), "clip": clip_info.to_dict()},
-        random=sam_info.is_random or clip_info.is_random,
+        models=models,
+        random=(sam_info is not None and sam_info.is_random) or clip_info.is_random,
     )

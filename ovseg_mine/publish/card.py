@@ -2,37 +2,30 @@
 
 The header declares ``configs`` (one ``default`` config whose ``train`` split is ``data/train-*``) and
 ``dataset_info`` (features, number of examples, bytes) so that the Hub's viewer and ``datasets.load_dataset``
-agree on the schema. The text says what the pairs are, how they were mined, their counts and distributions,
-how to load them and render a masked crop, the licenses of the source data, and the OVSeg citation.
-Everything here is deterministic (no dates): rebuilding the same run gives the same card.
+agree on the schema. The text is the template ``ovseg_mine/publish/card.md`` (jinja2) filled from the manifest:
+what the pairs are, how they were mined, their counts and distributions, how to load them and render a masked
+crop, the licenses of the source data, and the OVSeg citation. Everything here is deterministic (no dates):
+rebuilding the same run gives the same card.
 """
 
 from __future__ import annotations
 
 import json
+from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ovseg_mine.stats import QUANTILES, summarize
+
 if TYPE_CHECKING:
+    import jinja2
     import pyarrow as pa
 
 DATA_GLOB = "data/train-*"
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-
-CITATION = """@inproceedings{liang2023open,
-  title     = {Open-Vocabulary Semantic Segmentation with Mask-adapted {CLIP}},
-  author    = {Liang, Feng and Wu, Bichen and Dai, Xiaoliang and Li, Kunpeng and Zhao, Yinan and
-               Zhang, Hang and Zhang, Peizhao and Vajda, Peter and Marculescu, Diana},
-  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
-  year      = {2023},
-  note      = {arXiv:2210.04150}
-}"""
-
-RANDOM_WARNING = (
-    "**Warning: these pairs were mined with randomly initialised model weights and are meaningless** "
-    "(a smoke test of the pipeline, not training data)."
-)
+TEMPLATE = Path(__file__).with_name("card.md")
+SETTINGS = ("sam", "clip", "matching", "nouns", "source")  # recipe sections listed in the card
 
 
 def pair_stats(table: "pa.Table") -> dict[str, Any]:
@@ -60,8 +53,8 @@ def pair_stats(table: "pa.Table") -> dict[str, Any]:
     order = sorted(range(len(noun_values)), key=lambda i: (-int(noun_counts[i]), str(noun_values[i])))[:10]
 
     def column(name: str) -> np.ndarray:
-        values = table[name].drop_null().to_numpy(zero_copy_only=False) if rows else np.zeros(0)
-        return np.asarray(values, dtype=np.float64)
+        values = table[name].to_numpy(zero_copy_only=False) if rows else np.zeros(0)
+        return np.asarray(values, dtype=np.float64)  # nulls become NaN: summarize leaves them out
 
     columns = {name: column(name) for name in ("similarity", "probability", "margin")}
     if rows:
@@ -78,10 +71,7 @@ def pair_stats(table: "pa.Table") -> dict[str, Any]:
             "median": float(np.median(per_image)) if len(per_image) else 0.0,
             "max": int(per_image.max()) if len(per_image) else 0,
         },
-        "quantiles": {
-            name: [float(q) for q in np.quantile(values, QUANTILES)] if len(values) else None
-            for name, values in columns.items()
-        },
+        "quantiles": {name: summarize(values).quantiles for name, values in columns.items()},
         "top_nouns": [[str(noun_values[i]), int(noun_counts[i])] for i in order],
     }
 
@@ -100,11 +90,53 @@ def size_category(rows: int) -> str:
     return next((tag for bound, tag in bounds if rows < bound), "n>1T" if rows >= 10**12 else "1B<n<10B")
 
 
-def card_header(features_yaml: list, *, rows: int, num_bytes: int, download_bytes: int, pretty_name: str) -> dict:
+def features_yaml(features: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``dataset_info.features`` list of a dataset card, from ``datasets.Features.to_dict()``.
+
+    The card's YAML form (huggingface.co/docs/hub/datasets-cards, ``dataset_info``): one ``{"name": ...}`` entry
+    per column with ``dtype: <type>`` for a value (``string``, ``int32``...) or for a typed feature such as
+    ``image``; ``struct: [entries]`` for a dict of columns; ``list: <type or entry>`` (``sequence`` and
+    ``large_list`` for those feature types), with ``length`` when fixed.
+
+    Args:
+        features: ``Features.to_dict()`` of the published columns: ``{name: feature dict with "_type"}``.
+
+    Raises:
+        ValueError: a feature type this card does not describe (class labels, arrays).
+    """
+    return [{"name": name, **_feature_yaml(feature)} for name, feature in features.items()]
+
+
+_LIST_TYPES = {"List": "list", "Sequence": "sequence", "LargeList": "large_list"}
+_PLAIN_TYPES = {"Image": "image", "Audio": "audio", "Video": "video", "Pdf": "pdf"}
+
+
+def _feature_yaml(feature: dict[str, Any]) -> dict[str, Any]:
+    kind = feature.get("_type")
+    if kind is None:  # a dict of columns
+        return {"struct": features_yaml(feature)}
+    if kind == "Value":
+        return {"dtype": feature["dtype"]}
+    if kind in _PLAIN_TYPES and set(feature) <= {"_type", "decode"}:
+        return {"dtype": _PLAIN_TYPES[kind]}
+    if kind in _LIST_TYPES:
+        inner: Any = _feature_yaml(feature["feature"])
+        if list(inner) in (["dtype"], ["struct"]):  # `list: int32`, `list: [entries]`
+            inner = next(iter(inner.values()))
+        entry = {_LIST_TYPES[kind]: inner}
+        if feature.get("length", -1) != -1:
+            entry["length"] = feature["length"]
+        return entry
+    raise ValueError(f"the dataset card cannot describe a {kind} feature")
+
+
+def card_header(
+    features: list[dict[str, Any]], *, rows: int, num_bytes: int, download_bytes: int, pretty_name: str
+) -> dict[str, Any]:
     """The YAML header of the card as a dict.
 
     Args:
-        features_yaml: the ``datasets`` YAML form of the features (``Features._to_yaml_list()``).
+        features: the card's YAML form of the features (:func:`features_yaml`).
         rows: number of examples in the train split.
         num_bytes: uncompressed Arrow size of the split in bytes.
         download_bytes: total size of the Parquet files in bytes.
@@ -120,7 +152,7 @@ def card_header(features_yaml: list, *, rows: int, num_bytes: int, download_byte
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_GLOB}]}],
         "dataset_info": {
             "config_name": "default",
-            "features": features_yaml,
+            "features": features,
             "splits": [{"name": "train", "num_bytes": int(num_bytes), "num_examples": int(rows)}],
             "download_size": int(download_bytes),
             "dataset_size": int(num_bytes),
@@ -128,8 +160,19 @@ def card_header(features_yaml: list, *, rows: int, num_bytes: int, download_byte
     }
 
 
-def _fmt(values: list[float] | None) -> str:
-    return " | ".join(f"{v:.3f}" for v in values) if values else " | ".join("–" for _ in QUANTILES)
+@lru_cache(maxsize=1)
+def _template() -> "jinja2.Template":
+    import jinja2
+
+    env = jinja2.Environment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # Markdown, not HTML
+    )
+    env.filters["json"] = json.dumps
+    return env.from_string(TEMPLATE.read_text(encoding="utf-8"))
 
 
 def card_body(
@@ -141,7 +184,7 @@ def card_body(
     embed_crops: int | None,
     partial: bool,
 ) -> str:
-    """The Markdown text of the card (after the YAML header).
+    """The Markdown text of the card (after the YAML header): the template ``card.md`` filled in.
 
     Args:
         manifest: the run's ``manifest.json``.
@@ -154,118 +197,21 @@ def card_body(
     Returns:
         Markdown; its first line is the random-weights warning when ``manifest["weights"] == "random"``.
     """
-    cfg = manifest.get("config", {})
-    counts = manifest.get("counts", {})
-    repo = repo_id or "USER/coco-mask-nouns"
-    lines: list[str] = []
-    if manifest.get("weights") == "random":
-        lines += [RANDOM_WARNING, ""]
-    lines += ["# Mask–noun pairs mined from COCO Captions (OVSeg recipe)", ""]
-    if partial:
-        lines += ["**This is a partial run**: not all shards were finished, so some images are missing.", ""]
-    lines += [
-        "Each row pairs a noun from an image's captions with the class-agnostic mask proposal whose masked crop "
-        "CLIP matched best to it, as in *Open-Vocabulary Semantic Segmentation with Mask-adapted CLIP* (OVSeg, "
-        "arXiv:2210.04150): segment-anything proposes masks, spaCy extracts the nouns of the captions, each mask "
-        "is cut to its tight box with the background filled by CLIP's mean pixel and resized to the CLIP input "
-        "size, and each noun is assigned the mask of highest CLIP similarity. Such pairs are the training data "
-        "for mask-adapted CLIP. Masks are COCO RLE (column-major); boxes are XYWH pixels of the original image.",
-        "",
-        "## How the pairs were mined",
-        "",
-        f"- Package: ovseg-mine {manifest.get('package_version', '?')}, pairs schema version "
-        f"{manifest.get('schema_version', '?')}, recipe `{cfg.get('recipe', '?')}` "
-        f"(config hash `{manifest.get('config_hash', '?')}`).",
-        f"- Weights: **{manifest.get('weights', '?')}**.",
-        "",
-        "| model | name | weights | source | sha256 |",
-        "|---|---|---|---|---|",
-    ]
-    for role, model in sorted(manifest.get("models", {}).items()):
-        lines.append(
-            f"| {role} | {model.get('name')} | {model.get('weights')} | {model.get('source') or '–'} "
-            f"| {(model.get('sha256') or '–')[:16]} |"
-        )
-    lines += ["", "Thresholds and settings of the recipe:", ""]
-    for section in ("sam", "clip", "matching", "nouns", "source"):
-        if isinstance(cfg.get(section), dict):
-            values = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(cfg[section].items()))
-            lines.append(f"- `{section}`: {values}")
-    rejects = ", ".join(f"{k}: {v}" for k, v in sorted(counts.get("rejects_by_stage", {}).items())) or "none"
-    ppi = stats["pairs_per_image"]
-    lines += [
-        "",
-        "## Counts and distributions",
-        "",
-        f"- Pairs: {stats['pairs']} from {stats['images']} images with pairs; {stats['unique_nouns']} unique nouns.",
-        f"- Run: {counts.get('images', '?')} images mined, {counts.get('images_rejected', '?')} rejected "
-        f"(by stage: {rejects}).",
-        f"- Pairs per image: mean {ppi['mean']:.2f}, median {ppi['median']:.1f}, max {ppi['max']}.",
-        "",
-        "| quantile | " + " | ".join(f"{q:g}" for q in QUANTILES) + " |",
-        "|---|" + "---|" * len(QUANTILES),
-    ]
-    for name, values in stats["quantiles"].items():
-        lines.append(f"| {name} | {_fmt(values)} |")
-    if stats["top_nouns"]:
-        lines += ["", "Most frequent nouns: " + ", ".join(f"{n} ({c})" for n, c in stats["top_nouns"]) + "."]
-    lines += ["", "## Columns", "", "| column | type | description |", "|---|---|---|"]
-    for field in fields:
-        kind = field["type"] if isinstance(field["type"], str) else ("struct" if "struct" in field["type"] else "list")
-        lines.append(f"| `{field['name']}` | {kind} | {field.get('description', '')} |")
-    if embed_crops:
-        lines.append(
-            f"| `crop` | image | the masked crop as a lossless PNG, {embed_crops}x{embed_crops} "
-            "(tight box, background = CLIP mean pixel, bicubic resize) |"
-        )
-    lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from datasets import load_dataset",
-        "",
-        f'pairs = load_dataset("{repo}", split="train")',
-        "row = pairs[0]",
-        'print(row["noun"], row["similarity"], row["bbox"])',
-        "```",
-        "",
-    ]
-    if embed_crops:
-        lines += ['The `crop` column holds the rendered masked crop: `row["crop"]` is a PIL image.', ""]
-    lines += [
-        "Render the masked crop of a row from the source image (COCO `file_name` under your image folder):",
-        "",
-        "```python",
-        "import numpy as np",
-        "from PIL import Image",
-        "from pycocotools import mask as mask_utils",
-        "",
-        'image = np.asarray(Image.open(f"coco/val2017/{row[\'file_name\']}").convert("RGB"))',
-        'mask = mask_utils.decode({"size": row["mask"]["size"], "counts": row["mask"]["counts"].encode()})',
-        'x, y, w, h = row["bbox"]',
-        "fill = np.array([0.48145466, 0.4578275, 0.40821073]) * 255  # CLIP mean pixel",
-        "crop = np.where(mask[y:y + h, x:x + w, None] > 0, image[y:y + h, x:x + w], fill).round().astype(np.uint8)",
-        "# mining resizes with torch bicubic (no antialiasing); PIL's bicubic is close, not bit-identical",
-        "crop = Image.fromarray(crop).resize((224, 224), Image.BICUBIC)",
-        "```",
-        "",
-        "## Licenses",
-        "",
-        "The captions and the COCO annotations the pairs derive from are licensed CC BY 4.0 by the COCO "
-        "Consortium; the images belong to their Flickr authors and are used under their Flickr licenses (listed "
-        "per image in the COCO annotation files), and the COCO Consortium does not own their copyright. "
-        + ("The embedded crops are derived from those images and carry their licenses. " if embed_crops else "")
-        + "The masks and scores in this dataset are released under CC BY 4.0.",
-        "",
-        "## Citation",
-        "",
-        "```bibtex",
-        CITATION,
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    config = manifest.get("config", {})
+    return _template().render(
+        manifest=manifest,
+        config=config,
+        counts=manifest.get("counts", {}),
+        stats=stats,
+        models=sorted(manifest.get("models", {}).items()),
+        settings=[(name, sorted(config[name].items())) for name in SETTINGS if isinstance(config.get(name), dict)],
+        fields=fields,
+        repo=repo_id or "USER/coco-mask-nouns",
+        embed_crops=embed_crops,
+        partial=partial,
+        quantiles=QUANTILES,
+        random=manifest.get("weights") == "random",
+    )
 
 
 def render_card(header: dict[str, Any], body: str) -> str:

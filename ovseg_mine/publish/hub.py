@@ -6,11 +6,11 @@ The uploaded folder::
                                           (ovseg_mine.publish.card)
     data/train-00000-of-000NN.parquet     the pairs, optionally with a ``crop`` Image column (lossless PNG)
 
-Parquet files follow what ``datasets.push_to_hub`` writes: at most ~500 MB (uncompressed Arrow) per file, row
-groups of at most ~100 MB, page index and content-defined chunking (so a re-upload of a changed run dedupes
-on the Hub's Xet storage), and the ``huggingface`` schema metadata with the features. The folder is
-deterministic: building the same run twice gives byte-identical files, so an interrupted upload can be rerun
-and only what is missing is sent.
+Parquet files follow what ``datasets.push_to_hub`` writes (:mod:`ovseg_mine.publish.parquet`): at most ~500 MB
+(uncompressed Arrow) per file, row groups of at most ~100 MB, page index and content-defined chunking (so a
+re-upload of a changed run dedupes on the Hub's Xet storage), and the ``huggingface`` schema metadata with the
+features. The folder is deterministic: building the same run twice gives byte-identical files, so an
+interrupted upload can be rerun and only what is missing is sent.
 
 Upload: ``HfApi.upload_folder`` with the commit message (in huggingface_hub >= 1.x with hf_xet it is the
 resumable, multi-commit large-folder upload). On an older huggingface_hub that still has
@@ -21,7 +21,6 @@ writes its own commit messages: ``--commit-message`` is then ignored, with a war
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import shutil
@@ -32,14 +31,23 @@ from typing import Any, Callable, Optional
 
 from ovseg_mine.crops import CLIP_MEAN_PIXEL  # noqa: F401  (the crop fill, part of this module's contract)
 from ovseg_mine.publish import card as card_mod
-from ovseg_mine.shards import ShardError, read_done, read_file_metadata, schema_spec, shard_files
+from ovseg_mine.publish.parquet import MAX_FILE_BYTES, ParquetParts
+from ovseg_mine.shards import (
+    ShardError,
+    pair_schema,
+    read_done,
+    read_file_metadata,
+    read_manifest,
+    schema_spec,
+    shard_files,
+)
+from ovseg_mine.storage import first_line
 
 log = logging.getLogger(__name__)
 
-MAX_FILE_BYTES = 500 * 1000**2  # uncompressed Arrow bytes per Parquet file (datasets' MAX_SHARD_SIZE)
-MAX_ROW_GROUP_BYTES = 100 * 1000**2  # uncompressed Arrow bytes per row group (datasets' MAX_ROW_GROUP_SIZE)
 LARGE_FOLDER_BYTES = 5 * 1000**3  # above this, upload_large_folder where huggingface_hub has it
-CDC_OPTIONS = {"min_chunk_size": 256 * 1024, "max_chunk_size": 1024 * 1024, "norm_level": 0}
+# the pair columns the card's counts and distributions are computed from
+STAT_COLUMNS = ["image_id", "noun", "width", "height", "area", "similarity", "probability", "margin"]
 
 
 class PublishError(Exception):
@@ -60,14 +68,15 @@ class BuiltFolder:
 
 
 def load_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The run's ``manifest.json``. Raises :class:`PublishError` when the folder is not a run folder."""
-    path = Path(run_dir) / "manifest.json"
-    if not Path(run_dir).is_dir() or not path.is_file():
-        raise PublishError(f"{run_dir} is not an ovseg-mine run folder (no manifest.json in it)")
+    """The run's ``manifest.json`` (:func:`ovseg_mine.shards.read_manifest`).
+
+    Raises:
+        PublishError: the folder is not a run folder, or its manifest is not readable.
+    """
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PublishError(f"{path} is not a readable manifest: {exc}") from None
+        return read_manifest(run_dir)
+    except ShardError as exc:
+        raise PublishError(str(exc)) from exc
 
 
 def publishable_shards(run_dir: str | os.PathLike[str], manifest: dict[str, Any], *, allow_partial: bool) -> list[Path]:
@@ -86,7 +95,7 @@ def publishable_shards(run_dir: str | os.PathLike[str], manifest: dict[str, Any]
         for path in files:
             read_file_metadata(path)
     except ShardError as exc:
-        raise PublishError(str(exc)) from None
+        raise PublishError(str(exc)) from exc
     done = read_done(run_dir, verify=True)
     done_by_file = {rec.get("file"): rec for rec in done.values()}
     problems = []
@@ -140,7 +149,7 @@ def render_crops(table: "Any", image_root: str | os.PathLike[str], *, size: int 
         try:
             pixels = load_rgb(path)
         except ImageDecodeError as exc:
-            raise PublishError(f"--embed crops needs the source images: {path}: {exc}") from None
+            raise PublishError(f"--embed crops needs the source images: {path}: {exc}") from exc
         if pixels.shape[:2] != (first["height"], first["width"]):
             raise PublishError(
                 f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the run mined it at {first['width']}x{first['height']}"
@@ -155,8 +164,6 @@ def render_crops(table: "Any", image_root: str | os.PathLike[str], *, size: int 
 
 def _features(embed_size: Optional[int]) -> "Any":
     import datasets
-
-    from ovseg_mine.shards import pair_schema
 
     features = datasets.Features.from_arrow_schema(pair_schema().remove_metadata())
     if embed_size:
@@ -246,65 +253,23 @@ def _write_folder(
     features = _features(embed_size)
     schema = features.arrow_schema
     image_root = manifest.get("source", {}).get("image_root", "")
-
-    # Content-defined chunking (pyarrow >= 21) keeps pages stable across rebuilds, so the Hub's Xet storage dedupes.
-    cdc = {"use_content_defined_chunking": CDC_OPTIONS} if _has_cdc() else {}
-    parts: list[Path] = []
-    writer: Optional[pq.ParquetWriter] = None
-    file_bytes = total_bytes = rows = 0
-    group_rows: Optional[int] = None
-    pending: list[pa.Table] = []
     stat_tables = []
-
-    def flush(table: pa.Table) -> None:
-        nonlocal writer, file_bytes
-        if writer is None:
-            parts.append(data / f"part-{len(parts):05d}.tmp")
-            writer = pq.ParquetWriter(parts[-1], schema, compression="zstd", write_page_index=True, **cdc)
-            if cdc:
-                writer.add_key_value_metadata({"content_defined_chunking": json.dumps(CDC_OPTIONS)})
-        writer.write_table(table, row_group_size=max(1, table.num_rows))
-        file_bytes += table.nbytes
-        if file_bytes >= max_file_bytes:
-            writer.close()
-            writer, file_bytes = None, 0
-
-    for path in sources:
-        table = pq.read_table(path).replace_schema_metadata(None)
-        stat_tables.append(
-            table.select(["image_id", "noun", "width", "height", "area", "similarity", "probability", "margin"])
-        )
-        if embed_size:
-            pngs = render_crops(table, image_root, size=embed_size)
-            crop = pa.array([{"bytes": b, "path": None} for b in pngs], type=schema.field("crop").type)
-            table = table.append_column("crop", crop)
-        table = table.select(schema.names).cast(schema)
-        rows += table.num_rows
-        total_bytes += table.nbytes
-        if table.num_rows and group_rows is None:
-            group_rows = max(1, table.num_rows * MAX_ROW_GROUP_BYTES // max(1, table.nbytes))
-        pending.append(table)
-        buffered = pa.concat_tables(pending)
-        while group_rows and buffered.num_rows >= group_rows:
-            flush(buffered.slice(0, group_rows))
-            buffered = buffered.slice(group_rows)
-        pending = [buffered]
-    leftover = pa.concat_tables(pending) if pending else schema.empty_table()
-    if leftover.num_rows or not parts:
-        flush(leftover)
-    if writer is not None:
-        writer.close()
-    files = []
-    for i, part in enumerate(parts):
-        name = f"data/train-{i:05d}-of-{len(parts):05d}.parquet"
-        part.rename(out / name)
-        files.append(name)
+    with ParquetParts(data, schema, max_file_bytes=max_file_bytes) as parts:
+        for path in sources:
+            table = pq.read_table(path).replace_schema_metadata(None)
+            stat_tables.append(table.select(STAT_COLUMNS))
+            if embed_size:
+                pngs = render_crops(table, image_root, size=embed_size)
+                crop = pa.array([{"bytes": b, "path": None} for b in pngs], type=schema.field("crop").type)
+                table = table.append_column("crop", crop)
+            parts.write(table.select(schema.names).cast(schema))
+    files = [path.relative_to(out).as_posix() for path in parts.files or []]
     download_bytes = sum((out / f).stat().st_size for f in files)
-    stats = card_mod.pair_stats(pa.concat_tables(stat_tables) if stat_tables else _empty_stats_table())
+    stats = card_mod.pair_stats(pa.concat_tables(stat_tables) if stat_tables else pair_schema().empty_table())
     header = card_mod.card_header(
-        features._to_yaml_list(),
-        rows=rows,
-        num_bytes=total_bytes,
+        card_mod.features_yaml(features.to_dict()),
+        rows=parts.rows,
+        num_bytes=parts.num_bytes,
         download_bytes=download_bytes,
         pretty_name="ovseg-mine COCO mask-noun pairs",
     )
@@ -312,21 +277,7 @@ def _write_folder(
         manifest, stats, schema_spec()["fields"], repo_id=repo_id, embed_crops=embed_size, partial=partial
     )
     (out / "README.md").write_text(card_mod.render_card(header, body), encoding="utf-8")
-    return BuiltFolder(out, rows, files, total_bytes, download_bytes, warnings)
-
-
-def _has_cdc() -> bool:
-    import inspect
-
-    import pyarrow.parquet as pq
-
-    return "use_content_defined_chunking" in inspect.signature(pq.ParquetWriter.__init__).parameters
-
-
-def _empty_stats_table() -> "Any":
-    from ovseg_mine.shards import pair_schema
-
-    return pair_schema().empty_table()
+    return BuiltFolder(out, parts.rows, files, parts.num_bytes, download_bytes, warnings)
 
 
 def _hub_error(exc: BaseException, repo_id: str, token: Optional[str]) -> PublishError:
@@ -348,18 +299,14 @@ def _hub_error(exc: BaseException, repo_id: str, token: Optional[str]) -> Publis
     elif isinstance(exc, RevisionNotFoundError):
         message = f"revision not found in {repo_id}"
     elif status == 409:
-        message = f"{repo_id} conflicts with an existing repository (another type or name): {_first_line(exc)}"
+        message = f"{repo_id} conflicts with an existing repository (another type or name): {first_line(exc)}"
     elif isinstance(exc, HfHubHTTPError):
-        message = f"Hub error{f' (HTTP {status})' if status else ''}: {_first_line(exc)}"
+        message = f"Hub error{f' (HTTP {status})' if status else ''}: {first_line(exc)}"
     else:
-        message = f"upload failed: {type(exc).__name__}: {_first_line(exc)}"
+        message = f"upload failed: {type(exc).__name__}: {first_line(exc)}"
     if token:
         message = message.replace(token, "***")
     return PublishError(message)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def publish(
@@ -431,5 +378,5 @@ def publish(
                     delete_patterns=["data/*.parquet"],
                 )
         except (HfHubHTTPError, LocalTokenNotFoundError, HFValidationError, OSError, ValueError) as exc:
-            raise _hub_error(exc, repo_id, token) from None
+            raise _hub_error(exc, repo_id, token) from exc
     return str(getattr(url, "url", url) or f"https://huggingface.co/datasets/{repo_id}")

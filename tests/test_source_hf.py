@@ -1,0 +1,130 @@
+"""Hugging Face datasets written by ``datasets`` itself (save_to_disk, DatasetDict, to_parquet in the Hub's layout),
+read by the hf source file by file; bad rows and bad columns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import pytest
+
+from ovseg_mine.mine.sources import SourceError
+from ovseg_mine.mine.sources.records import stable_id
+
+from helpers import build_hf, read_rows, source_of
+
+
+def _source(location, *overrides: str):
+    return source_of("hf", location, *overrides)
+
+
+def test_save_to_disk_rows_carry_the_image_bytes_and_caption_lists(coco8, tmp_path):
+    items = coco8["items"]
+    saved = build_hf(tmp_path / "saved", items, arrow_shards=2)
+    source = _source(saved, 'source.id_column="image_id"')
+    plan = source.plan(1000)
+    assert [(t.index, t.size, t.input["file"]) for t in plan.tasks] == [
+        (0, 4, "data-00000-of-00002.arrow"),
+        (1, 4, "data-00001-of-00002.arrow"),
+    ]
+    assert plan.info["fingerprint"] and plan.info["columns"]["caption"] == "captions"
+    rows = read_rows(source)
+    assert [r["image_id"] for r in rows] == [it["image_id"] for it in items]
+    assert [r["captions"] for r in rows] == [it["captions"] for it in items]
+    assert rows[5]["file_name"] == "data-00001-of-00002.arrow/1" and rows[5]["shard_row"] == 1
+    assert all(r["image_bytes"] == Path(it["path"]).read_bytes() for r, it in zip(rows, items, strict=True))
+    hashed = read_rows(_source(saved))
+    assert hashed[5]["image_id"] == stable_id("data-00001-of-00002.arrow/1")
+
+
+def test_dataset_dict_splits_and_hub_layout_parquet(coco8, tmp_path):
+    items = coco8["items"]
+    ds = datasets.load_from_disk(str(build_hf(tmp_path / "one", items)))
+    datasets.DatasetDict({"train": ds.select(range(5)), "validation": ds.select(range(5, 8))}).save_to_disk(
+        str(tmp_path / "dict")
+    )
+    assert len(read_rows(_source(tmp_path / "dict"))) == 5
+    assert [r["captions"][0] for r in read_rows(_source(tmp_path / "dict", 'source.split="validation"'))] == [
+        it["captions"][0] for it in items[5:]
+    ]
+    with pytest.raises(SourceError, match="has no split 'test'; its splits: train, validation"):
+        _source(tmp_path / "dict", 'source.split="test"').plan(10)
+    parquet = build_hf(tmp_path / "pq", items, parquet_files=3)
+    plan = _source(parquet).plan(10)
+    assert [t.input["file"] for t in plan.tasks] == [f"data/train-0000{i}-of-00003.parquet" for i in range(3)]
+    assert plan.info["split"] == "train" and plan.total == 8
+    assert len(read_rows(_source(parquet / "data" / "train-00001-of-00003.parquet"))) == 3
+    limited = _source(parquet, "source.limit=4").plan(10)
+    assert [(t.size, t.input.get("rows")) for t in limited.tasks] == [(3, None), (1, [0, 1])]
+
+
+def test_bad_columns_are_one_line_errors_before_any_work(coco8, tmp_path):
+    saved = build_hf(tmp_path / "saved", coco8["items"][:2])
+    with pytest.raises(SourceError, match=r"has no column 'text' \(--caption-column\); its columns: image, captions"):
+        _source(saved, 'source.caption_column="text"').plan(10)
+    with pytest.raises(SourceError, match="id column 'captions' holds list<item: string> values, not integers"):
+        _source(saved, 'source.id_column="captions"').plan(10)
+    ds = datasets.Dataset.from_dict({"picture": ["a.jpg"], "words": ["A dog."]})
+    ds.save_to_disk(str(tmp_path / "nocols"))
+    with pytest.raises(SourceError, match="no image column found .* pass --image-column"):
+        _source(tmp_path / "nocols").plan(10)
+    with pytest.raises(SourceError, match="not found"):
+        _source(tmp_path / "missing" / "x.parquet").plan(10)
+
+
+def test_bad_rows_are_listed_and_corrupt_images_rejected_when_decoded(coco8, tmp_path, smoke_stages):
+    items = coco8["items"]
+    good = Path(items[0]["path"]).read_bytes()
+    features = datasets.Features(
+        {"image": datasets.Image(), "caption": datasets.List(datasets.Value("string")), "id": datasets.Value("int64")}
+    )
+    ds = datasets.Dataset.from_dict(
+        {
+            "image": [
+                {"bytes": good, "path": None},
+                {"bytes": good[:300], "path": None},
+                None,
+                {"bytes": None, "path": items[1]["path"]},
+                {"bytes": good, "path": None},
+            ],
+            "caption": [["A dog on a bed."], ["A cat."], ["A cat."], ["A kitchen.", "A stove."], None],
+            "id": [1, 2, 3, 4, 1],
+        },
+        features=features,
+    )
+    ds.save_to_disk(str(tmp_path / "bad"))
+    source = _source(tmp_path / "bad", 'source.image_column="image"', 'source.id_column="id"')
+    rows = read_rows(source)
+    assert [(r["status"], r["reason"]) for r in rows] == [
+        ("ok", ""),
+        ("ok", ""),
+        ("source", "no image in column 'image'"),
+        ("ok", ""),
+        ("source", "no caption"),
+    ]
+    assert rows[3]["image_bytes"] == Path(items[1]["path"]).read_bytes()  # save_to_disk embeds a path's bytes
+    assert rows[3]["captions"] == ["A kitchen.", "A stove."]
+    task = source.plan(10).tasks[0]
+    results = [r for table in source.read_shard(task) for r in smoke_stages(table)]
+    assert results[1]["status"] == "decode" and results[1]["reason"].startswith("corrupt image")
+    assert results[0]["status"] == results[3]["status"] == "ok"
+    duplicated = datasets.Dataset.from_dict({"image": [good, good], "caption": ["A dog."] * 2, "id": [5, 5]})
+    duplicated.save_to_disk(str(tmp_path / "dup"))
+    rows = read_rows(_source(tmp_path / "dup", 'source.id_column="id"'))
+    assert [r["reason"] for r in rows] == ["", "duplicate image id (first kept)"]
+
+
+def test_an_image_column_of_paths_relative_to_the_file(coco8, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    item = coco8["items"][0]
+    (tmp_path / "img").mkdir()
+    shutil.copy(item["path"], tmp_path / "img" / "a.jpg")
+    table = pa.table({"image": ["img/a.jpg", str(tmp_path / "img" / "a.jpg")], "text": ["A dog.", "A cat."]})
+    pq.write_table(table, tmp_path / "paths.parquet")
+    rows = read_rows(_source(tmp_path / "paths.parquet"))
+    assert [r["path"] for r in rows] == [str(tmp_path / "img" / "a.jpg")] * 2
+    assert [r["captions"] for r in rows] == [["A dog."], ["A cat."]] and rows[0]["image_bytes"] is None
