@@ -99,3 +99,30 @@ def test_thresholds_and_failures_stay_per_image(images):
     assert isinstance(outcomes[1], RuntimeError)
     assert outcomes[0].matches == [] and outcomes[0].num_matches == 2  # every noun below the threshold
     assert outcomes[2].num_matches == 1
+
+
+def test_given_masks_run_through_the_same_crops_and_matching_as_sams_own(images):
+    from ovseg_mine.mine.proposals import SamMaskGenerator
+
+    engine = _engine()
+    sam_jobs = _jobs(engine, images)
+    props = SamMaskGenerator(copy.deepcopy(engine.sam.sam), engine.cfg.sam)(images[1])
+    entries = [
+        {"segmentation": r, "bbox": None, "predicted_iou": float(i), "stability_score": float(s)}
+        for r, i, s in zip(props.rles, props.predicted_iou, props.stability_score, strict=True)
+    ]
+    entries.reverse()  # the file's order does not matter: scored masks are ranked by predicted IoU
+    given = ImageJob(7, sam_jobs[1].image, None, NOUNS[1], given=engine.given_masks(entries, images[1].shape[:2]))
+    outcomes = engine.mine([sam_jobs[0], given, sam_jobs[2]])
+    alone = engine.mine([sam_jobs[1]])[0]
+    alone.num_generated = len(entries)  # given masks: how many the file gave
+    _same(outcomes[1], alone)
+    _same(outcomes[0], engine.mine([sam_jobs[0]])[0])
+    no_sam = MiningEngine(engine.cfg, None, engine.clip, engine.text.tokenizer, torch.device("cpu"))
+    unscored = [{**e, "predicted_iou": None, "stability_score": None} for e in entries]
+    outcome = no_sam.mine([ImageJob(7, given.image, None, ["dog"], given=no_sam.given_masks(unscored, given.size))])[0]
+    assert outcome.num_proposals == len(props) and outcome.num_generated == len(entries)
+    assert outcome.matches[0].predicted_iou is None and outcome.matches[0].stability_score is None
+    chosen = len(props) - 1 - outcome.matches[0].mask_index  # unscored masks keep the file's (reversed) order
+    assert rle.from_runs(outcome.matches[0].runs, *given.size) == props.rles[chosen]
+    assert outcome.matches[0].bbox == props.bboxes[chosen].tolist()

@@ -36,3 +36,23 @@ def test_device_runs_give_the_same_rle_as_pycocotools():
 def test_runs_that_do_not_cover_the_mask_are_refused():
     with pytest.raises(rle.RLEError, match="cover 5 pixels"):
         rle.from_runs([2, 3], 2, 3)
+
+
+def test_counts_of_the_compressed_string_and_their_decode_on_the_device_give_the_mask():
+    rng = np.random.default_rng(1)
+    masks = np.stack([rng.random((17, 23)) < p for p in (0.0, 0.05, 0.5, 0.95, 1.0)])
+    big = np.zeros((1500, 2100), dtype=bool)
+    big[3:1490, 700:2099] = True  # runs far above 2**5: several characters each, and negative differences
+    for mask in [*masks, big]:
+        enc = rle.encode(mask)
+        counts = rle.counts_of(enc)
+        assert counts.sum() == mask.size and rle.from_runs(counts, *mask.shape)["counts"] == enc["counts"]
+        assert np.array_equal(rle.counts_of({"size": enc["size"], "counts": counts.tolist()}), counts)
+    runs = [rle.counts_of(rle.encode(mask)) for mask in masks]
+    padded = torch.zeros((len(masks), max(len(r) for r in runs) + 3), dtype=torch.int64)  # zero padding is a no-op
+    for row, counts in zip(padded, runs, strict=True):
+        row[: len(counts)] = torch.from_numpy(counts)
+    assert np.array_equal(rle.masks_from_counts(padded, 17, 23).numpy(), masks)
+    assert np.array_equal(rle.masks_from_counts(padded[[3, 1]], 17, 23).numpy(), masks[[3, 1]])
+    with pytest.raises(rle.RLEError, match="cover 390 pixels, expected 17x23 = 391"):
+        rle.counts_of({"size": [17, 23], "counts": [390]})
