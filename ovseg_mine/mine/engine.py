@@ -336,7 +336,7 @@ class MiningEngine:
         """Each noun's best mask per image, the matched masks' run lengths, and one transfer to the host."""
         import torch
 
-        from ovseg_mine.mine.matching import best_masks
+        from ovseg_mine.mine.matching import best_masks, passes_thresholds
 
         m = self.cfg.matching
         rows, runs, pending, offset = [], [[] for _ in jobs], [], 0
@@ -349,7 +349,7 @@ class MiningEngine:
             best, sims, probs, margins = best_masks(
                 image_emb, self.text.embed(job.nouns), valid=masks.valid, logit_scale=m.logit_scale
             )
-            passed = (sims >= m.min_similarity) & (probs >= m.min_probability) & (margins >= m.min_margin)
+            passed = passes_thresholds(sims, probs, margins, m)
             columns = [
                 best,
                 sims,

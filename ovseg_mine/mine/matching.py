@@ -129,11 +129,10 @@ def match_nouns(
     return [Match(k, m, s, p, None if math.isinf(margin) else margin) for k, (m, s, p, margin) in enumerate(rows)]
 
 
-def keep_match(match: Match, cfg: "MatchingConfig") -> bool:
-    """True when a match passes the recipe's thresholds (similarity, probability, margin).
-
-    A match without a margin (single proposal) passes the margin threshold.
-    """
-    if match.similarity < cfg.min_similarity or match.probability < cfg.min_probability:
-        return False
-    return match.margin is None or match.margin >= cfg.min_margin
+def passes_thresholds(
+    similarity: "torch.Tensor", probability: "torch.Tensor", margin: "torch.Tensor", cfg: "MatchingConfig"
+) -> "torch.Tensor":
+    """Which matches pass the recipe's thresholds (``min_similarity``, ``min_probability``, ``min_margin``), on the
+    tensors' device without a host sync: bool, the shape of the inputs (:func:`best_masks`' outputs). A match
+    without a runner-up (margin ``+inf``) passes the margin threshold."""
+    return (similarity >= cfg.min_similarity) & (probability >= cfg.min_probability) & (margin >= cfg.min_margin)
