@@ -7,7 +7,8 @@ runs in series with the GPU. All three can be counted on a CPU:
 * :class:`SyncCounter` (a ``TorchFunctionMode``) counts the calls that would sync on CUDA: ``.item()``,
   ``.cpu()``, ``.to("cpu")``, ``.numpy()``, ``.tolist()``, ``nonzero``, indexing (or assigning) with a bool mask,
   ``bool()`` / ``int()`` / ``float()`` of a tensor, ``masked_select``, ``unique``, ``repeat_interleave`` with
-  tensor repeats; torchvision's NMS is counted by :class:`OpCounter` (its CUDA kernel copies its mask to the host);
+  tensor repeats and no ``output_size``; torchvision's NMS is counted by :class:`OpCounter` (its CUDA kernel
+  copies its mask to the host);
 * :class:`OpCounter` (a ``TorchDispatchMode``) counts aten ops, with and without views (a view launches no
   kernel);
 * :func:`profile_time` runs the work under ``torch.profiler`` and returns wall time and the self time of all
@@ -69,8 +70,10 @@ class SyncCounter(TorchFunctionMode):
             kind = "nonzero"
         elif func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and _has_bool_index(args[1]):
             kind = "bool_index"
-        elif func in (torch.repeat_interleave, torch.Tensor.repeat_interleave) and isinstance(
-            args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor
+        elif (
+            func in (torch.repeat_interleave, torch.Tensor.repeat_interleave)
+            and isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor)
+            and kwargs.get("output_size") is None  # with the output size given, CUDA needs no sync
         ):
             kind = "repeat_interleave"
         elif func in (torch.Tensor.to,) and any(
