@@ -34,7 +34,7 @@ class ReferenceMiner:
         cfg: the same :class:`MineConfig` ovseg-mine runs with (``sam``, ``clip.batch_size`` is ignored: one
             crop per call; ``clip.precision`` is ignored: fp32, as the stock code runs).
         sam, clip, tokenizer: the models (the same weights ovseg-mine loads).
-        nlp: the spaCy pipeline of :func:`ovseg_mine.mine.nouns.load_nlp`.
+        nlp: the spaCy pipeline of :func:`ovseg_mine.mine.nouns.load_nlp`; None: take ``record["nouns"]``.
         input_size, mean, std: CLIP input side (pixels) and its per-channel normalization in [0, 1].
     """
 
@@ -48,7 +48,7 @@ class ReferenceMiner:
         self.amg = SamAutomaticMaskGenerator(
             sam,
             points_per_side=cfg.sam.points_per_side,
-            points_per_batch=cfg.sam.points_per_batch,
+            points_per_batch=cfg.sam.points_per_batch or 64,  # the stock default
             pred_iou_thresh=cfg.sam.pred_iou_thresh,
             stability_score_thresh=cfg.sam.stability_score_thresh,
             box_nms_thresh=cfg.sam.box_nms_thresh,
@@ -68,7 +68,10 @@ class ReferenceMiner:
         """
         t: dict[str, float] = {}
         start = time.perf_counter()
-        nouns = [n.text for n in extract_nouns(self.nlp, [record["captions"]])[0]]
+        if self.nlp is None:  # nouns given with the record (machines without spaCy: the GPU check)
+            nouns = list(record["nouns"])
+        else:
+            nouns = [n.text for n in extract_nouns(self.nlp, [record["captions"]])[0]]
         t["nouns"] = time.perf_counter() - start
 
         start = time.perf_counter()

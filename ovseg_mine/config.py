@@ -1,9 +1,9 @@
 """Typed mining configuration, loaded from a recipe (TOML) in ``pipelines/`` plus ``--set`` overrides.
 
-A recipe is a TOML file whose tables mirror :class:`MineConfig` (``[source]``, ``[proposals]``, ``[nouns]``, ``[sam]``,
-``[clip]``, ``[matching]``, ``[shards]``, ``[ray]``). Recipes ship with the package and resolve by name
-(``demo``, ``smoke``, ``coco-ovseg``) or by path. The resolved config is recorded in every shard and in the
-run manifest; :func:`config_hash` identifies it so that a rerun with another config is refused.
+A recipe is a TOML file whose tables mirror :class:`MineConfig` (``[source]``, ``[proposals]``, ``[nouns]``,
+``[sam]``, ``[clip]``, ``[matching]``, ``[engine]``, ``[shards]``, ``[ray]``). Recipes ship with the package and
+resolve by name (``demo``, ``smoke``, ``coco-ovseg``) or by path. The resolved config is recorded in every shard and
+in the run manifest; :func:`config_hash` identifies it so that a rerun with another config is refused.
 """
 
 from __future__ import annotations
@@ -91,7 +91,12 @@ class SamConfig(_Section):
         description="'default' (published checkpoint, downloaded and sha256-checked), a local path, or 'random'",
     )
     points_per_side: int = Field(32, ge=1)
-    points_per_batch: int = Field(64, ge=1)
+    points_per_batch: int | None = Field(
+        None,
+        ge=1,
+        description="point prompts per mask-decoder call (3 masks each); default 64 on a CPU (segment-anything's), "
+        "512 on a GPU (two decoder calls for a 32x32 grid)",
+    )
     pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)
     stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
     box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
@@ -102,6 +107,12 @@ class SamConfig(_Section):
         description="dtype of SAM's image-encoder weights (pure_bf16) and the mask decoder's autocast (amp_bf16); "
         "fp32 is identical to stock SAM; fp16 runs as fp32 on a CPU (ovseg_mine.precision.for_inference)",
     )
+    encoder_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="images per image-encoder call; a short batch is padded to it, so an image's features do not "
+        "depend on how images were batched. Default: 1 on a CPU, 8 on a GPU",
+    )
 
 
 class ClipConfig(_Section):
@@ -109,7 +120,12 @@ class ClipConfig(_Section):
 
     arch: str = Field("ViT-B-16", description="open_clip architecture name (open_clip.list_models())")
     pretrained: str = Field("openai", description="open_clip pretrained tag, a local checkpoint path, or 'random'")
-    batch_size: int = Field(128, ge=1, description="crops per image-encoder call")
+    batch_size: int = Field(
+        128,
+        ge=1,
+        description="crops per image-encoder call (with engine.batching='pooled' the crops of a batch of images, "
+        "the last call padded to this size so that an embedding does not depend on the other crops)",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         description="dtype CLIP's weights are cast to (open_clip's pure_bf16, not autocast); fp16 runs as fp32 on a "
@@ -130,6 +146,21 @@ class MatchingConfig(_Section):
     min_margin: float = Field(-2.0, ge=-2.0, le=2.0, description="cosine margin to the runner-up mask")
 
 
+class EngineConfig(_Section):
+    """How the GPU stage computes (ovseg_mine.mine.engine): choices that change float rounding only."""
+
+    compile: bool = Field(
+        False, description="torch.compile SAM's encoder and decoder and CLIP's image tower (CUDA only; off on a CPU)"
+    )
+    batching: Literal["auto", "pooled", "per_image"] = Field(
+        "auto",
+        description="crops and CLIP: 'pooled' renders all masks in one gather op and runs CLIP over the crops of "
+        "the whole batch in calls padded to clip.batch_size (the GPU path: few, large kernels); 'per_image' one "
+        "F.interpolate per mask and CLIP per image, unpadded (cheaper on a CPU); 'auto': pooled on a GPU, "
+        "per_image on a CPU. Either way an image's pairs do not depend on the other images of its batch",
+    )
+
+
 class ShardsConfig(_Section):
     """How pairs are grouped into Parquet shards."""
 
@@ -142,8 +173,19 @@ class RayConfig(_Section):
 
     num_gpus_per_actor: float = Field(1.0, ge=0.0, description="used only when GPUs are present")
     actors: int | None = Field(None, ge=1, description="mask/match actors; default one per GPU, else 1")
-    noun_actors: int = Field(1, ge=1)
-    batch_size: int = Field(4, ge=1, description="images per mask/match actor call")
+    noun_actors: int | None = Field(
+        None, ge=1, description="spaCy actors; default grows with the cluster: one per 32 GPUs (at least 1)"
+    )
+    batch_size: int = Field(8, ge=1, description="images per mask/match (GPU stage) call")
+    batches_in_flight: int = Field(
+        2, ge=1, description="batches queued per mask/match actor, so the next batch is ready when one ends"
+    )
+    chunk_mib: int = Field(
+        2048,
+        ge=16,
+        description="memory the GPU stage gives full-resolution masks at a time (upsampling, crops, run lengths): "
+        "what keeps a 64 MP image within bounds",
+    )
     max_image_attempts: int = Field(
         3, ge=1, description="an image whose worker died this many times (OOM, GPU fault, crash) is listed as failed"
     )
@@ -174,6 +216,7 @@ class MineConfig(_Section):
     sam: SamConfig = SamConfig()
     clip: ClipConfig = ClipConfig()
     matching: MatchingConfig = MatchingConfig()
+    engine: EngineConfig = EngineConfig()
     shards: ShardsConfig = ShardsConfig()
     ray: RayConfig = RayConfig()
 

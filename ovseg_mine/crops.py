@@ -101,6 +101,83 @@ def render_masked_crops(
     return out
 
 
+def _cubic_taps(start: "torch.Tensor", length: "torch.Tensor", size: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Source pixels and weights of PyTorch's bicubic resize (``F.interpolate(mode="bicubic",
+    align_corners=False)``: cubic convolution with A = -0.75, source index ``scale * (o + 0.5) - 0.5`` in float32,
+    taps clamped to the border) from ``length`` pixels starting at ``start`` to ``size`` pixels, for N segments.
+
+    Returns:
+        int64 ``[N, size, 4]`` absolute pixel indices and float32 ``[N, size, 4]`` weights.
+    """
+    import torch
+
+    a = -0.75
+    scale = length.to(torch.float32) / size  # float32, as upsample_bicubic2d computes it
+    out = torch.arange(size, dtype=torch.float32, device=length.device)
+    src = scale[:, None] * (out + 0.5) - 0.5  # [N, size]
+    first = src.floor()
+    t = (src - first)[..., None]  # [N, size, 1]
+    x = torch.cat([t + 1.0, t, 1.0 - t, 2.0 - t], dim=-1)  # distances to the 4 taps
+    near = ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
+    weights = torch.where(torch.tensor([False, True, True, False], device=x.device), near, far)
+    taps = first.to(torch.int64)[..., None] + torch.arange(-1, 3, device=length.device)
+    taps = torch.minimum(taps.clamp(min=0), (length - 1)[:, None, None])
+    return taps + start[:, None, None], weights
+
+
+def render_masked_crops_batched(
+    image: "torch.Tensor",
+    masks: "torch.Tensor",
+    bboxes: "torch.Tensor",
+    *,
+    size: int,
+    fill: Sequence[float],
+) -> "torch.Tensor":
+    """:func:`render_masked_crops` for all masks in one batched op (no per-mask loop, no host sync).
+
+    Each output pixel is the sum of 16 taps of PyTorch's bicubic kernel (4 rows x 4 columns of the composited
+    box, clamped to the box), gathered straight from the full image and the mask: the same pixels as
+    ``F.interpolate(mode="bicubic", align_corners=False)`` of the composited box, up to float32 rounding
+    (summation order). Memory: about ``16 * size**2 * 33`` bytes per mask (26 MB at 224); callers chunk.
+
+    Args:
+        image: uint8 or float ``[3, H, W]`` RGB in [0, 255].
+        masks: bool ``[N, H, W]`` on the same device.
+        bboxes: int64 ``[N, 4]`` XYWH boxes on the same device (a box with zero width or height renders a crop
+            of its first pixel, so that empty masks flagged elsewhere need no host-side check).
+        size: output side in pixels.
+        fill: RGB background in [0, 255].
+
+    Returns:
+        float32 ``[N, 3, size, size]`` in the [0, 255] pixel scale.
+
+    Raises:
+        ValueError: shapes that do not match.
+    """
+    import torch
+
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be [3, H, W], got shape {tuple(image.shape)}")
+    if masks.ndim != 3 or masks.shape[1:] != image.shape[1:]:
+        raise ValueError(f"masks must be [N, {image.shape[1]}, {image.shape[2]}], got {tuple(masks.shape)}")
+    if bboxes.shape != (masks.shape[0], 4):
+        raise ValueError(f"bboxes must be [{masks.shape[0]}, 4], got {tuple(bboxes.shape)}")
+    n, width = masks.shape[0], image.shape[2]
+    boxes = bboxes.to(torch.int64)
+    extent = boxes[:, 2:].clamp(min=1)
+    rows, wy = _cubic_taps(boxes[:, 1], extent[:, 1], size)  # [N, S, 4]
+    cols, wx = _cubic_taps(boxes[:, 0], extent[:, 0], size)
+    flat = (rows[:, :, :, None, None] * width + cols[:, None, None, :, :]).view(n, -1)  # [N, S*4*S*4]
+    keep = masks.reshape(n, -1).gather(1, flat)
+    pixels = image.reshape(3, -1).index_select(1, flat.view(-1)).view(3, n, -1).float()
+    fill_t = torch.tensor(list(fill), dtype=torch.float32, device=image.device).view(3, 1, 1)
+    values = torch.where(keep, pixels, fill_t).view(3, n, size, 4, size, 4)
+    across = (values * wx[None, :, None, None, :, :]).sum(dim=-1)  # [3, N, S, 4, S]: along x first, as PyTorch
+    crops = (across * wy[None, :, :, :, None]).sum(dim=3)  # [3, N, S, S]
+    return crops.permute(1, 0, 2, 3).contiguous()
+
+
 def normalize(crops: "torch.Tensor", mean: Sequence[float], std: Sequence[float]) -> "torch.Tensor":
     """CLIP input normalization of crops in [0, 255]: ``(x / 255 - mean) / std``, per channel.
 

@@ -96,12 +96,27 @@ def _fallback(allow_random: bool, reason: str, hint: str) -> None:
 # ----------------------------------------------------------------------------------------------- SAM
 
 
+#: Input side (pixels) of each SAM's image encoder: the decode stage resizes images to it without building the model.
+_SAM_INPUT_SIZES = {"tiny": 256, "vit_b": 1024, "vit_l": 1024, "vit_h": 1024}
+
+
+def sam_input_size(model_type: str) -> int:
+    """Side in pixels of the square input of SAM ``model_type``'s image encoder (1024; 256 for ``tiny``).
+
+    Raises:
+        ModelNameError: unknown ``model_type``.
+    """
+    if model_type not in _SAM_INPUT_SIZES:
+        raise ModelNameError(f"unknown SAM model_type {model_type!r}; valid: {', '.join(list_sam_models())}")
+    return _SAM_INPUT_SIZES[model_type]
+
+
 def _tiny_sam() -> Any:
     """A small SAM from segment_anything's own classes (256 px input, 2 ViT blocks of width 32); tests only."""
     import torch
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-    img_size, patch, dim = 256, 16, 32
+    img_size, patch, dim = _SAM_INPUT_SIZES["tiny"], 16, 32
     return Sam(
         image_encoder=ImageEncoderViT(
             img_size=img_size,

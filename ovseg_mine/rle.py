@@ -6,9 +6,12 @@ counts as pycocotools' compressed ASCII string), the same as COCO's ``iscrowd`` 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RLEError(ValueError):
@@ -44,6 +47,108 @@ def encode_many(masks: np.ndarray) -> list[dict[str, Any]]:
         return []
     stacked = np.asfortranarray(np.transpose(masks.astype(np.uint8, copy=False), (1, 2, 0)))
     return [_from_coco(r) for r in mask_utils.encode(stacked)]
+
+
+def mask_runs(masks: Sequence["torch.Tensor"]) -> list[list[np.ndarray]]:
+    """Uncompressed COCO run lengths of bool masks that live on a device, with one host sync for all of them.
+
+    COCO RLE reads a mask column by column (Fortran order) and alternates runs of 0s and 1s, starting with 0s
+    (a mask whose first pixel is set starts with a run of length 0). The change points of every mask are found
+    on the device in one ``nonzero``; only they travel to the host, where the run lengths are their
+    differences. :func:`from_runs` turns runs into the compressed RLE pycocotools writes.
+
+    Args:
+        masks: bool tensors ``[k_i, H_i, W_i]`` (any device; sizes may differ between tensors).
+
+    Returns:
+        For each tensor, its ``k_i`` run-length arrays (uint32, summing to ``H_i * W_i``).
+    """
+    import torch
+
+    flats = [m.transpose(1, 2).reshape(-1) for m in masks if m.numel()]
+    lengths = [m.shape[1] * m.shape[2] for m in masks for _ in range(m.shape[0])]
+    if not flats:
+        return [[] for _ in masks]
+    values = torch.cat(flats)
+    starts = np.cumsum([0] + lengths)
+    previous = torch.cat([values.new_zeros(1), values[:-1]])
+    previous[torch.as_tensor(starts[:-1], device=values.device)] = False  # each mask starts with a run of 0s
+    changes = torch.nonzero(values != previous).squeeze(1).cpu().numpy()  # the one host sync
+    bounds = np.searchsorted(changes, starts)
+    runs = [
+        np.diff(np.concatenate([[0], changes[lo:hi] - start, [end - start]])).astype(np.uint32)
+        for start, end, lo, hi in zip(starts[:-1], starts[1:], bounds[:-1], bounds[1:], strict=True)
+    ]
+    firsts = np.cumsum([0] + [m.shape[0] for m in masks])
+    return [runs[a:b] for a, b in zip(firsts[:-1], firsts[1:], strict=True)]
+
+
+def from_runs(runs: Sequence[int] | np.ndarray, height: int, width: int) -> dict[str, Any]:
+    """The compressed COCO RLE (see :func:`encode`) of uncompressed run lengths (column-major, 0s first), as
+    :func:`mask_runs` gives them; equal to :func:`encode` of the same mask.
+
+    Raises:
+        RLEError: the runs do not cover ``height * width`` pixels.
+    """
+    from pycocotools import mask as mask_utils
+
+    counts = [int(v) for v in runs]
+    if sum(counts) != height * width:
+        raise RLEError(f"runs cover {sum(counts)} pixels, expected {height}x{width} = {height * width}")
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def counts_of(rle: dict[str, Any]) -> np.ndarray:
+    """Uncompressed run lengths (int64, column-major, 0s first; the inverse of :func:`from_runs`) of an RLE whose
+    ``counts`` are COCO's compressed string (or already a list of runs), without decoding the mask.
+
+    COCO's string (``maskApi.c``, ``rleToString``) writes each run as 5-bit groups, least significant first, as
+    characters ``48 + group`` with bit 0x20 set on every group but a run's last, whose bit 0x10 is the sign; from
+    the fourth run on, the value stored is the difference to the run two places before. Decoded here with numpy
+    (no Python loop over characters).
+
+    Raises:
+        RLEError: the counts are malformed or do not cover the RLE's ``size``.
+    """
+    counts = rle["counts"]
+    height, width = (int(v) for v in rle["size"])
+    if isinstance(counts, (list, tuple, np.ndarray)):
+        runs = np.asarray(counts, dtype=np.int64)
+    else:
+        raw = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+        chars = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
+        if chars.size and (chars.min() < 0 or chars.max() > 63 or chars[-1] & 0x20):
+            raise RLEError("malformed RLE counts string")
+        last = (chars & 0x20) == 0  # the last group of each run
+        run = np.concatenate([[0], np.cumsum(last)[:-1]])  # which run each character belongs to
+        starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))
+        shift = 5 * (np.arange(chars.size) - starts[run])
+        runs = np.zeros(int(last.sum()), dtype=np.int64)
+        np.add.at(runs, run, (chars & 0x1F) << shift)
+        ends = np.flatnonzero(last)
+        negative = (chars[ends] & 0x10) != 0
+        runs[negative] -= np.int64(1) << (shift[ends][negative] + 5)
+        for first in (1, 2):  # runs 3, 5, ... add run 1 cumulatively; runs 4, 6, ... add run 2
+            runs[first::2] = np.cumsum(runs[first::2])
+    if (runs < 0).any() or int(runs.sum()) != height * width:
+        raise RLEError(f"RLE counts cover {int(runs.sum())} pixels, expected {height}x{width} = {height * width}")
+    return runs
+
+
+def masks_from_counts(counts: "torch.Tensor", height: int, width: int) -> "torch.Tensor":
+    """Decode run lengths on their device, with no host sync: ``counts`` int64 ``[k, L]``, each row a mask's
+    uncompressed COCO runs (:func:`counts_of`) padded with zeros to ``L``, summing to ``height * width``.
+
+    Returns:
+        bool ``[k, height, width]`` on ``counts``' device.
+    """
+    import torch
+
+    k, length = counts.shape
+    values = (torch.arange(length, device=counts.device) % 2).bool().expand(k, length)
+    flat = torch.repeat_interleave(values.reshape(-1), counts.reshape(-1), output_size=k * height * width)
+    return flat.reshape(k, width, height).transpose(1, 2)
 
 
 def _to_coco(rle: dict[str, Any]) -> dict[str, Any]:

@@ -126,19 +126,23 @@ def mined_sources(coco8, source_dirs, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def smoke_stages():
-    """``run(table, **overrides)``: record rows through the real NounStage and MaskMatchStage (smoke recipe, tiny
-    random models, no Ray), as result dicts; the stages are built once per config."""
+    """``run(table, **overrides)``: record rows through the real stages after the read step (NounStage,
+    decode_stage, MaskMatchStage, finalize_stage; smoke recipe, tiny random models, no Ray), as result dicts; the
+    stages are built once per config."""
     from ovseg_mine.config import build_config
-    from ovseg_mine.mine.stages import MaskMatchStage, NounStage
+    from ovseg_mine.mine.stages import MaskMatchStage, NounStage, decode_stage, finalize_stage
+    from ovseg_mine.models import sam_input_size
 
     built: dict[tuple, tuple] = {}
 
     def run(table, *overrides: str) -> list[dict]:
         if overrides not in built:
-            config = build_config("smoke", ["source.captions_per_image=1", *overrides]).model_dump(mode="json")
-            built[overrides] = (NounStage(config), MaskMatchStage(config, "random", "random"))
-        nouns, masks = built[overrides]
-        return masks(nouns(table)).to_pylist()
+            cfg = build_config("smoke", ["source.captions_per_image=1", *overrides])
+            config = cfg.model_dump(mode="json")
+            size = sam_input_size(cfg.sam.model_type) if cfg.proposals.kind == "sam" else None
+            built[overrides] = (NounStage(config), size, MaskMatchStage(config, "random", "random"))
+        nouns, size, masks = built[overrides]
+        return finalize_stage(masks(decode_stage(nouns(table), sam_input_size=size))).to_pylist()
 
     return run
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ovseg_mine.config import MatchingConfig
-from ovseg_mine.mine.matching import keep_match, match_nouns
+from ovseg_mine.mine.matching import best_masks, match_nouns, passes_thresholds
 from ovseg_mine.text import NounEmbeddings
 
 
@@ -46,11 +46,13 @@ def test_ties_pick_the_lowest_mask_index():
 
 
 def test_thresholds():
-    (m,) = match_nouns(_unit([1.0, 0.0], [0.0, 1.0]), _unit([1.0, 0.2]))
-    assert keep_match(m, MatchingConfig())  # paper setting keeps everything
-    assert not keep_match(m, MatchingConfig(min_similarity=0.99))
-    assert not keep_match(m, MatchingConfig(min_margin=0.9))
-    assert keep_match(m, MatchingConfig(min_margin=0.5))
+    _, sims, probs, margins = best_masks(_unit([1.0, 0.0], [0.0, 1.0]), _unit([1.0, 0.2]))
+    assert passes_thresholds(sims, probs, margins, MatchingConfig()).tolist() == [True]  # the paper keeps all
+    assert not passes_thresholds(sims, probs, margins, MatchingConfig(min_similarity=0.99)).any()
+    assert not passes_thresholds(sims, probs, margins, MatchingConfig(min_margin=0.9)).any()
+    assert passes_thresholds(sims, probs, margins, MatchingConfig(min_margin=0.5)).all()
+    _, sims, probs, margins = best_masks(_unit([1.0, 0.0]), _unit([1.0, 0.2]))  # one mask: no runner-up
+    assert passes_thresholds(sims, probs, margins, MatchingConfig(min_margin=0.9)).all()
 
 
 def test_bf16_clip_gives_float32_embeddings_close_to_fp32():

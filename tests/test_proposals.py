@@ -143,7 +143,7 @@ def _stock_proposals(sam, cfg: SamConfig, image: np.ndarray) -> tuple[np.ndarray
     amg = SamAutomaticMaskGenerator(
         sam,
         points_per_side=cfg.points_per_side,
-        points_per_batch=cfg.points_per_batch,
+        points_per_batch=cfg.points_per_batch or 64,
         pred_iou_thresh=cfg.pred_iou_thresh,
         stability_score_thresh=cfg.stability_score_thresh,
         box_nms_thresh=cfg.box_nms_thresh,

@@ -1,13 +1,21 @@
-"""Masks the user already has, as the :class:`~ovseg_mine.mine.proposals.Proposals` SAM's generator returns.
+"""Masks the user already has, as the proposals the mining engine works on (SAM is neither loaded nor run).
 
 A record of a run with ``--proposals coco:...`` or ``--proposals sa1b:...`` carries its image's masks in its
 ``proposals`` column (:func:`ovseg_mine.mine.sources.records.proposal_type`: COCO RLE, XYWH box, and SAM's
 ``predicted_iou`` and ``stability_score`` where the file has them; attached by
-:mod:`ovseg_mine.mine.proposal_sources`). :func:`given_proposals` turns them into the same object SAM's generator
-returns, with the same rules: the score thresholds of :class:`~ovseg_mine.config.SamConfig` where a score exists
-(``predicted_iou > pred_iou_thresh``, ``stability_score >= stability_score_thresh``, as segment-anything's AMG
-filters), empty masks dropped, best first by ``predicted_iou`` (masks without scores keep the file's order, after
-scored ones), at most ``max_masks_per_image``. Crops, CLIP matching and pairs then run unchanged.
+:mod:`ovseg_mine.mine.proposal_sources`). :func:`given_mask_set` turns them into the
+:class:`~ovseg_mine.mine.amg.MaskSet` SAM's selection returns, with the same rules: the score thresholds of
+:class:`~ovseg_mine.config.SamConfig` where a score exists (``predicted_iou > pred_iou_thresh``,
+``stability_score >= stability_score_thresh``, as segment-anything's AMG filters), empty masks dropped, best first
+by ``predicted_iou`` (masks without scores keep the file's order, after scored ones), at most
+``max_masks_per_image``. Crops, CLIP matching and pairs then run unchanged (:class:`~ovseg_mine.mine.engine.
+MiningEngine`).
+
+The selection reads only the scores and the RLEs' areas and boxes (pycocotools on the compressed RLE); no mask is
+decoded on the host. The chosen masks travel to the device as run lengths and are decoded there chunk by chunk
+when crops or the matched masks' RLE need them (:func:`ovseg_mine.rle.masks_from_counts`), so memory stays bounded
+whatever the image size. :func:`given_proposals` is the single-image API (dense masks, RLEs), as
+:class:`~ovseg_mine.mine.proposals.SamMaskGenerator` gives SAM's.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ import numpy as np
 
 from ovseg_mine import rle as rle_utils
 from ovseg_mine.config import SamConfig
-from ovseg_mine.mine.proposals import Proposals, tight_boxes
+from ovseg_mine.mine.proposals import DEFAULT_CHUNK_BYTES, Proposals, proposals_of
 
 if TYPE_CHECKING:
     import torch
+
+    from ovseg_mine.mine.amg import MaskSet
 
 
 class GivenMaskError(ValueError):
@@ -32,28 +42,35 @@ def _score(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
-def given_proposals(
-    entries: list[dict[str, Any]], image_hw: tuple[int, int], cfg: SamConfig, device: "torch.device | str" = "cpu"
-) -> Proposals:
-    """The :class:`Proposals` of one image from its given masks.
+def given_mask_set(
+    entries: list[dict[str, Any]],
+    image_hw: tuple[int, int],
+    cfg: SamConfig,
+    device: "torch.device | str" = "cpu",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> "MaskSet":
+    """The proposals of one image from its given masks, as the engine's :class:`~ovseg_mine.mine.amg.MaskSet`.
 
     Args:
         entries: the record's ``proposals``: dicts with ``segmentation`` (COCO RLE ``{size: [h, w], counts}``),
-            ``bbox`` (XYWH; not used: boxes are recomputed as the masks' tight boxes, as for SAM),
-            ``predicted_iou`` and ``stability_score`` (float or None).
+            ``bbox`` (XYWH; not used: boxes are the masks' tight boxes, as for SAM), ``predicted_iou`` and
+            ``stability_score`` (float or None).
         image_hw: ``(height, width)`` of the decoded image.
         cfg: ``pred_iou_thresh``, ``stability_score_thresh`` and ``max_masks_per_image`` are applied.
-        device: where the dense masks go.
+        device: where the run lengths (and so the decoded masks) go.
+        chunk_bytes: memory given to decoded masks at a time (sets the set's ``chunk``).
 
     Returns:
-        Proposals whose ``predicted_iou``/``stability_score`` are float32 with NaN where the file has no score;
-        ``num_generated`` is the number of entries given.
+        A MaskSet of the kept masks (all valid), ``predicted_iou``/``stability_score`` float32 with NaN where the
+        file has no score, ``num_generated`` the number of entries given.
 
     Raises:
         GivenMaskError: a mask's RLE size differs from ``image_hw`` (e.g. masks of another image, or of the
             image before an EXIF rotation).
     """
     import torch
+
+    from ovseg_mine.mine.amg import MaskSet, chunk_size
 
     height, width = image_hw
     kept = []
@@ -72,21 +89,47 @@ def given_proposals(
         kept.append(entry)
     # Best first: by predicted IoU (descending), unscored masks after the scored ones, in the file's order.
     kept.sort(key=lambda e: (e.get("predicted_iou") is None, -(e.get("predicted_iou") or 0.0)))
-    chosen, dense = [], []
-    for entry in kept:  # decoded one by one, so at most max_masks_per_image dense masks are held
+    chosen, areas, counts = [], [], []
+    for entry in kept:
         if len(chosen) == cfg.max_masks_per_image:
             break
-        mask = rle_utils.decode(entry["segmentation"])
-        if mask.any():
+        runs = rle_utils.counts_of(entry["segmentation"])
+        area = int(runs[1::2].sum())
+        if area:  # empty masks are dropped, as SAM's
             chosen.append(entry)
-            dense.append(mask)
-    masks = np.stack(dense) if dense else np.zeros((0, height, width), dtype=bool)
-    return Proposals(
-        masks=torch.from_numpy(masks).to(device),
-        rles=rle_utils.encode_many(masks) if len(chosen) else [],
-        bboxes=tight_boxes(masks) if len(chosen) else np.zeros((0, 4), dtype=np.int32),
-        areas=masks.sum(axis=(1, 2), dtype=np.int64),
-        predicted_iou=np.array([_score(e.get("predicted_iou")) for e in chosen], dtype=np.float32),
-        stability_score=np.array([_score(e.get("stability_score")) for e in chosen], dtype=np.float32),
+            areas.append(area)
+            counts.append(runs)
+    padded = np.zeros((len(counts), max((len(c) for c in counts), default=0)), dtype=np.int64)
+    for row, runs in zip(padded, counts, strict=True):
+        row[: len(runs)] = runs
+    boxes = [[int(v) for v in rle_utils.bbox(e["segmentation"])] for e in chosen]
+
+    def tensor(values: Any, dtype: "torch.dtype", shape: tuple[int, ...] = (0,)) -> "torch.Tensor":
+        return torch.as_tensor(np.asarray(values) if len(values) else np.zeros(shape), dtype=dtype).to(device)
+
+    return MaskSet(
+        low_res=None,
+        predicted_iou=tensor([_score(e.get("predicted_iou")) for e in chosen], torch.float32),
+        stability_score=tensor([_score(e.get("stability_score")) for e in chosen], torch.float32),
+        boxes=tensor(boxes, torch.int64, (0, 4)),
+        areas=tensor(areas, torch.int64),
+        valid=torch.ones(len(chosen), dtype=torch.bool, device=device),
+        size=(height, width),
         num_generated=len(entries),
+        upsample=None,
+        mask_threshold=0.0,
+        chunk=chunk_size((height, width), 0, chunk_bytes),
+        counts=torch.from_numpy(padded).to(device),
     )
+
+
+def given_proposals(
+    entries: list[dict[str, Any]], image_hw: tuple[int, int], cfg: SamConfig, device: "torch.device | str" = "cpu"
+) -> Proposals:
+    """The :class:`Proposals` of one image from its given masks (:func:`given_mask_set`, then dense masks and
+    RLEs as SAM's generator returns them).
+
+    Raises:
+        GivenMaskError: a mask's RLE size differs from ``image_hw``.
+    """
+    return proposals_of(given_mask_set(entries, image_hw, cfg, device))

@@ -1,12 +1,13 @@
-"""The streaming graph of a mining run's stages on Ray (read step :mod:`~ovseg_mine.mine.sources.read` ->
-:class:`~ovseg_mine.mine.stages.NounStage` -> :class:`~ovseg_mine.mine.stages.MaskMatchStage`). Ray is started or
-joined by :mod:`ovseg_mine.ray_session`."""
+"""The streaming graph of a mining run's stages on Ray, laid out by resource (read step
+:mod:`~ovseg_mine.mine.sources.read` -> :class:`~ovseg_mine.mine.stages.NounStage` ->
+:func:`~ovseg_mine.mine.stages.decode_stage` -> :class:`~ovseg_mine.mine.stages.MaskMatchStage` ->
+:func:`~ovseg_mine.mine.stages.finalize_stage`). Ray is started or joined by :mod:`ovseg_mine.ray_session`."""
 
 from __future__ import annotations
 
-import os
 import warnings
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ovseg_mine.config import MineConfig
 from ovseg_mine.mine.run_folder import RunError
@@ -37,6 +38,40 @@ def guarded(results):
         ) from exc
 
 
+@dataclass(frozen=True)
+class StagePlan:
+    """How many workers each stage gets and what they hold, from the cluster's resources and the config.
+
+    Attributes:
+        noun_actors: spaCy actors (one per 32 GPUs by default: an actor parses ~1,100 captions/s, a GPU mines
+            ~20 images/s).
+        gpu_actors: mask/match actors (one per ``ray.num_gpus_per_actor`` GPUs; 1 without GPUs).
+        gpu_actor_resources: Ray resources of a mask/match actor.
+        threads: torch CPU threads of a mask/match actor without GPUs (None: torch's default).
+        cpu_task_cpus: CPUs reserved by a decode or finalize task (Ray Data runs as many as the free CPUs allow).
+    """
+
+    noun_actors: int
+    gpu_actors: int
+    gpu_actor_resources: dict[str, float]
+    threads: int | None
+    cpu_task_cpus: float
+
+
+def plan_stages(cfg: MineConfig, cpus: int, gpus: int) -> StagePlan:
+    """The :class:`StagePlan` for a cluster with ``cpus`` CPUs and ``gpus`` GPUs (Ray's cluster resources)."""
+    if gpus:
+        actors = cfg.ray.actors or max(1, int(gpus / cfg.ray.num_gpus_per_actor))
+        resources = {"num_gpus": cfg.ray.num_gpus_per_actor, "num_cpus": 1.0}
+        threads = None
+    else:
+        actors = cfg.ray.actors or 1
+        resources = {"num_cpus": 1.0}
+        threads = max(1, cpus // actors)
+    nouns = cfg.ray.noun_actors or max(1, -(-gpus // 32))
+    return StagePlan(nouns, actors, resources, threads, 0.5 if cpus >= 4 else 0.25)
+
+
 def stream_results(
     source: Source,
     tasks: list[ShardTask],
@@ -48,38 +83,41 @@ def stream_results(
     of ``tasks`` (read by ``source``'s read step, with ``given`` masks attached when the run has them), each
     carrying its ``shard``, ``shard_size`` and ``shard_row``.
 
-    Mask/match actors that die are restarted (``ray.max_actor_restarts``) and their batch retried; an image
-    that keeps killing its worker is skipped after ``ray.max_image_attempts`` deaths (ovseg_mine.mine.attempts).
+    The graph, by resource: nouns (spaCy actors) -> decode (CPU tasks: JPEG, SAM's resize) -> mask/match (an
+    actor per GPU over batches of images, ``ray.batches_in_flight`` batches queued each) -> finalize (CPU tasks:
+    RLE of the matched masks, pair rows). Mask/match actors that die are restarted (``ray.max_actor_restarts``)
+    and their batch retried; an image that keeps killing its worker is skipped after ``ray.max_image_attempts``
+    deaths (ovseg_mine.mine.attempts).
     """
     import ray
     from ray.data import ActorPoolStrategy
 
     from ovseg_mine.mine.attempts import AttemptTracker
     from ovseg_mine.mine.sources.read import records_dataset
-    from ovseg_mine.mine.stages import MaskMatchStage, NounStage
+    from ovseg_mine.mine.stages import MaskMatchStage, NounStage, decode_stage, finalize_stage
+    from ovseg_mine.models import sam_input_size
 
     tracker = ray.remote(num_cpus=0, max_restarts=-1)(AttemptTracker).remote()
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    plan = plan_stages(cfg, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
     config = cfg.model_dump(mode="json")
+    batch = cfg.ray.batch_size
     ds = records_dataset(source, tasks, given)
     ds = ds.map_batches(
         NounStage,
         fn_constructor_kwargs={"config": config},
         batch_size=64,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=cfg.ray.noun_actors),
+        compute=ActorPoolStrategy(size=plan.noun_actors),
         num_cpus=0.5,
     )
-    if gpus:
-        actors = cfg.ray.actors or max(1, int(gpus / cfg.ray.num_gpus_per_actor))
-        resources: dict[str, Any] = {"num_gpus": cfg.ray.num_gpus_per_actor, "num_cpus": 1}
-        threads = None
-    else:
-        actors = cfg.ray.actors or 1
-        resources = {"num_cpus": 1}
-        threads = max(1, (os.cpu_count() or cpus) // actors)
+    ds = ds.map_batches(
+        decode_stage,
+        fn_kwargs={"sam_input_size": sam_input_size(cfg.sam.model_type) if cfg.proposals.kind == "sam" else None},
+        batch_size=batch,
+        batch_format="pyarrow",
+        num_cpus=plan.cpu_task_cpus,
+    )
     with warnings.catch_warnings():  # actor restarts are only reachable through ray_remote_args (see pyproject)
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map_batches(
@@ -88,15 +126,16 @@ def stream_results(
                 "config": config,
                 "sam_checkpoint": weights.sam_checkpoint,
                 "clip_pretrained": weights.clip_pretrained,
-                "threads": threads,
+                "threads": plan.threads,
                 "tracker": tracker,
             },
-            batch_size=cfg.ray.batch_size,
+            batch_size=batch,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=actors),
+            compute=ActorPoolStrategy(size=plan.gpu_actors, max_tasks_in_flight_per_actor=cfg.ray.batches_in_flight),
             max_restarts=cfg.ray.max_actor_restarts,
             max_task_retries=-1,
-            **resources,
+            **plan.gpu_actor_resources,
         )
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        yield from batch.to_pylist()
+    ds = ds.map_batches(finalize_stage, batch_size=batch, batch_format="pyarrow", num_cpus=plan.cpu_task_cpus)
+    for rows in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield from rows.to_pylist()

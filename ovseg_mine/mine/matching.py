@@ -23,6 +23,7 @@ def encode_crops(
     *,
     batch_size: int,
     precision: str = "fp32",
+    pad: bool = True,
 ) -> "torch.Tensor":
     """CLIP image embeddings of normalized crops.
 
@@ -32,6 +33,9 @@ def encode_crops(
         batch_size: crops per ``encode_image`` call.
         precision: an :mod:`ovseg_mine.precision` name; ``amp_*`` autocasts. The crops are cast to the dtype of
             the model's weights (bf16 or fp16 after :func:`ovseg_mine.precision.cast_model` with ``pure_*``).
+        pad: pad the last call with zero crops to ``batch_size``, so that every crop goes through kernels of one
+            shape and its embedding does not depend on how many crops came with it (mining batches the crops of
+            several images: the determinism contract).
 
     Returns:
         float32 ``[N, D]`` unit-norm embeddings on the crops' device.
@@ -44,9 +48,46 @@ def encode_crops(
     chunks = []
     with torch.inference_mode(), autocast(precision, crops.device):
         for start in range(0, crops.shape[0], batch_size):
-            chunks.append(model.encode_image(crops[start : start + batch_size].to(dtype)).float())
+            chunk = crops[start : start + batch_size].to(dtype)
+            count = chunk.shape[0]
+            if pad and count < batch_size:
+                chunk = torch.cat([chunk, chunk.new_zeros((batch_size - count, *chunk.shape[1:]))])
+            chunks.append(model.encode_image(chunk)[:count].float())
     feats = torch.cat(chunks) if chunks else crops.new_zeros((0, 0))
     return feats / feats.norm(dim=-1, keepdim=True)
+
+
+def best_masks(
+    image_embeddings: "torch.Tensor",
+    text_embeddings: "torch.Tensor",
+    *,
+    valid: "torch.Tensor | None" = None,
+    logit_scale: float = 100.0,
+) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """Each noun's best mask, on the embeddings' device and without a host sync.
+
+    Args:
+        image_embeddings: float ``[M, D]`` unit-norm crop embeddings (M >= 1 proposals).
+        text_embeddings: float ``[K, D]`` unit-norm noun embeddings (K >= 1 nouns).
+        valid: bool ``[M]``; masks flagged False are never chosen (None: all valid).
+        logit_scale: CLIP's logit scale for the softmax over nouns.
+
+    Returns:
+        ``mask_index`` int64 ``[K]`` (first maximum: lowest index on ties), ``similarity`` float32 ``[K]``
+        (cosine), ``probability`` float32 ``[K]`` (softmax over the K nouns of ``logit_scale * similarity`` at the
+        chosen mask), ``margin`` float32 ``[K]`` (similarity minus the noun's runner-up among the valid masks;
+        ``+inf`` when there is no runner-up).
+    """
+    import torch
+
+    sims = text_embeddings.float() @ image_embeddings.float().T  # [K, M]
+    if valid is not None:
+        sims = sims.masked_fill(~valid[None, :], -torch.inf)
+    best = sims.argmax(dim=1)
+    best_sims = sims.gather(1, best[:, None])[:, 0]
+    probs = torch.softmax(logit_scale * sims[:, best], dim=0).diagonal()  # [K nouns, K chosen masks]
+    runner_up = sims.scatter(1, best[:, None], -torch.inf).max(dim=1).values
+    return best, best_sims, probs, best_sims - runner_up
 
 
 @dataclass(frozen=True)
@@ -71,7 +112,7 @@ class Match:
 def match_nouns(
     image_embeddings: "torch.Tensor", text_embeddings: "torch.Tensor", *, logit_scale: float = 100.0
 ) -> list[Match]:
-    """Pick each noun's best mask.
+    """Pick each noun's best mask (:func:`best_masks`, brought to the host).
 
     Args:
         image_embeddings: float ``[M, D]`` unit-norm crop embeddings (M proposals).
@@ -81,31 +122,17 @@ def match_nouns(
     Returns:
         K matches in noun order (empty if M or K is 0). Ties pick the lowest mask index.
     """
-    import torch
-
-    k, m = text_embeddings.shape[0], image_embeddings.shape[0]
-    if k == 0 or m == 0:
+    if text_embeddings.shape[0] == 0 or image_embeddings.shape[0] == 0:
         return []
-    sims = (text_embeddings.float() @ image_embeddings.float().T).cpu()  # [K, M]
-    best = sims.argmax(dim=1)  # first maximum: lowest index on ties
-    best_sims = sims.gather(1, best[:, None])[:, 0]
-    probs = torch.softmax(logit_scale * sims[:, best], dim=0)  # [K nouns, K chosen masks]
-    if m > 1:
-        others = sims.clone()
-        others[torch.arange(k), best] = -math.inf
-        runner_up = others.max(dim=1).values
-    matches = []
-    for i in range(k):
-        margin = float(best_sims[i] - runner_up[i]) if m > 1 else None
-        matches.append(Match(i, int(best[i]), float(best_sims[i]), float(probs[i, i]), margin))
-    return matches
+    best, sims, probs, margins = best_masks(image_embeddings, text_embeddings, logit_scale=logit_scale)
+    rows = zip(best.tolist(), sims.tolist(), probs.tolist(), margins.tolist(), strict=True)
+    return [Match(k, m, s, p, None if math.isinf(margin) else margin) for k, (m, s, p, margin) in enumerate(rows)]
 
 
-def keep_match(match: Match, cfg: "MatchingConfig") -> bool:
-    """True when a match passes the recipe's thresholds (similarity, probability, margin).
-
-    A match without a margin (single proposal) passes the margin threshold.
-    """
-    if match.similarity < cfg.min_similarity or match.probability < cfg.min_probability:
-        return False
-    return match.margin is None or match.margin >= cfg.min_margin
+def passes_thresholds(
+    similarity: "torch.Tensor", probability: "torch.Tensor", margin: "torch.Tensor", cfg: "MatchingConfig"
+) -> "torch.Tensor":
+    """Which matches pass the recipe's thresholds (``min_similarity``, ``min_probability``, ``min_margin``), on the
+    tensors' device without a host sync: bool, the shape of the inputs (:func:`best_masks`' outputs). A match
+    without a runner-up (margin ``+inf``) passes the margin threshold."""
+    return (similarity >= cfg.min_similarity) & (probability >= cfg.min_probability) & (margin >= cfg.min_margin)

@@ -3,9 +3,11 @@
 A mask generator maps one RGB image to :class:`Proposals`, its masks ordered best first. The SAM generator
 does what ``segment_anything.SamAutomaticMaskGenerator.generate`` does (``automatic_mask_generator.py``: a grid
 of point prompts, three masks per point, filtering by predicted IoU and stability score, box NMS), with the
-parameters of :class:`~ovseg_mine.config.SamConfig` and the same result in fp32, but keeps masks dense on the
-model's device until the final RLE, skips the AMG's RLE round trip, and can autocast the two networks. It then
-drops empty masks, orders by predicted IoU and keeps the best ``max_masks_per_image``.
+parameters of :class:`~ovseg_mine.config.SamConfig` and the same result in fp32, through the engine that mining
+runs on batches of images (:mod:`ovseg_mine.mine.sam_batch`, :mod:`ovseg_mine.mine.amg`). It then drops empty
+masks, orders by predicted IoU and keeps the best ``max_masks_per_image``. Mining itself does not build
+:class:`Proposals` (the GPU stage keeps masks on the device, :class:`ovseg_mine.mine.engine.MiningEngine`); this
+single-image API serves tests, benchmarks and users who want proposals of their own images.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from ovseg_mine.models import ModelNameError, WeightsInfo, load_sam
 if TYPE_CHECKING:
     import torch
 
-#: segment_anything's ``SamAutomaticMaskGenerator(crop_nms_thresh=0.7)`` default. With one crop layer it only
-#: enters the second NMS after ``min_mask_region_area`` post-processing, at ``max(box_nms_thresh, this)``.
-CROP_NMS_THRESH = 0.7
+    from ovseg_mine.mine.amg import MaskSet
+
+#: Memory a single-image :class:`SamMaskGenerator` gives full-resolution masks at a time (2 GiB).
+DEFAULT_CHUNK_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -86,33 +89,24 @@ def tight_boxes(masks: np.ndarray) -> np.ndarray:
 
 
 class SamMaskGenerator:
-    """segment-anything's automatic mask generator (AMG) with a :class:`SamConfig`'s parameters, re-implemented
-    for speed with the same result as ``SamAutomaticMaskGenerator.generate``.
+    """segment-anything's automatic mask generator (AMG) with a :class:`SamConfig`'s parameters, for one image at a
+    time, with the same result as ``SamAutomaticMaskGenerator.generate`` in fp32.
 
-    The AMG's steps and parameters are kept (one crop layer, ``points_per_side``² grid, batches of
-    ``points_per_batch`` points, three masks per point, ``pred_iou_thresh``, ``stability_score_thresh`` with
-    offset 1.0, ``box_nms_thresh``, ``min_mask_region_area``), done with fewer and cheaper operations:
-
-    * the predicted-IoU filter runs on the low-resolution logits, before upsampling (it does not depend on them);
-    * masks stay dense on the model's device through thresholds, boxes and NMS; only the at most
-      ``max_masks_per_image`` kept masks are RLE-encoded (pycocotools), instead of every mask being
-      RLE-encoded in Python and decoded again;
-    * ``precision="pure_bf16"`` (or ``"pure_fp16"``) runs the image encoder with its weights in that dtype
-      (:func:`ovseg_mine.precision.cast_model` and ``cast_io``: input cast on the way in, image embedding cast
-      back to float32 on the way out, SAM's code unchanged) and autocasts the mask decoder to the same dtype
-      (``amp_bf16``); logits are cast to float32 before any post-processing. Measured on a 2-core AMX CPU, vit_b
-      encoder: 8.1 s under bf16 autocast, 5.6 s with bf16 weights (fp32: 15-30 s).
-
-    With ``precision="fp32"`` the proposals equal the stock AMG's (tests check it). Lower precisions perturb
-    the logits and predicted IoUs slightly, so masks near a threshold or the cap can differ.
-    Deterministic: the same image, weights and precision give identical proposals.
+    It runs the engine mining uses (:class:`~ovseg_mine.mine.sam_batch.BatchedSam` and
+    :func:`~ovseg_mine.mine.amg.select_masks`) on a batch of one: the AMG's steps and parameters (one crop
+    layer, ``points_per_side``² grid, batches of ``points_per_batch`` points, three masks per point,
+    ``pred_iou_thresh``, ``stability_score_thresh`` with offset 1.0, ``box_nms_thresh``,
+    ``min_mask_region_area``), with masks kept on the model's device and only the kept ones RLE-encoded.
+    ``precision="pure_bf16"`` (or ``"pure_fp16"``) casts SAM's encoder and decoder weights (the IoU head stays
+    float32) and runs the encoder's attention through SDPA; logits are cast to float32 before any
+    post-processing. Lower precisions perturb the logits and predicted IoUs slightly, so masks near a threshold
+    or the cap can differ. Deterministic: the same image, weights and precision give identical proposals.
 
     Args:
         sam: a segment-anything ``Sam`` model (any ``image_encoder.img_size``: 1024, or the tiny 256).
         cfg: the AMG parameters and ``max_masks_per_image``.
         precision: ``fp32``, ``pure_bf16`` or ``pure_fp16`` (:mod:`ovseg_mine.precision`; a recipe's
-            ``sam.precision`` goes through :func:`ovseg_mine.precision.for_inference`): the image encoder's weights
-            are cast in place to that dtype, the mask decoder runs under autocast to it.
+            ``sam.precision`` goes through :func:`ovseg_mine.precision.for_inference`).
 
     Raises:
         ImportError: ``min_mask_region_area > 0`` without opencv (the AMG needs ``cv2`` for it).
@@ -120,13 +114,8 @@ class SamMaskGenerator:
     """
 
     def __init__(self, sam: Any, cfg: SamConfig, precision: str = "fp32") -> None:
-        from segment_anything import SamPredictor
-        from segment_anything.utils.amg import build_point_grid
+        from ovseg_mine.mine.sam_batch import BatchedSam
 
-        from ovseg_mine import precision as precision_mod
-
-        if precision not in ("fp32", "pure_bf16", "pure_fp16"):
-            raise ValueError(f"precision must be one of fp32, pure_bf16, pure_fp16, got {precision!r}")
         if cfg.min_mask_region_area > 0:
             try:
                 import cv2  # noqa: F401  (segment_anything.utils.amg.remove_small_regions)
@@ -138,12 +127,14 @@ class SamMaskGenerator:
         self.cfg = cfg
         self.sam = sam
         self.precision = precision
-        self.decoder_precision = precision.replace("pure_", "amp_")
-        self.device = next(sam.parameters()).device
-        precision_mod.cast_model(sam.image_encoder, precision)
-        precision_mod.cast_io(sam.image_encoder, precision)
-        self.predictor = SamPredictor(sam)
-        self.point_grid = build_point_grid(cfg.points_per_side)  # [P*P, 2] xy in [0, 1]
+        self.batched = BatchedSam(
+            sam,
+            points_per_side=cfg.points_per_side,
+            points_per_batch=cfg.points_per_batch or (512 if next(sam.parameters()).is_cuda else 64),
+            precision=precision,
+            encoder_batch_size=cfg.encoder_batch_size or 1,
+        )
+        self.device = self.batched.device
 
     def __call__(self, image: np.ndarray) -> Proposals:
         """Proposals of one image.
@@ -155,100 +146,54 @@ class SamMaskGenerator:
             ValueError: ``image`` is not ``[H, W, 3]`` uint8 (e.g. float, grayscale, RGBA).
         """
         import torch
-        from segment_anything.utils.amg import batched_mask_to_box
-        from torchvision.ops.boxes import batched_nms
+
+        from ovseg_mine.mine.amg import chunk_size, select_masks
 
         image = check_image(image)
-        h, w = image.shape[:2]
+        size = image.shape[0], image.shape[1]
+        sam = self.batched
+        resized = torch.from_numpy(sam.resize(image)).to(self.device).permute(2, 0, 1)
+        input_size = sam.input_size(size)
         with torch.inference_mode():
-            self.predictor.set_image(image)
-            features = self.predictor.features
-            points = self.point_grid * np.array([w, h])  # xy in pixels, as the AMG's grid
-            masks, iou_preds, stability = [], [], []
-            for start in range(0, len(points), self.cfg.points_per_batch):
-                batch = self._decode(features, points[start : start + self.cfg.points_per_batch], (h, w))
-                for store, value in zip((masks, iou_preds, stability), batch, strict=True):
-                    store.append(value)
-            masks_t, ious_t, stab_t = torch.cat(masks), torch.cat(iou_preds), torch.cat(stability)
-            boxes = batched_mask_to_box(masks_t)  # XYXY, inclusive right/bottom pixel: what the AMG's NMS sees
-            keep = batched_nms(boxes.float(), ious_t, torch.zeros_like(ious_t), iou_threshold=self.cfg.box_nms_thresh)
-            if self.cfg.min_mask_region_area > 0:
-                keep = self._remove_small_regions(masks_t, keep)
-            num_generated = len(keep)
-            keep = keep[masks_t.flatten(1).any(dim=1)[keep]]  # drop empty masks
-            ious = ious_t[keep].cpu().numpy()
-            order = np.argsort(-ious, kind="stable")[: self.cfg.max_masks_per_image]
-            keep = keep[torch.as_tensor(order, dtype=torch.int64, device=keep.device)]
-            masks_t = masks_t[keep]
-            masks_np = masks_t.cpu().numpy()
-        return Proposals(
-            masks=masks_t,
-            rles=rle_utils.encode_many(masks_np),
-            bboxes=tight_boxes(masks_np),
-            areas=masks_np.sum(axis=(1, 2), dtype=np.int64),
-            predicted_iou=ious[order].astype(np.float32),
-            stability_score=stab_t[keep].cpu().numpy().astype(np.float32),
-            num_generated=num_generated,
-        )
-
-    def _decode(self, features: "torch.Tensor", points: np.ndarray, size: tuple[int, int]):
-        """Masks of one batch of point prompts: bool ``[3B, H, W]``, predicted IoU and stability float32 ``[3B]``,
-        after the predicted-IoU and stability filters (the AMG's ``_process_batch``)."""
-        import torch
-        from segment_anything.utils.amg import calculate_stability_score
-
-        from ovseg_mine.precision import autocast
-
-        sam = self.sam
-        coords = self.predictor.transform.apply_coords(points, size)
-        coords_t = torch.as_tensor(coords, device=self.device)[:, None, :]  # float64, as the AMG passes them
-        labels = torch.ones((len(points), 1), dtype=torch.int, device=self.device)
-        # The prompt encoder's Fourier features (sin/cos of large phases) stay in float32 whatever the precision.
-        sparse, dense = sam.prompt_encoder(points=(coords_t, labels), boxes=None, masks=None)
-        with autocast(self.decoder_precision, self.device):
-            low_res, iou_preds = sam.mask_decoder(
-                image_embeddings=features,
-                image_pe=sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=True,
+            low_res, iou = sam.decode(sam.embed([resized]), size)
+            kept = select_masks(
+                low_res,
+                iou,
+                cfg=self.cfg,
+                size=size,
+                upsample=lambda low: self.sam.postprocess_masks(low[:, None], input_size, size)[:, 0],
+                mask_threshold=sam.mask_threshold,
+                chunk=chunk_size(size, sam.img_size, DEFAULT_CHUNK_BYTES),
+                min_region_area=self.cfg.min_mask_region_area,
             )
-        low_res, iou_preds = low_res.float().flatten(0, 1), iou_preds.float().flatten(0, 1)  # [3B, 256, 256], [3B]
-        if self.cfg.pred_iou_thresh > 0.0:
-            keep = iou_preds > self.cfg.pred_iou_thresh
-            low_res, iou_preds = low_res[keep], iou_preds[keep]
-        logits = sam.postprocess_masks(low_res[:, None], self.predictor.input_size, size)[:, 0]
-        stability = calculate_stability_score(logits, sam.mask_threshold, 1.0)
-        if self.cfg.stability_score_thresh > 0.0:
-            keep = stability >= self.cfg.stability_score_thresh
-            logits, iou_preds, stability = logits[keep], iou_preds[keep], stability[keep]
-        return logits > sam.mask_threshold, iou_preds, stability
-
-    def _remove_small_regions(self, masks: "torch.Tensor", keep: "torch.Tensor") -> "torch.Tensor":
-        """The AMG's ``postprocess_small_regions`` on the NMS survivors ``keep``: fills small holes and removes
-        small islands in place in ``masks``, then a second NMS prefers unchanged masks. Returns the new keep."""
-        import torch
-        from segment_anything.utils.amg import batched_mask_to_box, remove_small_regions
-        from torchvision.ops.boxes import batched_nms
-
-        min_area = self.cfg.min_mask_region_area
-        scores = []
-        for i in keep.tolist():
-            mask, holes = remove_small_regions(masks[i].cpu().numpy(), min_area, mode="holes")
-            mask, islands = remove_small_regions(mask, min_area, mode="islands")
-            masks[i] = torch.from_numpy(mask).to(masks.device)
-            scores.append(float(not (holes or islands)))
-        scores_t = torch.tensor(scores, device=masks.device)
-        second = batched_nms(
-            batched_mask_to_box(masks[keep]).float(),
-            scores_t,
-            torch.zeros_like(scores_t),
-            iou_threshold=max(self.cfg.box_nms_thresh, CROP_NMS_THRESH),
-        )
-        return keep[second]
+        return proposals_of(kept)
 
 
 _GENERATORS = {"sam": SamMaskGenerator}
+
+
+def proposals_of(kept: "MaskSet") -> Proposals:
+    """The :class:`Proposals` of an image's kept masks (:class:`~ovseg_mine.mine.amg.MaskSet`, valid masks first):
+    dense masks on the set's device, their RLEs, and the boxes, areas and scores on the host."""
+    import torch
+
+    n = int(kept.valid.sum())
+    device = kept.valid.device
+    with torch.inference_mode():
+        index = torch.arange(n, device=device)
+        masks = torch.cat(
+            [kept.masks(index[i : i + kept.chunk]) for i in range(0, n, kept.chunk)]
+            or [torch.zeros((0, *kept.size), dtype=torch.bool, device=device)]
+        )
+    return Proposals(
+        masks=masks,
+        rles=rle_utils.encode_many(masks.cpu().numpy()),
+        bboxes=kept.boxes[:n].cpu().numpy().astype(np.int32),
+        areas=kept.areas[:n].cpu().numpy().astype(np.int64),
+        predicted_iou=kept.predicted_iou[:n].cpu().numpy().astype(np.float32),
+        stability_score=kept.stability_score[:n].cpu().numpy().astype(np.float32),
+        num_generated=kept.num_generated,
+    )
 
 
 def list_mask_generators() -> list[str]:

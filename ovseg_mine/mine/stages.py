@@ -1,17 +1,21 @@
-"""The Ray Data stages of mining, in Ray's callable-class form: models load once in ``__init__``, batches
-are processed in ``__call__`` (Arrow tables in, Arrow tables out).
+"""The Ray Data stages of mining, laid out by the resource they need (Ray's callable-class form for the stages
+that load something: models load once in ``__init__``, batches are processed in ``__call__``; Arrow tables in,
+Arrow tables out):
 
 * :class:`NounStage` (CPU): captions -> nouns, with spaCy.
-* :class:`MaskMatchStage` (GPU when present): decode image -> SAM proposals -> masked crops -> CLIP
-  -> each noun's best mask. Proposals and matching share one actor so dense masks never cross a process
-  boundary; only RLE and scores leave it.
+* :func:`decode_stage` (CPU tasks): image file -> RGB pixels and SAM's resize of them (PIL, exact as SAM's own).
+* :class:`MaskMatchStage` (GPU when present): a batch of decoded images -> SAM proposals -> masked crops -> CLIP
+  -> each noun's best mask (:class:`ovseg_mine.mine.engine.MiningEngine`). Dense masks never leave the device:
+  the matched masks leave it as run lengths.
+* :func:`finalize_stage` (CPU tasks): run lengths -> COCO RLE, pair rows.
 
-Every input row leaves as exactly one output row per image, with a ``status`` (``ok`` or the stage that
-rejected it) and a ``reason``: nothing is dropped silently. Input rows are the records of the read step
-(:func:`ovseg_mine.mine.sources.records.record_schema`): the image is read from ``path`` or decoded from
-``image_bytes``; a row the source already rejected passes through with its stage and reason; ``shard``,
-``shard_size`` and ``shard_row`` are carried to the output; a row with ``proposals`` (masks the user gave) uses
-them instead of SAM (:func:`ovseg_mine.mine.given_proposals.given_proposals`).
+Every input row leaves each stage as exactly one row per image (:mod:`ovseg_mine.mine.rows`), with a ``status``
+(``ok`` or the stage that rejected it) and a ``reason``: nothing is dropped silently. Input rows are the records of
+the read step (:func:`ovseg_mine.mine.sources.records.record_schema`): the image is read from ``path`` or decoded
+from ``image_bytes``; a row the source already rejected passes through with its stage and reason; ``shard``,
+``shard_size`` and ``shard_row`` are carried to the output; a row with ``proposals`` (masks the user gave) uses them
+instead of SAM (:func:`ovseg_mine.mine.given_proposals.given_mask_set`), and with ``proposals.kind`` other than
+``sam`` SAM is neither loaded nor run.
 """
 
 from __future__ import annotations
@@ -19,64 +23,51 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from ovseg_mine.storage import first_line
+from ovseg_mine.mine.rows import (
+    TIMED_STEPS,
+    decoded_schema,
+    error_row,
+    image_result_schema,
+    matched_schema,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from ovseg_mine.mine.engine import ImageOutcome
 
-def error_row(exc: BaseException) -> dict[str, Any]:
-    """The fields of a result row for an image whose mining raised ``exc``: status ``error``, a one-line
-    ``reason`` (``Type: first line``), ``error_type`` (the exception's class name) and the formatted
-    ``traceback`` (with its causes), which the driver writes to the run's log."""
-    import traceback
+__all__ = [
+    "MaskMatchStage",
+    "NounStage",
+    "decode_stage",
+    "error_row",
+    "finalize_stage",
+    "image_result_schema",
+]
 
+
+def _carried(record: dict[str, Any]) -> dict[str, Any]:
+    """A row's status fields and record fields, before any stage after nouns set them."""
     return {
-        "status": "error",
-        "reason": f"{type(exc).__name__}: {first_line(exc)}",
-        "error_type": type(exc).__name__,
-        "traceback": "".join(traceback.format_exception(exc)),
-        "pairs": [],
+        "image_id": record["image_id"],
+        "file_name": record["file_name"],
+        "shard": record.get("shard"),
+        "shard_size": record.get("shard_size"),
+        "shard_row": record.get("shard_row"),
+        "status": record.get("status") or "ok",
+        "reason": record.get("reason") or "",
+        "width": record["width"],
+        "height": record["height"],
+        "num_nouns": len(record["nouns"]),
+        "num_proposals": record.get("num_proposals") or 0,
+        **{f"{step}_s": record.get(f"{step}_s") or 0.0 for step in TIMED_STEPS},
+        "notes": list(record.get("notes") or []),
+        "error_type": record.get("error_type") or "",
+        "traceback": record.get("traceback") or "",
+        "captions": record["captions"],
+        "nouns": record["nouns"],
+        "noun_caption_index": record["noun_caption_index"],
     }
-
-
-def _score(value: Any) -> float | None:
-    """A proposal score for a pair row: None where the proposals had none (NaN: given masks without scores)."""
-    value = float(value)
-    return None if value != value else value
-
-
-def image_result_schema() -> "pa.Schema":
-    """Arrow schema of :class:`MaskMatchStage` output rows (one per image; ``pairs`` nested)."""
-    import pyarrow as pa
-
-    from ovseg_mine.shards import pair_schema
-
-    pair_struct = pa.struct(list(pair_schema()))
-    return pa.schema(
-        [
-            ("image_id", pa.int64()),
-            ("file_name", pa.string()),
-            ("shard", pa.int32()),
-            ("shard_size", pa.int32()),
-            ("shard_row", pa.int32()),
-            ("status", pa.string()),
-            ("reason", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            ("num_nouns", pa.int32()),
-            ("num_proposals", pa.int32()),
-            ("decode_s", pa.float64()),
-            ("nouns_s", pa.float64()),
-            ("proposals_s", pa.float64()),
-            ("crops_s", pa.float64()),
-            ("clip_s", pa.float64()),
-            ("notes", pa.list_(pa.string())),
-            ("error_type", pa.string()),
-            ("traceback", pa.string()),
-            ("pairs", pa.list_(pair_struct)),
-        ]
-    )
 
 
 class NounStage:
@@ -116,8 +107,75 @@ class NounStage:
         return batch.append_column("nouns_s", pa.array([per_image_s] * batch.num_rows, pa.float64()))
 
 
+def decode_stage(batch: "pa.Table", *, sam_input_size: int | None, max_pixels: int | None = None) -> "pa.Table":
+    """Decode each image of a batch of noun-stage rows (CPU work, run as Ray tasks).
+
+    A row the source already rejected passes through with its stage and reason; rows without a noun are rejected
+    here (status ``nouns``) and not decoded; a file that cannot be decoded is rejected with status ``decode`` and
+    the decoder's reason. The decoded size wins over the record's (a note says so when they differ, e.g. after EXIF
+    rotation). Rows with given masks (``proposals``), or every row when ``sam_input_size`` is None, skip SAM's
+    resize (SAM does not run on them).
+
+    Args:
+        batch: rows with ``image_id``, ``file_name``, ``path`` or ``image_bytes``, ``width``, ``height``,
+            ``captions``, ``nouns``, ``noun_caption_index``, ``nouns_s`` (and optionally the read step's
+            ``status``, ``reason``, ``notes``, ``shard``, ``shard_size``, ``shard_row``, ``proposals``).
+        sam_input_size: side of SAM's square input (:func:`ovseg_mine.models.sam_input_size`); None when the run
+            has given masks instead of SAM.
+        max_pixels: refuse larger images (default :data:`ovseg_mine.images.DEFAULT_MAX_PIXELS`).
+
+    Returns:
+        Rows of :func:`ovseg_mine.mine.rows.decoded_schema`.
+    """
+    import pyarrow as pa
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from ovseg_mine.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
+
+    resize = None if sam_input_size is None else ResizeLongestSide(sam_input_size)
+    rows = []
+    for record in batch.to_pylist():
+        row = {
+            **_carried(record),
+            "proposals": record.get("proposals"),
+            "pixels": b"",
+            "sam_pixels": b"",
+            "sam_height": 0,
+            "sam_width": 0,
+        }
+        rows.append(row)
+        if row["status"] != "ok":  # rejected by the source (read step): passed through as it is
+            continue
+        if not record["nouns"]:
+            row.update(status="nouns", reason="no visual noun in the captions")
+            continue
+        start = time.perf_counter()
+        encoded = record.get("image_bytes")
+        try:
+            image = load_rgb(
+                record["path"] if encoded is None else encoded, max_pixels=max_pixels or DEFAULT_MAX_PIXELS
+            )
+            sam_image = None if resize is None or row["proposals"] is not None else resize.apply_image(image)
+        except ImageDecodeError as exc:
+            row.update(status="decode", reason=str(exc))
+            continue
+        except Exception as exc:  # per-image isolation; the driver logs the traceback (ovseg_mine.mine.failures)
+            row.update(error_row(exc))
+            continue
+        height, width = image.shape[:2]
+        if record["width"] and record["height"] and (width, height) != (record["width"], record["height"]):
+            row["notes"].append(
+                f"size in the captions file {record['width']}x{record['height']} differs from the "
+                f"decoded image {width}x{height} (EXIF orientation applied); the decoded size is used"
+            )
+        row.update(width=width, height=height, pixels=image.tobytes(), decode_s=time.perf_counter() - start)
+        if sam_image is not None:
+            row.update(sam_pixels=sam_image.tobytes(), sam_height=sam_image.shape[0], sam_width=sam_image.shape[1])
+    return pa.Table.from_pylist(rows, schema=decoded_schema())
+
+
 class MaskMatchStage:
-    """SAM proposals (or the record's given masks) and CLIP matching for batches of images that carry their nouns.
+    """SAM proposals (or the record's given masks) and CLIP matching for batches of decoded images (the GPU stage).
     With ``proposals.kind`` other than ``sam`` in the config, SAM is not built at all.
 
     Args:
@@ -125,9 +183,10 @@ class MaskMatchStage:
         sam_checkpoint, clip_pretrained: weights as resolved by the driver (a path or tag, or ``random``),
             so that every actor loads the same weights and none falls back on its own.
         threads: torch CPU threads (None: leave torch's default).
-        tracker: handle of the run's :class:`ovseg_mine.mine.attempts.AttemptTracker` actor; an image on which
-            ``ray.max_image_attempts`` workers died is listed as failed (status ``error``) instead of retried
-            again. None: no tracking (e.g. the stage called directly in a test).
+        tracker: handle of the run's :class:`ovseg_mine.mine.attempts.AttemptTracker` actor: one ``begin`` per batch
+            (one ``ray.get``), one ``end`` without waiting; after a worker death the batch is mined one image at a
+            time and an image on which ``ray.max_image_attempts`` workers died is listed as failed (status
+            ``error``). None: no tracking (e.g. the stage called directly in a test or a benchmark).
     """
 
     def __init__(
@@ -140,189 +199,160 @@ class MaskMatchStage:
     ) -> None:
         import torch
 
-        from ovseg_mine import precision as precision_mod
         from ovseg_mine.config import MineConfig
-        from ovseg_mine.mine.proposals import build_mask_generator
-        from ovseg_mine.models import clip_input_size, clip_mean_std, load_clip
-        from ovseg_mine.text import NounEmbeddings
+        from ovseg_mine.mine.engine import MiningEngine
+        from ovseg_mine.models import load_clip, load_sam
 
         if threads:
             torch.set_num_threads(threads)
         self.cfg = MineConfig.model_validate(config)
         self.tracker = tracker
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        sam_cfg = self.cfg.sam.model_copy(update={"checkpoint": sam_checkpoint})
-        self.precision = precision_mod.for_inference(self.cfg.clip.precision, self.device)
-        self.generator = None  # given masks (--proposals coco:/sa1b:): SAM is not built at all
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        sam = None  # given masks (--proposals coco:/sa1b:): SAM is not built at all
         if self.cfg.proposals.kind == "sam":
-            self.generator, _ = build_mask_generator(
-                "sam",
-                sam_cfg,
-                device=self.device,
-                seed=self.cfg.seed,
-                precision=precision_mod.for_inference(self.cfg.sam.precision, self.device),
-            )
-        self.clip, tokenizer, _ = load_clip(self.cfg.clip.arch, clip_pretrained, device=self.device, seed=self.cfg.seed)
-        self.clip = precision_mod.cast_model(self.clip, self.precision)
-        self.input_size = clip_input_size(self.clip)
-        self.mean, self.std = clip_mean_std(self.clip)
-        # One noun per encode_text call: a noun's embedding does not depend on which nouns this actor met first.
-        self.text_cache = NounEmbeddings(self.clip, tokenizer, self.device, nouns_per_call=1, precision=self.precision)
+            sam, _ = load_sam(self.cfg.sam.model_type, sam_checkpoint, device=device, seed=self.cfg.seed)
+        clip, tokenizer, _ = load_clip(self.cfg.clip.arch, clip_pretrained, device=device, seed=self.cfg.seed)
+        self.engine = MiningEngine(self.cfg, sam, clip, tokenizer, device)
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         import pyarrow as pa
 
-        rows = [self._tracked(record) for record in batch.to_pylist()]
-        return pa.Table.from_pylist(rows, schema=image_result_schema())
+        records = batch.drop_columns(["pixels", "sam_pixels"]).to_pylist()
+        for column in ("pixels", "sam_pixels"):  # the pixels stay in Arrow's buffers (no copy on the host)
+            for record, value in zip(records, batch.column(column), strict=True):
+                record[column] = value.as_buffer()
+        rows = [{**_carried(record), "matches": []} for record in records]
+        todo = [i for i, row in enumerate(rows) if row["status"] == "ok"]
+        self._tracked(records, rows, todo)
+        return pa.Table.from_pylist(rows, schema=matched_schema())
 
-    def _tracked(self, record: dict[str, Any]) -> dict[str, Any]:
-        """:meth:`_process` one image between the tracker's ``begin`` and ``end`` (see ovseg_mine.mine.attempts)."""
+    def _tracked(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], todo: list[int]) -> None:
+        """Mine rows ``todo`` between the tracker's ``begin`` and ``end`` (see ovseg_mine.mine.attempts)."""
         import ray
 
         from ovseg_mine.mine.attempts import worker_death_reason
 
-        image_id = record["image_id"]
-        if self.tracker is None:
-            return self._process(record)
-        deaths = ray.get(self.tracker.begin.remote(image_id))
-        if deaths >= self.cfg.ray.max_image_attempts:
-            row = {**self._empty_row(record), "status": "error", "reason": worker_death_reason(deaths)}
-            row["error_type"] = "WorkerDied"
+        if self.tracker is None or not todo:
+            self._mine(records, rows, todo)
+            return
+        ids = [rows[i]["image_id"] for i in todo]
+        deaths = ray.get(self.tracker.begin.remote(ids))
+        if not any(deaths):
+            self._mine(records, rows, todo)
+            self.tracker.end.remote(ids)
+            return
+        # A worker died on this batch: mine it one image at a time, so the next death is counted on one image.
+        self.tracker.end.remote(ids)
+        for i, image_id, died in zip(todo, ids, deaths, strict=True):
+            if died >= self.cfg.ray.max_image_attempts:
+                rows[i].update(status="error", reason=worker_death_reason(died), error_type="WorkerDied")
+                continue
+            ray.get(self.tracker.begin.remote([image_id]))
+            self._mine(records, rows, [i])
+            self.tracker.end.remote([image_id])
+
+    def _mine(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], todo: list[int]) -> None:
+        """Mine rows ``todo`` as one batch (failures stay per image) and fill in their results."""
+        from ovseg_mine.faults import failpoint
+        from ovseg_mine.mine.given_proposals import GivenMaskError
+
+        jobs, where = [], []
+        for i in todo:
+            record = records[i]
+            try:
+                failpoint("image", record["image_id"])  # kill: the worker dies on this image; raise: mining it raises
+                jobs.append(self._job(record))
+                where.append(i)
+            except GivenMaskError as exc:
+                rows[i].update(status="proposals", reason=str(exc))
+            except Exception as exc:
+                rows[i].update(error_row(exc))
+        for i, job, outcome in zip(where, jobs, self.engine.mine_each(jobs), strict=True):
+            if isinstance(outcome, BaseException):
+                rows[i].update(error_row(outcome))
+            else:
+                rows[i].update(self._result(rows[i], outcome))
+                rows[i]["proposals_s"] += job.given_s
+
+    def _job(self, record: dict[str, Any]) -> Any:
+        """The engine's job for a decoded record; given masks (the record's, or none when SAM is not built) become
+        the job's proposals here, so a mask that does not fit its image is refused before the batch runs.
+
+        Raises:
+            GivenMaskError: a given mask's size differs from the decoded image's.
+        """
+        import numpy as np
+
+        from ovseg_mine.mine.engine import ImageJob
+
+        image = np.frombuffer(record["pixels"], np.uint8).reshape(record["height"], record["width"], 3)
+        job = ImageJob(record["image_id"], self.engine.to_device(image), None, list(record["nouns"]))
+        given = record.get("proposals")
+        if given is None and self.engine.sam is None:
+            given = []  # a run without SAM: an image without given masks has no proposal
+        if given is not None:
+            start = time.perf_counter()
+            job.given = self.engine.given_masks(given, job.size)
+            job.given_s = time.perf_counter() - start
         else:
-            row = self._process(record)
-        self.tracker.end.remote(image_id)
-        return row
+            sam = np.frombuffer(record["sam_pixels"], np.uint8).reshape(record["sam_height"], record["sam_width"], 3)
+            job.sam_image = self.engine.to_device(sam)
+        return job
 
     @staticmethod
-    def _empty_row(record: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "image_id": record["image_id"],
-            "file_name": record["file_name"],
-            "shard": record.get("shard"),
-            "shard_size": record.get("shard_size"),
-            "shard_row": record.get("shard_row"),
-            "status": "ok",
-            "reason": "",
-            "width": record["width"],
-            "height": record["height"],
-            "num_nouns": len(record["nouns"]),
-            "num_proposals": 0,
-            "decode_s": 0.0,
-            "nouns_s": record.get("nouns_s", 0.0),
-            "proposals_s": 0.0,
-            "crops_s": 0.0,
-            "clip_s": 0.0,
-            "notes": list(record.get("notes") or []),
-            "error_type": "",
-            "traceback": "",
-            "pairs": [],
-        }
+    def _result(row: dict[str, Any], outcome: "ImageOutcome") -> dict[str, Any]:
+        out: dict[str, Any] = {"num_proposals": outcome.num_proposals}
+        out.update({f"{step}_s": seconds for step, seconds in outcome.seconds.items()})
+        if outcome.num_proposals == 0:
+            reason = f"no mask proposal ({outcome.num_generated} generated, all empty)"
+            return {**out, "status": "proposals", "reason": reason}
+        if not outcome.matches:
+            reason = f"all {outcome.num_matches} nouns below the matching thresholds"
+            return {**out, "status": "matching", "reason": reason}
+        out["matches"] = [{**vars(match), "runs": match.runs.tolist()} for match in outcome.matches]
+        return out
 
-    def _process(self, record: dict[str, Any]) -> dict[str, Any]:
-        import torch
 
-        from ovseg_mine.images import ImageDecodeError, load_rgb
+def finalize_stage(batch: "pa.Table") -> "pa.Table":
+    """Pair rows from the GPU stage's matches (CPU work, run as Ray tasks): each matched mask's run lengths
+    become its COCO RLE (pycocotools), each match a row of schemas/pairs-v1.json.
 
-        out = self._empty_row(record)
-        if record.get("status", "ok") != "ok":  # rejected by the source (read step): passed through as it is
-            return {**out, "status": record["status"], "reason": record["reason"]}
-        if not record["nouns"]:
-            return {**out, "status": "nouns", "reason": "no visual noun in the captions"}
-        start = time.perf_counter()
-        try:
-            image = load_rgb(record["path"] if record.get("image_bytes") is None else record["image_bytes"])
-        except ImageDecodeError as exc:
-            return {**out, "status": "decode", "reason": str(exc)}
-        out["decode_s"] = time.perf_counter() - start
-        height, width = image.shape[:2]
-        if record["width"] and record["height"] and (width, height) != (record["width"], record["height"]):
-            out["notes"] = out["notes"] + [
-                f"size in the captions file {record['width']}x{record['height']} differs from the "
-                f"decoded image {width}x{height} (EXIF orientation applied); the decoded size is used"
-            ]
-        out["width"], out["height"] = width, height
-        error = ""
-        for attempt in range(1, self.cfg.ray.max_image_attempts + 1):
-            try:
-                return self._mine(image, record, dict(out))
-            except torch.OutOfMemoryError as exc:  # transient: free the cache and try the image again
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                error = f"out of memory {attempt} times: {first_line(exc)}"
-            except Exception as exc:
-                # Per-image isolation: the image is listed as failed and the run goes on. The driver logs the
-                # traceback to the run's log, counts failures by type, and stops the run when the same exception
-                # keeps coming (ovseg_mine.mine.failures): a bug of ours must not pass for bad input.
-                return {**out, **error_row(exc)}
-        return {**out, "status": "error", "reason": error, "error_type": "OutOfMemoryError", "pairs": []}
+    Returns:
+        Rows of :func:`ovseg_mine.mine.rows.image_result_schema`, one per image.
+    """
+    import pyarrow as pa
 
-    def _mine(self, image: Any, record: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
-        import torch
+    from ovseg_mine import rle
 
-        from ovseg_mine.crops import normalize, render_masked_crops
-        from ovseg_mine.faults import failpoint
-        from ovseg_mine.mine.matching import encode_crops, keep_match, match_nouns
-
-        failpoint("image", record["image_id"])  # kill: the worker dies on this image; raise: mining it raises
-        start = time.perf_counter()
-        if record.get("proposals") is not None or self.generator is None:
-            from ovseg_mine.mine.given_proposals import GivenMaskError, given_proposals
-
-            try:
-                proposals = given_proposals(record.get("proposals") or [], image.shape[:2], self.cfg.sam, self.device)
-            except GivenMaskError as exc:
-                return {**out, "status": "proposals", "reason": str(exc)}
-        else:
-            proposals = self.generator(image)
-        out["proposals_s"] = time.perf_counter() - start
-        out["num_proposals"] = len(proposals)
-        if len(proposals) == 0:
-            return {
-                **out,
-                "status": "proposals",
-                "reason": f"no mask proposal ({proposals.num_generated} generated, all empty)",
-            }
-        start = time.perf_counter()
-        image_t = torch.from_numpy(image).to(self.device).permute(2, 0, 1)
-        bboxes = torch.as_tensor(proposals.bboxes, dtype=torch.int64)
-        fill = [255.0 * m for m in self.mean]
-        crops = render_masked_crops(image_t, proposals.masks, bboxes, size=self.input_size, fill=fill)
-        crops = normalize(crops, self.mean, self.std)
-        out["crops_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        image_emb = encode_crops(self.clip, crops, batch_size=self.cfg.clip.batch_size, precision=self.precision)
-        nouns = record["nouns"]
-        text_emb = self.text_cache.embed(nouns)
-        matches = match_nouns(image_emb, text_emb, logit_scale=self.cfg.matching.logit_scale)
-        out["clip_s"] = time.perf_counter() - start
-        pairs = []
-        for match in matches:
-            if not keep_match(match, self.cfg.matching):
-                continue
-            k, m = match.noun_index, match.mask_index
+    keep = [name for name in image_result_schema().names if name != "pairs"]
+    rows = []
+    for record in batch.to_pylist():
+        nouns, pairs = record["nouns"], []
+        width, height = record["width"], record["height"]
+        for match in record["matches"] or []:
+            k = match["noun_index"]
             caption_index = record["noun_caption_index"][k]
             pairs.append(
                 {
                     "pair_id": f"{record['image_id']}:{nouns[k]}",
                     "image_id": record["image_id"],
                     "file_name": record["file_name"],
-                    "width": out["width"],
-                    "height": out["height"],
+                    "width": width,
+                    "height": height,
                     "caption_index": caption_index,
                     "caption": record["captions"][caption_index],
                     "noun": nouns[k],
-                    "mask": proposals.rles[m],
-                    "bbox": [int(v) for v in proposals.bboxes[m]],
-                    "area": int(proposals.areas[m]),
-                    "proposal_index": m,
-                    "num_proposals": len(proposals),
-                    "similarity": match.similarity,
-                    "probability": match.probability,
-                    "margin": match.margin,
-                    "predicted_iou": _score(proposals.predicted_iou[m]),
-                    "stability_score": _score(proposals.stability_score[m]),
+                    "mask": rle.from_runs(match["runs"], height, width),
+                    "bbox": match["bbox"],
+                    "area": match["area"],
+                    "proposal_index": match["mask_index"],
+                    "num_proposals": record["num_proposals"],
+                    "similarity": match["similarity"],
+                    "probability": match["probability"],
+                    "margin": match["margin"],
+                    "predicted_iou": match["predicted_iou"],
+                    "stability_score": match["stability_score"],
                 }
             )
-        if not pairs:
-            return {**out, "status": "matching", "reason": f"all {len(matches)} nouns below the matching thresholds"}
-        return {**out, "pairs": pairs}
+        rows.append({**{name: record[name] for name in keep}, "pairs": pairs})
+    return pa.Table.from_pylist(rows, schema=image_result_schema())

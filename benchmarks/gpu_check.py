@@ -1,0 +1,376 @@
+"""The GPU check (issue 12, item 6): one script, a few minutes on one GPU, that measures the GPU stage of mining and
+writes ``benchmarks/results/gpu.json``.
+
+    python benchmarks/gpu_check.py                       # on the GPU machine (see benchmarks/README.md: wheels)
+    python benchmarks/gpu_check.py --images 2            # anywhere: on a CPU it runs small and says what it skipped
+
+It runs the stages after nouns in this process, without Ray and without spaCy (nouns of the bundled sample come
+from ``benchmarks/data/coco_sample_nouns.json``), on the bundled 16 COCO images repeated under new ids, with SAM
+``vit_b`` and CLIP ``ViT-B-16`` random weights (SAM calibrated: ``calibration.py``) at the ``coco-ovseg``
+settings (32x32 points, 100 masks per image, bf16) and the GPU stage's batch settings. Parts, each recorded (or its
+error) in the JSON as soon as it ends, so a run cut short keeps what it measured:
+
+1. ``environment``: Python, torch, device; the modules it needs and which are missing (then it stops there);
+2. ``throughput``: images/s of the GPU stage alone and end to end in-process (decode threads overlapping the GPU
+   stage, then finalize), seconds per step, peak GPU memory;
+3. ``proxies``: host syncs per image (``torch.cuda.set_sync_debug_mode``, and the CPU counters of ``proxies.py``),
+   aten ops and CUDA kernels per image, time outside torch ops;
+4. ``memory_64mp``: peak GPU memory for a batch of 64 MP images at the default batch size (must stay <= 16 GiB);
+5. ``agreement``: the hand-written baseline (``reference.py``: stock AMG fp32, one CLIP call per crop) on a few
+   images, against ovseg-mine in bf16 and in fp32: pairs identical, speed-up;
+6. ``compile`` (``--compile``): the same throughput with ``engine.compile=true``.
+
+Everything not run (no GPU, time budget, a missing module) is listed under ``not_run`` with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+#: Modules the check imports, and the PyPI distribution that brings each.
+REQUIRED = {
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "numpy": "numpy",
+    "PIL": "pillow",
+    "pyarrow": "pyarrow",
+    "pydantic": "pydantic (+ pydantic-core, annotated-types, typing-inspection)",
+    "open_clip": "open_clip_torch (+ ftfy, wcwidth, regex, huggingface_hub, safetensors)",
+    "segment_anything": "segment-anything",
+    "pycocotools": "pycocotools",
+}
+#: Modules mining uses elsewhere that the check does without.
+NOT_NEEDED = {
+    "ray": "Ray (the check runs the GPU stage in this process; the Ray pipeline is measured on CPU by "
+    "mine_benchmark.py ray)",
+    "spacy": "spaCy (nouns come from benchmarks/data/coco_sample_nouns.json)",
+}
+GPU_SETTINGS = ["sam.points_per_batch=512", "engine.batching='pooled'"]
+
+
+def environment() -> tuple[dict[str, Any], list[str]]:
+    missing = [f"{module} (pip: {dist})" for module, dist in REQUIRED.items() if not importlib.util.find_spec(module)]
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "modules_missing": missing,
+        "modules_absent_not_needed": [
+            why for module, why in NOT_NEEDED.items() if not importlib.util.find_spec(module)
+        ],
+    }
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        env["torch"] = torch.__version__
+        env["cuda"] = torch.cuda.is_available()
+        if env["cuda"]:
+            props = torch.cuda.get_device_properties(0)
+            env["device"] = props.name
+            env["device_memory_gib"] = round(props.total_memory / 2**30, 1)
+    return env, missing
+
+
+class Check:
+    """Runs the parts, records each one's result or error in the report, and writes the JSON after each."""
+
+    def __init__(self, out: Path, budget_s: float) -> None:
+        self.out, self.budget_s, self.start = out, budget_s, time.perf_counter()
+        self.report: dict[str, Any] = {"status": "running", "not_run": {}, "errors": {}}
+
+    def write(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.report, indent=1, default=str) + "\n")
+
+    def skip(self, part: str, reason: str) -> None:
+        self.report["not_run"][part] = reason
+        print(f"[{part}] not run: {reason}", flush=True)
+        self.write()
+
+    def part(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` unless the budget is spent. It returns a dict (recorded under ``name``) or a pair (a dict
+        to record, a value to hand back); returns that value (or the dict), None when skipped or failed."""
+        elapsed = time.perf_counter() - self.start
+        if elapsed > self.budget_s:
+            self.skip(name, f"time budget spent ({elapsed:.0f} s of {self.budget_s:.0f} s)")
+            return None
+        print(f"[{name}] ...", flush=True)
+        begin = time.perf_counter()
+        try:
+            result = fn()
+        except Exception as exc:  # record and go on: the other parts still measure something
+            self.report["errors"][name] = {
+                "error": f"{type(exc).__name__}: {exc}"[:500],
+                "traceback": traceback.format_exc()[-3000:],
+            }
+            print(f"[{name}] failed: {type(exc).__name__}: {exc}", flush=True)
+            self.write()
+            return None
+        summary, value = result if isinstance(result, tuple) else (result, result)
+        summary["part_s"] = round(time.perf_counter() - begin, 1)
+        self.report[name] = summary
+        print(f"[{name}] {json.dumps(summary, default=str)[:1500]}", flush=True)
+        self.write()
+        return value
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _batches(rows: list, size: int) -> list[list]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def throughput(runner: Any, rows: list[dict], batch: int, workers: int) -> tuple[dict[str, Any], list[dict]]:
+    """GPU stage alone, then decode threads overlapping the GPU stage and finalize (in-process end to end)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import torch
+
+    from ovseg_mine.mine.stages import finalize_stage
+
+    batches = _batches(rows, batch)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        decoded = list(pool.map(runner.decode, batches))
+    decode_s = time.perf_counter() - start
+    runner.stage(decoded[0])  # warm-up: kernels, the noun cache of these images
+    _sync()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for table in decoded:
+        runner.stage(table)
+    _sync()
+    gpu_s = time.perf_counter() - start
+    results: list[dict] = []
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        for table in list(pool.map(runner.decode, batches)):
+            results += finalize_stage(runner.stage(table)).to_pylist()
+    _sync()
+    e2e_s = time.perf_counter() - start
+    n = len(rows)
+    return {
+        "images": n,
+        "batch": batch,
+        "decode_threads": workers,
+        "gpu_stage_images_per_s": n / gpu_s,
+        "end_to_end_images_per_s": n / e2e_s,
+        "decode_images_per_s_all_threads": n / decode_s,
+        "step_seconds_per_image": {
+            step: float(np.mean([r[f"{step}_s"] for r in results])) for step in ("decode", "proposals", "crops", "clip")
+        },
+        "masks_per_image": float(np.mean([r["num_proposals"] for r in results])),
+        "pairs_per_image": float(np.mean([len(r["pairs"]) for r in results])),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "statuses": {s: sum(r["status"] == s for r in results) for s in {r["status"] for r in results}},
+    }, results
+
+
+def proxies(runner: Any, rows: list[dict]) -> dict[str, Any]:
+    """Syncs, ops, kernels and non-torch time per image of one GPU-stage batch."""
+    import warnings
+
+    import torch
+    from proxies import count, profile_time
+
+    decoded = runner.decode(rows)
+    runner.stage(decoded)
+    n = len(rows)
+    counted = count(lambda: runner.stage(decoded))
+    out: dict[str, Any] = {
+        "images": n,
+        "syncs_per_image_counted": counted["syncs"] / n,
+        "syncs_by_kind": counted["syncs_by_kind"],
+        "aten_ops_per_image": counted["aten_ops"] / n,
+        "aten_ops_per_image_excluding_views": counted["aten_ops_excluding_views"] / n,
+    }
+    timing = profile_time(lambda: runner.stage(decoded))
+    out["non_torch_ms_per_image"] = 1000 * timing["non_torch_s"] / n
+    if torch.cuda.is_available():
+        from torch.profiler import ProfilerActivity, profile
+
+        _sync()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                runner.stage(decoded)
+                _sync()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        out["syncs_per_image"] = sum("synchroniz" in str(w.message) for w in caught) / n
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            runner.stage(decoded)
+            _sync()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out["cuda_kernels_per_image"] = len(kernels) / n
+    return out
+
+
+def memory_64mp(runner: Any, batch: int, nouns: list[str]) -> dict[str, Any]:
+    """Peak GPU memory of a default-size batch of 64 MP images (a sample image upscaled)."""
+    import torch
+    from harness import SAMPLE
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = sorted((SAMPLE / "images").glob("*.jpg"))[0]
+        big = Path(tmp) / "big.jpg"
+        Image.open(source).convert("RGB").resize((9216, 6912), Image.BICUBIC).save(big, quality=90)
+        rows = [
+            {
+                "image_id": i,
+                "file_name": big.name,
+                "path": str(big),
+                "width": 9216,
+                "height": 6912,
+                "captions": ["a photo"],
+                "nouns": nouns,
+                "noun_caption_index": [0] * len(nouns),
+                "nouns_s": 0.0,
+            }
+            for i in range(batch)
+        ]
+        decoded = runner.decode(rows)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        out = runner.stage(decoded).to_pylist()
+        _sync()
+        seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return {
+        "images": batch,
+        "pixels_per_image": 9216 * 6912,
+        "peak_gpu_gib": peak,
+        "within_16_gib": peak <= 16,
+        "seconds": seconds,
+        "statuses": [r["status"] for r in out],
+        "reasons": sorted({r["reason"] for r in out if r["reason"]}),
+    }
+
+
+def agreement(ckpt: str, rows: list[dict], ours: list[dict], runner32: Any, cfg: Any) -> dict[str, Any]:
+    """The baseline against ovseg-mine bf16 (the throughput run's pairs) and fp32, on ``rows``."""
+    from mine_benchmark import agreement as compare
+    from reference import ReferenceMiner
+
+    from ovseg_mine.models import clip_input_size, clip_mean_std, load_clip, load_sam
+
+    device = runner32.engine.device
+    sam, _ = load_sam("vit_b", ckpt, device=device)
+    clip, tokenizer, _ = load_clip(cfg.clip.arch, "random", device=device, seed=cfg.seed)
+    ref = ReferenceMiner(cfg, sam, clip, tokenizer, None, clip_input_size(clip), *clip_mean_std(clip))
+    ref_pairs, ref_s = [], 0.0
+    with tempfile.TemporaryFile("w+") as sink:
+        ref.mine(rows[0], sink)  # warm-up
+        for row in rows:
+            _sync()
+            start = time.perf_counter()
+            pairs, _, _ = ref.mine(row, sink)
+            _sync()
+            ref_s += time.perf_counter() - start
+            ref_pairs.append(pairs)
+    by_id = {r["image_id"]: r["pairs"] for r in ours}
+    runner32.run(rows[:1])
+    start = time.perf_counter()
+    fp32, _ = runner32.run(rows)
+    fp32_s = time.perf_counter() - start
+    return {
+        "images": len(rows),
+        "reference_s_per_image": ref_s / len(rows),
+        "ours_fp32_s_per_image": fp32_s / len(rows),
+        "bf16_vs_reference": compare(ref_pairs, [by_id[r["image_id"]] for r in rows]),
+        "fp32_vs_reference": compare(ref_pairs, [r["pairs"] for r in fp32]),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=None, help="images timed (default 64 on a GPU, 2 on a CPU)")
+    parser.add_argument("--points-per-side", type=int, default=None, help="default 32 on a GPU, 8 on a CPU")
+    parser.add_argument("--batch", type=int, default=8, help="images per GPU-stage call (ray.batch_size)")
+    parser.add_argument("--reference-images", type=int, default=None, help="default 8 on a GPU, 1 on a CPU")
+    parser.add_argument("--compile", action="store_true", help="also measure engine.compile=true")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="skip parts that would start after this (420 s; CPU: 3600 s)"
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu.json")
+    args = parser.parse_args(argv)
+
+    env, missing = environment()
+    cuda = bool(env.get("cuda"))
+    check = Check(args.out, args.budget_s or (420.0 if cuda else 3600.0))
+    check.report["environment"] = env
+    if missing:
+        check.report["status"] = "missing modules"
+        for part in ("throughput", "proxies", "memory_64mp", "agreement", "compile"):
+            check.skip(part, "missing modules: " + ", ".join(missing))
+        return check.report
+    from calibration import calibrated_checkpoint
+    from harness import SAMPLE_NOUNS, StageRunner, bench_config, load_nouns_json, sample_records, with_nouns
+
+    n = args.images or (64 if cuda else 2)
+    points = args.points_per_side or (32 if cuda else 8)
+    if not cuda:
+        check.report["note"] = "no CUDA device: small CPU run (plumbing only); GPU figures are not measured"
+    tmp = tempfile.TemporaryDirectory()
+    ckpt = calibrated_checkpoint("vit_b", str(Path(tmp.name) / "sam_vit_b_calibrated.pth"))
+    extra = [*GPU_SETTINGS, f"ray.batch_size={args.batch}", f"sam.encoder_batch_size={args.batch}"]
+    if not cuda:
+        extra.append("clip.batch_size=32")  # a CPU run only checks the plumbing: small padded CLIP calls
+    cfg = bench_config(points, "bf16", ckpt, extra)
+    check.report["settings"] = {"images": n, "points_per_side": points, "batch": args.batch, "overrides": extra}
+    rows = with_nouns(sample_records(n), load_nouns_json(SAMPLE_NOUNS))
+    runner = check.part("load", lambda: ({}, StageRunner(cfg, ckpt)))
+    if runner is None:
+        return check.report
+    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    ours = check.part("throughput", lambda: throughput(runner, rows, args.batch, workers)) or []
+    check.part("proxies", lambda: proxies(runner, rows[: args.batch]))
+    if cuda:
+        check.part("memory_64mp", lambda: memory_64mp(runner, args.batch, rows[0]["nouns"]))
+    else:
+        check.skip("memory_64mp", "no CUDA device (the CPU bound is measured by mine_benchmark.py big-image)")
+    k = args.reference_images or (8 if cuda else 1)
+    cfg32 = bench_config(points, "fp32", ckpt, extra)
+    if ours:
+        check.part("agreement", lambda: agreement(ckpt, rows[:k], ours, StageRunner(cfg32, ckpt), cfg32))
+    else:
+        check.skip("agreement", "no throughput results to compare")
+    if args.compile and cuda:
+        cfgc = bench_config(points, "bf16", ckpt, [*extra, "engine.compile=true"])
+        check.part("compile", lambda: throughput(StageRunner(cfgc, ckpt), rows, args.batch, workers)[0])
+    else:
+        check.skip("compile", "no CUDA device" if not cuda else "not asked (--compile)")
+    check.report["status"] = "complete" if not (check.report["errors"] or check.report["not_run"]) else "partial"
+    check.report["seconds"] = round(time.perf_counter() - check.start, 1)
+    check.write()
+    print(f"\nJSON: {args.out} ({check.report['status']}; not run: {sorted(check.report['not_run'])})")
+    return check.report
+
+
+if __name__ == "__main__":
+    main()

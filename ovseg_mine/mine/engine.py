@@ -1,0 +1,407 @@
+"""The GPU stage's work on a batch of images: SAM proposals, masked crops, CLIP, each noun's best mask, and the
+run lengths of the matched masks, with a handful of host syncs per image and memory bounded whatever the
+image size.
+
+For a batch of decoded images (original pixels and SAM's resized input, both already on the device) and their
+nouns, :meth:`MiningEngine.mine`:
+
+1. encodes the images with SAM's image encoder in fixed-size batches (:class:`~ovseg_mine.mine.sam_batch.BatchedSam`);
+2. per image, decodes every grid point and selects the proposals (:func:`~ovseg_mine.mine.amg.select_masks`:
+   predicted-IoU and stability filters, box NMS, empty masks last, the best ``max_masks_per_image``), kept as
+   low-resolution logits. An image whose masks the user gave (:attr:`ImageJob.given`, built by
+   :meth:`MiningEngine.given_masks`) skips 1 and 2: its masks are kept as run lengths and decoded on the device;
+3. renders the masked crops of all kept masks (OVSeg's crop: tight box, CLIP's mean pixel, bicubic), chunk by
+   chunk, upsampling the kept masks again for that;
+4. embeds the crops with CLIP, and each image's nouns (cached per noun). ``engine.batching='pooled'`` (a GPU's
+   default) renders each chunk's crops in one gather op and runs CLIP over the crops of the whole batch in calls
+   padded to ``clip.batch_size``; ``per_image`` (a CPU's default) renders one crop at a time and runs CLIP per
+   image without padding. Either way the kernels an image's crops see depend on that image alone;
+5. per image, picks each noun's best mask on the device (:func:`~ovseg_mine.mine.matching.best_masks`), applies
+   the matching thresholds, upsamples the chosen masks and takes their column-major run lengths
+   (:func:`ovseg_mine.rle.mask_runs`, one ``nonzero`` for the batch);
+6. brings the per-noun numbers to the host in one transfer.
+
+The per-image host syncs are the three of the proposal selection; the batch adds three more (crops' run
+lengths: ``nonzero`` and its copy; the results' copy), plus one ``torch.cuda.synchronize`` per timed step.
+Failures stay per image (:meth:`MiningEngine.mine_each`): a batch that raises is mined again one image at a
+time, so only the image that raises is reported; an out-of-memory error on a single image is reported, not
+retried (the same image would fail the same way).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from ovseg_mine.config import MineConfig
+    from ovseg_mine.mine.amg import MaskSet
+
+#: Step names timed per batch (seconds, summed over the batch's images by :class:`StepTimer`).
+STEPS = ("proposals", "crops", "clip")
+
+
+@dataclass
+class ImageJob:
+    """One image to mine.
+
+    Attributes:
+        image_id: the dataset's id (reported back with the outcome).
+        image: uint8 ``[3, H, W]`` RGB original pixels on the engine's device (crops are cut from it).
+        sam_image: uint8 ``[3, h, w]`` RGB, SAM's resize of ``image`` (longest side = SAM's input size); None
+            when ``given`` is set.
+        nouns: the image's nouns (at least one).
+        given: the image's given masks (:meth:`MiningEngine.given_masks`), used instead of SAM; None: SAM runs.
+        given_s: seconds spent building ``given``.
+    """
+
+    image_id: int
+    image: "torch.Tensor"
+    sam_image: "torch.Tensor | None"
+    nouns: list[str]
+    given: "MaskSet | None" = None
+    given_s: float = 0.0
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.image.shape[1]), int(self.image.shape[2])
+
+
+@dataclass
+class NounMatch:
+    """A noun's best mask that passed the matching thresholds.
+
+    Attributes:
+        noun_index: index into the job's nouns.
+        mask_index: rank of the mask among the image's proposals (0 = highest predicted IoU).
+        similarity, probability, margin: as :class:`ovseg_mine.mine.matching.Match` (margin None: no runner-up).
+        predicted_iou, stability_score: SAM's scores of the mask (None: a given mask without scores).
+        bbox: tight box, XYWH in pixels (COCO convention).
+        area: foreground pixels.
+        runs: uint32 column-major run lengths (uncompressed COCO RLE; :func:`ovseg_mine.rle.from_runs`).
+    """
+
+    noun_index: int
+    mask_index: int
+    similarity: float
+    probability: float
+    margin: float | None
+    predicted_iou: float | None
+    stability_score: float | None
+    bbox: list[int]
+    area: int
+    runs: np.ndarray
+
+
+@dataclass
+class ImageOutcome:
+    """What mining one image gave.
+
+    Attributes:
+        num_proposals: non-empty proposals kept (0: the image has no usable mask).
+        num_generated: masks left after NMS, before the empty-mask drop and the cap.
+        num_matches: nouns that got a mask (before the thresholds).
+        matches: the nouns' matches that passed the thresholds, in noun order.
+        seconds: per step (:data:`STEPS`), this image's share of the batch's time.
+    """
+
+    num_proposals: int
+    num_generated: int
+    num_matches: int
+    matches: list[NounMatch]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class StepTimer:
+    """Wall time per step, with ``torch.cuda.synchronize`` at both ends on a GPU (queued kernels would otherwise
+    be billed to whichever step syncs next)."""
+
+    def __init__(self, device: "torch.device") -> None:
+        self.device = device
+        self.seconds: dict[str, float] = dict.fromkeys(STEPS, 0.0)
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[step] += time.perf_counter() - start
+
+
+class MiningEngine:
+    """SAM, CLIP and the noun embeddings of one GPU actor, and the batch computation of :mod:`this module
+    <ovseg_mine.mine.engine>`.
+
+    Args:
+        cfg: the run's config (``sam``, ``clip``, ``matching``, ``engine``, ``ray.chunk_mib``).
+        sam: a segment-anything ``Sam`` on ``device`` (weights as loaded; cast here for low precisions), or None
+            when the run's masks are given (every job then carries :attr:`ImageJob.given`).
+        clip, tokenizer: an open_clip model on ``device`` and its tokenizer.
+        device: where everything runs.
+    """
+
+    def __init__(self, cfg: "MineConfig", sam: Any, clip: Any, tokenizer: Any, device: "torch.device") -> None:
+        import torch
+
+        from ovseg_mine import precision as precision_mod
+        from ovseg_mine.mine.sam_batch import BatchedSam
+        from ovseg_mine.models import clip_input_size, clip_mean_std
+        from ovseg_mine.text import NounEmbeddings
+
+        self.cfg = cfg
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.sam = (
+            None
+            if sam is None
+            else BatchedSam(
+                sam,
+                points_per_side=cfg.sam.points_per_side,
+                points_per_batch=cfg.sam.points_per_batch or (512 if cuda else 64),
+                precision=precision_mod.for_inference(cfg.sam.precision, self.device),
+                encoder_batch_size=cfg.sam.encoder_batch_size or (8 if cuda else 1),
+                compile=cfg.engine.compile,
+            )
+        )
+        self.clip_precision = precision_mod.for_inference(cfg.clip.precision, self.device)
+        self.clip = precision_mod.cast_model(clip, self.clip_precision)
+        if cfg.engine.compile and cuda:
+            self.clip.encode_image = torch.compile(self.clip.encode_image, dynamic=False)
+        self.input_size = clip_input_size(self.clip)
+        self.mean, self.std = clip_mean_std(self.clip)
+        self.fill = [255.0 * m for m in self.mean]
+        # One noun per encode_text call: a noun's embedding does not depend on which nouns this actor met first.
+        self.text = NounEmbeddings(clip, tokenizer, self.device, nouns_per_call=1, precision=self.clip_precision)
+        self.pooled = cfg.engine.batching == "pooled" or (cfg.engine.batching == "auto" and cuda)
+        self.chunk_bytes = cfg.ray.chunk_mib * 2**20
+
+    # ----------------------------------------------------------------------------------------------- inputs
+
+    def to_device(self, pixels: np.ndarray) -> "torch.Tensor":
+        """uint8 ``[H, W, 3]`` host pixels -> uint8 ``[3, H, W]`` on the device: a view of the same memory on a CPU
+        (the engine only reads it), an asynchronous copy from pinned memory on a GPU."""
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():  # Arrow's buffers are read-only; nothing writes into the pixels
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.permute(2, 0, 1)
+
+    def resize_for_sam(self, image: np.ndarray) -> np.ndarray:
+        """SAM's resize (longest side = SAM's input size), uint8 ``[h, w, 3]``; what the decode stage runs."""
+        return self.sam.resize(image)
+
+    def given_masks(self, entries: list[dict[str, Any]], size: tuple[int, int]) -> "MaskSet":
+        """An image's given masks as its proposals on the device
+        (:func:`ovseg_mine.mine.given_proposals.given_mask_set` with the run's ``sam`` filters and chunk budget).
+
+        Raises:
+            GivenMaskError: a mask's size differs from ``size`` ``(H, W)``.
+        """
+        from ovseg_mine.mine.given_proposals import given_mask_set
+
+        return given_mask_set(entries, size, self.cfg.sam, self.device, self.chunk_bytes)
+
+    # -------------------------------------------------------------------------------------------- the batch
+
+    def mine_each(self, jobs: Sequence[ImageJob]) -> list[ImageOutcome | BaseException]:
+        """:meth:`mine` with failures kept per image: the outcome of each job, or the exception that mining it
+        alone raised. A batch that raises is mined again one image at a time (after emptying the CUDA cache
+        when it ran out of memory); a single image's error, out-of-memory included, is returned, not retried."""
+        import torch
+
+        if not jobs:
+            return []
+        try:
+            return list(self.mine(jobs))
+        except Exception as exc:
+            if len(jobs) == 1:
+                return [exc]
+            if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        outcomes: list[ImageOutcome | BaseException] = []
+        for job in jobs:
+            try:
+                outcomes.extend(self.mine([job]))
+            except Exception as exc:
+                if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                outcomes.append(exc)
+        return outcomes
+
+    def mine(self, jobs: Sequence[ImageJob]) -> list[ImageOutcome]:
+        """Mine a batch of images (see the module docstring); raises on any failure."""
+        import torch
+
+        timer = StepTimer(self.device)
+        with torch.inference_mode():
+            with timer("proposals"):
+                sam_jobs = [job for job in jobs if job.given is None]
+                features = self.sam.embed([job.sam_image for job in sam_jobs]) if sam_jobs else None
+                sets, j = [], 0
+                for job in jobs:
+                    if job.given is None:
+                        sets.append(self._propose(job, features[j : j + 1]))
+                        j += 1
+                    else:
+                        sets.append(job.given)
+            with timer("crops"):
+                crops = self._crops(jobs, sets)
+            with timer("clip"):
+                embeddings = self._embed_crops(crops, [len(masks) for masks in sets])
+                outcomes = self._match(jobs, sets, embeddings)
+        share = {step: seconds / len(jobs) for step, seconds in timer.seconds.items()}
+        for outcome in outcomes:
+            outcome.seconds = dict(share)
+        return outcomes
+
+    def _propose(self, job: ImageJob, features: "torch.Tensor") -> "MaskSet":
+        from ovseg_mine.mine.amg import chunk_size, select_masks
+
+        size = job.size
+        low_res, iou = self.sam.decode(features, size)
+        input_size = self.sam.input_size(size)
+        postprocess = self.sam.sam.postprocess_masks
+        return select_masks(
+            low_res,
+            iou,
+            cfg=self.cfg.sam,
+            size=size,
+            upsample=lambda low: postprocess(low[:, None], input_size, size)[:, 0],
+            mask_threshold=self.sam.mask_threshold,
+            chunk=chunk_size(size, self.sam.img_size, self.chunk_bytes),
+            min_region_area=self.cfg.sam.min_mask_region_area,
+        )
+
+    def _crops(self, jobs: Sequence[ImageJob], sets: Sequence["MaskSet"]) -> "torch.Tensor":
+        """CLIP-normalized masked crops of every kept mask of the batch, ``[sum K, 3, S, S]`` float32."""
+        import torch
+
+        from ovseg_mine.crops import normalize, render_masked_crops, render_masked_crops_batched
+
+        render = render_masked_crops_batched if self.pooled else render_masked_crops
+        side = self.input_size
+        per_crop = 33 * 16 * side * side if self.pooled else 0  # the gather's bytes per mask
+        out = []
+        for job, masks in zip(jobs, sets, strict=True):
+            k = len(masks)
+            step = max(1, min(masks.chunk, self.chunk_bytes // max(1, per_crop)))
+            for start in range(0, k, step):
+                index = torch.arange(start, min(k, start + step), device=self.device)
+                boxes = masks.boxes.index_select(0, index)
+                if not self.pooled:  # the per-mask loop refuses empty boxes; empty masks are flagged
+                    boxes = torch.cat([boxes[:, :2], boxes[:, 2:].clamp(min=1)], dim=1)
+                out.append(render(job.image, masks.masks(index), boxes, size=side, fill=self.fill))
+        crops = torch.cat(out) if out else torch.zeros((0, 3, side, side), device=self.device)
+        return normalize(crops, self.mean, self.std)
+
+    def _embed_crops(self, crops: "torch.Tensor", counts: list[int]) -> "torch.Tensor":
+        """CLIP embeddings of the batch's crops: pooled in padded calls, or per image (``counts`` crops each)."""
+        import torch
+
+        from ovseg_mine.mine.matching import encode_crops
+
+        size, precision = self.cfg.clip.batch_size, self.clip_precision
+        if self.pooled:
+            return encode_crops(self.clip, crops, batch_size=size, precision=precision)
+        parts = [
+            encode_crops(self.clip, part, batch_size=size, precision=precision, pad=False)
+            for part in torch.split(crops, counts)
+            if len(part)
+        ]
+        return torch.cat(parts) if parts else crops.new_zeros((0, 0))
+
+    def _match(
+        self, jobs: Sequence[ImageJob], sets: Sequence["MaskSet"], embeddings: "torch.Tensor"
+    ) -> list[ImageOutcome]:
+        """Each noun's best mask per image, the matched masks' run lengths, and one transfer to the host."""
+        import torch
+
+        from ovseg_mine.mine.matching import best_masks, passes_thresholds
+
+        m = self.cfg.matching
+        rows, runs, pending, offset = [], [[] for _ in jobs], [], 0
+        for i, (job, masks) in enumerate(zip(jobs, sets, strict=True)):
+            k = len(masks)
+            image_emb, offset = embeddings[offset : offset + k], offset + k
+            if k == 0:
+                rows.append(torch.zeros((0, 13), dtype=torch.float64, device=self.device))
+                continue
+            best, sims, probs, margins = best_masks(
+                image_emb, self.text.embed(job.nouns), valid=masks.valid, logit_scale=m.logit_scale
+            )
+            passed = passes_thresholds(sims, probs, margins, m)
+            columns = [
+                best,
+                sims,
+                probs,
+                margins,
+                passed,
+                masks.predicted_iou[best],
+                masks.stability_score[best],
+                masks.areas[best],
+                masks.valid.sum().expand(len(best)),
+                masks.boxes[best],
+            ]
+            rows.append(torch.cat([c.double().reshape(len(best), -1) for c in columns], dim=1))  # [nouns, 13]
+            for start in range(0, len(best), masks.chunk):  # the chosen masks' run lengths, in bounded memory
+                pending.append((i, masks, best[start : start + masks.chunk]))
+                if sum(4 * len(b) * ms.size[0] * ms.size[1] for _, ms, b in pending) > self.chunk_bytes:
+                    self._runs(pending, runs)
+        self._runs(pending, runs)
+        table = torch.cat(rows).cpu().numpy()
+        outcomes, start = [], 0
+        for job, masks, image_runs in zip(jobs, sets, runs, strict=True):
+            part = table[start : start + (len(job.nouns) if len(masks) else 0)]
+            start += len(part)
+            num_valid = int(part[0, 8]) if len(part) else 0
+            matches = [
+                NounMatch(
+                    noun_index=i,
+                    mask_index=int(row[0]),
+                    similarity=float(row[1]),
+                    probability=float(row[2]),
+                    margin=None if np.isinf(row[3]) else float(row[3]),
+                    predicted_iou=None if np.isnan(row[5]) else float(row[5]),
+                    stability_score=None if np.isnan(row[6]) else float(row[6]),
+                    bbox=[int(v) for v in row[9:13]],
+                    area=int(row[7]),
+                    runs=image_runs[i],
+                )
+                for i, row in enumerate(part)
+                if num_valid and row[4]
+            ]
+            outcomes.append(ImageOutcome(num_valid, masks.num_generated, len(part) if num_valid else 0, matches))
+        return outcomes
+
+    @staticmethod
+    def _runs(pending: list[tuple[int, "MaskSet", "torch.Tensor"]], runs: list[list[np.ndarray]]) -> None:
+        """Run lengths of the ``pending`` chosen masks (``(image, masks, index)``, one ``nonzero`` for all),
+        appended to ``runs[image]``; empties ``pending``."""
+        from ovseg_mine import rle
+
+        if not pending:
+            return
+        found = rle.mask_runs([masks.masks(index) for _, masks, index in pending])
+        for (i, _, _), image_runs in zip(pending, found, strict=True):
+            runs[i].extend(image_runs)
+        pending.clear()
