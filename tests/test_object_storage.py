@@ -55,7 +55,8 @@ def s3_module(moto_server):
 
 @pytest.fixture(scope="module")
 def s3_run(s3_module, smoke_run):
-    """A run mined into a bucket through a SIGKILL and a resume; returns its URI and the CLI's last output."""
+    """A run mined into a bucket through a SIGKILL and a resume; returns its URI, the CLI's last output and the
+    number of images in the shards committed before the kill."""
     out = f"{s3_module}/runs/smoke"
     proc = _start_demo(out, "shard.after_done:0=sleep(120)")
     marker = resolve(out).join("shards", "shard-00000.done.json")
@@ -69,15 +70,17 @@ def s3_run(s3_module, smoke_run):
     assert second.returncode == 2 and "is in use by another ovseg-mine run (host " in second.stderr
     assert f"pid {proc.pid}," in second.stderr and second.stderr.count("\n") == 1
     _kill_with_its_ray(proc)
-    assert sorted(read_done(out)) == [0]
+    # Shards finish in any order (batches of images): shard 0 is committed, and maybe another one, not all three.
+    kept = read_done(out)
+    assert 0 in kept and len(kept) < 3, sorted(kept)
     # Killed on this host: its lease is stale at once, and the rerun resumes.
     result = run_cli("demo", *SMOKE, "--out", out)
     assert result.returncode == 0, result.stderr
-    return out, result
+    return out, result, sum(len(record["image_ids"]) for record in kept.values())
 
 
 def test_a_run_on_s3_survives_a_kill_and_equals_the_local_run(s3_run, smoke_run):
-    out, result = s3_run
+    out, result, kept_images = s3_run
     assert "complete:" in result.stdout and f"shards and manifest: {out}" in result.stdout
     assert_only_cli_lines(result.stdout + result.stderr)
     assert _digests(out) == _digests(smoke_run)  # byte-identical shards
@@ -88,14 +91,14 @@ def test_a_run_on_s3_survives_a_kill_and_equals_the_local_run(s3_run, smoke_run)
             assert record[key] == local[index][key], (index, key)
     manifest = json.loads(resolve(out).join("manifest.json").read_bytes())
     assert manifest["status"] == "complete" and manifest["counts"]["images"] == 16
-    assert manifest["timings"]["images_this_invocation"] == 10  # shard 0 was kept
+    assert manifest["timings"]["images_this_invocation"] == 16 - kept_images  # the committed shards were kept
     run = resolve(out)
     assert not run.join(".lease.json").exists()  # released by the run that finished
     assert "Ray started at 127.0.0.1:" in run.join("mine.log").read_text()  # the log is uploaded with the run
 
 
 def test_inspect_and_publish_read_the_run_from_s3(s3_run, smoke_run, tmp_path):
-    out, _ = s3_run
+    out = s3_run[0]
     remote = run_cli("inspect", out, "--json", "--gallery", "4")
     assert remote.returncode == 0, remote.stderr
     local = run_cli("inspect", str(smoke_run), "--json", "--no-report")
