@@ -203,11 +203,14 @@ def proxies(runner: Any, rows: list[dict]) -> dict[str, Any]:
         "images": n,
         "syncs_per_image_counted": counted["syncs"] / n,
         "syncs_by_kind": counted["syncs_by_kind"],
+        "syncs_by_site": counted["syncs_by_site"],
         "aten_ops_per_image": counted["aten_ops"] / n,
         "aten_ops_per_image_excluding_views": counted["aten_ops_excluding_views"] / n,
     }
     timing = profile_time(lambda: runner.stage(decoded))
     out["non_torch_ms_per_image"] = 1000 * timing["non_torch_s"] / n
+    out["non_torch_ms_per_image_between_ops"] = 1000 * timing["non_torch_between_ops_s"] / n
+    out["non_torch_ms_per_image_around_ops"] = 1000 * timing["non_torch_around_ops_s"] / n
     if torch.cuda.is_available():
         from torch.profiler import ProfilerActivity, profile
 

@@ -38,6 +38,7 @@ from ovseg_mine import rle  # noqa: E402
 
 #: What the GPU stage runs with on a GPU (``gpu_check.py`` uses the same); the proxies run it on the CPU.
 GPU_SETTINGS = [
+    "engine.device_rules='cuda'",
     "sam.points_per_batch=512",
     "engine.batching='pooled'",
 ]
@@ -173,6 +174,11 @@ def speed(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
                 "masks_per_image": float(np.mean(masks[name][args.warmup :])),
                 "pairs_per_image": float(np.mean([len(p) for p in pairs[name]])),
                 "peak_host_rss_gib": memory.peak.get(name, 0) / 2**30,
+                "precision": (
+                    {"sam": "fp32", "clip": "fp32"}
+                    if name == "reference"
+                    else {"sam": impls[name].engine.sam.precision, "clip": impls[name].engine.clip_precision}
+                ),
             }
             for name in names
         },
@@ -218,11 +224,17 @@ def proxies(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
         "aten_ops_per_image": counted["aten_ops"] / n,
         "aten_ops_per_image_excluding_views": counted["aten_ops_excluding_views"] / n,
         "non_torch_ms_per_image": 1000 * timing["non_torch_s"] / n,
+        "non_torch_ms_per_image_between_ops": 1000 * timing["non_torch_between_ops_s"] / n,
+        "non_torch_ms_per_image_around_ops": 1000 * timing["non_torch_around_ops_s"] / n,
+        "top_level_ops_per_image_profiled": timing["top_level_ops"] / n,
+        "cpu_allocator_ms_per_image": 1000 * timing["allocator_s"] / n,
         "torch_ops_s_per_image": timing["torch_ops_s"] / n,
         "wall_s_per_image_profiled": timing["wall_s"] / n,
         "wall_s_per_image_counted": count_s / n,
         "syncs_by_kind": counted["syncs_by_kind"],
+        "syncs_by_site": counted["syncs_by_site"],
         "top_ops": counted["top_ops"],
+        "top_op_sites": counted["top_op_sites"],
         "text_encoder_per_new_noun": {k: text_ops[k] for k in ("syncs", "aten_ops", "aten_ops_excluding_views")},
     }
 

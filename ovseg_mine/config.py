@@ -159,6 +159,12 @@ class EngineConfig(_Section):
         "F.interpolate per mask and CLIP per image, unpadded (cheaper on a CPU); 'auto': pooled on a GPU, "
         "per_image on a CPU. Either way an image's pairs do not depend on the other images of its batch",
     )
+    device_rules: Literal["auto", "cuda"] = Field(
+        "auto",
+        description="whose defaults the engine takes (points per decoder call, encoder batch, batching, the "
+        "precisions, bf16 weights in SAM's decoder): 'auto' those of the device it runs on; 'cuda' a GPU's on any "
+        "device, so that benchmarks/proxies.py counts a GPU's work on a CPU",
+    )
 
 
 class ShardsConfig(_Section):

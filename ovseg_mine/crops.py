@@ -120,7 +120,8 @@ def _cubic_taps(start: "torch.Tensor", length: "torch.Tensor", size: int) -> tup
     x = torch.cat([t + 1.0, t, 1.0 - t, 2.0 - t], dim=-1)  # distances to the 4 taps
     near = ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
     far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
-    weights = torch.where(torch.tensor([False, True, True, False], device=x.device), near, far)
+    inner = torch.arange(4, device=x.device) % 3 != 0  # taps 1 and 2 are within one pixel: [F, T, T, F]
+    weights = torch.where(inner, near, far)
     taps = first.to(torch.int64)[..., None] + torch.arange(-1, 3, device=length.device)
     taps = torch.minimum(taps.clamp(min=0), (length - 1)[:, None, None])
     return taps + start[:, None, None], weights
@@ -166,8 +167,9 @@ def render_masked_crops_batched(
     n, width = masks.shape[0], image.shape[2]
     boxes = bboxes.to(torch.int64)
     extent = boxes[:, 2:].clamp(min=1)
-    rows, wy = _cubic_taps(boxes[:, 1], extent[:, 1], size)  # [N, S, 4]
-    cols, wx = _cubic_taps(boxes[:, 0], extent[:, 0], size)
+    # the rows' and the columns' taps in one call (each segment's taps depend on its own start and length only)
+    taps, weights = _cubic_taps(boxes[:, :2].flip(1).T.reshape(-1), extent.flip(1).T.reshape(-1), size)  # [2N, S, 4]
+    (rows, cols), (wy, wx) = taps.view(2, n, size, 4), weights.view(2, n, size, 4)
     flat = (rows[:, :, :, None, None] * width + cols[:, None, None, :, :]).view(n, -1)  # [N, S*4*S*4]
     keep = masks.reshape(n, -1).gather(1, flat)
     pixels = image.reshape(3, -1).index_select(1, flat.view(-1)).view(3, n, -1).float()

@@ -9,7 +9,8 @@ Two different things lower the precision of a model, and the code names them apa
   open_clip's ``precision="pure_bf16"``); inputs are cast to it on the way in, outputs back to float32 on the way
   out. Mining, which only runs inference, uses it: on a 2-core AMX CPU, CLIP ViT-B/16 on 64 crops took 11.5 s in
   fp32, 9.8 s under bf16 autocast and 4.3 s with bf16 weights; SAM's vit_b image encoder 8.1 s under autocast and
-  5.6 s with bf16 weights.
+  5.6 s with bf16 weights. On a CPU without bf16 hardware the same encoder takes 16.4 s with bf16 weights and
+  8.3 s in float32, so there a bf16 recipe runs in float32 (:func:`for_inference`).
 * ``fp32`` -- neither.
 
 Recipes name only the dtype (``sam.precision = "bf16"``, ``finetune --precision bf16``); :func:`for_inference`
@@ -99,11 +100,27 @@ def _dtype_name(name: str, options: tuple[str, ...]) -> str:
     return name
 
 
-def for_inference(name: str, device: "torch.device | str") -> str:
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles, as torch reports them). Without
+    them oneDNN emulates bf16 and it is slower than float32: SAM's vit_b image encoder took 16.4 s with bf16
+    weights and 8.3 s in float32 on a 2-core AVX-512 Xeon without AVX512-BF16 (``benchmarks/README.md``)."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def for_inference(name: str, device: "torch.device | str", *, native_bf16: bool | None = None) -> str:
     """The precision mining runs a model in, from the recipe's dtype name.
 
-    ``bf16`` -> ``pure_bf16`` on any device (CPUs with AVX-512 bf16/AMX run it fast); ``fp16`` -> ``pure_fp16``
-    on CUDA, ``fp32`` on a CPU (no fast fp16 there); ``fp32`` -> ``fp32``.
+    ``bf16`` -> ``pure_bf16`` on CUDA and on CPUs that compute bf16 in hardware, ``fp32`` on other CPUs (emulated
+    bf16 is about twice as slow as float32 there); ``fp16`` -> ``pure_fp16`` on CUDA, ``fp32`` on a CPU (no fast
+    fp16 there); ``fp32`` -> ``fp32``.
+
+    Args:
+        name: one of :data:`DTYPE_NAMES`.
+        device: where the model runs (only its type matters).
+        native_bf16: whether a CPU computes bf16 in hardware; None: ask this CPU (:func:`cpu_has_native_bf16`).
 
     Raises:
         ValueError: not one of :data:`DTYPE_NAMES`.
@@ -111,9 +128,11 @@ def for_inference(name: str, device: "torch.device | str") -> str:
     import torch
 
     name = _dtype_name(name, DTYPE_NAMES)
-    if name == "fp32" or (name == "fp16" and torch.device(device).type != "cuda"):
-        return "fp32"
-    return f"pure_{name}"
+    if name == "fp32" or torch.device(device).type == "cuda":
+        return "fp32" if name == "fp32" else f"pure_{name}"
+    if name == "bf16" and (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
+        return "pure_bf16"
+    return "fp32"
 
 
 def for_training(name: str, device: "torch.device | str") -> str:

@@ -23,7 +23,11 @@ def test_pure_casts_weights_and_amp_autocasts():
 
 
 def test_device_rules():
-    assert precision.for_inference("bf16", "cpu") == "pure_bf16"
+    assert precision.for_inference("bf16", "cuda") == "pure_bf16"
+    assert precision.for_inference("bf16", "cpu", native_bf16=True) == "pure_bf16"  # AVX512-BF16 or AMX
+    assert precision.for_inference("bf16", "cpu", native_bf16=False) == "fp32"  # emulated bf16 is slower
+    this_cpu = "pure_bf16" if precision.cpu_has_native_bf16() else "fp32"
+    assert precision.for_inference("bf16", "cpu") == this_cpu
     assert precision.for_inference("fp16", "cpu") == "fp32"  # no fast fp16 on a CPU
     assert precision.for_inference("fp16", "cuda") == "pure_fp16"
     assert precision.for_inference("fp32", "cuda") == "fp32"

@@ -65,3 +65,21 @@ def test_low_precision_keeps_the_iou_head_in_float32(sam, resized):
     assert iou.dtype == torch.float32 and low.shape == (12, 64, 64)
     with pytest.raises(ValueError, match="precision"):
         BatchedSam(copy.deepcopy(sam), points_per_side=2, points_per_batch=4, precision="int8")
+
+
+def test_cached_point_prompts_equal_the_prompt_encoders(sam):
+    """The grid's sparse embeddings are computed without the prompt encoder's bool-mask assignments (host syncs
+    on a GPU); they equal what ``PromptEncoder`` gives for the same points, bit for bit, for every image size."""
+    batched = BatchedSam(copy.deepcopy(sam), points_per_side=4, points_per_batch=8)
+    encoder = batched.sam.prompt_encoder
+    with torch.no_grad():  # random embeddings: the stock tiny model's are too regular to tell rows apart
+        for embedding in (encoder.not_a_point_embed, encoder.point_embeddings[1]):
+            embedding.weight.normal_(generator=torch.Generator().manual_seed(1))
+    for size in [(480, 640), (640, 427), (333, 500)]:
+        points = batched.point_grid * np.array([size[1], size[0]])
+        coords = torch.as_tensor(batched.transform.apply_coords(points, size))[:, None, :]
+        with torch.inference_mode():
+            stock, _ = encoder(points=(coords, torch.ones((len(points), 1), dtype=torch.int)), boxes=None, masks=None)
+        ours = batched._sparse_prompts(size)
+        assert ours.shape == (16, 2, encoder.embed_dim)
+        assert torch.equal(ours, stock)

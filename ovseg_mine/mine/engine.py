@@ -165,7 +165,8 @@ class MiningEngine:
 
         self.cfg = cfg
         self.device = torch.device(device)
-        cuda = self.device.type == "cuda"
+        rules = "cuda" if cfg.engine.device_rules == "cuda" else self.device.type  # whose defaults apply
+        cuda = rules == "cuda"
         self.sam = (
             None
             if sam is None
@@ -173,14 +174,15 @@ class MiningEngine:
                 sam,
                 points_per_side=cfg.sam.points_per_side,
                 points_per_batch=cfg.sam.points_per_batch or (512 if cuda else 64),
-                precision=precision_mod.for_inference(cfg.sam.precision, self.device),
+                precision=precision_mod.for_inference(cfg.sam.precision, rules),
                 encoder_batch_size=cfg.sam.encoder_batch_size or (8 if cuda else 1),
+                low_precision_decoder=cuda,
                 compile=cfg.engine.compile,
             )
         )
-        self.clip_precision = precision_mod.for_inference(cfg.clip.precision, self.device)
+        self.clip_precision = precision_mod.for_inference(cfg.clip.precision, rules)
         self.clip = precision_mod.cast_model(clip, self.clip_precision)
-        if cfg.engine.compile and cuda:
+        if cfg.engine.compile and self.device.type == "cuda":
             self.clip.encode_image = torch.compile(self.clip.encode_image, dynamic=False)
         self.input_size = clip_input_size(self.clip)
         self.mean, self.std = clip_mean_std(self.clip)
@@ -350,19 +352,14 @@ class MiningEngine:
                 image_emb, self.text.embed(job.nouns), valid=masks.valid, logit_scale=m.logit_scale
             )
             passed = passes_thresholds(sims, probs, margins, m)
-            columns = [
-                best,
-                sims,
-                probs,
-                margins,
-                passed,
-                masks.predicted_iou[best],
-                masks.stability_score[best],
-                masks.areas[best],
-                masks.valid.sum().expand(len(best)),
-                masks.boxes[best],
-            ]
-            rows.append(torch.cat([c.double().reshape(len(best), -1) for c in columns], dim=1))  # [nouns, 13]
+            # [nouns, 13] float64: best, similarity, probability, margin, passed, predicted IoU, stability, area,
+            # valid masks, box (4); floats and integers are stacked apart, so there are two casts, not ten
+            floats = torch.stack(
+                [sims, probs, margins, passed.float(), masks.predicted_iou[best], masks.stability_score[best]], dim=1
+            )
+            counts = torch.stack([masks.areas[best], masks.valid.sum().expand(len(best))], dim=1)
+            ints = torch.cat([best[:, None], counts, masks.boxes[best]], dim=1).double()
+            rows.append(torch.cat([ints[:, :1], floats.double(), ints[:, 1:]], dim=1))
             for start in range(0, len(best), masks.chunk):  # the chosen masks' run lengths, in bounded memory
                 pending.append((i, masks, best[start : start + masks.chunk]))
                 if sum(4 * len(b) * ms.size[0] * ms.size[1] for _, ms, b in pending) > self.chunk_bytes:

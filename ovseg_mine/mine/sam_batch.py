@@ -13,15 +13,17 @@ What changes, and why it keeps the result:
   padded with zero images, so every image goes through kernels of the same shape whatever batch the pipeline
   handed over: its features do not depend on its neighbours (the determinism contract).
 * **Prompt embeddings cached per image size.** The sparse point embeddings depend only on the original image
-  size (the grid is scaled to it); the dense "no mask" embedding and the dense positional encoding
-  (``get_dense_pe``) depend on nothing: computed once, not per point batch.
+  size (the grid is scaled to it), and are computed with slices instead of the prompt encoder's bool-mask
+  assignments (no host sync on a new size; bit-identical, tested); the dense "no mask" embedding and the dense
+  positional encoding (``get_dense_pe``) depend on nothing: computed once, not per point batch.
 * **Low precision** (``pure_bf16`` / ``pure_fp16``): encoder weights in that dtype, its attention through SDPA
   (:mod:`ovseg_mine.mine.sam_attention`); decoder weights in that dtype on a GPU (its cost is memory traffic,
   which bf16 weights halve), autocast to it on a CPU (where bf16 element-wise ops are slower than float32 ones:
   measured 104 s vs 36 s for 128 prompts with bf16 weights vs float32 on this project's 2-core CPU, autocast
   about as fast as float32); the decoder's IoU head in float32 either way (a bf16 IoU head gives about 30
   distinct predicted IoUs above 0.88, so the NMS order and the top-N cap would be decided by ties). In ``fp32``
-  SAM's code and kernels run unchanged.
+  SAM's code and kernels run unchanged. (A bf16 recipe runs in fp32 on a CPU without bf16 hardware:
+  :func:`ovseg_mine.precision.for_inference`.)
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class BatchedSam:
         points_per_batch: point prompts per mask-decoder call (3 masks each).
         precision: ``fp32``, ``pure_bf16`` or ``pure_fp16`` (:mod:`ovseg_mine.precision`).
         encoder_batch_size: images per image-encoder call (short batches are padded to it).
+        low_precision_decoder: with a ``pure_*`` precision, cast the decoder's weights too (None: on CUDA only;
+            a CPU runs the decoder under autocast, see the module docstring).
         compile: ``torch.compile`` the encoder and the decoder (CUDA only; ignored on a CPU).
 
     Raises:
@@ -58,6 +62,7 @@ class BatchedSam:
         points_per_batch: int,
         precision: str = "fp32",
         encoder_batch_size: int = 1,
+        low_precision_decoder: bool | None = None,
         compile: bool = False,
     ) -> None:
         import torch
@@ -86,7 +91,9 @@ class BatchedSam:
         if precision_mod.is_pure(precision):
             sam.image_encoder.to(self.dtype)
             use_sdpa(sam.image_encoder)
-            if self.device.type == "cuda":
+            if low_precision_decoder is None:
+                low_precision_decoder = self.device.type == "cuda"
+            if low_precision_decoder:
                 sam.mask_decoder.to(self.dtype)
                 self.decoder_dtype = self.dtype
             else:
@@ -143,15 +150,24 @@ class BatchedSam:
         return torch.cat(out)
 
     def _sparse_prompts(self, size: tuple[int, int]) -> "torch.Tensor":
-        """Sparse embeddings of the grid's points for an original image of ``size`` (cached per size)."""
+        """Sparse embeddings ``[P, 2, C]`` of the grid's points for an original image of ``size`` (cached per size).
+
+        The same numbers as ``PromptEncoder(points=(coords, ones), boxes=None)``, computed without its
+        bool-mask assignments (``_embed_points``: four host syncs on a GPU per new size): a positive point is its
+        positional encoding plus ``point_embeddings[1]``, and the padding point (label -1) is
+        ``not_a_point_embed`` alone."""
         import torch
 
         if size not in self._sparse:
+            encoder = self.sam.prompt_encoder
             points = self.point_grid * np.array([size[1], size[0]])  # xy pixels of the original image
             coords = torch.as_tensor(self.transform.apply_coords(points, size), device=self.device)[:, None, :]
-            labels = torch.ones((len(points), 1), dtype=torch.int, device=self.device)
             with torch.inference_mode():
-                sparse, _ = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+                # as _embed_points: shift to the pixel centre, append a (0, 0) padding point, encode
+                padded = torch.cat([coords + 0.5, torch.zeros((len(points), 1, 2), device=self.device)], dim=1)
+                sparse = encoder.pe_layer.forward_with_coords(padded, encoder.input_image_size)
+                sparse[:, 0] += encoder.point_embeddings[1].weight[0]
+                sparse[:, 1] = encoder.not_a_point_embed.weight[0]
             if len(self._sparse) >= 64:  # many distinct sizes (non-COCO data): keep the cache small
                 self._sparse.clear()
             self._sparse[size] = sparse.to(self.decoder_dtype)
