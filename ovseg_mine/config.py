@@ -104,8 +104,9 @@ class SamConfig(_Section):
     max_masks_per_image: int = Field(100, ge=1, description="keep the best N proposals by predicted_iou")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
-        description="dtype of SAM's image-encoder weights (pure_bf16) and the mask decoder's autocast (amp_bf16); "
-        "fp32 is identical to stock SAM; fp16 runs as fp32 on a CPU (ovseg_mine.precision.for_inference)",
+        description="dtype of SAM's image-encoder weights (pure_bf16) and of the mask decoder (its weights on a GPU, "
+        "autocast on a CPU); fp32 is identical to stock SAM; fp16 runs as fp32 on a CPU, and bf16 too on a CPU "
+        "without bf16 hardware (ovseg_mine.precision.for_inference)",
     )
     encoder_batch_size: int | None = Field(
         None,
@@ -129,7 +130,7 @@ class ClipConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         description="dtype CLIP's weights are cast to (open_clip's pure_bf16, not autocast); fp16 runs as fp32 on a "
-        "CPU (ovseg_mine.precision.for_inference)",
+        "CPU, and bf16 too on a CPU without bf16 hardware (ovseg_mine.precision.for_inference)",
     )
 
 
