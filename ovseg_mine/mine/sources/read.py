@@ -45,6 +45,7 @@ def records_dataset(
         given: the run's given-mask source, when it has one (``--proposals coco:``/``sa1b:``).
     """
     import ray
+    from ray.data import TaskPoolStrategy
 
     rows: list[dict[str, Any]] = [task.to_row() for task in tasks]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
@@ -55,7 +56,7 @@ def records_dataset(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0,
-        concurrency=max(2, cpus // CPUS_PER_READ_TASK),
+        compute=TaskPoolStrategy(size=max(2, cpus // CPUS_PER_READ_TASK)),
     )
 
 
