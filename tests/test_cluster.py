@@ -175,11 +175,14 @@ def test_two_nodes_share_the_work_and_losing_one_loses_nothing(cluster, sample, 
     command += ["--images", str(sample / "images"), "--out", str(out), "--pipeline", "smoke"]
     command += ["--ray-address", f"127.0.0.1:{HEAD_PORT}", "--set", "ray.actors=2"]
     command += ["--set", f"shards.images_per_shard={PER_SHARD}"]
-    # The driver pauses 3 s after committing shard 0: the node is killed mid-run, with shards still to come. Ray Data
-    # starts handing out blocks once both mask/match actors are up (not to whichever was ready first).
+    # The driver pauses 3 s after committing shard 0, and the actor that mines the last image pauses 20 s (the
+    # failpoints reach the actors on both nodes): the node is killed mid-run, with shards still to come, before
+    # Ray Data tears the actors down. Ray Data starts handing out blocks once both mask/match actors are up (not to
+    # whichever was ready first).
+    last_image = max(original)
     driver_env = {
         **env,
-        "OVSEG_MINE_FAILPOINTS": "shard.after_done:0=sleep(3)",
+        "OVSEG_MINE_FAILPOINTS": f"shard.after_done:0=sleep(3),image:{last_image}=sleep(20)",
         "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300",
     }
     proc = subprocess.Popen(
