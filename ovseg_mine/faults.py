@@ -12,10 +12,8 @@ comma-separated list of ``NAME:KEY=ACTION`` entries, for example::
   ``raise`` (a :class:`FailpointError`, an ordinary Python exception) or ``sleep(S)`` (pause S seconds: a
   window in which a test can kill or interrupt the process at a known point, whatever the machine's speed).
 
-A local Ray's workers inherit the driver's environment, and on a cluster the driver hands the variable to the
-job's workers in its ``runtime_env`` (:func:`ovseg_mine.ray_session.init_ray`), so the same variable reaches the
-mask/match actors on every node. This is the same idea as etcd's gofail or TiKV's fail-rs, reduced to what
-ovseg-mine's tests need.
+Ray workers inherit the driver's environment, so the same variable reaches the mask/match actors. This is
+the same idea as etcd's gofail or TiKV's fail-rs, reduced to what ovseg-mine's tests need.
 """
 
 from __future__ import annotations

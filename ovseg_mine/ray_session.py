@@ -24,7 +24,6 @@ import sys
 import warnings
 from typing import Any
 
-from ovseg_mine import faults
 from ovseg_mine.storage import first_line
 
 log = logging.getLogger("ovseg_mine")
@@ -208,9 +207,6 @@ def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging
         options.update(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
     else:
         options.update(address=join)
-        failpoints = os.environ.get(faults.ENV)
-        if failpoints:  # a cluster's workers are started by its raylets, not by this process: hand them the variable
-            options["runtime_env"] = {"env_vars": {faults.ENV: failpoints}}
     try:
         ray.init(**options)
     except Exception as exc:  # Ray raises bare Exception on start-up timeouts, ConnectionError on bad addresses
