@@ -179,7 +179,9 @@ class RayConfig(_Section):
     """Parallelism: actor counts and batch sizes for the Ray Data pipeline."""
 
     num_gpus_per_actor: float = Field(1.0, ge=0.0, description="used only when GPUs are present")
-    actors: int | None = Field(None, ge=1, description="mask/match actors; default one per GPU, else 1")
+    actors: int | None = Field(
+        None, ge=1, description="mask/match actors at most (the run goes on with fewer); default one per GPU, else 1"
+    )
     noun_actors: int | None = Field(
         None, ge=1, description="spaCy actors; default grows with the cluster: one per 32 GPUs (at least 1)"
     )
@@ -198,6 +200,19 @@ class RayConfig(_Section):
     )
     max_actor_restarts: int = Field(
         16, ge=0, description="restarts of each mask/match actor before the run stops (resumable)"
+    )
+    stall_timeout_s: float = Field(
+        90.0,
+        gt=0,
+        description="after a node of the cluster is lost, no image finished for this many seconds means the nodes "
+        "left cannot take over its work: the graph starts again on them (ray.max_graph_restarts), else the run stops "
+        "(resumable) (ovseg_mine.mine.node_watch)",
+    )
+    max_graph_restarts: int = Field(
+        3,
+        ge=0,
+        description="times the graph starts again, on the nodes left, for the shards not done when work lost with "
+        "a node stalls the run or Ray gives up on it (ovseg_mine.mine.pipeline)",
     )
     max_consecutive_errors: int = Field(
         8,

@@ -12,8 +12,10 @@ comma-separated list of ``NAME:KEY=ACTION`` entries, for example::
   ``raise`` (a :class:`FailpointError`, an ordinary Python exception) or ``sleep(S)`` (pause S seconds: a
   window in which a test can kill or interrupt the process at a known point, whatever the machine's speed).
 
-Ray workers inherit the driver's environment, so the same variable reaches the mask/match actors. This is
-the same idea as etcd's gofail or TiKV's fail-rs, reduced to what ovseg-mine's tests need.
+The workers of a local Ray inherit the driver's environment, so the same variable reaches the mask/match actors;
+on a cluster joined with ``--ray-address`` the driver hands it to the job's workers on every node through Ray's
+runtime environment (:func:`worker_env_vars`, ovseg_mine.ray_session). This is the same idea as etcd's gofail or
+TiKV's fail-rs, reduced to what ovseg-mine's tests need.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ FAILPOINTS: dict[str, str] = {
     "shard.after_rename": "the shard file is in place, its .done.json not yet written (key: shard index)",
     "shard.after_done": "the shard is committed and marked done (key: shard index)",
     "image": "a mask/match actor starts mining a decoded image (key: image id)",
+    "run.after_commit": "the driver has committed a shard and not yet taken the next result (key: shard index)",
+    "manifest.before_write": "the run's manifest is built, not yet written (key: run)",
 }
 
 
@@ -53,6 +57,12 @@ def _actions() -> dict[tuple[str, str], str]:
             )
         actions[(name, key or "*")] = action
     return actions
+
+
+def worker_env_vars() -> dict[str, str]:
+    """``{OVSEG_MINE_FAILPOINTS: value}`` when the driver has failpoints set, else ``{}``: the ``env_vars`` of the
+    runtime environment a joined cluster's workers get."""
+    return {ENV: os.environ[ENV]} if os.environ.get(ENV) else {}
 
 
 def failpoint(name: str, key: object) -> None:

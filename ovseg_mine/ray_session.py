@@ -17,13 +17,17 @@ while Python's ``sys.stderr`` keeps the console for the CLI's own lines.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
 import warnings
 from typing import Any
 
+from ovseg_mine import stop_signals
+from ovseg_mine.faults import worker_env_vars
 from ovseg_mine.storage import first_line
 
 log = logging.getLogger("ovseg_mine")
@@ -207,8 +211,14 @@ def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging
         options.update(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
     else:
         options.update(address=join)
+        env_vars = worker_env_vars()
+        if env_vars:  # a cluster's workers were started by `ray start`, not by this driver: hand its failpoints on
+            options.update(runtime_env={"env_vars": env_vars})
     try:
-        ray.init(**options)
+        _init_holding_stops(ray, options)
+    except stop_signals.StopRequested:
+        shutdown_ray()  # what the interrupted start-up had started
+        raise
     except Exception as exc:  # Ray raises bare Exception on start-up timeouts, ConnectionError on bad addresses
         _end_quiet()
         _route_ray_logs(None, console=True)
@@ -225,6 +235,10 @@ def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging
         node.get_session_dir_path() if node is not None else "on the cluster's head",
     )
     ctx = DataContext.get_current()
+    # The mask/match pool goes on with as few actors as the cluster holds (min 1) but never lets one go for being idle
+    # a moment: an actor holds SAM and CLIP, loaded in seconds to minutes; Ray Data's default released and restarted
+    # actors as the upstream stages paused (a utilisation below the threshold is never reached below zero).
+    ctx.autoscaling_config = dataclasses.replace(ctx.autoscaling_config, actor_pool_util_downscaling_threshold=-1.0)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     # A block here is a few image records, and the work on it seconds of SAM and CLIP: hand each block to the least
@@ -235,6 +249,38 @@ def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging
         warnings.simplefilter("ignore", DeprecationWarning)
         ctx.execution_options.actor_locality_enabled = False
     return True
+
+
+def _init_holding_stops(ray: Any, options: dict[str, Any]) -> None:
+    """``ray.init(**options)`` with SIGINT and SIGTERM held until it returns (ovseg_mine.stop_signals).
+
+    ``ray.init`` first replaces the SIGTERM handler with one that calls ``sys.exit(SIGTERM)`` (``ray/_private/
+    worker.py``, through ``ray._private.utils.set_sigterm_handler``). A SIGTERM taken by it interrupts the start-up
+    half-way, and what it had started (the dashboard and runtime-env agents) outlives the run, since
+    ``ray.shutdown`` does not know of it yet. While the stop handlers are installed, that replacement is skipped,
+    so the signal waits for the start-up to end and the caller shuts the complete Ray down; where a Ray version
+    takes the handler anyway, its ``SystemExit`` is still taken as the stop it is. The handlers are put back as
+    soon as Ray is up.
+    """
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    replace_handler = getattr(utils, "set_sigterm_handler", None)
+    with stop_signals.critical():
+        try:
+            if replace_handler is not None and stop_signals.installed():
+                utils.set_sigterm_handler = _keep_stop_handler
+            ray.init(**options)
+        except SystemExit as exc:
+            if exc.code != signal.SIGTERM:
+                raise
+            stop_signals.hold(signal.SIGTERM)
+        finally:
+            if replace_handler is not None:
+                utils.set_sigterm_handler = replace_handler
+            stop_signals.reinstall()
+
+
+def _keep_stop_handler(handler: Any) -> None:
+    """Stands in for Ray's ``set_sigterm_handler`` during ``ray.init``: the stop handler stays."""
 
 
 def _end_quiet() -> None:

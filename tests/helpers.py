@@ -128,7 +128,8 @@ CLI_LINE_PREFIXES = (
     "partial:",
     "note:",
     "shards and manifest:",
-    "interrupted:",
+    "stopped by SIGINT:",
+    "stopped by SIGTERM:",
     "error:",
     "warning:",
     "WARNING:",
@@ -516,3 +517,19 @@ def read_rows(source, images_per_shard: int = 1000) -> list[dict]:
     """Every record row of ``source``: its plan, then each task's read step, called here (no Ray)."""
     plan = source.plan(images_per_shard)
     return [r for task in plan.tasks for table in source.read_shard(task) for r in table.to_pylist()]
+
+
+def write_repeated_captions(sample: Path, path: Path, copies: int) -> tuple[Path, dict[int, int]]:
+    """A COCO Captions JSON listing each image of ``sample`` (the bundled sample's layout) ``copies`` times under new
+    ids (``copy * 10**7 + id``), for runs longer than 16 images; returns its path and new id -> sample id."""
+    data = json.loads((sample / "captions.json").read_text())
+    images, annotations, original = [], [], {}
+    for copy in range(1, copies + 1):
+        for image in sorted(data["images"], key=lambda i: i["id"]):
+            new_id = copy * 10**7 + image["id"]
+            original[new_id] = image["id"]
+            images.append({**image, "id": new_id})
+            for ann in sorted((a for a in data["annotations"] if a["image_id"] == image["id"]), key=lambda a: a["id"]):
+                annotations.append({**ann, "id": len(annotations) + 1, "image_id": new_id})
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path, original

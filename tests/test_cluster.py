@@ -1,12 +1,14 @@
 """Multi-node, for real: a Ray head and a second node started with `ray start` (token authentication on, as Ray
 documents it: RAY_AUTH_MODE=token and the token in a file named by RAY_AUTH_TOKEN_PATH) inside a network namespace
 that the test creates with only loopback up, so no traffic leaves the machine's loopback. `ovseg-mine mine
---ray-address` spreads the mask/match actors over both nodes; the second node's raylet is SIGKILLed mid-run, and
-the run still ends with every pair a single-node run gives.
+--ray-address` spreads the mask/match actors over both nodes; the second node's raylet is SIGKILLed mid-run, before,
+during or after the first shard's commit. The run goes on with the node left (the graph starts again for the shards
+not done) or stops within the stall limit saying so, keeping what it committed, and its rerun resumes; either way it
+ends with every pair a single-node run gives.
 
-Data: the 16 bundled sample images, each listed 8 times under new ids (128 entries), so that the noun stage hands
-the mask/match stage two blocks and both actors work; the pairs of every copy must equal those of its image in
-the single-node `smoke_run`. Skips, with the reason, where the kernel or the sandbox forbids network namespaces.
+Data: the 16 bundled sample images, each listed 8 times under new ids (128 entries, shards of 16), so that both
+actors work; the pairs of every copy must equal those of its image in the single-node `smoke_run`. Skips, with the
+reason, where the kernel or the sandbox forbids network namespaces.
 """
 
 from __future__ import annotations
@@ -25,15 +27,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ovseg_mine.shards import read_pairs
+from ovseg_mine.shards import read_done, read_pairs
 
-from helpers import assert_only_cli_lines, assert_same_pairs, kill_processes
+from helpers import assert_only_cli_lines, assert_same_pairs, kill_processes, write_repeated_captions
 
 COPIES = 8
 PER_SHARD = 16
-#: CPU seconds the busiest mask/match actor has used when the second node is killed: past its start-up (imports and
-#: the smoke recipe's tiny models: ~5.5 s here) and early in its mining (~20 s more).
-MINING_CPU_S = 8.0
 HEAD_PORT = 6379  # inside the namespace's own loopback: nothing else listens there
 WORKER_NODE_MANAGER_PORT = 6380
 
@@ -99,18 +98,6 @@ class NetNamespace:
         self.holder.wait()
 
 
-def _cpu_seconds(processes: list[psutil.Process]) -> float:
-    """User and system CPU seconds of ``processes`` (those gone count 0)."""
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
-
-
 def _raylets(ns: NetNamespace) -> dict[str, psutil.Process]:
     """The cluster's raylets: ``head`` and ``worker`` (started with the worker's node manager port)."""
     raylets = {}
@@ -167,31 +154,40 @@ def cluster(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _copies(sample: Path, path: Path) -> tuple[Path, dict[int, int]]:
-    """A captions file listing each sample image COPIES times under new ids; returns it and new id -> sample id."""
-    data = json.loads((sample / "captions.json").read_text())
-    images, annotations, original = [], [], {}
-    for copy in range(1, COPIES + 1):
-        for image in sorted(data["images"], key=lambda i: i["id"]):
-            new_id = copy * 10**7 + image["id"]
-            original[new_id] = image["id"]
-            images.append({**image, "id": new_id})
-            for ann in sorted((a for a in data["annotations"] if a["image_id"] == image["id"]), key=lambda a: a["id"]):
-                annotations.append({**ann, "id": len(annotations) + 1, "image_id": new_id})
-    path.write_text(json.dumps({"images": images, "annotations": annotations}))
-    return path, original
+def _first_commit_started(out: Path) -> bool:
+    """A shard's commit is under way: its ``.tmp`` file is written (the driver pauses there, see ``MOMENTS``)."""
+    return any((out / "shards").glob("*.parquet.tmp"))
 
 
-def test_two_nodes_share_the_work_and_losing_one_loses_nothing(cluster, sample, smoke_run, tmp_path):
+def _committed(out: Path) -> bool:
+    return (out / "config.json").is_file() and bool(read_done(out))
+
+
+#: Every image takes a second more on the actors (failpoints reach a joined cluster's workers through the job's
+#: runtime environment), so the run lasts long enough for each kill point on a fast machine too.
+SLOW_IMAGES = "image:*=sleep(1)"
+#: When the second node dies: its actor up and no shard committed; while the driver is inside the first commit (every
+#: commit pauses 3 s with its file written and not yet renamed); once a shard is committed, the actor still up.
+MOMENTS = {
+    "before": (lambda out: not _committed(out), SLOW_IMAGES),
+    "during": (_first_commit_started, f"{SLOW_IMAGES},shard.before_rename:*=sleep(3)"),
+    "after": (_committed, SLOW_IMAGES),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", sorted(MOMENTS))
+def test_two_nodes_share_the_work_and_losing_one_loses_nothing(cluster, sample, smoke_run, tmp_path, moment):
     ns, env = cluster
-    captions, original = _copies(sample, tmp_path / "captions.json")
+    captions, original = write_repeated_captions(sample, tmp_path / "captions.json", COPIES)
     out = tmp_path / "run"
     command = [sys.executable, "-m", "ovseg_mine.cli", "mine", "--captions", str(captions)]
     command += ["--images", str(sample / "images"), "--out", str(out), "--pipeline", "smoke"]
     command += ["--ray-address", f"127.0.0.1:{HEAD_PORT}", "--set", "ray.actors=2"]
     command += ["--set", f"shards.images_per_shard={PER_SHARD}"]
-    # Ray Data starts handing out blocks once both mask/match actors are up (not to whichever was ready first).
-    driver_env = {**env, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}
+    command += ["--set", "ray.stall_timeout_s=30"]  # a stall after the loss is seen in 30 s (default 90)
+    ready, failpoints = MOMENTS[moment]
+    driver_env = {**env, "OVSEG_MINE_FAILPOINTS": failpoints}
     proc = subprocess.Popen(
         ns.command(command), env=driver_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -199,25 +195,24 @@ def test_two_nodes_share_the_work_and_losing_one_loses_nothing(cluster, sample, 
     nodes_with_actors: set[str] = set()
     started = time.monotonic()
     deadline = started + 600
-    # Watch where the mask/match actors run; kill the second node while its actor is up and mining is under way:
-    # an actor has used MINING_CPU_S of CPU (Ray Data may give either most of the work). Shard results reach the
-    # driver late in a run this small and Ray Data tears its actors down once their input is done, so waiting for a
-    # committed shard lost that race on a quiet machine; CPU time, unlike wall time, does not depend on the load.
+    # Kill the second node at the moment's point, while its mask/match actor is up (mining under way).
     while True:
         nodes_with_actors |= {node for node, raylet in raylets.items() if _mask_actors(raylet)}
-        actors = {node: _mask_actors(raylet) for node, raylet in raylets.items()}
-        if actors["worker"] and max(_cpu_seconds(found) for found in actors.values()) >= MINING_CPU_S:
-            print(f"second node killed at {time.monotonic() - started:.1f} s into the run")
+        if _mask_actors(raylets["worker"]) and ready(out):
+            print(f"second node killed {moment} the first commit, {time.monotonic() - started:.1f} s into the run")
             break
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "the second node never ran a mask/match actor"
-        time.sleep(0.1)
+        assert time.monotonic() < deadline, f"the kill point ({moment} the first commit) was not reached"
+        time.sleep(0.05)
+    committed_at_kill = read_done(out) if (out / "config.json").is_file() else {}
     raylets["worker"].send_signal(signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=600)
     assert nodes_with_actors == {"head", "worker"}
-    if proc.returncode != 0:  # Ray could not recover in place: the run says so and a rerun resumes
+    if proc.returncode != 0:  # Ray could not go on with the node left: the run says so and a rerun resumes
         assert proc.returncode == 2 and "rerun the same command to resume" in stderr, stderr[-3000:]
-        rerun = subprocess.run(ns.command(command), env=env, capture_output=True, text=True, timeout=600)
+        assert set(committed_at_kill) <= set(read_done(out))  # what was committed is kept
+        rerun_env = {k: v for k, v in env.items() if k != "OVSEG_MINE_FAILPOINTS"}
+        rerun = subprocess.run(ns.command(command), env=rerun_env, capture_output=True, text=True, timeout=600)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         stdout, stderr = rerun.stdout, rerun.stderr
     assert "complete:" in stdout

@@ -81,9 +81,9 @@ def _start(coco_mini: Path, out: Path, *extra: str, failpoints: str | None = Non
     )
 
 
-#: The driver pauses right after committing shard 0: a window, on a fast machine as on a slow one, in which the
-#: test kills or interrupts it between two shard commits.
-PAUSE_AFTER_SHARD_0 = "shard.after_done:0=sleep(120)"
+#: The driver pauses right after committing shard 0 (outside the commit, where a stop signal is held): a window,
+#: on a fast machine as on a slow one, in which the test kills or interrupts it between two shard commits.
+PAUSE_AFTER_SHARD_0 = "run.after_commit:0=sleep(120)"
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -172,7 +172,7 @@ def test_ctrl_c_stops_cleanly_and_leaves_the_run_resumable(coco_mini, reference,
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the whole foreground group
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert "interrupted:" in stderr and "rerun the same command to resume" in stderr
+    assert "stopped by SIGINT:" in stderr and "rerun the same command to resume" in stderr
     assert "Traceback" not in stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "partial" and len(manifest["shards"]) == len(read_done(out)) >= 1

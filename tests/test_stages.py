@@ -93,3 +93,16 @@ def test_stage_plan_follows_the_cluster():
     assert (cluster.gpu_actors, cluster.noun_actors) == (256, 8)
     shared = plan_stages(build_config("smoke", ["ray.num_gpus_per_actor=0.5", "ray.noun_actors=3"]), cpus=8, gpus=2)
     assert (shared.gpu_actors, shared.noun_actors) == (4, 3)
+    assert (laptop.gpu_actors_at_start, box.gpu_actors_at_start, cluster.gpu_actors_at_start) == (1, 8, 256)
+
+
+def test_the_pool_starts_with_the_actors_the_cluster_holds():
+    two = build_config("smoke", ["ray.actors=2"])
+    # One 2-CPU node (a second one lost): 0.5 CPU for the noun actor, 0.25 for a decode and a finalize task, 1 left.
+    one_node = plan_stages(two, cpus=2, gpus=0)
+    assert (one_node.gpu_actors, one_node.gpu_actors_at_start, one_node.threads) == (2, 1, 2)
+    both = plan_stages(two, cpus=4, gpus=0)
+    assert (both.gpu_actors, both.gpu_actors_at_start, both.threads) == (2, 2, 2)
+    # 8 GPUs but 4 CPUs: each actor also reserves a CPU.
+    few_cpus = plan_stages(build_config("smoke"), cpus=4, gpus=8)
+    assert (few_cpus.gpu_actors, few_cpus.gpu_actors_at_start) == (8, 2)

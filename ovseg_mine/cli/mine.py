@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 
+from ovseg_mine import stop_signals
 from ovseg_mine.cli.common import SET_HELP, fail, setup_logging
 
 RAY_ADDRESS_HELP = (
@@ -47,16 +48,6 @@ def _summary(manifest: dict[str, Any], out: str) -> None:
     if manifest["weights"] == "random":
         typer.secho("note: randomly initialised weights were used: the pairs are meaningless", fg=typer.colors.YELLOW)
     typer.echo(f"shards and manifest: {out}")
-
-
-def _interrupt_on_sigterm() -> None:
-    """Make SIGTERM (a scheduler's or ``kill``'s stop request) stop a run like Ctrl-C: cleanly, resumable."""
-    import signal
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def _shards_done(out: str) -> str:
@@ -138,7 +129,7 @@ def _run_mine(
     if ids is not None:
         extra.append(f"source.image_ids={ids}")
     started = time.perf_counter()
-    _interrupt_on_sigterm()
+    stop_signals.install()  # SIGTERM (a scheduler's stop request) stops a run as Ctrl-C does: cleanly, resumable
     try:
         cfg = build_config(pipeline, extra)
         progress = Progress(
@@ -173,12 +164,15 @@ def _run_mine(
         finally:
             if progress.live.is_started:
                 progress.stop()
+        _summary(manifest, out)
     except (ConfigError, SourceError, RunError, RayStartError, WeightsError, SpacyModelMissing) as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted: {_shards_done(out)} kept in {out}; rerun the same command to resume", err=True)
-        raise typer.Exit(130) from None
-    _summary(manifest, out)
+    except KeyboardInterrupt as exc:
+        name, code = (exc.name, exc.exit_code) if isinstance(exc, stop_signals.StopRequested) else ("SIGINT", 130)
+        typer.echo(f"stopped by {name}: {_shards_done(out)} kept in {out}; rerun the same command to resume", err=True)
+        raise typer.Exit(code) from None
+    finally:  # the run has ended and said so: a signal from here on ends the process as it would any program
+        stop_signals.uninstall()
 
 
 def mine_command(

@@ -17,5 +17,8 @@ One module per stage, named by the field's term:
 * :mod:`~ovseg_mine.mine.inflight` -- results of the shards in flight, until each is complete.
 * :mod:`~ovseg_mine.mine.graph` -- Ray: start or join it, the streaming graph of stages.
 * :mod:`~ovseg_mine.mine.manifest` -- the run manifest built from the done shards.
-* :mod:`~ovseg_mine.mine.pipeline` -- :func:`~ovseg_mine.mine.pipeline.mine`, the driver that ties them together.
+* :mod:`~ovseg_mine.mine.node_watch` -- the driver's side of the graph: results handed over from a reader thread,
+  a stall after a lost node turned into a resumable stop.
+* :mod:`~ovseg_mine.mine.pipeline` -- :func:`~ovseg_mine.mine.pipeline.mine`, the driver that ties them together
+  (commits shards as they complete; stop signals: :mod:`ovseg_mine.stop_signals`).
 """

@@ -38,6 +38,10 @@ def guarded(results):
         ) from exc
 
 
+#: CPUs a spaCy (noun) actor reserves.
+NOUN_ACTOR_CPUS = 0.5
+
+
 @dataclass(frozen=True)
 class StagePlan:
     """How many workers each stage gets and what they hold, from the cluster's resources and the config.
@@ -45,7 +49,12 @@ class StagePlan:
     Attributes:
         noun_actors: spaCy actors (one per 32 GPUs by default: an actor parses ~1,100 captions/s, a GPU mines
             ~20 images/s).
-        gpu_actors: mask/match actors (one per ``ray.num_gpus_per_actor`` GPUs; 1 without GPUs).
+        gpu_actors: mask/match actors at most (one per ``ray.num_gpus_per_actor`` GPUs, 1 without GPUs, or
+            ``ray.actors``); the pool goes on with as few as one.
+        gpu_actors_at_start: the actors the pool starts with: those the cluster holds now, once the noun actors and
+            a decode and a finalize task have their CPUs (at least 1, at most ``gpu_actors``). An actor asked for
+            where nothing can hold it would stay pending and, on a small cluster, starve the other stages; a node
+            lost and the graph started again gets the pool that the nodes left hold.
         gpu_actor_resources: Ray resources of a mask/match actor.
         threads: torch CPU threads of a mask/match actor without GPUs (None: torch's default).
         cpu_task_cpus: CPUs reserved by a decode or finalize task (Ray Data runs as many as the free CPUs allow).
@@ -53,6 +62,7 @@ class StagePlan:
 
     noun_actors: int
     gpu_actors: int
+    gpu_actors_at_start: int
     gpu_actor_resources: dict[str, float]
     threads: int | None
     cpu_task_cpus: float
@@ -60,16 +70,20 @@ class StagePlan:
 
 def plan_stages(cfg: MineConfig, cpus: int, gpus: int) -> StagePlan:
     """The :class:`StagePlan` for a cluster with ``cpus`` CPUs and ``gpus`` GPUs (Ray's cluster resources)."""
+    nouns = cfg.ray.noun_actors or max(1, -(-gpus // 32))
+    task_cpus = 0.5 if cpus >= 4 else 0.25
+    cpu_room = int(cpus - nouns * NOUN_ACTOR_CPUS - 2 * task_cpus)  # a mask/match actor reserves 1 CPU
     if gpus:
+        fit = min(int(gpus / cfg.ray.num_gpus_per_actor), cpu_room)
         actors = cfg.ray.actors or max(1, int(gpus / cfg.ray.num_gpus_per_actor))
         resources = {"num_gpus": cfg.ray.num_gpus_per_actor, "num_cpus": 1.0}
-        threads = None
     else:
+        fit = cpu_room
         actors = cfg.ray.actors or 1
         resources = {"num_cpus": 1.0}
-        threads = max(1, cpus // actors)
-    nouns = cfg.ray.noun_actors or max(1, -(-gpus // 32))
-    return StagePlan(nouns, actors, resources, threads, 0.5 if cpus >= 4 else 0.25)
+    start = max(1, min(actors, fit))
+    threads = None if gpus else max(1, cpus // start)
+    return StagePlan(nouns, actors, start, resources, threads, task_cpus)
 
 
 def stream_results(
@@ -109,8 +123,15 @@ def stream_results(
         batch_size=64,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.noun_actors),
-        num_cpus=0.5,
+        num_cpus=NOUN_ACTOR_CPUS,
     )
+    ds = ds.repartition(target_num_rows_per_block=batch)
+    # One block per batch from here on: a Ray Data task maps its whole input bundle and emits its outputs as one
+    # block when they fit the target block size (128 MiB), so blocks of many batches (a noun batch of 64, a read
+    # step's shard) made the mask/match and finalize steps hand back all their rows at the end of the run, and no
+    # shard was committed before then. Batch-sized blocks make each mask/match task one batch and each finalize
+    # task one batch, so rows reach the driver, and shards are committed, as they are mined.
+    ds = ds.repartition(target_num_rows_per_block=batch)
     ds = ds.map_batches(
         decode_stage,
         fn_kwargs={"sam_input_size": sam_input_size(cfg.sam.model_type) if cfg.proposals.kind == "sam" else None},
@@ -131,11 +152,24 @@ def stream_results(
             },
             batch_size=batch,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=plan.gpu_actors, max_tasks_in_flight_per_actor=cfg.ray.batches_in_flight),
+            # min 1: a run goes on with the actors the cluster can hold (a node lost, a GPU short), and Ray Data
+            # starts handing out batches once one actor is up; it starts with those that fit now (StagePlan).
+            compute=ActorPoolStrategy(
+                min_size=1,
+                max_size=plan.gpu_actors,
+                initial_size=plan.gpu_actors_at_start,
+                max_tasks_in_flight_per_actor=cfg.ray.batches_in_flight,
+            ),
             max_restarts=cfg.ray.max_actor_restarts,
             max_task_retries=-1,
             **plan.gpu_actor_resources,
         )
     ds = ds.map_batches(finalize_stage, batch_size=batch, batch_format="pyarrow", num_cpus=plan.cpu_task_cpus)
-    for rows in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        yield from rows.to_pylist()
+    batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    try:
+        for rows in batches:
+            yield from rows.to_pylist()
+    finally:  # a stop or an error in the driver ends Ray Data's execution here, before Ray is shut down
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()

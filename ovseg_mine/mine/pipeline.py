@@ -16,24 +16,28 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import replace
+from contextlib import closing
+from dataclasses import dataclass, replace
 from typing import Any, Callable, NamedTuple
 
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash, mining_config
+from ovseg_mine.faults import failpoint
 from ovseg_mine.mine.failures import FailureWatch
 from ovseg_mine.mine.graph import guarded, stream_results
 from ovseg_mine.mine.inflight import InFlightShards
 from ovseg_mine.mine.manifest import build_manifest
+from ovseg_mine.mine.node_watch import alive_nodes, watched
 from ovseg_mine.mine.proposal_sources import ProposalSource, build_proposal_source
 from ovseg_mine.mine.retry import failed_images, kept_results, merged_stage_s
 from ovseg_mine.mine.run_folder import RUN_LOG, RunError, prepare_run_dir, run_log
 from ovseg_mine.mine.run_lock import hold_run
 from ovseg_mine.mine.sources import Reject, ShardTask, SourceError, SourcePlan, build_source
 from ovseg_mine.mine.sources.read import first_records
-from ovseg_mine.mine.weights import resolve_weights
+from ovseg_mine.mine.weights import ResolvedWeights, resolve_weights
 from ovseg_mine.ray_session import cluster_address, init_ray, probe_cluster, shutdown_ray
 from ovseg_mine.shards import read_done, remove_partial_writes, write_json_atomic, write_shard
+from ovseg_mine.stop_signals import critical
 from ovseg_mine.storage import Location, StorageError, resolve
 
 __all__ = ["RunError", "mine"]
@@ -83,9 +87,10 @@ def _write(out: Location, index: int, pairs: list[dict[str, Any]], done: dict, m
     from ovseg_mine.shards import pair_schema
 
     table = pa.Table.from_pylist(pairs, schema=pair_schema())
-    return write_shard(
-        out, index, table, file_metadata=meta, done_record=done, row_group_size=cfg.shards.row_group_size
-    )
+    with critical():  # a stop signal waits for the commit (shard, then its done marker) to end
+        return write_shard(
+            out, index, table, file_metadata=meta, done_record=done, row_group_size=cfg.shards.row_group_size
+        )
 
 
 def mine(
@@ -139,9 +144,16 @@ def mine(
     elif proposals:
         raise SourceError("a proposals location was given but proposals.kind is 'sam'")
     plan = src.plan(cfg.shards.images_per_shard)
+    weights = resolve_weights(cfg)
     try:
         with hold_run(out):
-            prepare_run_dir(out, cfg, overwrite)
+            with critical():  # a stop signal here waits: a run folder is never left without its manifest
+                prepare_run_dir(out, cfg, overwrite)
+                if not out.join("manifest.json").is_file():
+                    done = _planned_done(out, plan, verify=False)
+                    info = {"kind": cfg.proposals.kind}
+                    manifest = build_manifest(out, plan, cfg, weights, info, done, time.perf_counter() - start, 0)
+                    write_json_atomic(out.join("manifest.json"), manifest)
             with run_log(out) as log_handler:
                 proposals_info: dict[str, Any] = {"kind": "sam"}
                 if given is not None:
@@ -149,19 +161,27 @@ def mine(
                     if plan.tasks:
                         given.check(*first_records(src, plan.tasks[0]))
                 start_ray = functools.partial(init_ray, ray_address, verbose=verbose, log_handler=log_handler)
-                run = _Run(src, plan, given, proposals_info)
+                run = _Run(src, plan, given, proposals_info, weights)
                 return _mine_into(out, cfg, run, start_ray, retry_failed, on_progress, start)
     except StorageError as exc:
         raise RunError(str(exc)) from exc
 
 
 class _Run(NamedTuple):
-    """What a run mines: the planned source and the given masks, when it has them."""
+    """What a run mines: the planned source, the given masks when it has them, the weights resolved for it."""
 
     source: Any
     plan: SourcePlan
     given: ProposalSource | None
     proposals_info: dict[str, Any]
+    weights: ResolvedWeights
+
+
+def _planned_done(out: Location, plan: SourcePlan, *, verify: bool = True, only: set[int] | None = None) -> dict:
+    """The done records on disk that belong to this run's plan (same shard index, same input), by shard index."""
+    tasks = {task.index: task for task in plan.tasks}
+    records = read_done(out, verify=verify, only=only)
+    return {i: r for i, r in records.items() if i in tasks and r.get("input") == tasks[i].input}
 
 
 class _Retry(NamedTuple):
@@ -190,6 +210,83 @@ def _take_failed(out: Location, done: dict[int, dict], inflight: InFlightShards)
     return retried
 
 
+@dataclass
+class _Commits:
+    """The driver's state while results stream in: done records by shard, the shards in flight, the counters; each
+    shard is committed as its last row arrives."""
+
+    out: Location
+    cfg: MineConfig
+    tasks: dict[int, ShardTask]
+    retried: dict[int, _Retry]
+    meta: dict[str, Any]
+    total: int | None
+    watch: FailureWatch
+    on_progress: Callable[[int, int | None, int], None] | None
+    done: dict[int, dict[str, Any]]
+    inflight: InFlightShards
+    images_done: int = 0
+    pairs_done: int = 0
+    processed: int = 0
+
+    def take(self, result: dict[str, Any]) -> None:
+        """Keep one image's result; commit its shard when it was the shard's last row."""
+        if not self.inflight.add(result):  # a retried batch's rows come twice; a duplicate would end a shard early
+            return
+        self.watch.observe(result)
+        self.processed += 1
+        self.images_done += 1
+        self.pairs_done += len(result["pairs"])
+        index = result["shard"]
+        results = self.inflight.pop_complete(index)
+        if results is not None:
+            pairs, record = _shard_outcome(self.tasks[index], results)
+            if index in self.retried:
+                record["stage_s"] = merged_stage_s(self.retried[index].record, record)
+            self.done[index] = _write(self.out, index, pairs, record, self.meta, self.cfg)
+            failpoint("run.after_commit", index)
+        if self.on_progress:
+            self.on_progress(self.images_done, self.total, self.pairs_done)
+
+
+def _stream(run: _Run, weights: ResolvedWeights, todo: list[ShardTask], commits: _Commits) -> None:
+    """Mine ``todo`` through the Ray graph (ovseg_mine.mine.graph), committing shards as they complete.
+
+    When a node of the cluster is lost and the graph cannot go on (Ray Data aborts on a task of an actor that died
+    with it, or nothing comes back for ``ray.stall_timeout_s``: ovseg_mine.mine.node_watch.NodeLostError), the graph
+    is shut down and started again for the shards not done yet, sized for the nodes left (the mask/match pool
+    starts with the actors they hold), up to ``ray.max_graph_restarts`` times; rows already received are kept and
+    their repeats ignored. A failure with no new node lost since the last start ends the run (resumable).
+    """
+    cfg = commits.cfg
+    at_start = alive_nodes()
+    handled: set[str] = set()
+    restarts = 0
+    while True:
+        remaining = [task for task in todo if task.index not in commits.done]
+        results = stream_results(run.source, remaining, cfg, weights, run.given)
+        try:
+            with closing(results):  # however the loop ends, Ray Data's execution ends with it
+                for result in guarded(watched(results, stall_s=cfg.ray.stall_timeout_s, at_start=at_start)):
+                    commits.take(result)
+            return
+        except RunError:  # Ray Data gave up on a task of a lost node, or nothing came back (NodeLostError)
+            lost = set(at_start) - set(alive_nodes()) - handled
+            if not lost or restarts >= cfg.ray.max_graph_restarts:
+                raise
+            restarts += 1
+            handled |= lost
+            log.warning(
+                "lost %d Ray node(s) (%s); mining the %d unfinished shard(s) again on the nodes left (restart %d of "
+                "at most %d)",
+                len(lost),
+                ", ".join(sorted(at_start[node] for node in lost)),
+                sum(1 for task in todo if task.index not in commits.done),
+                restarts,
+                cfg.ray.max_graph_restarts,
+            )
+
+
 def _mine_into(
     out: Location,
     cfg: MineConfig,
@@ -202,16 +299,12 @@ def _mine_into(
     """:func:`mine` once the source is planned and the run folder prepared."""
     for name in remove_partial_writes(out):
         log.info("removed %s, left by an interrupted write", name)
-    weights = resolve_weights(cfg)
+    weights = run.weights
     if weights.random:
         log.warning("this run uses randomly initialised weights: its pairs are meaningless (manifest: weights=random)")
     plan = run.plan
     tasks = {task.index: task for task in plan.tasks}
-
-    def matches(index: int, record: dict[str, Any]) -> bool:
-        return index in tasks and record.get("input") == tasks[index].input
-
-    done = {i: r for i, r in read_done(out).items() if matches(i, r)}
+    done = _planned_done(out, plan)
     inflight = InFlightShards(set(done))
     retried = _take_failed(out, done, inflight) if retry_failed else {}
     todo = [task for task in plan.tasks if task.index not in done and task.index not in retried]
@@ -226,31 +319,25 @@ def _mine_into(
         "source": {"kind": plan.info["kind"], "location": plan.info["location"]},
         "proposals": run.proposals_info,
     }
-    total = plan.total
-    images_done = sum(len(r["image_ids"]) for r in done.values()) + len(inflight)
-    pairs_done = sum(r["rows"] for r in done.values()) + sum(r.record["rows"] for r in retried.values())
-    processed = 0
-    watch = FailureWatch(cfg.ray.max_consecutive_errors, out.join(RUN_LOG).uri)
+    commits = _Commits(
+        out,
+        cfg,
+        tasks,
+        retried,
+        meta,
+        plan.total,
+        FailureWatch(cfg.ray.max_consecutive_errors, out.join(RUN_LOG).uri),
+        on_progress,
+        done,
+        inflight,
+        images_done=sum(len(r["image_ids"]) for r in done.values()) + len(inflight),
+        pairs_done=sum(r["rows"] for r in done.values()) + sum(r.record["rows"] for r in retried.values()),
+    )
     started_ray = False
     try:
         if todo:
             started_ray = start_ray()
-            for result in guarded(stream_results(run.source, todo, cfg, weights, run.given)):
-                if not inflight.add(result):  # a retried batch's rows come twice; a duplicate would end a shard early
-                    continue
-                watch.observe(result)
-                processed += 1
-                images_done += 1
-                pairs_done += len(result["pairs"])
-                index = result["shard"]
-                results = inflight.pop_complete(index)
-                if results is not None:
-                    pairs, record = _shard_outcome(tasks[index], results)
-                    if index in retried:
-                        record["stage_s"] = merged_stage_s(retried[index].record, record)
-                    done[index] = _write(out, index, pairs, record, meta, cfg)
-                if on_progress:
-                    on_progress(images_done, total, pairs_done)
+            _stream(run, weights, todo, commits)
             for task in todo:  # an input shard without a single sample yields no row: write it empty
                 if not inflight.started(task.index):
                     pairs, record = _shard_outcome(task, [])
@@ -259,12 +346,18 @@ def _mine_into(
             if inflight.unfinished():
                 raise RunError(f"rows of some shards never came back ({inflight.unfinished()}); rerun to resume")
     finally:
-        # A stop can land after a shard's done marker is written and before _write returns: trust the disk.
-        unfinished = {task.index for task in todo} - done.keys()
-        done.update({i: r for i, r in read_done(out, only=unfinished).items() if matches(i, r)})
-        wall_s = time.perf_counter() - start
-        manifest = build_manifest(out, plan, cfg, weights, run.proposals_info, done, wall_s, processed)
-        write_json_atomic(out.join("manifest.json"), manifest)
-        if started_ray:
-            shutdown_ray()
+        # A stop signal waits until the manifest is written and Ray is shut down (ovseg_mine.stop_signals).
+        with critical():
+            try:
+                # A stop can land after a shard's done marker is written and before _write returns: trust the disk.
+                unfinished = {task.index for task in todo} - done.keys()
+                done.update(_planned_done(out, plan, only=unfinished))
+                wall_s = time.perf_counter() - start
+                processed = commits.processed
+                manifest = build_manifest(out, plan, cfg, weights, run.proposals_info, done, wall_s, processed)
+                failpoint("manifest.before_write", "run")
+                write_json_atomic(out.join("manifest.json"), manifest)
+            finally:
+                if started_ray:
+                    shutdown_ray()
     return manifest
