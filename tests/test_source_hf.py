@@ -128,3 +128,38 @@ def test_an_image_column_of_paths_relative_to_the_file(coco8, tmp_path):
     rows = read_rows(_source(tmp_path / "paths.parquet"))
     assert [r["path"] for r in rows] == [str(tmp_path / "img" / "a.jpg")] * 2
     assert [r["captions"] for r in rows] == [["A dog."], ["A cat."]] and rows[0]["image_bytes"] is None
+
+
+def test_a_truncated_parquet_among_good_ones_is_listed_and_the_others_are_mined(coco8, tmp_path):
+    """A Hub-layout dataset of 3 Parquet files whose second is cut in half (no footer: its rows are unknown): one
+    reject of that file, no image id (not counted as an image); the 5 rows of the other files are read."""
+    items = coco8["items"]
+    root = build_hf(tmp_path / "hub", items, parquet_files=3)
+    cut = root / "data" / "train-00001-of-00003.parquet"
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    source = _source(root, 'source.id_column="image_id"')
+    plan = source.plan(1000)
+    assert [(t.size, t.expected) for t in plan.tasks] == [(3, None), (None, 1), (2, None)]
+    assert plan.total == 6 and plan.info["unreadable_files"] == 1
+    rows = read_rows(source)
+    assert [r["image_id"] for r in rows if r["status"] == "ok"] == [it["image_id"] for it in items[:3] + items[6:]]
+    files = [r for r in rows if r["image_id"] is None]
+    assert [(r["file_name"], r["status"], r["shard"]) for r in files] == [
+        ("data/train-00001-of-00003.parquet", "source", 1)
+    ]
+    assert files[0]["reason"] == (
+        "train-00001-of-00003.parquet is not a readable Parquet or Arrow file: Parquet magic bytes not found in "
+        "footer. Either the file is corrupted or this is not a parquet file.; the rows it held are unknown (listed "
+        "as one reject of the file)"
+    )
+
+
+def test_an_arrow_file_cut_short_is_listed_and_the_others_are_mined(coco8, tmp_path):
+    items = coco8["items"]
+    saved = build_hf(tmp_path / "saved", items, arrow_shards=2)
+    arrow = saved / "data-00000-of-00002.arrow"
+    arrow.write_bytes(arrow.read_bytes()[:-300])
+    rows = read_rows(_source(saved))
+    assert [(r["image_id"], r["file_name"]) for r in rows[:1]] == [(None, "data-00000-of-00002.arrow")]
+    assert [r["status"] for r in rows[1:]] == ["ok"] * 4

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,36 @@ def test_paths_never_escape_root_and_duplicates_are_listed(tmp_path):
     assert (5, "no usable caption: caption 0: empty caption") in reasons
     assert any(r.reason.startswith("malformed image entry") for r in src.rejects)
     assert any("lack image_id or caption" in r.reason for r in src.rejects)
+
+
+def test_a_symlink_loop_and_captions_of_unlisted_ids_are_listed_rejects(sample, tmp_path):
+    """A file_name that is a symlink loop (a real os.symlink loop) is a reject with the cause, not a traceback;
+    captions whose image id the images list does not hold are listed, one reject per id."""
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(next((sample / "images").glob("*.jpg")).read_bytes())
+    os.symlink("loop2.jpg", root / "loop1.jpg")
+    os.symlink("loop1.jpg", root / "loop2.jpg")
+    data = {
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 4, "height": 4},
+            {"id": 2, "file_name": "loop1.jpg", "width": 4, "height": 4},
+        ],
+        "annotations": [
+            {"id": 10, "image_id": 1, "caption": "A dog."},
+            {"id": 11, "image_id": 2, "caption": "A cat."},
+            {"id": 12, "image_id": 77, "caption": "A bird."},
+            {"id": 13, "image_id": 77, "caption": "A bird on a branch."},
+        ],
+    }
+    src = read_coco_captions(_write(tmp_path, data), root)
+    assert [r.image_id for r in src.records] == [1]
+    assert [(r.image_id, r.file_name, r.stage, r.reason) for r in src.rejects] == [
+        (77, None, "source", "2 caption(s) for image id 77, which the captions file's images do not list"),
+        (2, "loop1.jpg", "source", "symlink loop: loop1.jpg cannot be resolved"),
+    ]
+    selected = read_coco_captions(_write(tmp_path, data), root, image_ids=[1, 77])
+    assert [(r.image_id, r.reason) for r in selected.rejects] == [(77, "image id not in the captions file")]
 
 
 @pytest.mark.parametrize(
