@@ -62,7 +62,7 @@ class Img2DatasetSource(TableSource):
                     t.input,
                     t.size,
                     {**t.payload, "layout": "webdataset"},
-                    expected=t.expected if t.size is not None else stats_count(resolve(t.payload["file"])),
+                    expected=stats_count(resolve(t.payload["file"])) if self._announced(t) else None,
                 )
                 for t in plan.tasks
             ]
@@ -107,6 +107,11 @@ class Img2DatasetSource(TableSource):
         info = {"kind": self.kind, "format": layout, "location": root.uri, "files": len(parquets)}
         info["columns"] = columns.to_dict() if columns else None
         return SourcePlan(tasks, info, image_root=root.uri if layout == "files" else None)
+
+    def _announced(self, task: ShardTask) -> bool:
+        """Whether the stats' count is the task's row count to expect: its size is unknown and no id selection
+        makes it smaller."""
+        return task.size is None and self.cfg.image_ids is None
 
     def _tars(self, root: Location | str) -> WebDatasetSource:
         return _Img2DatasetTars(str(root), self.cfg, self.screening)

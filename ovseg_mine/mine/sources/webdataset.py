@@ -288,7 +288,9 @@ class WebDatasetSource(Source):
             return len(self._scan(tar, task, problem))
 
     def read_shard(self, task: ShardTask) -> Iterator["pa.Table"]:
+        only = task.payload.get("only_ids")
+        keep = frozenset(only) if only is not None else None
         with self._open(task) as (tar, problem):
             samples = self._scan(tar, task, problem)
             rows = (self._row(tar, sample, task.payload["name"]) for sample in samples)
-            yield from batches(rows, task.index, len(samples))
+            yield from batches(rows, task.index, len(samples), keep=keep)
