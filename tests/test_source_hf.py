@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from ovseg_mine.mine.sources import SourceError
@@ -163,3 +165,25 @@ def test_an_arrow_file_cut_short_is_listed_and_the_others_are_mined(coco8, tmp_p
     rows = read_rows(_source(saved))
     assert [(r["image_id"], r["file_name"]) for r in rows[:1]] == [(None, "data-00000-of-00002.arrow")]
     assert [r["status"] for r in rows[1:]] == ["ok"] * 4
+
+
+def test_rows_after_a_corrupt_page_are_rejects_each_and_the_rows_before_are_read(coco8, tmp_path):
+    """A Parquet file whose footer is intact but whose second row group has a corrupt page header (16 bytes
+    overwritten): its 4 first rows are read, each of the 4 others is a reject naming the file, the row and the cause."""
+    items = coco8["items"]
+    table = pa.table(
+        {"image": [Path(it["path"]).read_bytes() for it in items], "caption": [it["captions"][0] for it in items]}
+    )
+    path = tmp_path / "photos.parquet"
+    pq.write_table(table, path, row_group_size=4)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start : start + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    rows = read_rows(_source(path))
+    assert [r["status"] for r in rows] == ["ok"] * 4 + ["source"] * 4
+    assert [r["file_name"] for r in rows[4:]] == [f"photos.parquet/{k}" for k in range(4, 8)]
+    assert all(r["image_id"] == stable_id(r["file_name"]) for r in rows)
+    assert rows[4]["reason"].startswith("photos.parquet cannot be read from row 4: Couldn't deserialize thrift")
+    assert "\n" not in rows[4]["reason"]

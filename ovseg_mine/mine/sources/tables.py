@@ -31,7 +31,7 @@ from ovseg_mine.mine.sources.records import (
     reject_row,
     stable_id,
 )
-from ovseg_mine.storage import Location, StorageError, resolve
+from ovseg_mine.storage import Location, StorageError, first_line, resolve
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -84,9 +84,11 @@ class TableFile:
         return self._arrow.column(name).to_pylist()
 
     def batches(self, columns: list[str], batch_size: int = READ_BATCH_ROWS) -> Iterator["pa.RecordBatch"]:
-        """The file's rows in order, ``columns`` only, in batches of about ``batch_size`` rows."""
+        """The file's rows in order, ``columns`` only, in batches of about ``batch_size`` rows (Parquet: row group
+        by row group, so a corrupt row group fails after the rows of the ones before it)."""
         if self._parquet is not None:
-            yield from self._parquet.iter_batches(batch_size=batch_size, columns=columns)
+            for group in range(self._parquet.num_row_groups):
+                yield from self._parquet.iter_batches(batch_size=batch_size, row_groups=[group], columns=columns)
         else:
             yield from self._arrow.select(columns).to_batches(max_chunksize=batch_size)
 
@@ -293,7 +295,7 @@ class TableSource(Source):
                         yield self.row(sample.key, values, sample.image_id, columns, base)
                     row += 1
         except (SourceError, OSError, pa.ArrowException) as exc:
-            cause = f"{task.payload['name']} cannot be read from row {row}: {exc}"
+            cause = f"{task.payload['name']} cannot be read from row {row}: {first_line(exc)}"
             for sample in sorted(wanted.values()):
                 image_id = sample.image_id if sample.image_id is not None else stable_id(sample.key)
                 yield reject_row(image_id, sample.key, "source", cause)
