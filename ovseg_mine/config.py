@@ -43,7 +43,7 @@ class SourceConfig(_Section):
     limit: int | None = Field(
         None, ge=1, description="mine at most this many images (COCO: the first by id; other sources: in source order)"
     )
-    image_ids: list[int] | None = Field(None, description="mine only these image ids")
+    image_ids: list[int] | None = Field(None, min_length=1, description="mine only these image ids (at least one)")
     split: str | None = Field(None, description="hf: the split to read (default: train, or the only split)")
     hf_config: str | None = Field(None, description="hf: the dataset configuration (subset) of a Hub dataset")
     image_column: str | None = Field(None, description="column (hf, img2dataset) holding the image; default: found")

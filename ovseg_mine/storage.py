@@ -167,12 +167,15 @@ class Location:
     def write_bytes(self, data: bytes) -> None:
         """Write the whole file, so that readers see the old content or the new, never a part.
 
-        Local disk: to ``NAME.tmp`` next to it, fsync, rename over it (parent folders are created). Object store:
-        one object, which becomes visible only when its upload completes.
+        Local disk: to ``NAME.tmp`` next to it, fsync, rename over it (parent folders are created); a write that
+        fails (a full disk) removes its ``NAME.tmp``. Object store: one object, which becomes visible only when its
+        upload completes.
 
         Raises:
-            StorageError: not writable (the message names the location).
+            StorageError: not writable (the message names the location and the cause, e.g. ``[Errno 28] No space
+                left on device``).
         """
+        tmp = None
         try:
             if self.is_local:
                 target = Path(self.path)
@@ -187,6 +190,9 @@ class Location:
                 with self.fs.open_output_stream(self.path) as handle:
                     handle.write(data)
         except (OSError, ValueError) as exc:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             raise StorageError(f"cannot write {self.uri}: {first_line(exc)}") from exc
 
     def write_via(self, write: Callable[[str], None]) -> None:
@@ -203,12 +209,19 @@ class Location:
             target = Path(self.path)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".tmp")
-            write(str(tmp))
+            try:
+                write(str(tmp))
+            except BaseException:  # a failed or interrupted write (a full disk) leaves no NAME.tmp behind
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
             try:
                 with open(tmp, "rb+") as handle:
                     os.fsync(handle.fileno())
                 os.replace(tmp, target)
             except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
                 raise StorageError(f"cannot write {self.uri}: {first_line(exc)}") from exc
             return
         with tempfile.TemporaryDirectory(prefix="ovseg-mine-") as folder:

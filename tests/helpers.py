@@ -425,28 +425,37 @@ def build_folder(dest: Path, items: list[dict], *, lines: list[str] | None = Non
 
 
 def build_img2dataset(dest: Path, items: list[dict], *, layout: str, per_shard: int = 1000) -> Path:
-    """An img2dataset output folder of ``items`` in its ``parquet`` or ``files`` format: per shard ``NNNNN.parquet``
-    (``key``, ``caption``, ``status``, ``error_message``, ``image_id``; plus ``jpg`` bytes and ``txt`` in the parquet
-    format) and, for ``files``, ``NNNNN/KEY.jpg``, ``KEY.txt``, ``KEY.json``. Keys are ``SSSSSIIII`` as img2dataset
-    numbers them; one failed download is added per shard."""
+    """An img2dataset output folder of ``items`` in its ``parquet``, ``files`` or ``webdataset`` format, laid out as
+    img2dataset's writers lay it out: per shard ``NNNNN.parquet`` (one row per URL, downloaded or not: ``key``,
+    ``caption``, ``status``, ``error_message``, ``image_id``; plus ``jpg`` bytes and ``txt`` in the parquet format),
+    for ``files`` ``NNNNN/KEY.jpg``, ``KEY.txt``, ``KEY.json``, for ``webdataset`` ``NNNNN.tar`` holding the same
+    members for the downloaded samples only, and ``NNNNN_stats.json`` (``count``, ``successes``,
+    ``failed_to_download``, ``failed_to_resize``). Keys are ``SSSSSIIII`` as img2dataset numbers them; one failed
+    download is added per shard."""
+    import io
     import shutil
+    import tarfile
 
     dest.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(items), per_shard):
         shard = start // per_shard
         rows = []
+        members: list[tuple[str, bytes]] = []
         for k, it in enumerate(items[start : start + per_shard]):
             key = f"{shard:05d}{k:04d}"
             row = {"key": key, "caption": it["captions"][0], "status": "success", "error_message": None}
             row["image_id"] = it["image_id"]
             if layout == "parquet":
                 row |= {"jpg": Path(it["path"]).read_bytes(), "txt": it["captions"][0]}
-            else:
+            elif layout == "files":
                 folder = dest / f"{shard:05d}"
                 folder.mkdir(exist_ok=True)
                 shutil.copy(it["path"], folder / f"{key}.jpg")
                 (folder / f"{key}.txt").write_text(it["captions"][0], encoding="utf-8")
                 (folder / f"{key}.json").write_text(json.dumps(row), encoding="utf-8")
+            else:
+                members += [(f"{key}.jpg", Path(it["path"]).read_bytes()), (f"{key}.txt", it["captions"][0].encode())]
+                members.append((f"{key}.json", json.dumps(row).encode()))
             rows.append(row)
         failed = {"key": f"{shard:05d}9999", "caption": "A dog.", "status": "failed_to_download"}
         failed |= {"error_message": "HTTP 404", "image_id": 10**9 + shard}
@@ -454,6 +463,14 @@ def build_img2dataset(dest: Path, items: list[dict], *, layout: str, per_shard: 
             failed |= {"jpg": None, "txt": None}
         rows.append(failed)
         pq.write_table(pa.Table.from_pylist(rows), dest / f"{shard:05d}.parquet")
+        if layout == "webdataset":
+            with tarfile.open(dest / f"{shard:05d}.tar", "w") as tar:
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        stats = {"count": len(rows), "successes": len(rows) - 1, "failed_to_download": 1, "failed_to_resize": 0}
+        (dest / f"{shard:05d}_stats.json").write_text(json.dumps(stats | {"duration": 1.0}), encoding="utf-8")
     return dest
 
 

@@ -5,6 +5,7 @@ re-encoded, rotated, resized), mined in one run with the `smoke` recipe, and mus
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,13 +73,17 @@ def _build(sample: Path, root: Path) -> tuple[Path, dict[int, tuple[int, int]]]:
         (17, str(images / "gray.jpg"), w, h, [CAPTION]),
         (5, "gray.jpg", w, h, []),  # duplicate id (its captions would be image 5's: none added)
         (18, save("mixed.jpg", photo, quality=90), w, h, ["🐶", CAPTION]),
+        (19, "loop1.jpg", w, h, [CAPTION]),  # a real symlink loop: loop1.jpg -> loop2.jpg -> loop1.jpg
     ]
+    os.symlink("loop2.jpg", images / "loop1.jpg")
+    os.symlink("loop1.jpg", images / "loop2.jpg")
     (root / "outside.jpg").write_bytes(source[0].read_bytes())
     captions = {
         "images": [{"id": i, "file_name": f, "width": ww, "height": hh} for i, f, ww, hh, _ in entries],
         "annotations": [
             {"id": 100 * i + k, "image_id": i, "caption": c} for i, _, _, _, caps in entries for k, c in enumerate(caps)
-        ],
+        ]
+        + [{"id": 9999, "image_id": 20, "caption": CAPTION}],  # a caption of an image the file does not list
     }
     path = root / "captions.json"
     path.write_text(json.dumps(captions, ensure_ascii=False), encoding="utf-8")
@@ -125,8 +130,10 @@ def test_the_run_goes_on_and_every_bad_image_is_listed_with_its_reason(bad_run):
     assert (16, "source", "file_name escapes the image root") in rejects
     assert (17, "source", "file_name escapes the image root") in rejects
     assert (5, "source", "duplicate image id (first entry kept)") in rejects
-    assert len(manifest["rejects"]) == len(rejects) == 11
-    assert manifest["counts"]["rejects_by_stage"] == {"decode": 6, "captions": 2, "source": 3}
+    assert (19, "source", "symlink loop: loop1.jpg cannot be resolved") in rejects
+    assert (20, "source", "1 caption(s) for image id 20, which the captions file's images do not list") in rejects
+    assert len(manifest["rejects"]) == len(rejects) == 13
+    assert manifest["counts"]["rejects_by_stage"] == {"decode": 6, "captions": 2, "source": 5}
 
 
 def test_odd_but_usable_images_are_mined_at_their_decoded_size(bad_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -82,3 +83,17 @@ def test_unusable_folders_are_one_line_errors(tmp_path):
         _source(tmp_path).plan(10)
     with pytest.raises(SourceError, match="not found"):
         _source(tmp_path / "nope").plan(10)
+
+
+def test_a_symlink_loop_is_a_listed_reject_and_the_other_lines_are_mined(coco8, tmp_path):
+    items = coco8["items"][:2]
+    lines = [json.dumps({"file_name": "loop1.jpg", "caption": "A dog."})]
+    root = build_folder(tmp_path, items, lines=lines)
+    os.symlink("loop2.jpg", root / "loop1.jpg")
+    os.symlink("loop1.jpg", root / "loop2.jpg")
+    rows = read_rows(_source(root))
+    assert [r["status"] for r in rows] == ["ok", "ok", "source"]
+    assert (rows[2]["file_name"], rows[2]["reason"]) == (
+        "loop1.jpg",
+        "symlink loop: loop1.jpg cannot be resolved",
+    )

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from ovseg_mine.mine.sources import SourceError
@@ -128,3 +130,60 @@ def test_an_image_column_of_paths_relative_to_the_file(coco8, tmp_path):
     rows = read_rows(_source(tmp_path / "paths.parquet"))
     assert [r["path"] for r in rows] == [str(tmp_path / "img" / "a.jpg")] * 2
     assert [r["captions"] for r in rows] == [["A dog."], ["A cat."]] and rows[0]["image_bytes"] is None
+
+
+def test_a_truncated_parquet_among_good_ones_is_listed_and_the_others_are_mined(coco8, tmp_path):
+    """A Hub-layout dataset of 3 Parquet files whose second is cut in half (no footer: its rows are unknown): one
+    reject of that file, no image id (not counted as an image); the 5 rows of the other files are read."""
+    items = coco8["items"]
+    root = build_hf(tmp_path / "hub", items, parquet_files=3)
+    cut = root / "data" / "train-00001-of-00003.parquet"
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    source = _source(root, 'source.id_column="image_id"')
+    plan = source.plan(1000)
+    assert [(t.size, t.expected) for t in plan.tasks] == [(3, None), (None, 1), (2, None)]
+    assert plan.total == 6 and plan.info["unreadable_files"] == 1
+    rows = read_rows(source)
+    assert [r["image_id"] for r in rows if r["status"] == "ok"] == [it["image_id"] for it in items[:3] + items[6:]]
+    files = [r for r in rows if r["image_id"] is None]
+    assert [(r["file_name"], r["status"], r["shard"]) for r in files] == [
+        ("data/train-00001-of-00003.parquet", "source", 1)
+    ]
+    assert files[0]["reason"] == (
+        "train-00001-of-00003.parquet is not a readable Parquet or Arrow file: Parquet magic bytes not found in "
+        "footer. Either the file is corrupted or this is not a parquet file.; the rows it held are unknown (listed "
+        "as one reject of the file)"
+    )
+
+
+def test_an_arrow_file_cut_short_is_listed_and_the_others_are_mined(coco8, tmp_path):
+    items = coco8["items"]
+    saved = build_hf(tmp_path / "saved", items, arrow_shards=2)
+    arrow = saved / "data-00000-of-00002.arrow"
+    arrow.write_bytes(arrow.read_bytes()[:-300])
+    rows = read_rows(_source(saved))
+    assert [(r["image_id"], r["file_name"]) for r in rows[:1]] == [(None, "data-00000-of-00002.arrow")]
+    assert [r["status"] for r in rows[1:]] == ["ok"] * 4
+
+
+def test_rows_after_a_corrupt_page_are_rejects_each_and_the_rows_before_are_read(coco8, tmp_path):
+    """A Parquet file whose footer is intact but whose second row group has a corrupt page header (16 bytes
+    overwritten): its 4 first rows are read, each of the 4 others is a reject naming the file, the row and the cause."""
+    items = coco8["items"]
+    table = pa.table(
+        {"image": [Path(it["path"]).read_bytes() for it in items], "caption": [it["captions"][0] for it in items]}
+    )
+    path = tmp_path / "photos.parquet"
+    pq.write_table(table, path, row_group_size=4)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start : start + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    rows = read_rows(_source(path))
+    assert [r["status"] for r in rows] == ["ok"] * 4 + ["source"] * 4
+    assert [r["file_name"] for r in rows[4:]] == [f"photos.parquet/{k}" for k in range(4, 8)]
+    assert all(r["image_id"] == stable_id(r["file_name"]) for r in rows)
+    assert rows[4]["reason"].startswith("photos.parquet cannot be read from row 4: Couldn't deserialize thrift")
+    assert "\n" not in rows[4]["reason"]

@@ -120,8 +120,62 @@ def test_a_truncated_tar_keeps_the_samples_before_the_cut(coco8, tmp_path):
     tar = tarfile.open(fileobj=io.BytesIO(data))
     second = [m for m in tar.getmembers() if m.name.endswith(".jpg")][1]
     (tmp_path / "00000.tar").write_bytes(data[: second.offset_data + 100])
-    rows = read_rows(_source(tmp_path))
+    source = _source(tmp_path)
+    rows = read_rows(source)
     assert rows[0]["status"] == "ok" and rows[0]["file_name"] == f"00000.tar/{coco8['items'][0]['file_name']}"
-    cut = {r["file_name"]: r["reason"] for r in rows[1:]}
-    assert cut[f"00000.tar/{coco8['items'][1]['file_name']}"].startswith("the tar is truncated: ")
-    assert cut["00000.tar/(after 2 samples)"] == "the rest of the tar cannot be read: unexpected end of data"
+    assert rows[1]["file_name"] == f"00000.tar/{coco8['items'][1]['file_name']}"
+    assert rows[1]["reason"] == f"the tar is truncated: {second.name} has 100 of its {second.size} bytes"
+    # The unreadable rest is one reject about the file: no image id, so the run does not count it as an image.
+    assert [(r["image_id"], r["file_name"], r["status"], r["reason"]) for r in rows[2:]] == [
+        (
+            None,
+            "00000.tar",
+            "source",
+            "00000.tar: the rest of the tar cannot be read after 2 samples: unexpected end of data",
+        )
+    ]
+    assert source.count(source.plan(10).tasks[0]) == 3
+
+
+def _end_blocks(data: bytes) -> int:
+    """Where a tar's end marker starts: after its last member's data, rounded up to 512 bytes."""
+    last = tarfile.open(fileobj=io.BytesIO(data)).getmembers()[-1]
+    return last.offset_data + -(-last.size // 512) * 512
+
+
+@pytest.mark.parametrize("cut", ["clean", "header"])
+def test_a_tar_without_its_end_marker_is_flagged(coco8, tmp_path, cut):
+    """A tar cut cleanly between two members (or inside a header) reads without error in ``tarfile``; the missing
+    end-of-archive blocks are what shows the cut."""
+    items = coco8["items"][:2]
+    build_webdataset(tmp_path, items)
+    data = (tmp_path / "00000.tar").read_bytes()
+    end = _end_blocks(data)
+    assert data[end : end + 1024] == bytes(1024)  # Python's tarfile writes the two zero blocks
+    last = tarfile.open(fileobj=io.BytesIO(data)).getmembers()[-1]
+    keep = end if cut == "clean" else last.offset + 200  # 200 bytes into the last member's header
+    (tmp_path / "00000.tar").write_bytes(data[:keep])
+    rows = read_rows(_source(tmp_path))
+    files = [r for r in rows if r["image_id"] is None]
+    assert len(files) == 1 and files[0]["file_name"] == "00000.tar" and files[0]["status"] == "source"
+    if cut == "clean":
+        assert files[0]["reason"] == (
+            f"00000.tar: no end-of-archive marker (two 512-byte zero blocks) after byte {end} of {end}: "
+            "the tar was cut, members may be missing"
+        )
+        assert [r["status"] for r in rows[:2]] == ["ok", "ok"]
+    else:
+        assert files[0]["reason"].startswith("00000.tar: unreadable data instead of the end-of-archive marker")
+        assert [r["status"] for r in rows[:2]] == ["ok", "ok"]  # the last member was the second sample's .json
+    # An intact tar is not flagged.
+    build_webdataset(tmp_path / "whole", items)
+    assert all(r["image_id"] is not None for r in read_rows(_source(tmp_path / "whole")))
+
+
+def test_a_file_that_is_not_a_tar_is_one_file_reject_and_the_other_tars_are_mined(coco8, tmp_path):
+    build_webdataset(tmp_path, coco8["items"][:4], per_tar=2)
+    (tmp_path / "00001.tar").write_bytes(b"\x00garbage" * 10)
+    rows = read_rows(_source(tmp_path))
+    assert [r["status"] for r in rows[:2]] == ["ok", "ok"]
+    assert [(r["image_id"], r["file_name"]) for r in rows[2:]] == [(None, "00001.tar")]
+    assert rows[2]["reason"].startswith("00001.tar: not a readable tar file: ")

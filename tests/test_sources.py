@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,36 @@ def test_paths_never_escape_root_and_duplicates_are_listed(tmp_path):
     assert (5, "no usable caption: caption 0: empty caption") in reasons
     assert any(r.reason.startswith("malformed image entry") for r in src.rejects)
     assert any("lack image_id or caption" in r.reason for r in src.rejects)
+
+
+def test_a_symlink_loop_and_captions_of_unlisted_ids_are_listed_rejects(sample, tmp_path):
+    """A file_name that is a symlink loop (a real os.symlink loop) is a reject with the cause, not a traceback;
+    captions whose image id the images list does not hold are listed, one reject per id."""
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(next((sample / "images").glob("*.jpg")).read_bytes())
+    os.symlink("loop2.jpg", root / "loop1.jpg")
+    os.symlink("loop1.jpg", root / "loop2.jpg")
+    data = {
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 4, "height": 4},
+            {"id": 2, "file_name": "loop1.jpg", "width": 4, "height": 4},
+        ],
+        "annotations": [
+            {"id": 10, "image_id": 1, "caption": "A dog."},
+            {"id": 11, "image_id": 2, "caption": "A cat."},
+            {"id": 12, "image_id": 77, "caption": "A bird."},
+            {"id": 13, "image_id": 77, "caption": "A bird on a branch."},
+        ],
+    }
+    src = read_coco_captions(_write(tmp_path, data), root)
+    assert [r.image_id for r in src.records] == [1]
+    assert [(r.image_id, r.file_name, r.stage, r.reason) for r in src.rejects] == [
+        (77, None, "source", "2 caption(s) for image id 77, which the captions file's images do not list"),
+        (2, "loop1.jpg", "source", "symlink loop: loop1.jpg cannot be resolved"),
+    ]
+    selected = read_coco_captions(_write(tmp_path, data), root, image_ids=[1, 77])
+    assert [(r.image_id, r.reason) for r in selected.rejects] == [(77, "image id not in the captions file")]
 
 
 @pytest.mark.parametrize(
@@ -194,6 +225,38 @@ def test_batches_stamp_the_shard_and_turn_a_repeated_id_into_a_reject():
     assert image_row(1, "f", ["🐶"], **screening)["status"] == "captions"
     with pytest.raises(RuntimeError, match="yielded 1 rows, 2 were announced"):
         list(batches(iter(rows[:1]), shard=0, shard_size=2))
+
+
+def test_a_file_reject_is_listed_but_is_no_image_of_its_shard():
+    """A reject about a file (no image id) travels as a row, so the shard completes, and comes back when a retry
+    keeps only some ids; the shard's done record lists it among the rejects, not among the images."""
+    from ovseg_mine.mine.pipeline import _shard_outcome
+    from ovseg_mine.mine.sources import ShardTask
+    from ovseg_mine.mine.sources.records import file_reject_row
+
+    screening = {"captions_per_image": 1, "max_caption_chars": 1000, "skip_non_english": True}
+    rows = [image_row(i, f"x.tar/{i}.jpg", ["A dog."], path=f"/x/{i}.jpg", **screening) for i in (7, 8)]
+    rows.append(file_reject_row("x.tar", "x.tar: the rest of the tar cannot be read after 2 samples"))
+    kept = [r for t in batches(iter(rows), shard=0, shard_size=3, keep=frozenset({8})) for r in t.to_pylist()]
+    assert [(r["image_id"], r["shard_row"], r["status"]) for r in kept] == [(8, 1, "ok"), (None, 2, "source")]
+    results = [
+        {
+            **{k: r[k] for k in ("image_id", "file_name", "status", "reason", "width", "height", "notes")},
+            **{"num_nouns": 1, "num_proposals": 0, "pairs": [], "error_type": ""},
+            **{f"{stage}_s": 0.0 for stage in ("decode", "nouns", "proposals", "crops", "clip")},
+        }
+        for r in rows
+    ]
+    pairs, done = _shard_outcome(ShardTask(0, {"file": "x.tar"}), results)
+    assert done["image_ids"] == [7, 8] and [i["image_id"] for i in done["images"]] == [7, 8]
+    assert done["rejects"] == [
+        {
+            "image_id": None,
+            "file_name": "x.tar",
+            "stage": "source",
+            "reason": "x.tar: the rest of the tar cannot be read after 2 samples",
+        }
+    ]
 
 
 def test_coco_source_plans_chunks_of_the_id_sorted_records(sample):

@@ -31,10 +31,13 @@ def _parse_ids(image_ids: Optional[str]) -> list[int] | None:
     path = Path(image_ids)
     text = path.read_text(encoding="utf-8") if path.is_file() else image_ids
     try:
-        return [int(tok) for tok in text.replace(",", " ").split()]
+        ids = [int(tok) for tok in text.replace(",", " ").split()]
     except ValueError:
         fail(f"--image-ids must be integers separated by commas or spaces, or a file of them: {image_ids[:80]!r}")
-    return None
+    if not ids:  # an empty selection would be a 'complete' run of 0 images
+        where = f"the file {image_ids}" if path.is_file() else "it"
+        fail(f"--image-ids names no image id ({where} is empty); give ids, or leave the option out to mine all")
+    return ids
 
 
 def _summary(manifest: dict[str, Any], out: str) -> None:

@@ -69,7 +69,8 @@ def build_manifest(
     source = dict(plan.info)
     if plan.image_root is not None:
         source["image_root"] = plan.image_root
-    source["images_selected"] = plan.total if plan.total is not None else sum(s["images"] for s in shards)
+    exact = plan.exact_total
+    source["images_selected"] = exact if exact is not None else sum(s["images"] for s in shards)
     return {
         "schema_version": SCHEMA_VERSION,
         "package_version": __version__,

@@ -53,6 +53,9 @@ def _shard_outcome(task: ShardTask, results: list[dict[str, Any]]) -> tuple[list
     images, rejects, warned = [], [], []
     stage_s: Counter[str] = Counter()
     for result in results:
+        if result["image_id"] is None:  # a reject about an input file (records.file_reject_row), not an image
+            rejects.append(Reject(None, result["file_name"], result["status"], result["reason"]).to_dict())
+            continue
         pairs.extend(result["pairs"])
         notes = list(result["notes"] or [])
         images.append(
@@ -72,7 +75,7 @@ def _shard_outcome(task: ShardTask, results: list[dict[str, Any]]) -> tuple[list
     done = {
         "shard": task.index,
         "input": task.input,
-        "image_ids": [r["image_id"] for r in results],
+        "image_ids": [r["image_id"] for r in results if r["image_id"] is not None],
         "images": images,
         "rejects": rejects,
         "warnings": warned,

@@ -19,6 +19,7 @@ while it works:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -124,7 +125,8 @@ def hold_run(run: Location) -> Iterator[Holder]:
 
     Raises:
         RunInUse: another run holds the folder (at once, without waiting).
-        ovseg_mine.storage.StorageError: the folder cannot be written.
+        RunError: a local folder cannot be written (a full disk: one line, :func:`cannot_write`).
+        ovseg_mine.storage.StorageError: an object store folder cannot be written.
     """
     holder = Holder.this_run()
     hold = _local_lock if run.is_local else _lease
@@ -132,20 +134,33 @@ def hold_run(run: Location) -> Iterator[Holder]:
         yield holder
 
 
+def cannot_write(run: Location, what: str, exc: OSError) -> RunError:
+    """The one-line error of a run folder that cannot be written (a full disk, a read-only file system, no
+    permission): names the folder, what was being written and the system's reason."""
+    reason = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+    return RunError(f"cannot write {what} in the run folder {run}: {reason}")
+
+
 @contextlib.contextmanager
 def _local_lock(run: Location, holder: Holder) -> Iterator[None]:
     import fcntl
 
-    run.makedirs()
     path = os.path.join(run.path, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes (O_CLOEXEC)
+    try:
+        run.makedirs()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes (O_CLOEXEC)
+    except OSError as exc:
+        raise cannot_write(run, LOCK_FILE, exc) from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise _in_use(run, Holder.parse(os.pread(fd, 4096, 0))) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.to_bytes(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder.to_bytes(), 0)
+        except OSError as exc:  # e.g. ENOSPC: the disk is full before the run has written anything
+            raise cannot_write(run, LOCK_FILE, exc) from exc
         try:
             yield
         finally:

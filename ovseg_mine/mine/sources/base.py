@@ -58,12 +58,15 @@ class ShardTask:
             a chunk of records); written to the shard's done record and compared on resume.
         size: rows the read step will yield, when the plan knows it (None: counted by the read step).
         payload: JSON-able arguments of :meth:`Source.read_shard` (a file's location, a row range, records).
+        expected: when ``size`` is None, the rows the input's own metadata announces (img2dataset's
+            ``NNNNN_stats.json`` ``count``): the progress bar's total, not a promise (a cut tar yields others).
     """
 
     index: int
     input: dict[str, Any]
     size: int | None = None
     payload: dict[str, Any] = field(default_factory=dict)
+    expected: int | None = None
 
     def to_row(self) -> dict[str, Any]:
         """The task as a Ray Data row (JSON text, so Arrow stores it whatever its shape)."""
@@ -95,7 +98,14 @@ class SourcePlan:
 
     @property
     def total(self) -> int | None:
-        """Rows of the whole plan, when every task's size is known."""
+        """Rows of the whole plan (the progress bar's total): every task's size, or where a task's size is
+        unknown the rows its input's metadata announces (``ShardTask.expected``); None when a task has neither."""
+        sizes = [t.size if t.size is not None else t.expected for t in self.tasks]
+        return None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[arg-type]
+
+    @property
+    def exact_total(self) -> int | None:
+        """Rows of the whole plan when every task's size is known (the manifest's ``images_selected``)."""
         sizes = [t.size for t in self.tasks]
         return None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[arg-type]
 
@@ -187,12 +197,15 @@ class Source:
             wanted = self._wanted_ids = frozenset(self.cfg.image_ids)
         return image_id in wanted
 
-    def select(self, samples: list[Any], task: ShardTask, image_id: Any) -> list[Any]:
-        """``samples`` whose ``image_id(sample)`` is selected, cut at the task's ``stop``."""
+    def select(self, samples: list[Any], task: ShardTask, image_id: Any, files: list[Any] = ()) -> list[Any]:
+        """``samples`` whose ``image_id(sample)`` is selected, cut at the task's ``stop``, then ``files``: the
+        samples that stand for a problem of the input file itself (a tar's unreadable tail, an unreadable table
+        file), which become file rejects (:func:`~ovseg_mine.mine.sources.records.file_reject_row`) whatever the
+        selection."""
         if self.cfg.image_ids is not None:
             samples = [s for s in samples if self.selected(image_id(s))]
         stop = task.payload.get("stop")
-        return samples if stop is None else samples[:stop]
+        return (samples if stop is None else samples[:stop]) + list(files)
 
     def sized(self, size: int | None) -> int | None:
         """A task's size for the plan: None when ``cfg.image_ids`` selects rows (only the read step knows)."""

@@ -12,6 +12,7 @@ driver keeps no record once the tasks are handed over).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -88,14 +89,30 @@ def _load_json(captions: Location) -> dict[str, Any]:
     return data
 
 
+class PathProblem(ValueError):
+    """A ``file_name`` whose path cannot be resolved on the local disk (a symlink loop, a folder on the way that
+    cannot be read); ``str(error)`` is the reason a source lists with the reject."""
+
+
 def safe_child(root: Location, file_name: str) -> str | None:
     """Where ``file_name`` (relative to the folder ``root``) is, as a local path or URI; None when it escapes
-    the root (``../``, an absolute path, a NUL byte, or on a local disk a symlink pointing outside)."""
+    the root (``../``, an absolute path, a NUL byte, or on a local disk a symlink pointing outside).
+
+    Raises:
+        PathProblem: on a local disk, the path cannot be resolved (a symlink loop: Python 3.11's
+            ``Path.resolve`` raises ``RuntimeError``, 3.13's ``OSError`` ELOOP; a folder that cannot be read).
+    """
     if not file_name or os.path.isabs(file_name) or file_name.startswith("/") or "\x00" in file_name:
         return None
     if root.is_local:
         base = Path(root.path).resolve()
-        candidate = (base / file_name).resolve()
+        try:
+            candidate = (base / file_name).resolve()
+        except RuntimeError as exc:  # "Symlink loop from '...'"
+            raise PathProblem(f"symlink loop: {file_name} cannot be resolved") from exc
+        except OSError as exc:
+            reason = "symlink loop" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+            raise PathProblem(f"{reason}: {file_name} cannot be resolved") from exc
         try:
             candidate.relative_to(base)
         except ValueError:
@@ -147,7 +164,9 @@ def read_coco_captions(
     Returns:
         A :class:`CocoCaptions`; records are sorted by image_id. Rejected: malformed image entries, duplicate
         image ids (the first entry is kept), file names that escape the image root (``../``, absolute
-        paths), images without a caption (stage ``source``) or without a usable one (stage ``captions``).
+        paths) or cannot be resolved (a symlink loop), images without a caption (stage ``source``) or without a
+        usable one (stage ``captions``), and the captions of image ids that ``images`` does not list (one reject
+        per such id).
 
     Raises:
         SourceError: missing or malformed JSON, wrong top-level shape, or a missing image root.
@@ -170,6 +189,12 @@ def read_coco_captions(
             Reject(None, None, "source", f"{malformed_captions} caption annotations lack image_id or caption")
         )
     wanted = set(image_ids) if image_ids is not None else None
+    listed = {e["id"] for e in data["images"] if isinstance(e, dict) and isinstance(e.get("id"), int)}
+    for orphan in sorted(captions_by_image.keys() - listed):
+        if wanted is None:  # a selected id the images do not list is listed below
+            count = len(captions_by_image[orphan])
+            reason = f"{count} caption(s) for image id {orphan}, which the captions file's images do not list"
+            rejects.append(Reject(orphan, None, "source", reason))
     seen: set[int] = set()
     records: list[ImageRecord] = []
     for entry in data["images"]:
@@ -187,7 +212,11 @@ def read_coco_captions(
             rejects.append(Reject(image_id, file_name, "source", "duplicate image id (first entry kept)"))
             continue
         seen.add(image_id)
-        path = safe_child(root, file_name)
+        try:
+            path = safe_child(root, file_name)
+        except PathProblem as exc:
+            rejects.append(Reject(image_id, file_name, "source", str(exc)))
+            continue
         if path is None:
             rejects.append(Reject(image_id, file_name, "source", "file_name escapes the image root"))
             continue

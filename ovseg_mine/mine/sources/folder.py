@@ -8,7 +8,8 @@ The id is ``--id-column`` (an integer field), else the 63-bit hash of ``file_nam
 The driver reads the captions file once, as a stream, to cut it into shards of ``shards.images_per_shard`` lines
 (it keeps the byte offset where each shard starts, and the file's sha256); each read task then reads its byte
 range only. Listed rejects (stage ``source``): a line that is not valid JSON (or CSV), without ``file_name``, a
-``file_name`` outside DIR, a ``file_name`` already seen in the same shard, an id field that is not an integer.
+``file_name`` outside DIR or whose path cannot be resolved (a symlink loop), a ``file_name`` already seen in the
+same shard, an id field that is not an integer.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ovseg_mine.mine.sources.base import ShardTask, Source, SourceError, SourcePlan, limit_tasks
-from ovseg_mine.mine.sources.coco import safe_child
+from ovseg_mine.mine.sources.coco import PathProblem, safe_child
 from ovseg_mine.mine.sources.records import as_caption_list, image_row, reject_row, stable_id
 from ovseg_mine.storage import Location, StorageError, resolve
 
@@ -185,7 +186,11 @@ class FolderSource(Source):
                 yield reject_row(sample["image_id"], sample["file_name"], "source", sample["problem"])
                 continue
             fields = sample["fields"]
-            path = safe_child(root, sample["file_name"])
+            try:
+                path = safe_child(root, sample["file_name"])
+            except PathProblem as exc:
+                yield reject_row(sample["image_id"], sample["file_name"], "source", str(exc))
+                continue
             if path is None:
                 yield reject_row(sample["image_id"], sample["file_name"], "source", "file_name escapes the folder")
                 continue

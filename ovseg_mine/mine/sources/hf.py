@@ -14,7 +14,8 @@ One output shard per data file. Columns: ``--image-column`` (an ``Image`` featur
 or a path; default: the column ``datasets`` declares as ``Image``, else ``image``...), ``--caption-column`` (a
 string or a list of strings per row; default ``caption``, ``captions``, ``text``...), ``--id-column`` (an
 integer column; default: the 63-bit hash of ``DATA_FILE/ROW``). ``file_name`` is ``DATA_FILE/ROW``, e.g.
-``data-00000-of-00002.arrow/17``.
+``data-00000-of-00002.arrow/17``. A data file that cannot be read (cut short, corrupt) is listed as one reject
+of the file (:mod:`~ovseg_mine.mine.sources.tables`); the other files are mined.
 """
 
 from __future__ import annotations
@@ -41,8 +42,14 @@ class HfSource(TableSource):
         files, info = self._data_files()
         tasks = []
         columns = None
+        unreadable = 0
         for index, (location, name) in enumerate(files):
-            table = TableFile(location)
+            try:
+                table = TableFile(location)
+            except SourceError as exc:  # e.g. a Parquet file cut short: listed, the others are mined
+                tasks.append(self.unreadable_task(index, location, name, str(exc)))
+                unreadable += 1
+                continue
             columns = find_columns(
                 table.schema,
                 f"hf:{self.location} ({name})",
@@ -53,6 +60,8 @@ class HfSource(TableSource):
             tasks.append(self.file_task(index, location, name, columns, table.num_rows))
         tasks = limit_tasks(tasks, self.cfg.limit, self.count)
         info.update(kind=self.kind, columns=columns.to_dict() if columns else None, files=len(files))
+        if unreadable:
+            info["unreadable_files"] = unreadable
         return SourcePlan(tasks, info)
 
     def _data_files(self) -> tuple[list[tuple[Location, str]], dict[str, Any]]:

@@ -9,21 +9,31 @@ img2dataset writes shard ``NNNNN`` of its output as:
 * ``files``: ``NNNNN/KEY.jpg`` (and ``KEY.txt``, ``KEY.json``) with the shard's metadata in ``NNNNN.parquet``
   (``key``, ``caption``, ``status``, ``error_message``...).
 
-In the ``parquet`` and ``files`` formats every URL of the input is a row, downloaded or not: a sample whose
-``status`` is not ``success`` is a listed reject (stage ``source``, with img2dataset's error message). ``file_name``
-is ``NNNNN.parquet/KEY`` (parquet) or ``NNNNN/KEY.jpg`` (files); the id is ``--id-column`` (an integer column, e.g.
-one kept with img2dataset's ``--save_additional_columns``), else the 63-bit hash of that ``file_name``'s key part.
+In every format img2dataset also writes ``NNNNN.parquet`` (in the ``webdataset`` format beside the tar: its metadata
+table) with one row per URL of the shard, downloaded or not (``key``, ``url``, ``caption``, ``status``:
+``success``, ``failed_to_download``, ``failed_to_resize``; ``error_message``...), and ``NNNNN_stats.json``
+(``count``, ``successes``, ``failed_to_download``, ``failed_to_resize``...). A sample whose ``status`` is not
+``success`` is a listed reject (stage ``source``, with img2dataset's error message); in the ``webdataset`` format
+those rows are read from the metadata table (the tar holds only the downloaded samples), a downloaded sample the tar
+does not hold is a reject too, and the stats' ``count`` is the progress bar's total. ``file_name`` is
+``NNNNN.parquet/KEY`` (parquet), ``NNNNN/KEY.jpg`` (files) or ``NNNNN.tar/KEY.jpg`` (webdataset); the id is
+``--id-column`` (an integer column, e.g. one kept with img2dataset's ``--save_additional_columns``), else the 63-bit
+hash of that ``file_name``'s key part.
+
+An interrupted img2dataset run leaves a shard's ``.parquet`` cut short (no footer): that shard is listed as rejects,
+one per URL its stats file counts (one reject of the file when there is none), and the other shards are mined.
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
 from typing import Any
 
 from ovseg_mine.mine.sources.base import ShardTask, SourceError, SourcePlan, limit_tasks
 from ovseg_mine.mine.sources.records import IMAGE_EXTENSIONS, as_caption_list, image_row, reject_row, stable_id
 from ovseg_mine.mine.sources.tables import Columns, TableFile, TableSource, check_id_column, find_columns
-from ovseg_mine.mine.sources.webdataset import WebDatasetSource
+from ovseg_mine.mine.sources.webdataset import WebDatasetSource, _Sample
 from ovseg_mine.storage import Location, StorageError, resolve
 
 _IMAGE_COLUMNS = ("jpg", "png", "webp")
@@ -47,24 +57,49 @@ class Img2DatasetSource(TableSource):
         if any(f.path.endswith(".tar") for f in files):
             plan = self._tars(root).plan(images_per_shard)
             plan.tasks = [
-                ShardTask(t.index, t.input, t.size, {**t.payload, "layout": "webdataset"}) for t in plan.tasks
+                ShardTask(
+                    t.index,
+                    t.input,
+                    t.size,
+                    {**t.payload, "layout": "webdataset"},
+                    expected=stats_count(resolve(t.payload["file"])) if self._announced(t) else None,
+                )
+                for t in plan.tasks
             ]
             plan.info.update(kind=self.kind, format="webdataset", location=root.uri)
             return plan
         parquets = [f for f in files if f.path.endswith(".parquet")]
         if not parquets:
             raise SourceError(f"img2dataset:{self.location}: no .tar or .parquet shard found")
-        schema = TableFile(parquets[0]).schema
+        tables: dict[str, TableFile | str] = {}
+        for parquet in parquets:
+            try:
+                tables[parquet.uri] = TableFile(parquet)
+            except SourceError as exc:  # cut short by an interrupted img2dataset run: listed, the others mined
+                tables[parquet.uri] = str(exc)
+        readable = [p for p in parquets if isinstance(tables[p.uri], TableFile)]
+        if not readable:
+            raise SourceError(f"img2dataset:{self.location}: no .parquet shard can be read ({tables[parquets[0].uri]})")
+        first = readable[0]
+        schema = tables[first.uri].schema
         layout = "parquet" if any(c in schema.names for c in _IMAGE_COLUMNS) else "files"
-        if layout == "files" and not root.join(parquets[0].name[: -len(".parquet")]).is_dir():
+        if layout == "files" and not root.join(first.name[: -len(".parquet")]).is_dir():
             raise SourceError(
-                f"img2dataset:{self.location}: {parquets[0].name} holds no image column (jpg, png, webp) and its "
-                f"folder {parquets[0].name[: -len('.parquet')]}/ is missing: not an img2dataset output"
+                f"img2dataset:{self.location}: {first.name} holds no image column (jpg, png, webp) and its "
+                f"folder {first.name[: -len('.parquet')]}/ is missing: not an img2dataset output"
             )
         tasks = []
         columns = None
         for index, parquet in enumerate(parquets):
-            table = TableFile(parquet)
+            table = tables[parquet.uri]
+            if isinstance(table, str):
+                task = self.unreadable_task(index, parquet, parquet.name, table, stats_count(parquet))
+                tasks.append(
+                    ShardTask(
+                        task.index, task.input, task.size, {**task.payload, "layout": layout}, expected=task.expected
+                    )
+                )
+                continue
             columns = self._columns(table, parquet, layout)
             task = self.file_task(index, parquet, parquet.name, columns, table.num_rows)
             tasks.append(ShardTask(task.index, task.input, task.size, {**task.payload, "layout": layout}))
@@ -73,8 +108,13 @@ class Img2DatasetSource(TableSource):
         info["columns"] = columns.to_dict() if columns else None
         return SourcePlan(tasks, info, image_root=root.uri if layout == "files" else None)
 
+    def _announced(self, task: ShardTask) -> bool:
+        """Whether the stats' count is the task's row count to expect: its size is unknown and no id selection
+        makes it smaller."""
+        return task.size is None and self.cfg.image_ids is None
+
     def _tars(self, root: Location | str) -> WebDatasetSource:
-        return WebDatasetSource(str(root), self.cfg, self.screening)
+        return _Img2DatasetTars(str(root), self.cfg, self.screening)
 
     def read_shard(self, task: ShardTask):
         if task.payload.get("layout") == "webdataset":
@@ -153,3 +193,60 @@ class Img2DatasetSource(TableSource):
             except (StorageError, UnicodeDecodeError):
                 texts = None
         return image_row(image_id, file_name, texts, path=image.uri, **self.screening.kwargs())
+
+
+def stats_count(shard: Location) -> int | None:
+    """``count`` (URLs of the shard, downloaded or not) from img2dataset's ``NNNNN_stats.json`` beside the shard
+    file ``shard`` (``NNNNN.tar`` or ``NNNNN.parquet``); None when there is no readable stats file."""
+    stem = shard.name.rsplit(".", 1)[0]
+    try:
+        stats = json.loads(shard.parent.join(f"{stem}_stats.json").read_bytes())
+    except (StorageError, ValueError):
+        return None
+    count = stats.get("count") if isinstance(stats, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
+
+
+class _Img2DatasetTars(WebDatasetSource):
+    """img2dataset's ``webdataset`` format: the tars, plus what the metadata table beside each tar lists that the
+    tar does not hold (failed downloads; downloaded samples missing from a cut tar)."""
+
+    def extra(self, task: ShardTask, samples: list[_Sample], files: list[_Sample]) -> list[_Sample]:
+        tar = resolve(task.payload["file"])
+        name = task.payload["name"]
+        meta = tar.parent.join(tar.name[: -len(".tar")] + ".parquet")
+        try:
+            if not meta.is_file():
+                return []
+            table = TableFile(meta)
+            keys = [str(k) for k in table.column("key")]
+            status = table.column("status") if "status" in table.schema.names else ["success"] * len(keys)
+            errors = table.column("error_message") if "error_message" in table.schema.names else [None] * len(keys)
+            ids = self._ids(table, len(keys))
+        except (SourceError, StorageError, KeyError) as exc:
+            files.append(
+                _Sample("", problem=f"{meta.name}, img2dataset's list of {name}'s URLs, cannot be read: {exc}")
+            )
+            return []
+        held = {posixpath.basename(s.key) for s in samples}
+        cut = f"{name} does not hold it" + (" (the tar is cut or unreadable)" if files else "")
+        extra = []
+        for key, state, error, image_id in zip(keys, status, errors, ids, strict=True):
+            if key in held:
+                continue
+            if state in (None, "success"):
+                problem = f"img2dataset downloaded it ({meta.name}), but {cut}"
+            else:
+                problem = f"img2dataset status {state}" + (f": {error}" if error else "")
+            sample = _Sample(key, problem=problem, image_id=stable_id(f"{name}/{key}"))
+            if image_id is not None:
+                sample.image_id = image_id
+            extra.append(sample)
+        return extra
+
+    def _ids(self, table: TableFile, count: int) -> list[Any]:
+        """The ``--id-column`` values of the metadata rows (None where absent or not an integer)."""
+        column = self.cfg.id_column
+        if column is None or column not in table.schema.names:
+            return [None] * count
+        return [v if isinstance(v, int) and not isinstance(v, bool) else None for v in table.column(column)]

@@ -162,8 +162,11 @@ def image_row(
     }
 
 
-def reject_row(image_id: int, file_name: str | None, stage: str, reason: str) -> dict[str, Any]:
-    """A record row for a sample refused at ``stage`` (``source``, ``captions``, ``proposals``) for ``reason``."""
+def reject_row(image_id: int | None, file_name: str | None, stage: str, reason: str) -> dict[str, Any]:
+    """A record row for a sample refused at ``stage`` (``source``, ``captions``, ``proposals``) for ``reason``.
+
+    ``image_id`` None makes it a *file reject* (:func:`file_reject_row`): a reject about an input file, not an
+    image."""
     return {
         "image_id": image_id,
         "file_name": file_name or "",
@@ -178,6 +181,14 @@ def reject_row(image_id: int, file_name: str | None, stage: str, reason: str) ->
     }
 
 
+def file_reject_row(file_name: str, reason: str) -> dict[str, Any]:
+    """A record row about an input file rather than an image (``image_id`` null, stage ``source``): a tar's
+    unreadable tail, a tar without its end marker, a table file whose rows cannot be known. The run lists it with
+    its reason (``file_name`` is the file's name in the source) and does not count it as an image; a source puts
+    such rows after its images' rows, so that the images keep their positions in the shard."""
+    return reject_row(None, file_name, "source", reason)
+
+
 def batches(
     rows: Iterable[dict[str, Any]], shard: int, shard_size: int, keep: frozenset[int] | None = None
 ) -> Iterator["pa.Table"]:
@@ -187,7 +198,8 @@ def batches(
 
     A row whose image id an earlier row of the shard already has becomes a reject (stage ``source``, "duplicate
     image id"): ids key the pairs (``pair_id``), so two images must never share one. With ``keep``, only the rows
-    of those image ids are yielded (each still stamped with its position in the whole shard).
+    of those image ids are yielded (each still stamped with its position in the whole shard), and the file rejects
+    (:func:`file_reject_row`), which no done record lists among its images.
 
     Raises:
         RuntimeError: ``rows`` does not hold exactly ``shard_size`` rows (a bug in a source: the driver would
@@ -204,7 +216,7 @@ def batches(
             row = reject_row(row["image_id"], row["file_name"], "source", "duplicate image id (first kept)")
         seen.add(row["image_id"])
         count += 1
-        if keep is not None and row["image_id"] not in keep:
+        if keep is not None and row["image_id"] is not None and row["image_id"] not in keep:
             continue
         buffer.append({**row, "shard": shard, "shard_size": shard_size, "shard_row": count - 1, "proposals": None})
         size += len(row["image_bytes"] or b"")

@@ -6,6 +6,12 @@ rows costs no copy) and read batch by batch with the needed columns only. Row co
 footer, or from the Arrow batches' lengths. :class:`TableSource` is the shared read step of the ``hf`` and
 ``img2dataset`` kinds: the subclass lists the files and says which columns hold the image, the captions and
 the id.
+
+One unreadable file never stops a run: a file that cannot be opened (a Parquet file cut short by an interrupted
+writer has no footer, so neither its rows nor their count can be known) is one *file reject* (``file_name`` the
+file, no image id, not counted as an image), or one reject per row where the count is known from elsewhere
+(img2dataset's stats); rows that cannot be read from a file that opens (a corrupt page) are rejects each, with
+the cause. The other files are mined.
 """
 
 from __future__ import annotations
@@ -14,11 +20,18 @@ import json
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ovseg_mine.mine.sources.base import ShardTask, Source, SourceError
-from ovseg_mine.mine.sources.records import READ_BATCH_ROWS, as_caption_list, image_row, reject_row, stable_id
-from ovseg_mine.storage import Location, StorageError, resolve
+from ovseg_mine.mine.sources.records import (
+    READ_BATCH_ROWS,
+    as_caption_list,
+    file_reject_row,
+    image_row,
+    reject_row,
+    stable_id,
+)
+from ovseg_mine.storage import Location, StorageError, first_line, resolve
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -56,8 +69,8 @@ class TableFile:
                     source.seek(0)
                     self._arrow = pa.ipc.open_file(source).read_all()
                 self.schema = self._arrow.schema
-        except (OSError, StorageError, pa.ArrowInvalid) as exc:
-            raise SourceError(f"{location} is not a readable Parquet or Arrow file: {exc}") from exc
+        except (OSError, StorageError, pa.ArrowException) as exc:
+            raise SourceError(f"{location.name} is not a readable Parquet or Arrow file: {exc}") from exc
 
     @property
     def num_rows(self) -> int:
@@ -71,9 +84,11 @@ class TableFile:
         return self._arrow.column(name).to_pylist()
 
     def batches(self, columns: list[str], batch_size: int = READ_BATCH_ROWS) -> Iterator["pa.RecordBatch"]:
-        """The file's rows in order, ``columns`` only, in batches of about ``batch_size`` rows."""
+        """The file's rows in order, ``columns`` only, in batches of about ``batch_size`` rows (Parquet: row group
+        by row group, so a corrupt row group fails after the rows of the ones before it)."""
         if self._parquet is not None:
-            yield from self._parquet.iter_batches(batch_size=batch_size, columns=columns)
+            for group in range(self._parquet.num_row_groups):
+                yield from self._parquet.iter_batches(batch_size=batch_size, row_groups=[group], columns=columns)
         else:
             yield from self._arrow.select(columns).to_batches(max_chunksize=batch_size)
 
@@ -181,9 +196,20 @@ def image_cell(value: Any, base: Location) -> tuple[bytes | None, str | None]:
     return None, None
 
 
+class TableSample(NamedTuple):
+    """One sample of a table file: its ``row``, ``image_id`` (None: the id cell is empty) and ``key``; or, with a
+    ``problem``, a row that cannot be read (``row`` None: the file itself, whose rows are unknown)."""
+
+    row: int | None
+    image_id: Any
+    key: str
+    problem: str | None = None
+
+
 class TableSource(Source):
     """Shared read step of table sources. A task's payload names its file (``file``: URI, ``name``: its name in
-    ``file_name``) and the :class:`Columns`; subclasses may override :meth:`row` to read other layouts."""
+    ``file_name``) and the :class:`Columns`, or why the file cannot be read (``unreadable``, with ``rows`` when
+    their count is known); subclasses may override :meth:`row` to read other layouts."""
 
     def file_task(self, index: int, location: Location, name: str, columns: Columns, size: int) -> ShardTask:
         """The task of one input file: identity = name, byte size and modification time."""
@@ -193,6 +219,21 @@ class TableSource(Source):
         payload = {"file": location.uri, "name": name, "columns": columns.to_dict()}
         return ShardTask(index, identity, self.sized(size), payload)
 
+    def unreadable_task(
+        self, index: int, location: Location, name: str, problem: str, rows: int | None = None
+    ) -> ShardTask:
+        """The task of an input file that cannot be read: ``rows`` rejects (when the count is known from
+        elsewhere), else one file reject. Its identity is the file's size and time, as for a readable file, so
+        a file replaced by a good copy is mined on resume."""
+        try:
+            info = location.fs.get_file_info(location.path)
+            identity = {"file": name, "bytes": info.size, "mtime": info.mtime.isoformat() if info.mtime else None}
+        except (OSError, StorageError):
+            identity = {"file": name, "bytes": None, "mtime": None}
+        payload = {"file": location.uri, "name": name, "columns": None, "unreadable": problem, "rows": rows}
+        size = self.sized(rows) if rows is not None else None
+        return ShardTask(index, identity, size, payload, expected=1 if rows is None else None)
+
     def _open(self, task: ShardTask) -> TableFile:
         return TableFile(resolve(task.payload["file"]))
 
@@ -200,29 +241,64 @@ class TableSource(Source):
         """The sample key of every row of the file, in order: ``NAME/ROW`` (a layout may use a key column)."""
         return [f"{task.payload['name']}/{row}" for row in range(table.num_rows)]
 
-    def samples(self, task: ShardTask) -> list[tuple[int, Any, str]]:
-        """``(row, image_id, key)`` of the selected rows (``image_id`` None when the id cell is empty)."""
-        table = self._open(task)
-        keys = self.keys(task, table)
-        id_column = task.payload["columns"]["id"]
-        ids = table.column(id_column) if id_column else [stable_id(key) for key in keys]
-        samples = list(zip(range(len(keys)), ids, keys, strict=True))
-        return self.select(samples, task, lambda s: s[1] if s[1] is not None else -1)
+    def samples(self, task: ShardTask) -> list[TableSample]:
+        """The selected rows (:class:`TableSample`), then the file's problem when it cannot be read."""
+        name = task.payload["name"]
+        problem = task.payload.get("unreadable")
+        if problem is None:
+            try:
+                table = self._open(task)
+                keys = self.keys(task, table)
+                id_column = task.payload["columns"]["id"]
+                ids = table.column(id_column) if id_column else [stable_id(key) for key in keys]
+            except (SourceError, OSError, KeyError) as exc:  # changed since the plan
+                problem = str(exc)
+            else:
+                samples = [TableSample(*sample) for sample in zip(range(len(keys)), ids, keys, strict=True)]
+                return self.select(samples, task, lambda s: s.image_id if s.image_id is not None else -1)
+        count = task.payload.get("rows")
+        if count is None:
+            reason = f"{problem}; the rows it held are unknown (listed as one reject of the file)"
+            return self.select([], task, None, [TableSample(None, None, name, reason)])
+        keys = [f"{name}/#{row}" for row in range(count)]
+        samples = [
+            TableSample(row, stable_id(key), key, f"{problem} (row {row} of {count})") for row, key in enumerate(keys)
+        ]
+        return self.select(samples, task, lambda s: s.image_id)
 
-    def rows(self, task: ShardTask, samples: list[tuple[int, Any, str]]) -> Iterator[dict[str, Any]]:
-        table = self._open(task)
+    def rows(self, task: ShardTask, samples: list[TableSample]) -> Iterator[dict[str, Any]]:
+        wanted = {s.row: s for s in samples if s.problem is None}
+        if wanted:
+            yield from self._read_rows(task, wanted)
+        for sample in samples:
+            if sample.row is None:
+                yield file_reject_row(sample.key, sample.problem or "")
+            elif sample.problem is not None:
+                yield reject_row(sample.image_id, sample.key, "source", sample.problem)
+
+    def _read_rows(self, task: ShardTask, wanted: dict[int, TableSample]) -> Iterator[dict[str, Any]]:
+        """The record rows of the ``wanted`` rows of the task's file, in row order; rows that cannot be read (the
+        file fails part way) are rejects naming the file and the cause."""
+        import pyarrow as pa
+
         columns = Columns.from_dict(task.payload["columns"])
         base = resolve(task.payload["file"]).parent
-        wanted = {row: (image_id, key) for row, image_id, key in samples}
         row = 0
-        for batch in table.batches(columns.names()):
-            if not wanted:
-                break
-            for values in batch.to_pylist():
-                if row in wanted:
-                    image_id, key = wanted.pop(row)
-                    yield self.row(key, values, image_id, columns, base)
-                row += 1
+        try:
+            table = self._open(task)
+            for batch in table.batches(columns.names()):
+                if not wanted:
+                    break
+                for values in batch.to_pylist():
+                    if row in wanted:
+                        sample = wanted.pop(row)
+                        yield self.row(sample.key, values, sample.image_id, columns, base)
+                    row += 1
+        except (SourceError, OSError, pa.ArrowException) as exc:
+            cause = f"{task.payload['name']} cannot be read from row {row}: {first_line(exc)}"
+            for sample in sorted(wanted.values()):
+                image_id = sample.image_id if sample.image_id is not None else stable_id(sample.key)
+                yield reject_row(image_id, sample.key, "source", cause)
 
     def row(self, key: str, values: dict[str, Any], image_id: Any, columns: Columns, base: Location) -> dict[str, Any]:
         """The record row of one table row (``values``: its cells by column name; ``key``: its sample key, also

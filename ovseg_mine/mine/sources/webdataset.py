@@ -13,7 +13,11 @@ sample ``000000000790``). Each sample becomes one record:
 
 Tars are read with Python's ``tarfile`` (headers first, seeking over the data, then the members each sample needs),
 through :mod:`ovseg_mine.storage`. Listed rejects (stage ``source``): a sample without an image member (a member that
-is not an image), without a caption, with a key that occurs twice, with an id field that is not an integer.
+is not an image), without a caption, with a key that occurs twice, with an id field that is not an integer, a member
+cut short. Listed as *file rejects* (``file_name`` the tar, no image id, not counted as images; the samples before
+are mined): a tar that cannot be opened, the unreadable rest of a cut tar, and a tar that ends without its end
+marker (the two 512-byte zero blocks POSIX tar writes after the last member; ``tarfile`` reads a tar cut cleanly
+between two members as a whole one).
 """
 
 from __future__ import annotations
@@ -29,11 +33,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ovseg_mine.mine.sources.base import ShardTask, Source, SourceError, SourcePlan, limit_tasks
-from ovseg_mine.mine.sources.records import IMAGE_EXTENSIONS, as_caption_list, batches, image_row, reject_row, stable_id
+from ovseg_mine.mine.sources.records import (
+    IMAGE_EXTENSIONS,
+    as_caption_list,
+    batches,
+    file_reject_row,
+    image_row,
+    reject_row,
+    stable_id,
+)
 from ovseg_mine.storage import Location, StorageError, resolve
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+#: The end-of-archive marker of a tar: two 512-byte blocks of zeros after the last member (POSIX.1-1988 ustar).
+END_MARKER = bytes(1024)
 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -135,12 +150,23 @@ class WebDatasetSource(Source):
         return SourcePlan(tasks, info)
 
     def _scan(self, tar: tarfile.TarFile | None, task: ShardTask, problem: str | None = None) -> list[_Sample]:
-        """The samples of the tar (members grouped by key, headers only), selection applied. A tar that cannot be
-        opened is one sample with that problem; one whose end is cut off keeps the samples before the cut."""
+        """The samples of the tar (members grouped by key, headers only) and those :meth:`extra` adds, selection
+        applied, then the tar's file problems (image id None): it cannot be opened, its rest cannot be read, it
+        has no end marker."""
+        samples, files = self._list(tar, task, problem)
+        samples += self.extra(task, samples, files)
+        return self.select(samples, task, lambda s: s.image_id, files)
+
+    def extra(self, task: ShardTask, samples: list[_Sample], files: list[_Sample]) -> list[_Sample]:
+        """Samples the tar does not hold but the shard lists (img2dataset's failed downloads); none here."""
+        return []
+
+    def _list(self, tar: tarfile.TarFile | None, task: ShardTask, problem: str | None) -> tuple[list, list]:
+        """``(samples, file problems)`` of the tar, no selection."""
         name = task.payload["name"]
         if tar is None:
-            sample = _Sample("", problem=problem, image_id=stable_id(name))
-            return self.select([sample], task, lambda s: s.image_id)
+            return [], [_Sample("", problem=f"{name}: {problem}")]
+        files: list[_Sample] = []
         samples: dict[str, _Sample] = {}
         size = tar.fileobj.seek(0, 2)
         try:
@@ -158,13 +184,31 @@ class WebDatasetSource(Source):
                         f"{member.size} bytes"
                     )
         except tarfile.TarError as exc:
-            key = f"(after {len(samples)} samples)"
-            samples[key] = _Sample(key, problem=f"the rest of the tar cannot be read: {exc}")
+            files.append(
+                _Sample("", problem=f"{name}: the rest of the tar cannot be read after {len(samples)} samples: {exc}")
+            )
+        else:
+            missing = self._end_missing(tar, size)
+            if missing:
+                files.append(_Sample("", problem=f"{name}: {missing}"))
         for sample in samples.values():
             sample.image_id = stable_id(f"{name}/{sample.key}")
             if self.cfg.id_column and sample.duplicate is None:
                 self._read_id(tar, sample)
-        return self.select(list(samples.values()), task, lambda s: s.image_id)
+        return list(samples.values()), files
+
+    @staticmethod
+    def _end_missing(tar: tarfile.TarFile, size: int) -> str | None:
+        """Why the tar's end marker is missing after its last member (None: it is there). ``tarfile`` stops
+        without error at a clean cut between members, or at a header cut short, so the end is checked here."""
+        tar.fileobj.seek(tar.offset)
+        tail = tar.fileobj.read(len(END_MARKER))
+        if tail == END_MARKER:
+            return None
+        at = f"after byte {tar.offset} of {size}"
+        if len(tail) < len(END_MARKER) and not tail.strip(b"\0"):
+            return f"no end-of-archive marker (two 512-byte zero blocks) {at}: the tar was cut, members may be missing"
+        return f"unreadable data instead of the end-of-archive marker {at}: the tar was cut or is corrupt"
 
     def _meta(self, tar: tarfile.TarFile, sample: _Sample) -> dict[str, Any] | None:
         if sample.meta is None and "json" in sample.members:
@@ -198,6 +242,8 @@ class WebDatasetSource(Source):
         return as_caption_list(meta.get("caption", meta.get("captions")))
 
     def _row(self, tar: tarfile.TarFile | None, sample: _Sample, name: str) -> dict[str, Any]:
+        if sample.image_id is None:  # a problem of the tar file itself
+            return file_reject_row(name, sample.problem or "")
         try:
             return self._sample_row(tar, sample, name)
         except (tarfile.TarError, OSError) as exc:  # a member whose data cannot be read
@@ -242,7 +288,9 @@ class WebDatasetSource(Source):
             return len(self._scan(tar, task, problem))
 
     def read_shard(self, task: ShardTask) -> Iterator["pa.Table"]:
+        only = task.payload.get("only_ids")
+        keep = frozenset(only) if only is not None else None
         with self._open(task) as (tar, problem):
             samples = self._scan(tar, task, problem)
             rows = (self._row(tar, sample, task.payload["name"]) for sample in samples)
-            yield from batches(rows, task.index, len(samples))
+            yield from batches(rows, task.index, len(samples), keep=keep)
