@@ -33,7 +33,7 @@ from ovseg_mine.mine.sources import Reject, ShardTask, SourceError, SourcePlan, 
 from ovseg_mine.mine.sources.read import first_records
 from ovseg_mine.mine.weights import resolve_weights
 from ovseg_mine.ray_session import cluster_address, init_ray, probe_cluster, shutdown_ray
-from ovseg_mine.shards import read_done, remove_partial_writes, write_json_atomic, write_shard
+from ovseg_mine.shards import move_legacy_markers, read_done, remove_partial_writes, write_json_atomic, write_shard
 from ovseg_mine.storage import Location, StorageError, resolve
 
 __all__ = ["RunError", "mine"]
@@ -202,6 +202,8 @@ def _mine_into(
     """:func:`mine` once the source is planned and the run folder prepared."""
     for name in remove_partial_writes(out):
         log.info("removed %s, left by an interrupted write", name)
+    for name in move_legacy_markers(out):
+        log.info("moved the done marker shards/%s to done/ (the layout of earlier runs)", name)
     weights = resolve_weights(cfg)
     if weights.random:
         log.warning("this run uses randomly initialised weights: its pairs are meaningless (manifest: weights=random)")
