@@ -34,7 +34,6 @@ asks, skipped and listed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -52,7 +51,7 @@ SCHEMA_VERSION = 1
 METADATA_KEY = b"ovseg_mine"
 SHARDS_DIR = "shards"
 DONE_DIR = "done"
-PARTIAL_DIR = ".partial"  # shard files being written (local disks): never inside shards/, which readers glob
+PARTIAL_DIR = ".partial"  # shard files being written (local disks), kept out of shards/, which readers glob
 MANIFEST = "manifest.json"
 MARKER_SUFFIX = ".json"  # done/shard-00042.json
 LEGACY_MARKER_SUFFIX = ".done.json"  # shards/shard-00042.done.json, the layout of earlier runs
@@ -180,8 +179,6 @@ def write_shard(
                 os.fsync(handle.fileno())
             failpoint("shard.before_rename", index)
             os.replace(tmp, final.path)
-            with contextlib.suppress(OSError):  # empty now: leave no folder behind
-                os.rmdir(partial.path)
         else:  # one object: absent until the upload completes, then whole
             failpoint("shard.before_rename", index)
             pq.write_table(table, final.path, filesystem=final.fs, row_group_size=row_group_size, compression="zstd")
