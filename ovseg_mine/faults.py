@@ -30,7 +30,7 @@ ENV = "OVSEG_MINE_FAILPOINTS"
 #: Every failpoint in the code base and where it sits.
 FAILPOINTS: dict[str, str] = {
     "shard.before_rename": "the shard's .tmp file is written and fsynced, not yet renamed (key: shard index)",
-    "shard.after_rename": "the shard file is in place, its .done.json not yet written (key: shard index)",
+    "shard.after_rename": "the shard file is in place, its done marker done/shard-N.json not yet written (key: index)",
     "shard.after_done": "the shard is committed and marked done (key: shard index)",
     "image": "a mask/match actor starts mining a decoded image (key: image id)",
     "run.after_commit": "the driver has committed a shard and not yet taken the next result (key: shard index)",

@@ -1,27 +1,41 @@
-"""Shards: the Parquet files of a run, their done markers, and the run manifest.
+"""Shards: the Parquet files of a run, their done markers, the run manifest, and the verified read of them all.
 
 Layout of a run folder::
 
     RUN/
       config.json                   resolved config + config_hash, written when the run starts
       manifest.json                 schema version, config, models, counts, rejects, timings (schemas/)
-      shards/shard-00000.parquet    pairs of the images of shard 0 (schemas/pairs-v1.json)
-      shards/shard-00000.done.json  row count, sha256, image ids, per-image status and rejects
+      shards/shard-00000.parquet    pairs of the images of shard 0 (schemas/pairs-v1.json); nothing else is
+                                    left in shards/ once a run has finished or stopped and resumed
+      done/shard-00000.json         its done marker: row count, sha256, image ids, per-image status and rejects
+
+``shards/`` holds only the pairs, so that standard readers take the folder as one dataset (pyarrow.dataset,
+``datasets.load_dataset("parquet", data_dir=...)``, DuckDB's ``read_parquet('RUN/shards/*')``). Earlier
+versions kept the markers there, as ``shards/shard-00000.done.json`` (the *legacy layout*): they are read from
+both places, and :func:`move_legacy_markers`, which ``mine`` calls before it resumes a run, moves
+them to ``done/``.
 
 The run folder is a local path or a URI (``s3://``, ``gs://``, ``file://``; :mod:`ovseg_mine.storage`). A shard is
 committed in two steps, then checked against each other when read:
 
-1. the shard file is put in place whole: on a local disk written to ``*.parquet.tmp``, fsynced and renamed; on an
-   object store (no rename) written as one object, which is visible only once its upload completes;
-2. its done marker ``.done.json`` (rows, sha256 of the file, image ids, per-image status) is written the same way.
+1. the shard file is put in place whole: on a local disk written to ``RUN/.partial/shard-N.parquet.tmp``, fsynced
+   and renamed into ``shards/`` (so ``shards/`` never holds a part-written file, even after a crash); on an object
+   store (no rename) written as one object, which is visible only once its upload completes;
+2. its done marker ``done/shard-NNNNN.json`` (rows, sha256 of the file, image ids, per-image status) is written
+   the same way.
 
-A shard is done only when both are there and agree: the file's sha256 is the marker's. A file without a marker,
-or one whose bytes no longer match it, is redone on resume; so is a marker without its file.
+A shard is done only when both are there and agree: the file's sha256 is the marker's. ``mine`` redoes a shard
+whose file has no marker, whose bytes no longer match it, or whose file is gone (:func:`read_done`). Every
+reader of a run (``inspect``, ``finetune``, ``publish``, ``export``) goes through
+:func:`ovseg_mine.verify.verify_shards` (or :func:`shard_files` / :func:`read_pairs`, which call it): each file's
+sha256 is streamed once and compared with its marker, and a damaged shard is refused by name or, when the user
+asks, skipped and listed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Union
@@ -36,7 +50,13 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 METADATA_KEY = b"ovseg_mine"
 SHARDS_DIR = "shards"
+DONE_DIR = "done"
+PARTIAL_DIR = ".partial"  # shard files being written (local disks), kept out of shards/, which readers glob
 MANIFEST = "manifest.json"
+MARKER_SUFFIX = ".json"  # done/shard-00042.json
+LEGACY_MARKER_SUFFIX = ".done.json"  # shards/shard-00042.done.json, the layout of earlier runs
+
+log = logging.getLogger(__name__)
 
 __all__ = ["sha256_file"]  # re-exported: shards are checked by their sha256
 
@@ -150,8 +170,10 @@ def write_shard(
     final = shard_dir.join(f"{shard_name(index)}.parquet")
     try:
         if final.is_local:
+            partial = resolve(run_dir).join(PARTIAL_DIR)
             shard_dir.makedirs()
-            tmp = Path(final.path + ".tmp")
+            partial.makedirs()
+            tmp = Path(partial.path, final.name + ".tmp")
             pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
@@ -164,68 +186,132 @@ def write_shard(
         raise StorageError(f"cannot write {final.uri}: {exc}") from exc
     failpoint("shard.after_rename", index)
     record = {**done_record, "file": f"{SHARDS_DIR}/{final.name}", "rows": table.num_rows, "sha256": sha256_file(final)}
-    write_json_atomic(shard_dir.join(f"{shard_name(index)}.done.json"), record)
+    write_json_atomic(marker_location(run_dir, index), record)
     failpoint("shard.after_done", index)
     return record
 
 
+def marker_location(run_dir: Where, index: int) -> Location:
+    """Where the done marker of shard ``index`` goes: ``RUN/done/shard-00042.json``."""
+    return resolve(run_dir).join(DONE_DIR, f"{shard_name(index)}{MARKER_SUFFIX}")
+
+
 def remove_partial_writes(run_dir: Where) -> list[str]:
-    """Delete the ``*.tmp`` files an interrupted shard or marker write left in ``run_dir/shards``.
+    """Delete the ``*.tmp`` files an interrupted shard or marker write left in ``RUN/.partial`` (shard files),
+    ``RUN/done`` (markers) and ``RUN/shards`` (where earlier versions wrote them).
 
     A ``.tmp`` file is never a committed shard (commit is the rename), so removing it loses nothing. Object
     stores have none: an interrupted upload leaves no object.
 
     Returns:
-        The names of the removed files, sorted.
+        The removed files as ``FOLDER/NAME``, sorted.
     """
-    shard_dir = resolve(run_dir).join(SHARDS_DIR)
-    if not shard_dir.is_local or not shard_dir.is_dir():
-        return []
-    removed = sorted(f.name for f in shard_dir.list_files() if f.name.endswith(".tmp"))
-    for name in removed:
-        shard_dir.join(name).delete()
-    return removed
+    removed = []
+    for folder in (PARTIAL_DIR, SHARDS_DIR, DONE_DIR):
+        where = resolve(run_dir).join(folder)
+        if not where.is_local or not where.is_dir():
+            continue
+        for f in where.list_files():
+            if f.name.endswith(".tmp"):
+                f.delete()
+                removed.append(f"{folder}/{f.name}")
+    return sorted(removed)
 
 
-def _done_index(name: str) -> int | None:
-    """Shard index of a done marker's file name (``shard-00042.done.json`` -> 42), None for other files."""
-    if not (name.startswith("shard-") and name.endswith(".done.json")):
+def shard_index(name: str, suffix: str) -> int | None:
+    """Shard index of a file name ``shard-00042{suffix}`` (42), None for other names."""
+    if not (name.startswith("shard-") and name.endswith(suffix)):
         return None
+    digits = name[len("shard-") : -len(suffix)]
+    return int(digits) if digits.isdigit() else None
+
+
+def list_markers(run: Location) -> dict[int, Location]:
+    """Every done marker of a run by shard index: ``done/`` and the legacy ``shards/*.done.json``; where both
+    hold one (a move that was interrupted), ``done/``'s.
+
+    Raises:
+        StorageError: a folder cannot be listed.
+    """
+    found: dict[int, Location] = {}
+    for folder, suffix in ((SHARDS_DIR, LEGACY_MARKER_SUFFIX), (DONE_DIR, MARKER_SUFFIX)):
+        where = run.join(folder)
+        if where.is_dir():
+            for f in where.list_files():
+                index = shard_index(f.name, suffix)
+                if index is not None:
+                    found[index] = f
+    return found
+
+
+def load_marker(marker: Location) -> dict[str, Any] | None:
+    """A done marker's record, or None when it is absent, unreadable, not JSON or not a JSON object."""
     try:
-        return int(name[len("shard-") : -len(".done.json")])
-    except ValueError:
+        record = json.loads(marker.read_bytes())
+    except (StorageError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def read_done(run_dir: Where, *, verify: bool = True, only: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
-    """Done records of a run's shards, by shard index.
+    """Done records of a run's shards, by shard index (``done/``, else the legacy ``shards/*.done.json``).
 
-    With ``verify``, a record whose Parquet file is missing or whose sha256 differs is left out (its shard
-    will be redone). Malformed done files are left out too. ``only``: read just these shard indices.
+    This is the resume check of ``mine``: with ``verify``, a record whose Parquet file is missing or whose
+    sha256 differs is left out (its shard will be redone). Malformed done files are left out too. ``only``:
+    read just these shard indices. Readers of a run use :func:`ovseg_mine.verify.verify_shards`, which names
+    what it leaves out.
     """
     run = resolve(run_dir)
-    shard_dir = run.join(SHARDS_DIR)
     if only is None:
-        markers = [f for f in shard_dir.list_files() if _done_index(f.name) is not None] if shard_dir.is_dir() else []
+        markers = list_markers(run)
     else:
-        markers = [shard_dir.join(f"{shard_name(i)}.done.json") for i in sorted(only)]
+        markers = {}
+        for i in sorted(only):
+            new, legacy = marker_location(run, i), run.join(SHARDS_DIR, f"{shard_name(i)}{LEGACY_MARKER_SUFFIX}")
+            markers[i] = new if new.is_file() or not legacy.is_file() else legacy
     records: dict[int, dict[str, Any]] = {}
-    for marker in markers:
-        try:
-            record = json.loads(marker.read_bytes())
-        except (StorageError, ValueError):  # absent, unreadable or not JSON: not done
+    for index, marker in sorted(markers.items()):
+        record = load_marker(marker)
+        if record is None:  # absent, unreadable or not JSON: not done
             continue
-        if not isinstance(record, dict):
-            continue
-        parquet = run.join(record.get("file", ""))
         if verify:
             try:
-                if sha256_file(parquet) != record.get("sha256"):
+                if sha256_file(run.join(record.get("file", ""))) != record.get("sha256"):
                     continue
             except StorageError:
                 continue
-        records[_done_index(marker.name)] = record
+        records[index] = record
     return records
+
+
+def move_legacy_markers(run_dir: Where) -> list[str]:
+    """Move the done markers of a run in the legacy layout (``shards/shard-N.done.json``) to ``done/shard-N.json``,
+    so that ``shards/`` holds only Parquet files. ``mine`` calls this before it resumes a run.
+
+    Each marker is written to its new place whole, then the old one deleted: a stop in between leaves both, with
+    the same content, and the next call finishes the move. A marker already in ``done/`` is kept.
+
+    Returns:
+        The names of the moved markers (as they were in ``shards/``), sorted.
+
+    Raises:
+        ovseg_mine.storage.StorageError: the run folder cannot be listed or written.
+    """
+    run = resolve(run_dir)
+    shard_dir = run.join(SHARDS_DIR)
+    if not shard_dir.is_dir():
+        return []
+    moved = []
+    for old in shard_dir.list_files():
+        index = shard_index(old.name, LEGACY_MARKER_SUFFIX)
+        if index is None:
+            continue
+        new = marker_location(run, index)
+        if not new.is_file():
+            new.write_bytes(old.read_bytes())
+        old.delete()
+        moved.append(old.name)
+    return sorted(moved)
 
 
 def read_file_metadata(path: Where) -> dict[str, Any]:
@@ -306,12 +392,26 @@ def read_manifest(run_dir: Where) -> dict[str, Any]:
     return manifest
 
 
-def shard_files(run_dir: Where) -> list[Location]:
+def shard_files(run_dir: Where, *, verify: bool = True, skip_damaged: bool = False) -> list[Location]:
     """The run's shard files in index order (Locations; a local one works wherever a path does).
+
+    Args:
+        run_dir: the run folder, a local path or a URI.
+        verify: check each file against its done marker (:func:`~ovseg_mine.verify.verify_shards`); False lists the
+            ``shards/shard-*.parquet`` files as they are (for code that checks them itself, e.g. ``mine``).
+        skip_damaged: with ``verify``, leave damaged shards out (logged as warnings) instead of raising.
 
     Raises:
         ShardError: the folder is not a run folder (no ``shards/`` folder in it), or cannot be listed.
+        DamagedShardError: with ``verify``, a damaged shard (see :func:`~ovseg_mine.verify.verify_shards`).
     """
+    if verify:
+        from ovseg_mine.verify import verify_shards
+
+        checked = verify_shards(run_dir, skip_damaged=skip_damaged)
+        for damaged in checked.damaged:
+            log.warning("skipping damaged shard %s", damaged)
+        return checked.files
     shard_dir = resolve(run_dir).join(SHARDS_DIR)
     try:
         if not shard_dir.is_dir():
@@ -319,7 +419,7 @@ def shard_files(run_dir: Where) -> list[Location]:
         files = shard_dir.list_files()
     except StorageError as exc:
         raise ShardError(str(exc)) from exc
-    return [f for f in files if f.name.startswith("shard-") and f.name.endswith(".parquet")]
+    return [f for f in files if shard_index(f.name, ".parquet") is not None]
 
 
 def read_table(path: Where, columns: Iterable[str] | None = None) -> "pa.Table":
@@ -330,11 +430,16 @@ def read_table(path: Where, columns: Iterable[str] | None = None) -> "pa.Table":
     return pq.read_table(path.path, filesystem=path.fs, columns=list(columns) if columns else None)
 
 
-def read_pairs(run_dir: Where, columns: Iterable[str] | None = None) -> "pa.Table":
-    """All pairs of a run as one Arrow table (for small runs, tests and inspection)."""
+def read_pairs(run_dir: Where, columns: Iterable[str] | None = None, *, skip_damaged: bool = False) -> "pa.Table":
+    """All pairs of a run as one Arrow table (for small runs, tests and inspection), its shards verified first
+    (:func:`~ovseg_mine.verify.verify_shards`; ``skip_damaged`` leaves damaged ones out, logged).
+
+    Raises:
+        ShardError, DamagedShardError: as :func:`~ovseg_mine.verify.verify_shards`.
+    """
     import pyarrow as pa
 
-    tables = [read_table(f, columns) for f in shard_files(run_dir)]
+    tables = [read_table(f, columns) for f in shard_files(run_dir, skip_damaged=skip_damaged)]
     if not tables:
         return pair_schema().empty_table()
     return pa.concat_tables(tables).replace_schema_metadata(None)

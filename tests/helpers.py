@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ovseg_mine import rle
-from ovseg_mine.shards import pair_schema, write_shard
+from ovseg_mine.shards import marker_location, pair_schema, sha256_file, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
 COCO_MINI = Path(os.environ.get("OVSEG_MINE_COCO_MINI", REPO.parent / "shared" / "data" / "coco-mini"))
@@ -228,6 +228,15 @@ def handmade_pairs(caption: str = "a puppy and a man") -> list[dict]:
         _pair(2, "cat", box(0, 10, 10, 20), "a dog, a cat", 0.25),
         _pair(2, "kitten", box(0, 10, 10, 20), "a dog, a kitten", 0.15),
     ]
+
+
+def remark_shard(run: Path, index: int) -> None:
+    """Rewrite shard ``index``'s done marker for the file's current bytes, as a writer that followed the commit
+    protocol would have (for tests of what readers do with a consistently committed, but odd, shard)."""
+    marker = Path(marker_location(run, index))
+    record = json.loads(marker.read_text())
+    record["sha256"] = sha256_file(run / record["file"])
+    marker.write_text(json.dumps(record))
 
 
 def make_run(root: Path, pairs: list[dict] | None = None, image_root: Path | None = None) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ovseg_mine.shards import read_done, read_pairs
+from ovseg_mine.shards import PARTIAL_DIR, read_done, read_pairs
 
 from helpers import assert_only_cli_lines, assert_same_pairs, kill_processes, write_repeated_captions
 
@@ -156,7 +156,7 @@ def cluster(tmp_path):
 
 def _first_commit_started(out: Path) -> bool:
     """A shard's commit is under way: its ``.tmp`` file is written (the driver pauses there, see ``MOMENTS``)."""
-    return any((out / "shards").glob("*.parquet.tmp"))
+    return any((out / PARTIAL_DIR).glob("*.parquet.tmp"))
 
 
 def _committed(out: Path) -> bool:

@@ -21,7 +21,7 @@ from ovseg_mine.models import load_clip, register_clip_configs
 from ovseg_mine.storage import resolve
 from ovseg_mine.text import NounEmbeddings
 
-from helpers import run_cli, upload
+from helpers import remark_shard, run_cli, upload
 
 FAST = dict(batch_size=16, epochs=1, warmup_steps=0, loader_workers=0, log_every=1, prompt_depth=2)
 
@@ -215,6 +215,7 @@ def test_bad_input_is_a_one_line_error(smoke_run, tmp_path):
     pq.write_table(
         table.replace_schema_metadata({b"ovseg_mine": json.dumps({**meta, "schema_version": 99}).encode()}), shard
     )
+    remark_shard(bad, int(shard.stem.split("-")[1]))  # committed as a future ovseg-mine would
     assert "schema version 99" in _fails("finetune", "--shards", str(bad), "--out", str(tmp_path / "o1"))
 
     empty = tmp_path / "empty"

@@ -17,7 +17,7 @@ import yaml
 from ovseg_mine.publish import hub
 from ovseg_mine.shards import METADATA_KEY, pair_schema
 
-from helpers import run_cli
+from helpers import remark_shard, run_cli
 
 SECRET = "hf_TESTSECRETtokenXYZ0123456789abcdef"
 
@@ -260,7 +260,7 @@ def test_refusals(smoke_run, tmp_path):
 
     partial = tmp_path / "partial"
     shutil.copytree(smoke_run, partial)
-    next((partial / "shards").glob("*.done.json")).unlink()
+    next((partial / "done").glob("shard-*.json")).unlink()
     _one_line_error(run_cli("publish", str(partial), "--dry-run", str(tmp_path / "o2")), "--allow-partial")
     ok = run_cli("publish", str(partial), "--dry-run", str(tmp_path / "o3"), "--allow-partial")
     assert ok.returncode == 0, ok.stderr
@@ -273,4 +273,5 @@ def test_refusals(smoke_run, tmp_path):
     meta = json.loads(table.schema.metadata[METADATA_KEY])
     meta["schema_version"] = 99
     pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), shard)
+    remark_shard(unknown, int(shard.stem.split("-")[1]))  # committed as a future ovseg-mine would
     _one_line_error(run_cli("publish", str(unknown), "--dry-run", str(tmp_path / "o4")), "schema version 99")

@@ -59,7 +59,7 @@ def s3_run(s3_module, smoke_run):
     number of images in the shards committed before the kill."""
     out = f"{s3_module}/runs/smoke"
     proc = _start_demo(out, "shard.after_done:0=sleep(120)")
-    marker = resolve(out).join("shards", "shard-00000.done.json")
+    marker = resolve(out).join("done", "shard-00000.json")
     deadline = time.monotonic() + 600
     while not marker.exists():
         assert proc.poll() is None, proc.communicate()[1][-3000:]

@@ -11,7 +11,7 @@ import pytest
 from ovseg_mine.inspect.quality import format_summary, inspect_run
 from ovseg_mine.inspect.synonyms import NounMapper, load_synonyms
 
-from helpers import CATEGORIES, H, W, make_run, run_cli, write_gt
+from helpers import CATEGORIES, H, W, make_run, remark_shard, run_cli, write_gt
 
 
 def test_figures_without_ground_truth(tmp_path):
@@ -102,8 +102,10 @@ def test_cli_bad_input(tmp_path):
     )
     good = shard.read_bytes()
     shard.write_bytes((tmp_path / "v99.parquet").read_bytes())
+    remark_shard(run, 0)  # committed as a future ovseg-mine would: its marker agrees with it
     assert "schema version 99" in _cli_error(str(run))
     shard.write_bytes(good)
+    remark_shard(run, 0)
     other = write_gt(tmp_path / "other.json", image_ids=())
     data = json.loads(other.read_text())
     data["images"] = [{"id": 999, "file_name": "x.png", "width": W, "height": H}]

@@ -102,7 +102,7 @@ def _digests(run: Path) -> dict[str, str]:
 
 def _assert_same_as(reference: Path, run: Path) -> None:
     assert _digests(run) == _digests(reference)
-    assert not list((run / "shards").glob("*.tmp"))
+    assert not list(run.rglob("*.tmp"))
     ref_done, done = read_done(reference), read_done(run)
     assert sorted(done) == sorted(ref_done) == list(range(IMAGES // PER_SHARD))
     for index, record in done.items():
@@ -128,7 +128,7 @@ def test_sigkill_between_commits_and_inside_shard_writes_then_resume(coco_mini, 
     out = tmp_path / "run"
     # 1. SIGKILL of the driver (only the driver) between shard commits.
     proc = _start(coco_mini, out, failpoints=PAUSE_AFTER_SHARD_0)
-    _wait_for(lambda: (out / "shards" / "shard-00000.done.json").is_file(), proc)
+    _wait_for(lambda: (out / "done" / "shard-00000.json").is_file(), proc)
     # 0. A second run into the folder in use is refused at once, naming the run that holds it.
     second = _run(coco_mini, out)
     assert second.returncode == 2 and second.stdout == ""
@@ -144,7 +144,8 @@ def test_sigkill_between_commits_and_inside_shard_writes_then_resume(coco_mini, 
     # 2. Killed inside the next shard write, after its .tmp is written and before the rename.
     result = _run(coco_mini, out, failpoints="shard.before_rename:*=kill")
     assert result.returncode == -signal.SIGKILL
-    tmps = sorted((out / "shards").glob("shard-*.parquet.tmp"))
+    tmps = sorted((out / ".partial").glob("shard-*.parquet.tmp"))
+    assert not list((out / "shards").glob("*.tmp"))  # shards/ holds only committed Parquet files
     assert len(tmps) == 1 and int(tmps[0].name[len("shard-") :][:5]) not in done
     assert sorted(read_done(out)) == done
     # 3. Killed after a shard's rename, before its done marker: the unmarked file must not count.
@@ -152,7 +153,7 @@ def test_sigkill_between_commits_and_inside_shard_writes_then_resume(coco_mini, 
     assert result.returncode == -signal.SIGKILL
     written = {int(p.name[len("shard-") :][:5]) for p in (out / "shards").glob("shard-*.parquet")}
     unmarked = written - set(done)
-    assert len(unmarked) == 1 and not (out / "shards" / f"shard-{min(unmarked):05d}.done.json").exists()
+    assert len(unmarked) == 1 and not (out / "done" / f"shard-{min(unmarked):05d}.json").exists()
     assert sorted(read_done(out)) == done
     # 4. A done shard whose bytes no longer match its record is redone too.
     victim = out / "shards" / "shard-00000.parquet"
@@ -168,7 +169,7 @@ def test_sigkill_between_commits_and_inside_shard_writes_then_resume(coco_mini, 
 def test_ctrl_c_stops_cleanly_and_leaves_the_run_resumable(coco_mini, reference, tmp_path):
     out = tmp_path / "run"
     proc = _start(coco_mini, out, failpoints=PAUSE_AFTER_SHARD_0)
-    _wait_for(lambda: (out / "shards" / "shard-00000.done.json").is_file(), proc)
+    _wait_for(lambda: (out / "done" / "shard-00000.json").is_file(), proc)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the whole foreground group
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -198,7 +199,7 @@ def test_a_killed_ray_worker_is_restarted_and_its_batch_retried(coco_mini, refer
                 pass
         return found
 
-    _wait_for(lambda: (out / "shards" / "shard-00000.done.json").is_file() and mask_workers(), proc)
+    _wait_for(lambda: (out / "done" / "shard-00000.json").is_file() and mask_workers(), proc)
     victims = mask_workers()
     for victim in victims:
         victim.kill()
@@ -241,13 +242,13 @@ def test_sharded_source_killed_mid_write_resumes_byte_identical(name, kind, mine
     # Killed inside the write of shard 1 (one output shard per input file), after its .tmp is written.
     result = run("shard.before_rename:1=kill")
     assert result.returncode == -signal.SIGKILL, result.stderr
-    assert (out / "shards" / "shard-00001.parquet.tmp").is_file()
+    assert (out / ".partial" / "shard-00001.parquet.tmp").is_file()
     kept = read_done(out)
     assert 1 not in kept
     result = run()
     assert result.returncode == 0, result.stderr
     assert _digests(out) == _digests(reference) and len(_digests(out)) == 3
-    assert not list((out / "shards").glob("*.tmp"))
+    assert not list(out.rglob("*.tmp"))
     done, ref_done = read_done(out), read_done(reference)
     for index, record in done.items():
         for key in ("input", "image_ids", "images", "rejects", "warnings", "rows", "sha256"):

@@ -24,8 +24,10 @@ def _captions(sample, path):
 
 
 def _files(run) -> dict[str, tuple[int, int]]:
-    """Shard and marker files -> (inode, mtime in ns): a rewritten file gets a new inode (rename)."""
-    return {p.name: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in sorted((run / "shards").iterdir())}
+    """Shard and marker files (``shards/NAME``, ``done/NAME``) -> (inode, mtime in ns): a rewritten file gets a
+    new inode (rename)."""
+    files = sorted([*(run / "shards").iterdir(), *(run / "done").iterdir()])
+    return {f"{p.parent.name}/{p.name}": (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in files}
 
 
 def test_retry_failed_mines_only_the_failed_image_and_rewrites_only_its_shard(sample, smoke_run, tmp_path):
@@ -51,7 +53,7 @@ def test_retry_failed_mines_only_the_failed_image_and_rewrites_only_its_shard(sa
     assert manifest["counts"]["errors_by_type"] == {} and manifest["counts"]["images"] == 17
     after = _files(out)
     rewritten = {name for name in after if after[name] != before[name]}
-    assert rewritten == {"shard-00001.parquet", "shard-00001.done.json"}
+    assert rewritten == {"shards/shard-00001.parquet", "done/shard-00001.json"}
     assert_same_pairs(read_pairs(smoke_run).to_pylist(), read_pairs(out).to_pylist())  # as if it had never failed
     record = read_done(out)[1]
     assert [image["status"] for image in record["images"]] == ["ok"] * 6 and record["rejects"] == []

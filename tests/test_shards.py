@@ -116,7 +116,7 @@ def test_commit_protocol_on_disks_and_object_stores(run_root):
     # 2: a file without its marker (written, then the run stopped); 3 stays done.
     shards.join("shard-00000.parquet").write_bytes(shards.join("shard-00000.parquet").read_bytes()[:-8])
     shards.join("shard-00001.parquet").delete()
-    shards.join("shard-00002.done.json").delete()
+    run.join("done", "shard-00002.json").delete()
     assert sorted(read_done(run_root)) == [3]
     assert sorted(read_done(run_root, verify=False)) == [0, 1, 3]
     assert sorted(read_done(run_root, only=[2, 3])) == [3]

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ovseg_mine.shards import read_done, read_manifest
+from ovseg_mine.shards import PARTIAL_DIR, read_done, read_manifest
 
 from helpers import assert_only_cli_lines, kill_processes, write_repeated_captions
 
@@ -176,10 +176,10 @@ def test_sigterm_during_a_commit_waits_for_the_commit(sample, captions, referenc
         env=_env("shard.before_rename:*=sleep(3)"),  # every commit pauses with its .tmp written, not renamed
     )
     deadline = time.monotonic() + 300
-    while not list((out / "shards").glob("*.tmp")):
+    while not list((out / PARTIAL_DIR).glob("*.parquet.tmp")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.02)
-    pending = {p.name[: -len(".parquet.tmp")] for p in (out / "shards").glob("*.parquet.tmp")}
+    pending = {p.name[: -len(".parquet.tmp")] for p in (out / PARTIAL_DIR).glob("*.parquet.tmp")}
     _stop(proc, out)
     committed = {Path(r["file"]).name[: -len(".parquet")] for r in read_done(out).values()}
     assert pending <= committed  # the commit under way when the signal came was finished, not torn

@@ -57,6 +57,12 @@ def finetune_command(
     allow_random: bool = typer.Option(
         False, "--allow-random", help="Use seeded random weights if a tag cannot be fetched."
     ),
+    skip_damaged: bool = typer.Option(
+        False,
+        "--skip-damaged",
+        help="Train without the shards whose sha256 differs from their done marker (or that lack one, or whose "
+        "file is gone), listed as warnings and in metadata.json, instead of refusing the run.",
+    ),
 ) -> None:
     """Finetune CLIP on mined mask-noun pairs: full finetuning, mask prompt tuning, or both."""
     from ovseg_mine.finetune.config import FinetuneConfigError, build_config
@@ -96,6 +102,7 @@ def finetune_command(
             use_gpu=gpu,
             ray_address=ray_address,
             allow_random=allow_random,
+            skip_damaged=skip_damaged,
         )
     except FinetuneConfigError as exc:
         fail(str(exc))
@@ -171,6 +178,9 @@ def _summary(meta: dict, out: str, wall: float) -> None:
         losses = f"loss {points[0]['loss']:.4f} -> {points[-1]['loss']:.4f}" if points else "no steps logged"
         typer.echo(f"{stage}: {info['steps']}/{info['total_steps']} steps, {losses}")
     typer.echo(f"finetuned {meta['open_clip_arch']} in {wall:.1f} s; weights, prompts and metadata: {out}")
+    damaged = meta.get("shards", {}).get("damaged_shards") or []
+    if damaged:
+        typer.secho(f"skipped {len(damaged)} damaged shard(s): {'; '.join(damaged)}", fg=typer.colors.YELLOW)
     if (
         meta.get("start", {}).get("weights", {}).get("weights") == "random"
         or meta.get("shards", {}).get("weights") == "random"

@@ -23,13 +23,21 @@ def publish_command(
     embed: Optional[str] = typer.Option(None, "--embed", help="'crops': add the masked crop of each pair as a PNG."),
     crop_size: int = typer.Option(224, "--crop-size", min=8, help="Side in pixels of the embedded crops."),
     allow_partial: bool = typer.Option(
-        False, "--allow-partial", help="Publish the finished shards of an unfinished run."
+        False,
+        "--allow-partial",
+        help="Publish the finished shards of an unfinished run. There is no --skip-damaged: a shard whose sha256 "
+        "differs from its done marker is always refused, as `mine` on the same --out redoes it byte-identical.",
     ),
     dry_run: Optional[Path] = typer.Option(
         None, "--dry-run", help="Write the folder that would be uploaded here and stop."
     ),
 ) -> None:
-    """Upload a run to the Hugging Face Hub as a Parquet dataset with a dataset card."""
+    """Upload a run to the Hugging Face Hub as a Parquet dataset with a dataset card.
+
+    Every shard is checked against its done marker first. A damaged shard is refused, never skipped: a public
+    dataset should not have a hole that nobody can explain, and rerunning `mine` with the same --out redoes
+    exactly the damaged shards.
+    """
     from ovseg_mine.publish.hub import PublishError, build_folder, publish
 
     try:

@@ -75,6 +75,11 @@ class FinetuneConfig(BaseModel):
     pretrained: str | None = Field(None, description="open_clip tag, checkpoint path or 'random'; default: manifest's")
     init: str | None = Field(None, description="start from an earlier finetune output folder")
     allow_random: bool = Field(False, description="fall back to seeded random weights if a tag cannot be fetched")
+    skip_damaged: bool = Field(
+        False,
+        description="leave out shards whose file does not match its done marker (listed) instead of refusing; "
+        "what was trained on is identified by metadata.json's shards_id either way",
+    )
     epochs: int = Field(5, ge=1, description="epochs of each stage")
     max_steps: int | None = Field(None, ge=1, description="stop each stage after this many optimizer steps")
     batch_size: int = Field(32, ge=1, description="pairs per step and per worker")
@@ -125,6 +130,7 @@ class FinetuneConfig(BaseModel):
             "use_gpu",
             "ray_address",
             "allow_random",
+            "skip_damaged",  # the data itself is identified by shards_id
         }
         out = {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
         for stage in ("full", "prompt"):  # AdamW settings left at their defaults keep the hash of older outputs

@@ -26,8 +26,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ovseg_mine.shards import MANIFEST, ShardError, read_done, read_file_metadata, read_manifest, shard_files
-from ovseg_mine.storage import Location, StorageError, resolve, sha256_file
+from ovseg_mine.shards import MANIFEST, ShardError, read_file_metadata, read_manifest
+from ovseg_mine.storage import Location, StorageError, resolve
+from ovseg_mine.verify import verify_shards
 
 log = logging.getLogger("ovseg_mine")
 COLUMNS = ("pair_id", "file_name", "noun", "mask")
@@ -49,7 +50,9 @@ class ShardIndex:
         rows: pairs in the shards.
         missing_images: sorted file names the image root lacks; their pairs are skipped (counted here).
         skipped_rows: pairs skipped because their image is missing.
-        shards_id: sha256 over the shards' file hashes (identifies the exact training data).
+        shards_id: hex sha256 over the sha256 of each shard file's bytes as verified (not as its marker says), in
+            shard order: identifies the exact training data.
+        damaged_shards: ``"NAME (reason)"`` of the shards left out with ``skip_damaged``.
     """
 
     run_dir: Location
@@ -60,6 +63,7 @@ class ShardIndex:
     missing_images: list[str] = field(default_factory=list)
     skipped_rows: int = 0
     shards_id: str = ""
+    damaged_shards: list[str] = field(default_factory=list)
 
     @property
     def usable_rows(self) -> int:
@@ -67,30 +71,44 @@ class ShardIndex:
         return self.rows - self.skipped_rows
 
 
-def scan_shards(run_dir: str | os.PathLike[str] | Location, images: str | os.PathLike[str] | None = None) -> ShardIndex:
+def scan_shards(
+    run_dir: str | os.PathLike[str] | Location,
+    images: str | os.PathLike[str] | None = None,
+    *,
+    skip_damaged: bool = False,
+) -> ShardIndex:
     """Check a run folder and index its shards for training.
+
+    Every shard file is first checked against its done marker (:func:`ovseg_mine.verify.verify_shards`: its
+    sha256 streamed once), so training never starts on a file that is not the one mining committed.
 
     Args:
         run_dir: output folder of ``ovseg-mine mine`` (``shards/*.parquet``, usually ``manifest.json``): a local
             path or a URI (``s3://``, ``gs://``...).
         images: image root (a path or a URI); default the manifest's ``source.image_root``.
+        skip_damaged: leave damaged shards out (logged as warnings, listed in ``damaged_shards``) instead of
+            raising.
 
     Returns:
         A :class:`ShardIndex`. Pairs whose image file is missing are counted and listed, not an error.
 
     Raises:
-        DataError: no run folder, no shard in it, a shard of an unknown schema version or not an
-            ovseg-mine shard, an unreadable manifest, no image root, or no pair with an existing image.
+        DataError: no run folder, no shard in it, a damaged shard (without ``skip_damaged``; named), a shard of
+            an unknown schema version or not an ovseg-mine shard, an unreadable manifest, no image root, or no
+            pair with an existing image.
     """
     import pyarrow.parquet as pq
 
     try:
         run_dir = resolve(run_dir)
-        files = shard_files(run_dir)
-        if not files:
-            raise DataError(f"{run_dir.join('shards')} holds no shard (shard-*.parquet): nothing to train on")
-        for path in files:
-            read_file_metadata(path)
+        checked = verify_shards(run_dir, skip_damaged=skip_damaged)
+        for damaged in checked.damaged:
+            log.warning("skipping damaged shard %s", damaged)
+        if not checked.shards:
+            left = f" ({len(checked.damaged)} damaged shard(s) skipped)" if checked.damaged else ""
+            raise DataError(f"{run_dir.join('shards')} holds no shard (shard-*.parquet){left}: nothing to train on")
+        for shard in checked.shards:
+            read_file_metadata(shard.file)
         manifest = read_manifest(run_dir) if run_dir.join(MANIFEST).is_file() else {}
     except (ShardError, StorageError) as exc:
         raise DataError(str(exc)) from exc
@@ -101,13 +119,12 @@ def scan_shards(run_dir: str | os.PathLike[str] | Location, images: str | os.Pat
         root = resolve(root)
         if not root.is_dir():
             raise DataError(f"image root {root} is not a folder (pass --images)")
-        records = read_done(run_dir, verify=False).values()
-        done = {posixpath.basename(r.get("file", "")): r.get("sha256") for r in records}
         row_groups, names, digest = [], {}, hashlib.sha256()
-        for path in files:
+        for shard in checked.shards:
+            path = shard.file
+            digest.update(shard.sha256.encode())  # the bytes as verified now
             with path.open_input() as handle:
                 parquet = pq.ParquetFile(handle)
-                digest.update((done.get(path.name) or sha256_file(path)).encode())
                 for g in range(parquet.num_row_groups):
                     row_groups.append((path.uri, g, parquet.metadata.row_group(g).num_rows))
                     for name in parquet.read_row_group(g, columns=["file_name"]).column(0).to_pylist():
@@ -125,6 +142,7 @@ def scan_shards(run_dir: str | os.PathLike[str] | Location, images: str | os.Pat
         missing,
         sum(names[n] for n in missing),
         digest.hexdigest(),
+        [str(d) for d in checked.damaged],
     )
     if index.rows and not index.usable_rows:
         raise DataError(f"none of the {len(names)} images of the pairs is in {root} (e.g. {missing[0]}): pass --images")

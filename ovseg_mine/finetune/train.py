@@ -122,7 +122,7 @@ def train_worker(
 
     cfg = config if isinstance(config, FinetuneConfig) else FinetuneConfig(**config)
     out = resolve(cfg.out)
-    index = scan_shards(cfg.shards, cfg.images)
+    index = scan_shards(cfg.shards, cfg.images, skip_damaged=cfg.skip_damaged)
     start = resolve_start(cfg, index.manifest)
     if "prompt" in cfg.stages and not is_vit_arch(start["arch"]) and _known_arch(start["arch"]):
         raise FinetuneError(
@@ -167,6 +167,7 @@ def train_worker(
             "run": index.run_dir.uri,
             "config_hash": index.manifest.get("config_hash"),
             "shards_id": index.shards_id,
+            "damaged_shards": index.damaged_shards,
             "rows": index.rows,
             "skipped_rows": index.skipped_rows,
             "missing_images": index.missing_images[:100],

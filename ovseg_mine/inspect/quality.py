@@ -19,9 +19,10 @@ import numpy as np
 from ovseg_mine import rle
 from ovseg_mine.groundtruth import GroundTruth, GroundTruthError
 from ovseg_mine.inspect.synonyms import NounMapper
-from ovseg_mine.shards import ShardError, read_done, read_file_metadata, read_manifest, read_pairs, shard_files
+from ovseg_mine.shards import ShardError, read_file_metadata, read_manifest, read_table
 from ovseg_mine.stats import QUANTILES, summarize
 from ovseg_mine.storage import Location, StorageError, resolve
+from ovseg_mine.verify import DamagedShard, verify_shards
 
 SCORES = ("similarity", "probability", "margin", "area_fraction", "predicted_iou", "stability_score")
 BIN_SCORES = ("similarity", "probability", "margin")
@@ -78,27 +79,49 @@ def quantiles(values: Any) -> dict[str, Any]:
     }
 
 
-def load_run(run_dir: str | Path | Location) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, dict[str, Any]]]:
-    """Read a run folder: ``(manifest, pairs as row dicts, done records by shard index)``.
+@dataclass
+class LoadedRun:
+    """What :func:`load_run` read.
 
-    The row dicts have the pairs-v1 columns (``mask`` a COCO RLE dict, ``bbox`` XYWH pixels) plus
-    ``area_fraction``: float, mask area / image pixels, in [0, 1].
+    Attributes:
+        manifest: the run's manifest.json.
+        pairs: row dicts of the verified shards, in shard order: the pairs-v1 columns (``mask`` a COCO RLE dict,
+            ``bbox`` XYWH pixels) plus ``area_fraction``: float, mask area / image pixels, in [0, 1].
+        done: the verified shards' done records, by shard index.
+        damaged: the shards left out with ``skip_damaged`` (:class:`ovseg_mine.verify.DamagedShard`).
+    """
+
+    manifest: dict[str, Any]
+    pairs: list[dict[str, Any]]
+    done: dict[int, dict[str, Any]]
+    damaged: list[DamagedShard]
+
+
+def load_run(run_dir: str | Path | Location, *, skip_damaged: bool = False) -> LoadedRun:
+    """Read a run folder, every shard checked against its done marker first
+    (:func:`ovseg_mine.verify.verify_shards`: the file's sha256 streamed once).
+
+    Args:
+        run_dir: the run folder, a local path or a URI.
+        skip_damaged: leave damaged shards out (listed in the result) instead of refusing the run.
 
     Raises:
-        InspectError: not a run folder (no manifest.json or shards/), unreadable manifest, or a shard that is
-            not an ovseg-mine shard or uses an unknown schema version.
+        InspectError: not a run folder (no manifest.json or shards/), unreadable manifest, a damaged shard
+            (without ``skip_damaged``; the message names it), or a shard that is not an ovseg-mine shard or uses
+            an unknown schema version.
     """
     try:
         manifest = read_manifest(run_dir)
-        for path in shard_files(run_dir):
+        checked = verify_shards(run_dir, skip_damaged=skip_damaged)
+        for path in checked.files:
             read_file_metadata(path)
-        table = read_pairs(run_dir)
+        tables = [read_table(path).replace_schema_metadata(None) for path in checked.files]
     except ShardError as exc:
         raise InspectError(str(exc)) from exc
-    rows = table.to_pylist()
+    rows = [row for table in tables for row in table.to_pylist()]
     for row in rows:
         row["area_fraction"] = row["area"] / max(1, row["width"] * row["height"])
-    return manifest, rows, read_done(run_dir, verify=False)
+    return LoadedRun(manifest, rows, checked.records, checked.damaged)
 
 
 def _image_records(done: dict[int, dict[str, Any]], pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -282,17 +305,21 @@ def _gt_figures(pairs: list[dict[str, Any]], image_ids: set[int], gt: GroundTrut
     return figures, ious, cats
 
 
-def inspect_run(run_dir: str | Path | Location, gt_path: str | Path | None = None, *, top: int = 20) -> Inspection:
+def inspect_run(
+    run_dir: str | Path | Location, gt_path: str | Path | None = None, *, top: int = 20, skip_damaged: bool = False
+) -> Inspection:
     """Compute the quality figures of a run folder.
 
     Args:
         run_dir: a run folder (manifest.json + shards/): a local path or a URI (``s3://``, ``gs://``...).
         gt_path: optional COCO instance or panoptic annotations of the same images.
         top: how many top nouns to list.
+        skip_damaged: leave shards whose file and done marker disagree out, listed in ``figures["damaged_shards"]``
+            (``[{"file", "kind", "reason"}]``), instead of refusing the run.
 
     Returns:
-        An :class:`Inspection`; ``figures`` has keys run, status, weights, counts, distributions, nouns,
-        duplicates and gt (None without ``gt_path``). Mask areas are fractions of the image area; IoUs in [0, 1].
+        An :class:`Inspection`; ``figures`` has keys run, status, weights, damaged_shards, counts, distributions,
+        nouns, duplicates and gt (None without ``gt_path``). Mask areas are fractions of the image area; IoUs in [0, 1].
 
     Raises:
         InspectError: see :func:`load_run`; a ground truth that cannot be read (:class:`GroundTruth`) or that
@@ -302,12 +329,14 @@ def inspect_run(run_dir: str | Path | Location, gt_path: str | Path | None = Non
         run_dir = resolve(run_dir)
     except StorageError as exc:
         raise InspectError(str(exc)) from exc
-    manifest, pairs, done = load_run(run_dir)
-    images = _image_records(done, pairs)
+    loaded = load_run(run_dir, skip_damaged=skip_damaged)
+    manifest, pairs = loaded.manifest, loaded.pairs
+    images = _image_records(loaded.done, pairs)
     figures: dict[str, Any] = {
         "run": run_dir.uri,
         "status": manifest.get("status"),
         "weights": manifest.get("weights"),
+        "damaged_shards": [{"file": d.name, "kind": d.kind, "reason": d.reason} for d in loaded.damaged],
         "counts": _counts(manifest, pairs, images),
         "distributions": {s: quantiles(p[s] for p in pairs) for s in SCORES},
         "nouns": _nouns(pairs, top),
@@ -342,8 +371,11 @@ def _pct(x: float | None) -> str:
 def format_summary(figures: dict[str, Any]) -> str:
     """The figures of :func:`inspect_run` as plain text (several lines, no trailing newline)."""
     c, n, d = figures["counts"], figures["nouns"], figures["duplicates"]
+    damaged = figures.get("damaged_shards") or []
     lines = [
         f"run {figures['run']} ({figures['status']}, weights {figures['weights']})",
+        *([f"skipped {len(damaged)} damaged shard(s); their images and pairs are not counted:"] if damaged else []),
+        *(f"  {d['file']}: {d['reason']}" for d in damaged),
         f"images: {c['images']} ({c['images_with_pairs']} with pairs, {c['images_without_pairs']} without)"
         + (f"; {c['source_rejects']} not read from the source" if c["source_rejects"] else ""),
     ]

@@ -213,6 +213,12 @@ def render_html(insp: Inspection, *, gallery: int = 48, seed: int = 0) -> str:
     ]
     if f["weights"] == "random":
         parts.append("<p class='warn'>This run used randomly initialised weights: its pairs are meaningless.</p>")
+    if f.get("damaged_shards"):
+        parts.append(
+            f"<p class='warn'>{len(f['damaged_shards'])} damaged shard(s) skipped (--skip-damaged); their images and "
+            "pairs are not counted here:</p>"
+            + _table(["shard", "reason"], [[d["file"], d["reason"]] for d in f["damaged_shards"]])
+        )
     parts += [
         "<h2 id='counts'>Counts</h2>",
         _table(

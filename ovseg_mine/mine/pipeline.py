@@ -36,7 +36,7 @@ from ovseg_mine.mine.sources import Reject, ShardTask, SourceError, SourcePlan, 
 from ovseg_mine.mine.sources.read import first_records
 from ovseg_mine.mine.weights import ResolvedWeights, resolve_weights
 from ovseg_mine.ray_session import cluster_address, init_ray, probe_cluster, shutdown_ray
-from ovseg_mine.shards import read_done, remove_partial_writes, write_json_atomic, write_shard
+from ovseg_mine.shards import move_legacy_markers, read_done, remove_partial_writes, write_json_atomic, write_shard
 from ovseg_mine.stop_signals import critical
 from ovseg_mine.storage import Location, StorageError, resolve
 
@@ -237,8 +237,9 @@ class _Commits:
         if not self.inflight.add(result):  # a retried batch's rows come twice; a duplicate would end a shard early
             return
         self.watch.observe(result)
-        self.processed += 1
-        self.images_done += 1
+        if result["image_id"] is not None:  # not a reject about an input file (records.file_reject_row)
+            self.processed += 1
+            self.images_done += 1
         self.pairs_done += len(result["pairs"])
         index = result["shard"]
         results = self.inflight.pop_complete(index)
@@ -302,6 +303,8 @@ def _mine_into(
     """:func:`mine` once the source is planned and the run folder prepared."""
     for name in remove_partial_writes(out):
         log.info("removed %s, left by an interrupted write", name)
+    for name in move_legacy_markers(out):
+        log.info("moved the done marker shards/%s to done/ (the layout of earlier runs)", name)
     weights = run.weights
     if weights.random:
         log.warning("this run uses randomly initialised weights: its pairs are meaningless (manifest: weights=random)")

@@ -93,6 +93,7 @@ def prepare_run_dir(out: Location, cfg: MineConfig, overwrite: bool) -> None:
                     "use another --out, or --overwrite to discard it"
                 )
         if overwrite:
+            out.join("done").delete_tree()  # markers first: a stop in between leaves shards without markers
             out.join("shards").delete_tree()
             for name in ("manifest.json", "config.json"):
                 out.join(name).delete()

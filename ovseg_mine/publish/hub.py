@@ -32,17 +32,9 @@ from typing import Any, Callable, Optional
 from ovseg_mine.crops import CLIP_MEAN_PIXEL  # noqa: F401  (the crop fill, part of this module's contract)
 from ovseg_mine.publish import card as card_mod
 from ovseg_mine.publish.parquet import MAX_FILE_BYTES, ParquetParts
-from ovseg_mine.shards import (
-    ShardError,
-    pair_schema,
-    read_done,
-    read_file_metadata,
-    read_manifest,
-    read_table,
-    schema_spec,
-    shard_files,
-)
+from ovseg_mine.shards import ShardError, pair_schema, read_file_metadata, read_manifest, read_table, schema_spec
 from ovseg_mine.storage import Location, first_line, resolve
+from ovseg_mine.verify import damaged_message, verify_shards
 
 log = logging.getLogger(__name__)
 
@@ -85,25 +77,33 @@ def publishable_shards(
 ) -> list[Location]:
     """The shard files to publish, in index order, after checking the run (a local path or a URI).
 
-    Every shard file must be an ovseg-mine shard of a known schema version. A run is complete when the
-    manifest says ``status: complete`` and each shard it lists has a done marker with the same sha256 as
-    the file; a partial run is refused unless ``allow_partial`` (then only shards with a valid done marker
-    are published).
+    Every shard file is checked against its done marker (:func:`ovseg_mine.verify.verify_shards`, its sha256
+    streamed once) and must be an ovseg-mine shard of a known schema version. A damaged shard (a file whose
+    sha256 is not its marker's, a marker without its file, an unreadable marker) is always refused, by name:
+    publishing is a one-way act to a public repository, and ``mine`` on the same ``--out`` redoes exactly the
+    damaged shards, byte-identical, so there is no reason to publish a dataset with an unexplained hole. A run
+    is complete when the manifest says ``status: complete`` and each shard it lists has a done marker with the
+    same sha256 as the file; a partial run is refused unless ``allow_partial`` (then only the committed
+    shards are published; a file without a marker is not committed yet and is left out).
 
     Raises:
-        PublishError: not a run folder, unknown schema version, or an incomplete run without ``allow_partial``.
+        PublishError: not a run folder, a damaged shard, unknown schema version, or an incomplete run without
+            ``allow_partial``.
     """
     try:
-        files = shard_files(run_dir)
-        for path in files:
+        checked = verify_shards(run_dir, skip_damaged=True)
+        damaged = [d for d in checked.damaged if d.kind != "uncommitted"]
+        if damaged:
+            raise PublishError(damaged_message(damaged, hint=None) + " (publish never skips a damaged shard)")
+        for path in checked.files:
             read_file_metadata(path)
     except ShardError as exc:
         raise PublishError(str(exc)) from exc
-    done = read_done(run_dir, verify=True)
+    done = checked.records
     done_by_file = {rec.get("file"): rec for rec in done.values()}
-    problems = []
+    problems = [f"{d.name} has no done marker (not committed)" for d in checked.damaged]
     if manifest.get("status") != "complete":
-        problems.append(f"manifest status is {manifest.get('status')!r}")
+        problems.insert(0, f"manifest status is {manifest.get('status')!r}")
     for entry in manifest.get("shards", []):
         rec = done_by_file.get(entry.get("file"))
         if rec is None or rec.get("sha256") != entry.get("sha256"):
