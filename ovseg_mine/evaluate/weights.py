@@ -72,6 +72,7 @@ class Classifier:
     weights: dict[str, Any]
     device: Any = "cpu"
     _text: Any = field(default=None, repr=False)
+    _dim: int = field(default=0, repr=False)
 
     def text(self, names: Sequence[str]) -> Any:
         """float32 ``[K, D]`` unit-norm class embeddings (14 ViLD templates averaged), cached per name."""
@@ -79,7 +80,10 @@ class Classifier:
 
         if self._text is None:
             self._text = NounEmbeddings(self.model, self.tokenizer, self.device)
-        return self._text.embed(list(names))
+        emb = self._text.embed(list(names))
+        if names:
+            self._dim = int(emb.shape[1])
+        return emb
 
     def encode_many(self, items: Sequence[tuple[Any, Any]], batch_size: int = 64) -> list[Any]:
         """Unit-norm embeddings of the masked crops of several images, in image-encoder calls of up to
@@ -109,9 +113,8 @@ class Classifier:
                 crops.append(normalize(rendered, self.mean, self.std))
                 if self.prompts is not None:
                     fgs.append(patch_foreground(crop_masks(masks, boxes, size=self.size), self.prompts.patch_size))
-            dim = int(self.text(["object"]).shape[1])
-            if not crops:
-                return [torch.zeros((0, dim), device=self.device) for _ in counts]
+            if not crops:  # D is known once the class names are embedded (:meth:`text`)
+                return [torch.zeros((0, self._dim), device=self.device) for _ in counts]
             pixels, out = torch.cat(crops), []
             fg = torch.cat(fgs) if fgs else None
             for start in range(0, pixels.shape[0], batch_size):

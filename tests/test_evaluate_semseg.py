@@ -1,0 +1,238 @@
+"""`evaluate` on semantic-segmentation benchmarks: a constructed CLIP with known answers (perfect two-stage mIoU,
+uncovered pixels counted wrong, regions all right), OVSeg's semantic inference, ADE20K's sample (or a benchmark
+built from the bundled COCO sample) end to end with the tiny models in both tasks, saved predictions re-scored to
+the same metrics, COCO instances as an 80-class benchmark with their own masks as proposals, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ovseg_mine.evaluate.dataset import open_benchmark
+from ovseg_mine.evaluate.labels import LabelError, read_label_map
+from ovseg_mine.evaluate.run import Request, evaluate_benchmark
+from ovseg_mine.evaluate.semseg import semantic_inference
+from ovseg_mine.evaluate.weights import Classifier
+
+from helpers import run_cli
+
+ADE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ade-sample" / "ADEChallengeData2016"
+COLORS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0)}
+
+
+class ColorCLIP(torch.nn.Module):
+    """A constructed CLIP: a crop's embedding is its mean RGB (in [0, 1]) minus 0.5; a text's is its colour word's
+    RGB minus 0.5."""
+
+    names = list(COLORS)
+
+    def encode_image(self, x):
+        return x.mean(dim=(2, 3)) - 0.5
+
+    def encode_text(self, tokens):
+        return torch.tensor([COLORS[n] for n in self.names], dtype=torch.float32)[tokens[:, 0]] - 0.5
+
+    def tokenize(self, texts):
+        return torch.tensor([[next(i for i, n in enumerate(self.names) if f" {n}" in f" {t}")] for t in texts])
+
+
+def colour_classifier() -> Classifier:
+    model = ColorCLIP()
+    return Classifier("model", model, model.tokenize, None, 16, (0, 0, 0), (1, 1, 1), {"weights": "constructed"})
+
+
+@pytest.fixture()
+def colour_bench(tmp_path):
+    """Two 40x60 images tiled with coloured rectangles; label maps (0 = other, k = class k, as ADE20K's raw maps);
+    SA-1B JSON giving every rectangle as a mask except the yellow one of image b."""
+    from pycocotools import mask as mask_utils
+
+    images, labels, sa1b = tmp_path / "images", tmp_path / "labels", tmp_path / "sa1b"
+    for d in (images, labels, sa1b):
+        d.mkdir()
+    names = list(COLORS)
+    layouts = {
+        "a": [("red", (0, 0, 30, 40)), ("green", (30, 0, 30, 20)), ("blue", (30, 20, 30, 20))],
+        "b": [("blue", (0, 0, 60, 25)), ("yellow", (0, 25, 60, 15))],
+    }
+    for stem, rects in layouts.items():
+        pixels, raw, anns = np.zeros((40, 60, 3), np.uint8), np.zeros((40, 60), np.uint8), []
+        for name, (x, y, w, h) in rects:
+            pixels[y : y + h, x : x + w] = np.array(COLORS[name]) * 255
+            raw[y : y + h, x : x + w] = names.index(name) + 1
+            if not (stem == "b" and name == "yellow"):
+                m = np.zeros((40, 60), np.uint8)
+                m[y : y + h, x : x + w] = 1
+                rle = mask_utils.encode(np.asfortranarray(m))
+                anns.append(
+                    {"segmentation": {"size": [40, 60], "counts": rle["counts"].decode()}, "bbox": [x, y, w, h]}
+                )
+        raw[0, 0] = 0  # one "other" pixel: ignored
+        Image.fromarray(pixels).save(images / f"{stem}.png")
+        Image.fromarray(raw).save(labels / f"{stem}.png")
+        (sa1b / f"{stem}.json").write_text(json.dumps({"image": {"width": 60, "height": 40}, "annotations": anns}))
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    return tmp_path
+
+
+def _data(root: Path, **kw):
+    return open_benchmark(
+        labels_dir=root / "labels",
+        images_dir=root / "images",
+        classes=root / "classes.txt",
+        reduce_zero_label=True,
+        **kw,
+    )
+
+
+def test_constructed_clip_two_stage_and_regions_known_answers(colour_bench, tmp_path):
+    from ovseg_mine.config import build_config
+    from ovseg_mine.evaluate import regions, semseg
+    from ovseg_mine.evaluate.run import _semseg_metrics
+
+    data = _data(colour_bench)
+    proposals = semseg.Proposals(f"sa1b:{colour_bench / 'sa1b'}", build_config("smoke"), None, None, "cpu")
+    out = semseg.segment(data, [colour_classifier()], proposals, save_predictions=tmp_path / "pred")
+    m = _semseg_metrics(data, out["matrices"])["model"]
+    # every covered pixel right; image b's yellow band (60 x 15) has no proposal: a miss, yellow IoU 0
+    total = 2 * 40 * 60 - 2
+    assert m["no_class_pixels"] == 900 and m["pACC"] == pytest.approx(100 * (total - 900) / total)
+    assert m["IoU"] == {"red": 100.0, "green": 100.0, "blue": 100.0, "yellow": 0.0} and m["mIoU"] == 75.0
+    saved = read_label_map(tmp_path / "pred" / "b.png")
+    assert saved.dtype == np.uint8 and (saved[25:] == 0).all() and (saved[:25] == 3).all()
+    res = regions.classify_regions(data, [colour_classifier()])["model"]
+    assert res["masks"] == 5 and res["top1"] == 1.0 and res["mean_top1"] == 1.0
+
+
+def test_semantic_inference_sums_probabilities_over_masks():
+    masks = torch.zeros((3, 2, 4), dtype=torch.bool)
+    masks[0, :, :2] = True  # left half
+    masks[1, :, 1:3] = True  # middle
+    masks[2, 0, 3] = True  # one pixel
+    probs = torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.5, 0.5], [0.1, 0.1, 0.8]])
+    pred = semantic_inference(probs, masks, max_elements=7)  # several chunks
+    # column 1: 0.6+0 vs 0.4+0.5 vs 0.5 -> class 1; column 2: 0.5/0.5 tie -> class 1; (1, 3) uncovered -> 3
+    assert pred.tolist() == [[0, 1, 1, 2], [0, 1, 1, 3]]
+
+
+def _coco_benchmark(root: Path, sample: Path, n: int, *, raw_zero_other: bool) -> tuple[Path, Path, Path]:
+    """Label maps of the first n bundled COCO images from their instances (80 classes in category-id order; later
+    instances drawn over earlier ones; crowd regions left as background); background 0 (= other, with
+    raw_zero_other and class k stored as k + 1) or 255."""
+    from ovseg_mine import rle
+
+    data = json.loads((sample / "instances.json").read_text())
+    cats = sorted(c["id"] for c in data["categories"])
+    labels = root / "labels"
+    labels.mkdir(parents=True)
+    for im in sorted(data["images"], key=lambda i: i["id"])[:n]:
+        raw = np.full((im["height"], im["width"]), 0 if raw_zero_other else 255, np.uint8)
+        for a in data["annotations"]:
+            if a["image_id"] == im["id"] and not a["iscrowd"]:
+                mask = rle.decode(rle.from_segmentation(a["segmentation"], im["height"], im["width"]))
+                raw[mask] = cats.index(a["category_id"]) + (1 if raw_zero_other else 0)
+        Image.fromarray(raw).save(labels / (Path(im["file_name"]).stem + ".png"))
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    (root / "classes.txt").write_text("\n".join(names[c] for c in cats) + "\n")
+    return labels, sample / "images", root / "classes.txt"
+
+
+@pytest.fixture(scope="module")
+def ade_like(tmp_path_factory, sample):
+    """ADE20K's sample (raw maps, 0 = other) with the bundled ADE-150 names when ../shared/data has it, else 3
+    bundled COCO images as the same kind of benchmark."""
+    if (ADE / "annotations" / "validation").is_dir():
+        return ADE / "annotations" / "validation", ADE / "images" / "validation", "ade150"
+    root = tmp_path_factory.mktemp("ade_like")
+    return _coco_benchmark(root, sample, 3, raw_zero_other=True)
+
+
+def test_ade_sample_end_to_end_both_tasks_and_rescored_predictions(ade_like, tmp_path):
+    labels, images, classes = ade_like
+    kw = dict(labels_dir=labels, images_dir=images, classes=classes, reduce_zero_label=True)
+    tiny = dict(arch="ovseg-tiny-vit", pretrained="random", pipeline="smoke")
+    sem = evaluate_benchmark(open_benchmark(**kw), Request(task="semseg", save_predictions=str(tmp_path), **tiny))
+    m = sem["models"]["model"]["metrics"]
+    assert sem["images"] == 3 and sem["skipped"] == [] and sem["proposals"]["kind"] == "sam"
+    assert m["pixels"] == sum(int((np.asarray(Image.open(p)) != 0).sum()) for p in sorted(Path(labels).glob("*.png")))
+    assert 0 <= m["mIoU"] <= 100 and 0 <= m["pACC"] <= 100 and sem["proposals_per_image"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in Path(labels).glob("*.png"))
+    again = evaluate_benchmark(open_benchmark(**kw), Request(predictions=str(tmp_path)))
+    assert again["task"] == "predictions" and again["models"]["predictions"]["metrics"] == m
+    reg = evaluate_benchmark(open_benchmark(**kw), Request(task="regions", **tiny))["models"]["model"]["metrics"]
+    regions = sum(len(set(np.unique(np.asarray(Image.open(p)))) - {0}) for p in Path(labels).glob("*.png"))
+    assert reg["masks"] == regions and 0 <= reg["top1"] <= reg["top5"] <= 1
+
+
+def test_coco_instances_as_80_class_maps_with_their_masks_as_proposals(sample, tmp_path):
+    labels, images, classes = _coco_benchmark(tmp_path, sample, 4, raw_zero_other=False)
+    data = open_benchmark(labels_dir=labels, images_dir=images, classes=classes)
+    assert len(data.classes) == 80
+    res = evaluate_benchmark(
+        data,
+        Request(
+            proposals=f"coco:{sample / 'instances.json'}", arch="ovseg-tiny-vit", pretrained="random", pipeline="smoke"
+        ),
+    )
+    m = res["models"]["model"]["metrics"]
+    assert res["images"] == 4 and res["no_proposals"] == [] and res["proposals"]["kind"] == "coco"
+    assert m["pixels"] > 0 and m["no_class_pixels"] == 0  # every labelled pixel lies in its own instance mask
+
+
+def test_bad_input_is_listed_or_named(colour_bench, tmp_path):
+    # a label map of another size than its image: listed skip
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(colour_bench / "labels" / "a.png")
+    (colour_bench / "labels" / "c.png").write_bytes((colour_bench / "labels" / "b.png").read_bytes())  # no image c
+    data = _data(colour_bench)
+    got = [s.stem for s in data.samples(with_images=True)]
+    assert got == ["b"]
+    reasons = {s["file"]: s["reason"] for s in data.skipped}
+    assert "10x10 but its image a.png is 60x40" in reasons["a.png"] and "no image c.jpg" in reasons["c.png"]
+    # a prediction missing: listed; a prediction value outside the classes: file and value named
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    Image.fromarray(np.ones((40, 60), np.uint8)).save(preds / "b.png")
+    out = evaluate_benchmark(_data(colour_bench), Request(predictions=str(preds)))
+    assert out["images"] == 1 and {s["file"] for s in out["skipped"]} == {"a.png", "c.png"}
+    Image.fromarray(np.full((40, 60), 9, np.uint8)).save(preds / "b.png")
+    with pytest.raises(LabelError, match=r"b\.png: label value 9 is outside the 4 classes"):
+        evaluate_benchmark(_data(colour_bench), Request(predictions=str(preds)))
+    # a label value outside the classes
+    Image.fromarray(np.full((40, 60), 7, np.uint8)).save(colour_bench / "labels" / "b.png")
+    with pytest.raises(LabelError, match=r"labels/b\.png: label value 7 is outside"):
+        list(_data(colour_bench).samples())
+
+
+def test_cli_bad_class_list_is_one_line(colour_bench):
+    (colour_bench / "dup.txt").write_text("red\nblue\nred\n")
+    args = ["evaluate", "--sem-seg", str(colour_bench / "labels"), "--images", str(colour_bench / "images")]
+    res = run_cli(*args, "--classes", str(colour_bench / "dup.txt"), "--arch", "ovseg-tiny-vit")
+    assert res.returncode == 2 and "'red' is given twice (lines 1 and 3)" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_cli_semseg_out_json_and_rescoring(ade_like, tmp_path):
+    labels, images, classes = ade_like
+    base = ["evaluate", "--sem-seg", str(labels), "--images", str(images), "--classes", str(classes)]
+    base += ["--reduce-zero-label"]
+    res = run_cli(
+        *base,
+        *["--arch", "ovseg-tiny-vit", "--pretrained", "random", "--pipeline", "smoke", "--cpu"],
+        *["--out", str(tmp_path / "out"), "--save-predictions", str(tmp_path / "pred"), "--json"],
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(res.stdout)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == result
+    header = (tmp_path / "out" / "per_class.csv").read_text().splitlines()[0]
+    assert header == "class,model IoU,model ACC" and (tmp_path / "out" / "per_class.png").stat().st_size > 1000
+    again = run_cli(*base, "--predictions", str(tmp_path / "pred"), "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["models"]["predictions"]["metrics"] == result["models"]["model"]["metrics"]
+    text = run_cli(*base, "--predictions", str(tmp_path / "pred"))
+    assert "mIoU" in text.stdout and "3 images scored" in text.stdout
