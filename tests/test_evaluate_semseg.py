@@ -236,3 +236,57 @@ def test_cli_semseg_out_json_and_rescoring(ade_like, tmp_path):
     assert json.loads(again.stdout)["models"]["predictions"]["metrics"] == result["models"]["model"]["metrics"]
     text = run_cli(*base, "--predictions", str(tmp_path / "pred"))
     assert "mIoU" in text.stdout and "3 images scored" in text.stdout
+
+
+def test_benchmark_layout_gives_the_raw_maps_metrics(ade_like, tmp_path, monkeypatch):
+    """detectron2's ade150 layout, built from the raw maps as prepare_ade20k_sem_seg.py does (label - 1, 0 -> 255),
+    found under $DETECTRON2_DATASETS, scores saved predictions exactly as the raw maps with --reduce-zero-label."""
+    labels, images, classes = ade_like
+    if classes != "ade150":
+        pytest.skip("the ade150 layout needs ADE20K's sample (../shared/data/ade-sample)")
+    root = tmp_path / "datasets" / "ADEChallengeData2016"
+    (root / "annotations_detectron2" / "validation").mkdir(parents=True)
+    (root / "images").mkdir()
+    (root / "images" / "validation").symlink_to(Path(images))
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    rng = np.random.default_rng(0)
+    for p in sorted(Path(labels).glob("*.png")):
+        raw = np.asarray(Image.open(p))
+        d2 = np.where(raw == 0, 255, raw.astype(np.int64) - 1).astype(np.uint8)
+        Image.fromarray(d2).save(root / "annotations_detectron2" / "validation" / p.name)
+        pred = np.where(rng.random(raw.shape) < 0.6, raw, rng.integers(0, 151, size=raw.shape)).astype(np.uint8)
+        Image.fromarray(pred).save(preds / p.name)  # raw label space: 0 = no class
+    raw_way = evaluate_benchmark(
+        open_benchmark(labels_dir=labels, images_dir=images, classes="ade150", reduce_zero_label=True),
+        Request(predictions=str(preds)),
+    )["models"]["predictions"]["metrics"]
+    d2_preds = tmp_path / "d2_preds"
+    d2_preds.mkdir()
+    for p in preds.iterdir():  # the same predictions in detectron2's label space: class - 1, no class 255
+        v = np.asarray(Image.open(p)).astype(np.int64)
+        Image.fromarray(np.where(v == 0, 255, v - 1).astype(np.uint8)).save(d2_preds / p.name)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    data = open_benchmark(benchmark="ade150")
+    assert data.ignore_label == 255 and len(data.classes) == 150 and len(data) == 3
+    d2_way = evaluate_benchmark(data, Request(predictions=str(d2_preds)))["models"]["predictions"]["metrics"]
+    assert d2_way == raw_way and 0 < raw_way["mIoU"] < 100 and raw_way["no_class_pixels"] > 0
+
+
+def test_seen_classes_and_unknown_names(colour_bench):
+    (colour_bench / "seen.txt").write_text("red\ngreen\n")
+    data = _data(colour_bench, seen_classes=colour_bench / "seen.txt")
+    assert data.seen == [0, 1]
+    preds = colour_bench / "preds"
+    preds.mkdir()
+    for p in (colour_bench / "labels").iterdir():
+        Image.fromarray(np.asarray(Image.open(p))).save(preds / p.name)  # perfect
+    m = evaluate_benchmark(data, Request(predictions=str(preds)))["models"]["predictions"]["metrics"]
+    assert m["mIoU-seen"] == m["mIoU-unseen"] == m["hIoU"] == m["mIoU"] == 100.0
+    (colour_bench / "seen.txt").write_text("red\npurple\n")
+    with pytest.raises(LabelError, match="purple"):
+        _data(colour_bench, seen_classes=colour_bench / "seen.txt")
+    with pytest.raises(LabelError, match="valid: ade150, ade847, pc459, pc59, voc20"):
+        open_benchmark(benchmark="ade20k")
+    with pytest.raises(LabelError, match="ships no class names: give --classes FILE"):
+        open_benchmark(benchmark="pc59", root=colour_bench)

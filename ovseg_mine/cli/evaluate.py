@@ -89,6 +89,8 @@ def _benchmark(opts: dict) -> None:
         fail(f"--task must be one of {', '.join(TASKS)}; got {opts['task']!r}")
     if opts["predictions"] is not None and (opts["checkpoint"] or opts["arch"]):
         fail("--predictions scores prediction files: it takes no --checkpoint or --arch")
+    if opts["save_predictions"] is not None and (opts["task"] != "semseg" or opts["predictions"] is not None):
+        fail("--save-predictions writes the predictions of --task semseg (not regions, not --predictions)")
     request = Request(
         task=opts["task"],
         predictions=None if opts["predictions"] is None else str(opts["predictions"]),
