@@ -290,3 +290,48 @@ def test_seen_classes_and_unknown_names(colour_bench):
         open_benchmark(benchmark="ade20k")
     with pytest.raises(LabelError, match="ships no class names: give --classes FILE"):
         open_benchmark(benchmark="pc59", root=colour_bench)
+
+
+@pytest.fixture()
+def tiny_checkpoint(tmp_path):
+    """A finetune folder as `finetune` writes it (weights, mask prompts, metadata), from the tiny random CLIP with
+    its image tower's projection scaled and random prompts: it differs from its start weights."""
+    from ovseg_mine.finetune.checkpoint import save_weights, write_metadata
+    from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, MaskPrompts, save_prompts
+    from ovseg_mine.models import clip_input_size, clip_mean_std, load_clip
+
+    out = tmp_path / "ckpt"
+    model, _, info = load_clip("ovseg-tiny-vit", "random", seed=0)
+    with torch.no_grad():
+        model.visual.proj.mul_(-1.0)
+        prompts = MaskPrompts(model.visual, depth=2)
+        prompts.prompts.normal_(0, 1.0)
+    save_weights(model, out)
+    save_prompts(prompts, out / PROMPTS_FILE, arch="ovseg-tiny-vit")
+    mean, std = clip_mean_std(model)
+    start = {"arch": "ovseg-tiny-vit", "pretrained": "random", "seed": 0, "prompts": None, "weights": info.to_dict()}
+    meta = {"open_clip_arch": "ovseg-tiny-vit", "start": start, "complete": True}
+    write_metadata(out, {**meta, "preprocess": {"mean": mean, "std": std, "size": clip_input_size(model)}})
+    return out
+
+
+def test_checkpoint_with_prompts_against_its_baseline(colour_bench, tiny_checkpoint, tmp_path):
+    pred = tmp_path / "pred"
+    weights = dict(checkpoint=str(tiny_checkpoint), baseline=True)
+    res = evaluate_benchmark(
+        _data(colour_bench),
+        Request(proposals=f"sa1b:{colour_bench / 'sa1b'}", pipeline="smoke", save_predictions=str(pred), **weights),
+    )
+    models = res["models"]
+    assert list(models) == ["checkpoint", "baseline"]
+    assert models["checkpoint"]["mask_prompts"] and not models["baseline"]["mask_prompts"]
+    assert models["baseline"]["weights"]["weights"] == "random"
+    for name in models:  # same proposals for both, so the same uncovered pixels; each model's predictions re-score
+        assert models[name]["metrics"]["no_class_pixels"] == 900
+        assert sorted(p.name for p in (pred / name).iterdir()) == ["a.png", "b.png"]
+        again = evaluate_benchmark(_data(colour_bench), Request(predictions=str(pred / name)))
+        assert again["models"]["predictions"]["metrics"] == models[name]["metrics"]
+    reg = evaluate_benchmark(_data(colour_bench), Request(task="regions", **weights))["models"]
+    assert reg["checkpoint"]["metrics"]["masks"] == reg["baseline"]["metrics"]["masks"] == 5
+    no_prompts = evaluate_benchmark(_data(colour_bench), Request(task="regions", no_prompts=True, **weights))
+    assert not no_prompts["models"]["checkpoint"]["mask_prompts"]
