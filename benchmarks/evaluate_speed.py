@@ -52,13 +52,17 @@ def run(kw: dict, request, repeats: int) -> dict:
 
     best = None
     for _ in range(repeats):
+        cpu = time.process_time()
         result = evaluate_benchmark(open_benchmark(**kw), request)
+        result["cpu_seconds"] = round(time.process_time() - cpu, 2)
         if best is None or result["images_per_second"] > best["images_per_second"]:
             best = result
     return {
         "images": best["images"],
         "images_per_second": best["images_per_second"],
         "load_seconds": best["load_seconds"],
+        # CPU time of the whole call (loading included), all threads: less sensitive to a busy machine than wall
+        "cpu_seconds_with_loading": best["cpu_seconds"],
         "proposals_per_image": best.get("proposals_per_image"),
     }
 

@@ -136,6 +136,8 @@ def _progress(total: int, quiet: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
+
     @contextlib.contextmanager
     def bar():
         progress = Progress(
@@ -143,9 +145,9 @@ def _progress(total: int, quiet: bool):
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=console,
             transient=True,
-            disable=quiet,
+            disable=quiet or not console.is_terminal,  # a log file gets the summary only
         )
         with progress:
             task = progress.add_task("images", total=total)
