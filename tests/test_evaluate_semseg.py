@@ -120,13 +120,16 @@ def test_semantic_inference_sums_probabilities_over_masks():
     assert pred.tolist() == [[0, 1, 1, 2], [0, 1, 1, 3]]
 
 
-def _coco_benchmark(root: Path, sample: Path, n: int, *, raw_zero_other: bool) -> tuple[Path, Path, Path]:
+def _coco_benchmark(
+    root: Path, sample: Path, n: int, *, raw_zero_other: bool, instances: Path | None = None, images: Path | None = None
+) -> tuple[Path, Path, Path]:
     """Label maps of the first n bundled COCO images from their instances (80 classes in category-id order; later
     instances drawn over earlier ones; crowd regions left as background); background 0 (= other, with
     raw_zero_other and class k stored as k + 1) or 255."""
     from ovseg_mine import rle
 
-    data = json.loads((sample / "instances.json").read_text())
+    instances, images = instances or sample / "instances.json", images or sample / "images"
+    data = json.loads(instances.read_text())
     cats = sorted(c["id"] for c in data["categories"])
     labels = root / "labels"
     labels.mkdir(parents=True)
@@ -139,7 +142,7 @@ def _coco_benchmark(root: Path, sample: Path, n: int, *, raw_zero_other: bool) -
         Image.fromarray(raw).save(labels / (Path(im["file_name"]).stem + ".png"))
     names = {c["id"]: c["name"] for c in data["categories"]}
     (root / "classes.txt").write_text("\n".join(names[c] for c in cats) + "\n")
-    return labels, sample / "images", root / "classes.txt"
+    return labels, images, root / "classes.txt"
 
 
 @pytest.fixture(scope="module")
@@ -170,13 +173,25 @@ def test_ade_sample_end_to_end_both_tasks_and_rescored_predictions(ade_like, tmp
 
 
 def test_coco_instances_as_80_class_maps_with_their_masks_as_proposals(sample, tmp_path):
-    labels, images, classes = _coco_benchmark(tmp_path, sample, 4, raw_zero_other=False)
+    """coco-mini (../shared/data) when present, else the bundled sample: 4 images' instances as label maps."""
+    from helpers import COCO_MINI
+
+    instances, images = sample / "instances.json", sample / "images"
+    if (COCO_MINI / "annotations" / "instances_val2017.json").is_file():
+        instances, images = COCO_MINI / "annotations" / "instances_val2017.json", COCO_MINI / "val2017"
+    labels, images, classes = _coco_benchmark(
+        tmp_path, sample, 4, raw_zero_other=False, instances=instances, images=images
+    )
     data = open_benchmark(labels_dir=labels, images_dir=images, classes=classes)
     assert len(data.classes) == 80
     res = evaluate_benchmark(
         data,
         Request(
-            proposals=f"coco:{sample / 'instances.json'}", arch="ovseg-tiny-vit", pretrained="random", pipeline="smoke"
+            proposals=f"coco:{instances}",
+            arch="ovseg-tiny-vit",
+            pretrained="random",
+            pipeline="smoke",
+            overrides=["sam.max_masks_per_image=1000"],  # smoke keeps 16 masks: a crowded image has more instances
         ),
     )
     m = res["models"]["model"]["metrics"]
