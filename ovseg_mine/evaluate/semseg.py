@@ -161,7 +161,7 @@ class Proposals:
                 for j, (image, sam_image) in enumerate(zip(images, sam_inputs, strict=True)):
                     job = ImageJob(j, image, sam_image, [])
                     # the engine's proposal step (SAM decode + AMG selection), as mining runs it per image
-                    sets = self.engine._propose(job, features[j : j + 1])
+                    sets = self.engine.propose(job, features[j : j + 1])
                     out.append(self._dense(sets))
             return out
         for sample in samples:

@@ -262,7 +262,7 @@ class MiningEngine:
                 sets, j = [], 0
                 for job in jobs:
                     if job.given is None:
-                        sets.append(self._propose(job, features[j : j + 1]))
+                        sets.append(self.propose(job, features[j : j + 1]))
                         j += 1
                     else:
                         sets.append(job.given)
@@ -276,7 +276,17 @@ class MiningEngine:
             outcome.seconds = dict(share)
         return outcomes
 
-    def _propose(self, job: ImageJob, features: "torch.Tensor") -> "MaskSet":
+    def propose(self, job: ImageJob, features: "torch.Tensor") -> "MaskSet":
+        """SAM's kept proposals of one image: the decoder over the point grid, then the automatic mask generator's
+        selection (ovseg_mine.mine.amg.select_masks), on the device.
+
+        Args:
+            job: the image (its ``size`` is ``(H, W)`` of the original image).
+            features: its image embedding from ``self.sam.embed``, ``[1, C, h, w]``.
+
+        Returns:
+            The image's :class:`~ovseg_mine.mine.amg.MaskSet`, best first.
+        """
         from ovseg_mine.mine.amg import chunk_size, select_masks
 
         size = job.size
