@@ -164,3 +164,22 @@ def test_bad_input_is_one_line(smoke_run, tmp_path):
     _one_line(bad, "cannot write to --out")
     _one_line(run_cli("export", str(tmp_path), "--format", "openclip-csv", "--out", str(out)), "not an ovseg-mine run")
     _one_line(run_cli("export", str(smoke_run), "--format", "tfrecord", "--out", str(out)), "--format must be")
+
+
+def test_images_of_a_run_without_image_root_come_from_its_source(coco8, tmp_path):
+    """A webdataset run has no image root: the export reads each shard's tar again with mining's reader."""
+    from ovseg_mine.config import build_config
+    from ovseg_mine.export.images import RunImages
+
+    from helpers import build_webdataset
+
+    items = coco8["items"]
+    tars = build_webdataset(tmp_path / "tars", items, per_tar=3)
+    cfg = build_config("smoke", ['source.kind="webdataset"', 'source.id_column="image_id"'])
+    manifest = {"config": cfg.model_dump(mode="json"), "source": {"kind": "webdataset", "location": str(tars)}}
+    images = RunImages(manifest)
+    wanted = [(it["image_id"], f"00001.tar/{it['file_name']}") for it in items[3:6]] + [(999, "00001.tar/x.jpg")]
+    got = {image_id: (pixels, reason) for image_id, pixels, reason in images.shard_images(1, wanted)}
+    for it in items[3:6]:
+        np.testing.assert_array_equal(got[it["image_id"]][0], load_rgb(it["path"]))
+    assert got[999][0] is None and "not found in the input of shard 1" in got[999][1]

@@ -7,7 +7,7 @@ Two ways, as the rest of ovseg-mine reads a run's images:
   ``publish --embed crops`` and ``finetune`` do;
 * sources whose images live inside other files (webdataset tars, Hugging Face Parquet/Arrow rows, img2dataset
   ``parquet``): the run's source is rebuilt from the manifest (its config and ``source.location``) and the input of
-  one output shard is read again with mining's own reader (:meth:`ovseg_mine.mine.sources.base.Source.rows`),
+  one output shard is read again with mining's own read step (:meth:`ovseg_mine.mine.sources.base.Source.read_shard`),
   one shard at a time, keeping only the images of the pairs asked for.
 """
 
@@ -20,6 +20,13 @@ import numpy as np
 
 from ovseg_mine.images import ImageDecodeError, load_rgb
 from ovseg_mine.storage import StorageError, resolve
+
+
+def pa_array(values: list[int]) -> Any:
+    """An int64 Arrow array (``pyarrow.compute.is_in``'s value set)."""
+    import pyarrow as pa
+
+    return pa.array(values, type=pa.int64())
 
 
 class ImageLookupError(ValueError):
@@ -80,18 +87,28 @@ class RunImages:
         task = tasks.get(shard_index)
         found: set[int] = set()
         if task is not None:
-            for row in source.rows(task, source.samples(task)):
-                image_id = row.get("image_id")
-                if image_id not in wanted or image_id in found or row.get("status") != "ok":
-                    continue
-                found.add(image_id)
+            for row in self._rows(source, task, set(wanted)):
+                found.add(row["image_id"])
                 data = row.get("image_bytes") or row.get("path")
-                yield (image_id, *self._decode(data)) if data else (image_id, None, "no image in the source row")
+                yield (row["image_id"], *self._decode(data)) if data else (row["image_id"], None, "no image in the row")
                 if len(found) == len(wanted):
                     break
         for image_id in wanted:
             if image_id not in found:
                 yield image_id, None, f"not found in the input of shard {shard_index}"
+
+    @staticmethod
+    def _rows(source: Any, task: Any, wanted: set[int]) -> Iterator[dict[str, Any]]:
+        """Record rows of ``wanted`` images from the task's read step (Arrow batches, as mining's read step)."""
+        import pyarrow.compute as pc
+
+        seen: set[int] = set()
+        for table in source.read_shard(task):
+            table = table.filter(pc.is_in(table["image_id"], value_set=pa_array(sorted(wanted))))
+            for row in table.to_pylist():
+                if row["image_id"] not in seen and row.get("status") == "ok":
+                    seen.add(row["image_id"])
+                    yield row
 
     @staticmethod
     def _decode(data: Any) -> tuple[np.ndarray | None, str]:
