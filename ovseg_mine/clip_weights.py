@@ -82,7 +82,7 @@ def read_weights(path: str | os.PathLike[str]) -> ForeignWeights:
         try:
             state = load_file(path)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise WeightsError(f"cannot read {path}: not a checkpoint torch or safetensors reads ({exc})") from exc
+            raise WeightsError(f"cannot read {path}: neither torch nor safetensors reads it ({exc})") from exc
         if set(state) == {"prompts"}:
             raise WeightsError(f"{path} holds mask prompts only (mask_prompts.safetensors), not CLIP weights")
         kind = "safetensors"

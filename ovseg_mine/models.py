@@ -385,7 +385,10 @@ def load_clip(
     if path is not None and info.weights == "file":  # any kind of file: open_clip_train epoch, OVSeg .pth, ...
         from ovseg_mine.clip_weights import load_state, read_weights
 
-        weights = read_weights(path)
+        try:
+            weights = read_weights(path)
+        except WeightsError as exc:
+            raise WeightsError(f"checkpoint {path} does not load into open_clip {arch!r}: {exc}") from exc
         if weights.mask_embedding is not None:
             log.info("%s: its mask prompts (visual.mask_embedding) are not used here", path)
         load_state(model, weights, arch)
