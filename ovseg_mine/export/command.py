@@ -22,8 +22,6 @@ def trainer_command(manifest: dict[str, Any], data_args: list[str]) -> str:
         One shell-quoted command line. Random mining weights give no ``--pretrained`` (open_clip_train starts
         from random weights then).
     """
-    import open_clip
-
     clip = manifest.get("models", {}).get("clip", {})
     arch = clip.get("name") or "ViT-B-16"
     args = ["python", "-m", "open_clip_train.main", *data_args, "--model", arch]
@@ -32,6 +30,8 @@ def trainer_command(manifest: dict[str, Any], data_args: list[str]) -> str:
         args += ["--pretrained", clip["source"]]
     elif weights and weights != "random":
         args += ["--pretrained", weights]
+        import open_clip  # only here: a tag's QuickGELU
+
         try:
             if (open_clip.get_pretrained_cfg(arch, weights) or {}).get("quick_gelu"):
                 args.append("--force-quick-gelu")

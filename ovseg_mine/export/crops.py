@@ -43,18 +43,18 @@ def ovseg_crop(image: np.ndarray, mask: np.ndarray, bbox: list[int] | tuple[int,
         raise ValueError(f"bbox {[x, y, w, h]} is empty or outside the {image.shape[1]}x{image.shape[0]} image")
     region = image[y : y + h, x : x + w]
     keep = mask[y : y + h, x : x + w]
-    background = np.array(OVSEG_BACKGROUND, dtype=np.uint8)
-    out = np.empty_like(region)
-    out[:] = background
-    out[keep] = region[keep]
-    clash = keep & (out == background).all(axis=2)
-    out[clash, 0] = OVSEG_BACKGROUND[0] + 1
+    r, g, b = OVSEG_BACKGROUND
+    clash = keep & (region[..., 0] == r) & (region[..., 1] == g) & (region[..., 2] == b)
+    out = np.where(keep[..., None], region, np.array(OVSEG_BACKGROUND, dtype=np.uint8))
+    if clash.any():
+        out[clash, 0] = r + 1
     return out
 
 
 def crop_mask(crop: np.ndarray) -> np.ndarray:
     """OVSeg's rule: bool ``[h, w]``, True where the crop pixel is not exactly :data:`OVSEG_BACKGROUND`."""
-    return ~(crop == np.array(OVSEG_BACKGROUND, dtype=np.uint8)).all(axis=2)
+    r, g, b = OVSEG_BACKGROUND
+    return ~((crop[..., 0] == r) & (crop[..., 1] == g) & (crop[..., 2] == b))
 
 
 def sample_key(image_id: int, pair_id: str) -> str:
