@@ -82,6 +82,14 @@ def resolve_start(cfg: FinetuneConfig, manifest: dict[str, Any]) -> dict[str, An
         pretrained = clip.get("source") if clip.get("weights") == "file" else clip.get("weights")
         if not pretrained or (cfg.arch and cfg.arch != clip.get("name")):
             raise FinetuneError(f"pass --pretrained for {arch} (a tag, a checkpoint path, or random)")
+    if pretrained != "random" and os.path.isfile(os.path.expanduser(pretrained)) and _known_arch(arch):
+        from ovseg_mine.clip_weights import read_weights
+        from ovseg_mine.models import WeightsError
+
+        try:
+            arch = _arch_for(arch, read_weights(pretrained))
+        except WeightsError as exc:
+            raise FinetuneError(f"--pretrained: {exc}") from exc
     return {"arch": arch, "pretrained": pretrained, "prompts": None, "init": None}
 
 
@@ -99,10 +107,16 @@ def _start_from_file(cfg: FinetuneConfig, manifest: dict[str, Any]) -> dict[str,
         weights = read_weights(cfg.init)
     except WeightsError as exc:
         raise FinetuneError(f"--init: {exc}") from exc
-    if weights.kind == "ovseg detectron2" and not arch.endswith("-quickgelu") and _known_arch(f"{arch}-quickgelu"):
-        arch = f"{arch}-quickgelu"  # OVSeg's CLIP is OpenAI's (QuickGELU)
+    arch = _arch_for(arch, weights)
     prompts = cfg.init if weights.mask_embedding is not None else None
     return {"arch": arch, "pretrained": cfg.init, "prompts": prompts, "init": cfg.init}
+
+
+def _arch_for(arch: str, weights: Any) -> str:
+    """``arch``'s ``-quickgelu`` variant for an OVSeg checkpoint (its CLIP is OpenAI's, trained with QuickGELU)."""
+    if weights.kind == "ovseg detectron2" and not arch.endswith("-quickgelu") and _known_arch(f"{arch}-quickgelu"):
+        return f"{arch}-quickgelu"
+    return arch
 
 
 def _known_arch(arch: str) -> bool:
