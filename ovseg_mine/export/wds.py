@@ -113,8 +113,9 @@ def export_webdataset(
         for sample in pairs.samples(filt, found, written=done):
             index = sample.ordinal // per_tar
             name = tar_name(index)
-            if sample.crop is None:  # its tar was written by an earlier call
-                sizes.setdefault(name, _count_samples(os.path.join(out, name)))
+            if sample.crop is None:  # its tar was written by an earlier call: counted once
+                if name not in sizes:
+                    sizes[name] = _count_samples(os.path.join(out, name))
             else:
                 if index != current:
                     close()
