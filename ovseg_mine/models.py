@@ -355,8 +355,10 @@ def load_clip(
     Args:
         arch: an open_clip architecture (``open_clip.list_models()``, plus ``ovseg-tiny-vit`` for tests).
         pretrained: an open_clip tag valid for ``arch`` (downloaded into open_clip's cache; a tag trained with
-            QuickGELU builds the model with QuickGELU, as the weights need), a local checkpoint path, or
-            ``"random"``.
+            QuickGELU builds the model with QuickGELU, as the weights need), a local checkpoint file of any kind
+            :mod:`ovseg_mine.clip_weights` reads (open_clip_train epoch file, OVSeg detectron2 ``.pth``,
+            safetensors, state dict; its mask prompts are not attached here: see
+            :func:`ovseg_mine.clip_weights.load_clip_model`), or ``"random"``.
         allow_random: if the tag's weights cannot be obtained, warn and return random weights.
 
     Raises:
@@ -380,7 +382,17 @@ def load_clip(
             )
 
     model = _seeded(seed, build)
-    if path is not None:
+    if path is not None and info.weights == "file":  # any kind of file: open_clip_train epoch, OVSeg .pth, ...
+        from ovseg_mine.clip_weights import load_state, read_weights
+
+        try:
+            weights = read_weights(path)
+        except WeightsError as exc:
+            raise WeightsError(f"checkpoint {path} does not load into open_clip {arch!r}: {exc}") from exc
+        if weights.mask_embedding is not None:
+            log.info("%s: its mask prompts (visual.mask_embedding) are not used here", path)
+        load_state(model, weights, arch)
+    elif path is not None:
         try:
             open_clip.load_checkpoint(model, path, strict=True)
         except Exception as exc:  # noqa: BLE001 as torch.load: any failure here is the checkpoint file's

@@ -165,3 +165,27 @@ def s3(moto_server, monkeypatch) -> str:
     for key, value in moto_server.env.items():
         monkeypatch.setenv(key, value)
     return moto_server.bucket(f"test-{next(_buckets)}")
+
+
+@pytest.fixture(scope="session")
+def tiny_finetune(smoke_run, tmp_path_factory) -> Path:
+    """A finished ``full+prompt`` finetune of the tiny random ViT on ``smoke_run`` (2 steps per stage, prompt depth
+    2): an output folder with weights, mask prompts and metadata. Read-only for tests."""
+    from ovseg_mine.finetune.config import build_config
+    from ovseg_mine.finetune.train import train_worker
+
+    out = tmp_path_factory.mktemp("finetune") / "ft"
+    cfg = build_config(
+        shards=smoke_run,
+        out=out,
+        mode="full+prompt",
+        max_steps=2,
+        batch_size=16,
+        epochs=1,
+        warmup_steps=0,
+        loader_workers=0,
+        prompt_depth=2,
+        lr=2e-3,
+    )
+    assert train_worker(cfg)["complete"]
+    return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from ovseg_mine.cli import evaluate, finetune, inspect, mine, publish
+from ovseg_mine.cli import evaluate, export, finetune, inspect, mine, publish
 
 app = typer.Typer(
     name="ovseg-mine",
@@ -25,6 +25,7 @@ app.command("inspect")(inspect.inspect_command)
 app.command("publish")(publish.publish_command)
 app.command("finetune")(finetune.finetune_command)
 app.command("evaluate")(evaluate.evaluate_command)
+app.command("export")(export.export_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -14,9 +14,12 @@ from ovseg_mine.cli.common import SET_HELP, fail, setup_logging, warn
 
 def evaluate_command(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Output folder of `ovseg-mine finetune`."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="open_clip architecture (instead of --checkpoint)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="open_clip architecture of --pretrained (e.g. ViT-B-16)."),
     pretrained: Optional[str] = typer.Option(
-        None, "--pretrained", help="With --arch: an open_clip tag (e.g. openai) or a local open_clip checkpoint file."
+        None,
+        "--pretrained",
+        help="Weights that no ovseg-mine finetune wrote: an open_clip tag, open_clip_train epoch_N.pt, OVSeg .pth, "
+        "safetensors.",
     ),
     gt: Optional[Path] = typer.Option(None, "--gt", help="COCO instances JSON: classify its instance masks."),
     sem_seg: Optional[Path] = typer.Option(None, "--sem-seg", help="Folder of label maps (PNG/TIFF, uint8/16)."),
@@ -67,9 +70,16 @@ def evaluate_command(
     if gt is not None:
         if sem_seg is not None or benchmark is not None or predictions is not None:
             fail("--gt (COCO instance masks) cannot be combined with --sem-seg, --benchmark or --predictions")
-        if checkpoint is None or images is None:
-            fail("--gt needs --checkpoint and --images")
-        return _coco_masks(checkpoint, gt, images, baseline, no_prompts, min_area, limit, batch_size, device, as_json)
+        if images is None:
+            fail("--gt needs --images (the folder of the annotated images)")
+        if (checkpoint is None) == (pretrained is None):
+            fail("pass --checkpoint FOLDER, or --arch ARCH --pretrained WEIGHTS (one of the two)")
+        if pretrained is not None and not arch:
+            fail("--pretrained needs --arch (the open_clip architecture the weights are for)")
+        if pretrained is not None and baseline:
+            fail("--baseline compares a finetune with its start weights: use it with --checkpoint")
+        weights = (checkpoint, arch, pretrained)
+        return _coco_masks(weights, gt, images, baseline, no_prompts, min_area, limit, batch_size, device, as_json)
     if sem_seg is None and benchmark is None:
         fail("give --benchmark NAME, --sem-seg LABELS_DIR --images IMAGES_DIR --classes FILE, or --gt INSTANCES_JSON")
     _benchmark(locals())
@@ -156,30 +166,39 @@ def _progress(total: int, quiet: bool):
     return bar()
 
 
-def _coco_masks(checkpoint, gt, images, baseline, no_prompts, min_area, limit, batch_size, device, as_json) -> None:
-    """Masked-region classification of COCO instance masks (:mod:`ovseg_mine.finetune.evaluate`)."""
+def _coco_masks(weights, gt, images, baseline, no_prompts, min_area, limit, batch_size, device, as_json) -> None:
+    """Masked-region classification of COCO instance masks (:mod:`ovseg_mine.finetune.evaluate`), for a finetuned
+    checkpoint or any CLIP weights (``weights``: ``(checkpoint, arch, pretrained)``)."""
     import json
 
     import torch
 
+    from ovseg_mine.clip_weights import load_clip_model, load_prompts_any
     from ovseg_mine.finetune.checkpoint import CheckpointError, load_finetuned
     from ovseg_mine.finetune.evaluate import EvaluateError, classify, format_results, load_ground_truth
-    from ovseg_mine.finetune.mask_prompt import MaskPromptError, load_prompts
+    from ovseg_mine.finetune.mask_prompt import MaskPromptError
     from ovseg_mine.models import WeightsError, load_clip
 
+    checkpoint, arch, pretrained = weights
     device = torch.device(device)
     results = {}
     try:
         data = load_ground_truth(gt, images, min_area=min_area, limit=limit)
-        model, tokenizer, prompts, meta = load_finetuned(checkpoint, device=device, with_prompts=not no_prompts)
-        pre = meta["preprocess"]
+        if pretrained is not None:
+            loaded = load_clip_model(arch, pretrained, device=device, with_prompts=not no_prompts)
+            model, tokenizer, prompts = loaded.model, loaded.tokenizer, loaded.prompts
+            pre = {"size": loaded.size, "mean": loaded.mean, "std": loaded.std}
+            meta = {"complete": True, "start": {"weights": loaded.info.to_dict()}}
+        else:
+            model, tokenizer, prompts, meta = load_finetuned(checkpoint, device=device, with_prompts=not no_prompts)
+            pre = meta["preprocess"]
         if not meta.get("complete"):
             warn(f"{checkpoint} is an unfinished finetune")
         models = [("checkpoint", model, tokenizer, prompts)]
         if baseline:
             start = meta["start"]
             base, base_tok, _ = load_clip(start["arch"], start["pretrained"], device=device, seed=start["seed"])
-            base_prompts = load_prompts(start["prompts"], base) if start.get("prompts") and not no_prompts else None
+            base_prompts = load_prompts_any(start["prompts"], base) if start.get("prompts") and not no_prompts else None
             models.append(("baseline", base, base_tok, base_prompts))
         for name, m, tok, p in models:
             results[name] = classify(

@@ -26,14 +26,23 @@ def finetune_command(
     arch: Optional[str] = typer.Option(
         None, "--arch", help="open_clip architecture (default: the CLIP that mined the shards)."
     ),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag, checkpoint path or 'random'."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Start from an earlier finetune output folder."),
+    pretrained: Optional[str] = typer.Option(
+        None,
+        "--pretrained",
+        help="open_clip tag, 'random', or a weights file: open_clip_train epoch_N.pt, OVSeg .pth, safetensors.",
+    ),
+    init: Optional[Path] = typer.Option(
+        None,
+        "--init",
+        help="Start from an earlier finetune output folder, or a weights file with its mask prompts "
+        "(open_clip_train epoch_N.pt, OVSeg .pth).",
+    ),
     epochs: int = typer.Option(5, "--epochs", min=1, help="Epochs of each stage."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop each stage after N steps."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Pairs per step and per worker."),
     lr: float = typer.Option(5e-6, "--lr", help="Peak learning rate of full finetuning."),
     weight_decay: float = typer.Option(0.2, "--weight-decay", help="AdamW weight decay of full finetuning."),
-    prompt_lr: float = typer.Option(2e-2, "--prompt-lr", help="Peak learning rate of prompt tuning."),
+    prompt_lr: float = typer.Option(5e-2, "--prompt-lr", help="Peak learning rate of prompt tuning."),
     prompt_weight_decay: float = typer.Option(0.0, "--prompt-weight-decay", help="Weight decay of prompt tuning."),
     beta1: Optional[float] = typer.Option(None, "--beta1", help="AdamW beta1, both stages (default: 0.9)."),
     beta2: Optional[float] = typer.Option(

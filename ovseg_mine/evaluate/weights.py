@@ -2,8 +2,8 @@
 
 Weights come from an ovseg-mine finetune folder (``--checkpoint``: its CLIP and mask prompts, and with
 ``--baseline`` the weights it started from), or from ``--arch/--pretrained`` (an open_clip tag or a local
-open_clip checkpoint file), loaded by :func:`load_clip`, the one place that turns ``(arch, pretrained)`` into a
-model (a loader of other checkpoint formats replaces it there).
+open_clip_train epoch file, an OVSeg ``.pth``, safetensors: :mod:`ovseg_mine.clip_weights`), loaded by
+:func:`load_clip`, the one place here that turns ``(arch, pretrained)`` into a model and its mask prompts.
 
 :class:`Classifier` is what both tasks use: class-name embeddings with the 14 ViLD templates
 (:class:`ovseg_mine.text.NounEmbeddings`) and embeddings of masked crops rendered as mining renders proposals
@@ -26,26 +26,30 @@ class WeightsLoadError(ValueError):
 
 
 def load_clip(
-    arch: str, pretrained: str, *, device: Any = "cpu", seed: int = 0
-) -> tuple[Any, Callable[..., Any], dict[str, Any]]:
-    """Build an open_clip model with ``pretrained`` weights: an open_clip tag of ``arch`` or a local open_clip
-    checkpoint file (``"random"``: random weights seeded with ``seed``, for tests).
+    arch: str, pretrained: str, *, device: Any = "cpu", seed: int = 0, with_prompts: bool = True
+) -> tuple[Any, Callable[..., Any], Any, dict[str, Any]]:
+    """Build an open_clip model from ``(arch, pretrained)`` through :func:`ovseg_mine.clip_weights.load_clip_model`:
+    an open_clip tag, an open_clip_train epoch file, an OVSeg detectron2 ``.pth``, a safetensors file, or
+    ``"random"`` (seeded with ``seed``, for tests).
 
     Returns:
-        ``(model, tokenizer, description)``: the model in eval mode on ``device``, its tokenizer, and a JSON-able
-        description of the weights (arch, tag or file, sha256).
+        ``(model, tokenizer, prompts, description)``: the model in eval mode on ``device``, its tokenizer, the mask
+        prompts the file carries (``visual.mask_embedding``; None without, or unless ``with_prompts``) and a
+        JSON-able description of the weights (arch, tag or file, sha256).
 
     Raises:
-        WeightsLoadError: unknown arch or tag, missing or foreign file, weights that cannot be downloaded.
+        WeightsLoadError: unknown arch or tag, a file that is no CLIP weights or does not fit ``arch`` (missing and
+            unexpected key counts), weights that cannot be downloaded.
     """
+    from ovseg_mine.clip_weights import load_clip_model
+    from ovseg_mine.finetune.mask_prompt import MaskPromptError
     from ovseg_mine.models import WeightsError
-    from ovseg_mine.models import load_clip as build
 
     try:
-        model, tokenizer, info = build(arch, pretrained, device=device, seed=seed)
-    except WeightsError as exc:
+        loaded = load_clip_model(arch, pretrained, device=device, seed=seed, with_prompts=with_prompts)
+    except (WeightsError, MaskPromptError, ValueError) as exc:
         raise WeightsLoadError(str(exc)) from exc
-    return model, tokenizer, info.to_dict()
+    return loaded.model, loaded.tokenizer, loaded.prompts, loaded.info.to_dict()
 
 
 @dataclass
@@ -155,8 +159,10 @@ def load_classifiers(
         WeightsLoadError: neither or both sources given, ``baseline`` without a checkpoint, or weights that do
             not load (the message says which).
     """
+    from ovseg_mine.clip_weights import load_prompts_any
     from ovseg_mine.finetune.checkpoint import CheckpointError, load_finetuned
-    from ovseg_mine.finetune.mask_prompt import MaskPromptError, load_prompts
+    from ovseg_mine.finetune.mask_prompt import MaskPromptError
+    from ovseg_mine.models import WeightsError
 
     if (checkpoint is None) == (arch is None):
         raise WeightsLoadError("give either --checkpoint FOLDER or --arch ARCH --pretrained TAG_OR_FILE")
@@ -165,19 +171,22 @@ def load_classifiers(
             raise WeightsLoadError(
                 "--baseline needs --checkpoint (the baseline is the weights a finetune started from)"
             )
-        model, tokenizer, info = load_clip(arch, pretrained or "openai", device=device)
-        return [_from_model("model", model, tokenizer, None, info, device)]
+        model, tokenizer, prompts, info = load_clip(
+            arch, pretrained or "openai", device=device, with_prompts=not no_prompts
+        )
+        return [_from_model("model", model, tokenizer, prompts, info, device)]
     try:
         model, tokenizer, prompts, meta = load_finetuned(checkpoint, device=device, with_prompts=not no_prompts)
         described = {"checkpoint": str(checkpoint), "arch": meta.get("open_clip_arch"), "prompts": prompts is not None}
         out = [_from_model("checkpoint", model, tokenizer, prompts, described, device, meta.get("preprocess"))]
         if baseline:
             start = meta["start"]
-            base, base_tok, info = load_clip(
-                start["arch"], start["pretrained"], device=device, seed=start.get("seed", 0)
+            base, base_tok, _, info = load_clip(
+                start["arch"], start["pretrained"], device=device, seed=start.get("seed", 0), with_prompts=False
             )
-            base_prompts = load_prompts(start["prompts"], base) if start.get("prompts") and not no_prompts else None
+            prompts_file = start.get("prompts") if not no_prompts else None
+            base_prompts = load_prompts_any(prompts_file, base) if prompts_file else None
             out.append(_from_model("baseline", base, base_tok, base_prompts, info, device, meta.get("preprocess")))
-    except (CheckpointError, MaskPromptError, KeyError) as exc:
+    except (CheckpointError, MaskPromptError, WeightsError, KeyError) as exc:
         raise WeightsLoadError(str(exc)) from exc
     return out

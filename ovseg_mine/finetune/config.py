@@ -4,8 +4,9 @@ Defaults follow the OVSeg reference training scripts (facebookresearch/ov-seg,
 ``open_clip_training/src/scripts/coco_proposal_1cap_finetune_VitB.sh`` and
 ``coco_proposal_1cap_mask_prompt_tuning_VitL.sh``) and the paper (Liang et al., CVPR 2023, Sec. 3.3-3.4):
 full finetuning with AdamW, lr 5e-6, weight decay 0.2, cosine schedule after 100 warm-up steps, mixed
-precision, text tower locked, 5 epochs; mask prompt tuning with lr 2e-2, weight decay 0, both towers frozen,
-prompt depth 3. AdamW's betas and eps are open_clip_train's defaults (the reference scripts do not set them):
+precision, text tower locked, 5 epochs; mask prompt tuning with lr 5e-2 (the released script's ``--lr 0.05``),
+weight decay 0 (``--mask_wd 0.0``), both towers frozen, prompt depth 3 (``--mask-emb-depth 3``).
+AdamW's betas and eps are open_clip_train's defaults (the reference scripts do not set them):
 0.9, 0.98, 1e-6 for a ViT, 0.9, 0.999, 1e-8 for other image towers. The resolved config is recorded in the
 output's ``metadata.json``, with each stage's betas and eps.
 """
@@ -73,7 +74,9 @@ class FinetuneConfig(BaseModel):
     images: str | None = Field(None, description="image root; default: source.image_root of the manifest")
     arch: str | None = Field(None, description="open_clip architecture; default: the manifest's CLIP")
     pretrained: str | None = Field(None, description="open_clip tag, checkpoint path or 'random'; default: manifest's")
-    init: str | None = Field(None, description="start from an earlier finetune output folder")
+    init: str | None = Field(
+        None, description="start from an earlier finetune output folder, or a weights file with mask prompts"
+    )
     allow_random: bool = Field(False, description="fall back to seeded random weights if a tag cannot be fetched")
     skip_damaged: bool = Field(
         False,
@@ -84,7 +87,7 @@ class FinetuneConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="stop each stage after this many optimizer steps")
     batch_size: int = Field(32, ge=1, description="pairs per step and per worker")
     full: OptimConfig = OptimConfig(lr=5e-6, weight_decay=0.2)
-    prompt: OptimConfig = OptimConfig(lr=2e-2, weight_decay=0.0)
+    prompt: OptimConfig = OptimConfig(lr=5e-2, weight_decay=0.0)
     warmup_steps: int = Field(100, ge=0, description="linear warm-up steps before the cosine decay")
     prompt_depth: int = Field(3, ge=1, description="layers with mask prompts (input + after blocks 1..depth-1)")
     precision: Precision = Field(

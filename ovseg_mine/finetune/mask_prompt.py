@@ -9,8 +9,9 @@ tokens of fully-masked patches, one prompt per patch position and per layer:
   patch tokens are replaced by ``P[d]`` the same way;
 * the class token is never touched, and a foreground patch is never changed.
 
-The reference (facebookresearch/ov-seg, ``open_vocab_seg/modeling/clip_adapter/clip/model.py``, the
-``mask_embedding`` of its forked ``VisionTransformer``) edits the model's forward; here the same arithmetic
+The reference (facebookresearch/ov-seg: ``third_party/CLIP/clip/model.py`` in the segmentation model,
+``open_clip_training/src/open_clip/model.py`` in prompt tuning; the ``mask_embedding`` of its forked
+``VisionTransformer``) edits the model's forward; here the same arithmetic
 runs in forward hooks on ``visual.conv1`` and ``visual.transformer.resblocks``, so any open_clip ViT (B/32,
 B/16, L/14, any input size, batch-first or not) works without copying open_clip's code. With no mask given
 the hooks do nothing and the model is the plain model.

@@ -30,10 +30,11 @@ from typing import Any, Callable
 import torch
 
 from ovseg_mine import precision as precision_mod
+from ovseg_mine.clip_weights import load_prompts_any
 from ovseg_mine.finetune import checkpoint as ckpt
 from ovseg_mine.finetune.config import FinetuneConfig
 from ovseg_mine.finetune.data import scan_shards
-from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, MaskPrompts, is_vit_arch, load_prompts
+from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, MaskPrompts, is_vit_arch
 from ovseg_mine.finetune.stage import StageRunner, TrainSetup
 from ovseg_mine.storage import resolve
 
@@ -48,12 +49,15 @@ def resolve_start(cfg: FinetuneConfig, manifest: dict[str, Any]) -> dict[str, An
     """Which architecture and weights training starts from.
 
     Returns:
-        ``{"arch", "pretrained", "prompts" (path or None), "init" (folder or None)}``: from ``--init``'s
-        metadata, else ``--arch``/``--pretrained``, else the CLIP model recorded in the shards' manifest.
+        ``{"arch", "pretrained", "prompts" (path or None), "init" (folder, file or None)}``: from ``--init``'s
+        metadata (a finetune output folder) or file (another tool's weights and mask prompts), else
+        ``--arch``/``--pretrained``, else the CLIP model recorded in the shards' manifest.
 
     Raises:
         FinetuneError: no architecture known, or ``--init`` is not a finetune output.
     """
+    if cfg.init and os.path.isfile(cfg.init):  # a weights file of another tool: its CLIP and its mask prompts
+        return _start_from_file(cfg, manifest)
     if cfg.init:
         try:
             meta = ckpt.read_metadata(cfg.init)
@@ -78,7 +82,41 @@ def resolve_start(cfg: FinetuneConfig, manifest: dict[str, Any]) -> dict[str, An
         pretrained = clip.get("source") if clip.get("weights") == "file" else clip.get("weights")
         if not pretrained or (cfg.arch and cfg.arch != clip.get("name")):
             raise FinetuneError(f"pass --pretrained for {arch} (a tag, a checkpoint path, or random)")
+    if pretrained != "random" and os.path.isfile(os.path.expanduser(pretrained)) and _known_arch(arch):
+        from ovseg_mine.clip_weights import read_weights
+        from ovseg_mine.models import WeightsError
+
+        try:
+            arch = _arch_for(arch, read_weights(pretrained))
+        except WeightsError as exc:
+            raise FinetuneError(f"--pretrained: {exc}") from exc
     return {"arch": arch, "pretrained": pretrained, "prompts": None, "init": None}
+
+
+def _start_from_file(cfg: FinetuneConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """``--init FILE``: an open_clip_train epoch file, an OVSeg ``.pth`` or safetensors
+    (:mod:`ovseg_mine.clip_weights`); the architecture from ``--arch``, else the shards' CLIP; mask prompts from
+    its ``visual.mask_embedding``."""
+    from ovseg_mine.clip_weights import read_weights
+    from ovseg_mine.models import WeightsError
+
+    arch = cfg.arch or manifest.get("models", {}).get("clip", {}).get("name")
+    if not arch:
+        raise FinetuneError(f"--init {cfg.init}: pass --arch (the shards' manifest names no CLIP)")
+    try:
+        weights = read_weights(cfg.init)
+    except WeightsError as exc:
+        raise FinetuneError(f"--init: {exc}") from exc
+    arch = _arch_for(arch, weights)
+    prompts = cfg.init if weights.mask_embedding is not None else None
+    return {"arch": arch, "pretrained": cfg.init, "prompts": prompts, "init": cfg.init}
+
+
+def _arch_for(arch: str, weights: Any) -> str:
+    """``arch``'s ``-quickgelu`` variant for an OVSeg checkpoint (its CLIP is OpenAI's, trained with QuickGELU)."""
+    if weights.kind == "ovseg detectron2" and not arch.endswith("-quickgelu") and _known_arch(f"{arch}-quickgelu"):
+        return f"{arch}-quickgelu"
+    return arch
 
 
 def _known_arch(arch: str) -> bool:
@@ -206,7 +244,7 @@ def train_worker(
         prompts = None
         if stage == "prompt":
             prompts = (
-                load_prompts(start["prompts"], model)
+                load_prompts_any(start["prompts"], model)
                 if start["prompts"]
                 else MaskPrompts(model.visual, depth=cfg.prompt_depth).to(device)
             )
