@@ -255,19 +255,27 @@ def _init_holding_stops(ray: Any, options: dict[str, Any]) -> None:
     """``ray.init(**options)`` with SIGINT and SIGTERM held until it returns (ovseg_mine.stop_signals).
 
     ``ray.init`` first replaces the SIGTERM handler with one that calls ``sys.exit(SIGTERM)`` (``ray/_private/
-    worker.py``, through ``ray._private.utils.set_sigterm_handler``). A SIGTERM taken by it interrupts the start-up
+    worker.py``, through ``ray._private.utils.set_sigterm_handler``), and its core worker installs absl's
+    failure-signal handler, which aborts the process on SIGTERM. A SIGTERM taken by it interrupts the start-up
     half-way, and what it had started (the dashboard and runtime-env agents) outlives the run, since
     ``ray.shutdown`` does not know of it yet. While the stop handlers are installed, that replacement is skipped,
     so the signal waits for the start-up to end and the caller shuts the complete Ray down; where a Ray version
     takes the handler anyway, its ``SystemExit`` is still taken as the stop it is. The handlers are put back as
     soon as Ray is up.
     """
+    from ray._private import ray_constants
+
     utils = getattr(getattr(ray, "_private", None), "utils", None)
     replace_handler = getattr(utils, "set_sigterm_handler", None)
     with stop_signals.critical():
         try:
-            if replace_handler is not None and stop_signals.installed():
-                utils.set_sigterm_handler = _keep_stop_handler
+            if stop_signals.installed():
+                if replace_handler is not None:
+                    utils.set_sigterm_handler = _keep_stop_handler
+                # The driver's core worker would also install absl's failure-signal handler, which takes SIGTERM at
+                # the C level and aborts the process (exit 134) until the stop handler is put back; the driver's
+                # only (its workers keep theirs, for the stack of a native crash in their logs).
+                ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
             ray.init(**options)
         except SystemExit as exc:
             if exc.code != signal.SIGTERM:
