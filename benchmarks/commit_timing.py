@@ -89,7 +89,7 @@ def measure(images: int, per_shard: int, recipe: str) -> dict:
         "commit_s": [round(t, 2) for t in times],
         "share_of_images_kept_by_a_sigkill_at": kept,
         "images_per_s": manifest["timings"]["images_per_s"],
-        "summary": stdout.strip().splitlines()[0] if stdout.strip() else "",
+        "summary": next((line for line in stdout.splitlines() if line.startswith("complete:")), ""),
     }
 
 

@@ -185,7 +185,7 @@ def test_two_nodes_share_the_work_and_losing_one_loses_nothing(cluster, sample, 
     command += ["--images", str(sample / "images"), "--out", str(out), "--pipeline", "smoke"]
     command += ["--ray-address", f"127.0.0.1:{HEAD_PORT}", "--set", "ray.actors=2"]
     command += ["--set", f"shards.images_per_shard={PER_SHARD}"]
-    command += ["--set", "ray.stall_timeout_s=30"]  # a stall after the loss is seen in 30 s (default 90)
+    command += ["--set", "ray.stall_timeout_s=60"]  # a stall after the loss is seen in 60 s (default 90)
     ready, failpoints = MOMENTS[moment]
     driver_env = {**env, "OVSEG_MINE_FAILPOINTS": failpoints}
     proc = subprocess.Popen(

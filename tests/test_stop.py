@@ -50,6 +50,18 @@ def _env(failpoints: str | None = None) -> dict[str, str]:
     return env
 
 
+def _start(sample: Path, captions: Path, out: Path, failpoints: str | None = None, **popen) -> subprocess.Popen:
+    """A real `ovseg-mine mine` run in the background, its output piped."""
+    return subprocess.Popen(
+        _command(sample, captions, out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(failpoints),
+        **popen,
+    )
+
+
 def _digests(run: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run / "shards").glob("*.parquet"))}
 
@@ -146,9 +158,7 @@ def test_sigterm_at_20_random_moments_then_resume_gives_the_uninterrupted_bytes(
     moments = random.Random(19).sample(range(1, 1000), 20)  # per mille of the uninterrupted run's wall time
     stopped = finished_first = 0
     for moment in sorted(moments):  # early moments first: the folder fills up as the moments grow
-        proc = subprocess.Popen(
-            _command(sample, captions, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
-        )
+        proc = _start(sample, captions, out)
         deadline = time.monotonic() + ref_s * moment / 1000
         while proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -168,13 +178,8 @@ def test_sigterm_at_20_random_moments_then_resume_gives_the_uninterrupted_bytes(
 def test_sigterm_during_a_commit_waits_for_the_commit(sample, captions, reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        _command(sample, captions, out),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env("shard.before_rename:*=sleep(3)"),  # every commit pauses with its .tmp written, not renamed
-    )
+    # Every commit pauses with its .tmp written, not yet renamed.
+    proc = _start(sample, captions, out, "shard.before_rename:*=sleep(3)")
     deadline = time.monotonic() + 300
     while not list((out / PARTIAL_DIR).glob("*.parquet.tmp")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
@@ -190,13 +195,7 @@ def test_sigterm_during_a_commit_waits_for_the_commit(sample, captions, referenc
 def test_sigterm_during_the_manifest_write_leaves_a_readable_manifest(sample, captions, reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        _command(sample, captions, out),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env("manifest.before_write:run=sleep(4)"),
-    )
+    proc = _start(sample, captions, out, "manifest.before_write:run=sleep(4)")
     deadline = time.monotonic() + 300
     while len(read_done(out)) < SHARDS if (out / "config.json").is_file() else True:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
@@ -212,14 +211,7 @@ def test_shards_are_committed_as_they_finish_and_a_sigkill_keeps_them(sample, ca
     last = max(max(r["image_ids"]) for r in read_done(ref).values())
     # The mask/match actor pauses on the last image (in the last shard read): the run cannot end for 10 minutes,
     # so a commit seen meanwhile was made while mining went on, not at the end of the run.
-    proc = subprocess.Popen(
-        _command(sample, captions, out),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(f"image:{last}=sleep(600)"),
-        start_new_session=True,
-    )
+    proc = _start(sample, captions, out, f"image:{last}=sleep(600)", start_new_session=True)
     deadline = time.monotonic() + 400
     while not ((out / "config.json").is_file() and read_done(out)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]

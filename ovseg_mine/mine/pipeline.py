@@ -253,14 +253,19 @@ class _Commits:
             self.on_progress(self.images_done, self.total, self.pairs_done)
 
 
-def _stream(run: _Run, weights: ResolvedWeights, todo: list[ShardTask], commits: _Commits) -> None:
+def _stream(
+    run: _Run, weights: ResolvedWeights, todo: list[ShardTask], commits: _Commits, start_ray: Callable[[], bool]
+) -> None:
     """Mine ``todo`` through the Ray graph (ovseg_mine.mine.graph), committing shards as they complete.
 
     When a node of the cluster is lost and the graph cannot go on (Ray Data aborts on a task of an actor that died
-    with it, or nothing comes back for ``ray.stall_timeout_s``: ovseg_mine.mine.node_watch.NodeLostError), the graph
-    is shut down and started again for the shards not done yet, sized for the nodes left (the mask/match pool
-    starts with the actors they hold), up to ``ray.max_graph_restarts`` times; rows already received are kept and
-    their repeats ignored. A failure with no new node lost since the last start ends the run (resumable).
+    with it, or nothing comes back for ``ray.stall_timeout_s``: ovseg_mine.mine.node_watch.NodeLostError), the
+    driver leaves the cluster (Ray then ends the job's actors and tasks, the lost node's pending restarts with
+    them), joins it again (``start_ray``) and starts the graph for the shards not done yet, sized for the nodes left
+    (the mask/match pool starts with the actors they hold), up to ``ray.max_graph_restarts`` times; rows already
+    received are kept and their repeats ignored. A failure with no new node lost since the last start ends the run
+    (resumable). Shutting the graph down alone is not enough: the lost actor's restart stays pending in the job and
+    the new pool waits behind it.
     """
     cfg = commits.cfg
     at_start = alive_nodes()
@@ -280,6 +285,8 @@ def _stream(run: _Run, weights: ResolvedWeights, todo: list[ShardTask], commits:
                 raise
             restarts += 1
             handled |= lost
+            shutdown_ray()
+            start_ray()
             log.warning(
                 "lost %d Ray node(s) (%s); mining the %d unfinished shard(s) again on the nodes left (restart %d of "
                 "at most %d)",
@@ -343,7 +350,7 @@ def _mine_into(
     try:
         if todo:
             started_ray = start_ray()
-            _stream(run, weights, todo, commits)
+            _stream(run, weights, todo, commits, start_ray)
             for task in todo:  # an input shard without a single sample yields no row: write it empty
                 if not inflight.started(task.index):
                     pairs, record = _shard_outcome(task, [])
