@@ -298,12 +298,35 @@ def _end_quiet() -> None:
         _quiet = None
 
 
+#: Seconds :func:`shutdown_ray` waits for Ray Data's executor threads to end.
+EXECUTOR_JOIN_S = 60.0
+
+
+def _join_data_executors(timeout: float = EXECUTOR_JOIN_S) -> None:
+    """Wait for Ray Data's streaming-executor threads that outlived their own shutdown (it joins them for 2 s only):
+    one that touches Ray after ``ray.shutdown`` makes Ray's core worker end the whole process with exit code 1
+    ("The core worker has already been shutdown ... The process will exit"), seen when a stop signal closed a
+    busy pipeline on a loaded machine."""
+    import threading
+    import time
+
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:  # another Ray layout: nothing known to wait for
+        return
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if isinstance(thread, StreamingExecutor) and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 def shutdown_ray() -> None:
-    """Shut down (or leave) the Ray that :func:`init_ray` started or joined; standard error goes back to the
-    console and Ray's loggers stop writing to the run's log."""
+    """Shut down (or leave) the Ray that :func:`init_ray` started or joined, once Ray Data's executor threads have
+    ended; standard error goes back to the console and Ray's loggers stop writing to the run's log."""
     import ray
 
     try:
+        _join_data_executors()
         ray.shutdown()
     finally:
         _end_quiet()
