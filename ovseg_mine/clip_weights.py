@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ovseg_mine.models import WeightsError, WeightsInfo
+from ovseg_mine.models import WeightsError, WeightsInfo, load_fitting_state
 
 if TYPE_CHECKING:
     import torch
@@ -143,15 +143,7 @@ def load_state(model: "torch.nn.Module", weights: ForeignWeights, arch: str) -> 
     own = model.state_dict()
     if "logit_scale" in state and "logit_scale" in own and state["logit_scale"].ndim != own["logit_scale"].ndim:
         state["logit_scale"] = state["logit_scale"].reshape(own["logit_scale"].shape)
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        raise WeightsError(
-            f"{weights.path} ({weights.kind}, {len(state)} keys) does not fit open_clip {arch!r}: "
-            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, "
-            f"{len(shapes)} shape mismatches {shapes[:3]}"
-        )
-    model.load_state_dict(state, strict=True)
+    load_fitting_state(model, state, f"{weights.path} ({weights.kind}, {len(state)} keys)", f"open_clip {arch!r}")
 
 
 def prompts_from_embedding(model: "torch.nn.Module", embedding: "torch.Tensor", what: str) -> "MaskPrompts":

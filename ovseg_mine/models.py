@@ -211,12 +211,27 @@ def _load_state_dict(model: Any, path: str | Path, what: str) -> None:
         state = state.get("state_dict", state.get("model"))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"checkpoint {path} is not a state dict of tensors")
+    load_fitting_state(model, state, f"checkpoint {path}", what)
+
+
+def load_fitting_state(model: Any, state: dict, subject: str, target: str) -> None:
+    """Load ``state`` (a state dict of tensors) into ``model`` (a ``torch.nn.Module``) only when its keys and shapes
+    are exactly the model's.
+
+    Args:
+        subject: what the weights are, for the message (``"checkpoint /path/sam.pth"``).
+        target: what they were meant for (``"SAM vit_b"``, ``"open_clip 'ViT-B-16'"``).
+
+    Raises:
+        WeightsError: one line, ``"{subject} does not fit {target}: N missing keys [...], M unexpected keys [...],
+            K shape mismatches [...]"`` (the first three of each).
+    """
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or shapes:
         raise WeightsError(
-            f"checkpoint {path} does not fit {what}: {len(missing)} missing keys {missing[:3]}, "
+            f"{subject} does not fit {target}: {len(missing)} missing keys {missing[:3]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:3]}"
         )
     model.load_state_dict(state, strict=True)
