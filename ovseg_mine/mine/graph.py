@@ -125,7 +125,6 @@ def stream_results(
         compute=ActorPoolStrategy(size=plan.noun_actors),
         num_cpus=NOUN_ACTOR_CPUS,
     )
-    ds = ds.repartition(target_num_rows_per_block=batch)
     # One block per batch from here on: a Ray Data task maps its whole input bundle and emits its outputs as one
     # block when they fit the target block size (128 MiB), so blocks of many batches (a noun batch of 64, a read
     # step's shard) made the mask/match and finalize steps hand back all their rows at the end of the run, and no
