@@ -146,7 +146,7 @@ def throughput(runner: Any, rows: list[dict], batch: int, workers: int) -> tuple
     import numpy as np
     import torch
 
-    from ovseg_mine.mine.stages import finalize_stage
+    from ovseg_mine.mine.graph.stages import finalize_stage
 
     batches = _batches(rows, batch)
     start = time.perf_counter()

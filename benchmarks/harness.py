@@ -52,7 +52,7 @@ def sample_records(n: int) -> list[dict[str, Any]]:
 
 def nouns_with_spacy(records: list[dict[str, Any]]) -> dict[int, dict[str, list]]:
     """Nouns of each record's captions by source image id (spaCy, as the noun stage extracts them)."""
-    from ovseg_mine.mine.nouns import extract_nouns, load_nlp
+    from ovseg_mine.mine.algorithms.nouns import extract_nouns, load_nlp
 
     per_image = extract_nouns(load_nlp(), [r["captions"] for r in records])
     return {
@@ -99,12 +99,12 @@ def bench_config(points_per_side: int, precision: str, sam_checkpoint: str, extr
 
 
 class StageRunner:
-    """The mining stages after nouns, in this process: :func:`~ovseg_mine.mine.stages.decode_stage`,
-    :class:`~ovseg_mine.mine.stages.MaskMatchStage` (models loaded once),
-    :func:`~ovseg_mine.mine.stages.finalize_stage`."""
+    """The mining stages after nouns, in this process: :func:`~ovseg_mine.mine.graph.stages.decode_stage`,
+    :class:`~ovseg_mine.mine.graph.stages.MaskMatchStage` (models loaded once),
+    :func:`~ovseg_mine.mine.graph.stages.finalize_stage`."""
 
     def __init__(self, cfg: Any, sam_checkpoint: str, clip_pretrained: str = "random") -> None:
-        from ovseg_mine.mine.stages import MaskMatchStage
+        from ovseg_mine.mine.graph.stages import MaskMatchStage
         from ovseg_mine.models import sam_input_size
 
         self.cfg = cfg
@@ -115,14 +115,14 @@ class StageRunner:
     def decode(self, rows: list[dict[str, Any]]) -> Any:
         import pyarrow as pa
 
-        from ovseg_mine.mine.stages import decode_stage
+        from ovseg_mine.mine.graph.stages import decode_stage
 
         return decode_stage(pa.Table.from_pylist(rows), sam_input_size=self.sam_input_size)
 
     def run(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """Mine ``rows`` (records with nouns) as one GPU-stage batch; returns the result rows and wall seconds
         per stage (``decode``, ``gpu``, ``finalize``; the GPU stage's own steps are in the rows' ``*_s``)."""
-        from ovseg_mine.mine.stages import finalize_stage
+        from ovseg_mine.mine.graph.stages import finalize_stage
 
         seconds = {}
         start = time.perf_counter()

@@ -122,7 +122,7 @@ def speed(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     """Baseline vs ovseg-mine (bf16) vs ovseg-mine (fp32, agreement only), one image at a time, interleaved."""
     from reference import ReferenceMiner
 
-    from ovseg_mine.mine.nouns import load_nlp
+    from ovseg_mine.mine.algorithms.nouns import load_nlp
     from ovseg_mine.models import clip_input_size, clip_mean_std, load_clip, load_sam
 
     points = args.points_per_side or 8
@@ -281,8 +281,8 @@ def big_image(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
 
 
 def ray_end_to_end(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
-    """The real pipeline (``ovseg_mine.mine.pipeline.mine``, a local Ray) on the first N coco-mini images."""
-    from ovseg_mine.mine.pipeline import mine
+    """The real pipeline (``ovseg_mine.mine.run.driver.mine``, a local Ray) on the first N coco-mini images."""
+    from ovseg_mine.mine.run.driver import mine
 
     points = args.points_per_side or 8
     cfg = bench_config(points, "bf16", ckpt, [f"source.limit={args.images}", f"ray.batch_size={args.batch}"])
@@ -307,7 +307,7 @@ def ray_end_to_end(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
 
 def nouns_speed(args: argparse.Namespace) -> dict[str, Any]:
     """Captions/s of the noun stage's extraction on coco-mini's captions, repeated to ``--nouns-captions``."""
-    from ovseg_mine.mine.nouns import extract_nouns, load_nlp
+    from ovseg_mine.mine.algorithms.nouns import extract_nouns, load_nlp
 
     coco = json.loads((Path(args.data) / "annotations" / "captions_val2017.json").read_text())
     captions = [[a["caption"]] for a in coco["annotations"]]

@@ -23,7 +23,7 @@ from PIL import Image
 from ovseg_mine import rle
 from ovseg_mine.config import MineConfig
 from ovseg_mine.crops import CLIP_MEAN_PIXEL
-from ovseg_mine.mine.nouns import extract_nouns
+from ovseg_mine.mine.algorithms.nouns import extract_nouns
 from ovseg_mine.text import VILD_TEMPLATES
 
 
@@ -34,7 +34,7 @@ class ReferenceMiner:
         cfg: the same :class:`MineConfig` ovseg-mine runs with (``sam``, ``clip.batch_size`` is ignored: one
             crop per call; ``clip.precision`` is ignored: fp32, as the stock code runs).
         sam, clip, tokenizer: the models (the same weights ovseg-mine loads).
-        nlp: the spaCy pipeline of :func:`ovseg_mine.mine.nouns.load_nlp`; None: take ``record["nouns"]``.
+        nlp: the spaCy pipeline of :func:`ovseg_mine.mine.algorithms.nouns.load_nlp`; None: take ``record["nouns"]``.
         input_size, mean, std: CLIP input side (pixels) and its per-channel normalization in [0, 1].
     """
 

@@ -5,8 +5,8 @@ Generates a Parquet captions source laid out as a Hugging Face dataset (``data/t
 bundled sample) and a ``caption`` column cycling over their real captions. Then, in a child process (the
 "driver"), it runs what a mining run's driver runs up to the noun stage: ``HfSource.plan`` (one light task per
 file), the read step (:func:`ovseg_mine.mine.sources.read.records_dataset`) and, with ``--stages nouns``, the
-:class:`~ovseg_mine.mine.stages.NounStage` actor pool, on a local Ray, iterating every result in the driver and
-doing the driver's per-shard bookkeeping (:class:`~ovseg_mine.mine.inflight.InFlightShards`: results held until
+:class:`~ovseg_mine.mine.graph.stages.NounStage` actor pool, on a local Ray, iterating every result in the driver and
+doing the driver's per-shard bookkeeping (:class:`~ovseg_mine.mine.run.inflight.InFlightShards`: results held until
 their shard is complete, then dropped). No SAM, no CLIP, no shard writing: this isolates the source side.
 
 The parent samples, every 0.2 s with psutil, the resident memory (RSS) of the driver and of the whole process
@@ -68,11 +68,11 @@ def driver(location: str, stages: str) -> None:
     import ray
 
     from ovseg_mine.config import build_config
-    from ovseg_mine.mine.graph import init_ray
-    from ovseg_mine.mine.inflight import InFlightShards
+    from ovseg_mine.mine.graph.dataset import init_ray
+    from ovseg_mine.mine.graph.stages import NounStage
+    from ovseg_mine.mine.run.inflight import InFlightShards
     from ovseg_mine.mine.sources import build_source as make_source
     from ovseg_mine.mine.sources.read import records_dataset
-    from ovseg_mine.mine.stages import NounStage
 
     cfg = build_config("smoke", ['source.kind="hf"'])
     source = make_source(cfg, location)

@@ -148,7 +148,7 @@ class MatchingConfig(_Section):
 
 
 class EngineConfig(_Section):
-    """How the GPU stage computes (ovseg_mine.mine.engine): choices that change float rounding only."""
+    """How the GPU stage computes (ovseg_mine.mine.algorithms.engine): choices that change float rounding only."""
 
     compile: bool = Field(
         False, description="torch.compile SAM's encoder and decoder and CLIP's image tower (CUDA only; off on a CPU)"
@@ -206,19 +206,19 @@ class RayConfig(_Section):
         gt=0,
         description="after a node of the cluster is lost, no image finished for this many seconds means the nodes "
         "left cannot take over its work: the graph starts again on them (ray.max_graph_restarts), else the run stops "
-        "(resumable) (ovseg_mine.mine.node_watch)",
+        "(resumable) (ovseg_mine.mine.run.node_watch)",
     )
     max_graph_restarts: int = Field(
         3,
         ge=0,
         description="times the graph starts again, on the nodes left, for the shards not done when work lost with "
-        "a node stalls the run or Ray gives up on it (ovseg_mine.mine.pipeline)",
+        "a node stalls the run or Ray gives up on it (ovseg_mine.mine.run.driver)",
     )
     max_consecutive_errors: int = Field(
         8,
         ge=1,
         description="stop the run (resumable) when this many images in a row fail with the same exception type: "
-        "a bug or a broken setup, not bad input (ovseg_mine.mine.failures)",
+        "a bug or a broken setup, not bad input (ovseg_mine.mine.run.failures)",
     )
 
 

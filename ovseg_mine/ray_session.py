@@ -182,7 +182,7 @@ def init_ray(address: str | None, *, verbose: bool = False, log_handler: logging
     Args:
         address: ``--ray-address``; None: ``RAY_ADDRESS`` if set, else a new local Ray.
         verbose: leave Ray's log lines (and its workers' output) on the console too.
-        log_handler: the run's log (:func:`ovseg_mine.mine.run_folder.run_log`), where Ray's log lines go.
+        log_handler: the run's log (:func:`ovseg_mine.mine.run.run_folder.run_log`), where Ray's log lines go.
 
     Returns:
         True when this call started or joined Ray (then call :func:`shutdown_ray`), False when Ray was up already.

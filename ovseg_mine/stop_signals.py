@@ -80,7 +80,7 @@ def installed() -> bool:
 
 def reinstall() -> None:
     """Put the handlers back after a library (Ray's ``init``) replaced them; does nothing unless :func:`install` was
-    called (a library caller of :func:`ovseg_mine.mine.pipeline.mine` keeps its own handlers)."""
+    called (a library caller of :func:`ovseg_mine.mine.run.driver.mine` keeps its own handlers)."""
     if _state.installed and threading.current_thread() is threading.main_thread():
         for signum in _SIGNALS:
             signal.signal(signum, _handler)

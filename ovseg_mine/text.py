@@ -1,6 +1,6 @@
 """Text embeddings of nouns and class names: the prompt ensemble OVSeg's text side uses, in one place.
 
-Mining matches nouns against masked crops (:mod:`ovseg_mine.mine.matching`), finetuning uses the nouns as the
+Mining matches nouns against masked crops (:mod:`ovseg_mine.mine.algorithms.matching`), finetuning uses the nouns as the
 contrastive loss's classes (:mod:`ovseg_mine.finetune.train`) and evaluation classifies ground-truth masks among
 category names (:mod:`ovseg_mine.finetune.evaluate`): all three embed a word the same way. Each of the 14 ViLD
 prompt templates (Gu et al., ICLR 2022, as OVSeg uses them: ``open_vocab_seg/utils/predefined_templates``)

@@ -103,7 +103,7 @@ def mined_sources(coco8, source_dirs, tmp_path_factory) -> dict[str, Path]:
     """Each run of :data:`SOURCE_RUNS` mined once per session, in this process, on one local Ray (started here
     and shut down before the tests run): ``smoke`` recipe, :data:`SOURCE_RUN_SETTINGS`. Read-only for tests."""
     from ovseg_mine.config import build_config
-    from ovseg_mine.mine.pipeline import mine
+    from ovseg_mine.mine.run.driver import mine
     from ovseg_mine.ray_session import init_ray, shutdown_ray
 
     root = tmp_path_factory.mktemp("mined")
@@ -130,7 +130,7 @@ def smoke_stages():
     decode_stage, MaskMatchStage, finalize_stage; smoke recipe, tiny random models, no Ray), as result dicts; the
     stages are built once per config."""
     from ovseg_mine.config import build_config
-    from ovseg_mine.mine.stages import MaskMatchStage, NounStage, decode_stage, finalize_stage
+    from ovseg_mine.mine.graph.stages import MaskMatchStage, NounStage, decode_stage, finalize_stage
     from ovseg_mine.models import sam_input_size
 
     built: dict[tuple, tuple] = {}

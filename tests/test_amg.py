@@ -1,5 +1,5 @@
-"""The automatic mask generator's selection on the device (ovseg_mine.mine.amg), on hand-made logits: filters,
-NMS, empty masks last, the cap, and results that do not depend on the chunk size."""
+"""The automatic mask generator's selection on the device (ovseg_mine.mine.algorithms.amg), on hand-made logits:
+filters, NMS, empty masks last, the cap, and results that do not depend on the chunk size."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg_mine.config import SamConfig
-from ovseg_mine.mine.amg import chunk_size, mask_boxes, select_masks
+from ovseg_mine.mine.algorithms.amg import chunk_size, mask_boxes, select_masks
 
 SIZE = (30, 40)
 

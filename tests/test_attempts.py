@@ -1,6 +1,6 @@
 """The attempt tracker: deaths are starts that never ended, counted per image, kept across attempts."""
 
-from ovseg_mine.mine.attempts import AttemptTracker, worker_death_reason
+from ovseg_mine.mine.graph.attempts import AttemptTracker, worker_death_reason
 
 
 def test_a_batch_that_died_then_its_images_one_at_a_time():

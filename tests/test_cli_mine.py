@@ -47,7 +47,7 @@ def test_shards_validate_and_rows_are_consistent(smoke_run, sample):
     for ann in sorted(captions["annotations"], key=lambda a: a["id"]):
         by_image.setdefault(ann["image_id"], []).append(ann["caption"].strip())
     assert len({p["pair_id"] for p in pairs}) == len(pairs)
-    from ovseg_mine.mine.nouns import load_nlp
+    from ovseg_mine.mine.algorithms.nouns import load_nlp
 
     nlp = load_nlp()
     for pair in pairs:

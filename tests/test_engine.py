@@ -1,5 +1,5 @@
-"""The GPU stage's engine (ovseg_mine.mine.engine) with the tiny SAM and CLIP on real COCO images: what a batch
-gives does not depend on the batch, matches agree with the single-image proposals and the per-mask crop path,
+"""The GPU stage's engine (ovseg_mine.mine.algorithms.engine) with the tiny SAM and CLIP on real COCO images: what a
+batch gives does not depend on the batch, matches agree with the single-image proposals and the per-mask crop path,
 failures stay per image."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from PIL import Image
 
 from ovseg_mine import rle
 from ovseg_mine.config import build_config
-from ovseg_mine.mine.engine import ImageJob, MiningEngine
+from ovseg_mine.mine.algorithms.engine import ImageJob, MiningEngine
 from ovseg_mine.models import load_clip, load_sam
 
 NOUNS = [["dog", "bed"], ["man", "snowboard", "slope"], ["player"]]
@@ -60,8 +60,8 @@ def test_a_batch_gives_what_each_image_gives_alone(images, encoder_batch):
 
 def test_matches_are_the_single_image_proposals_and_per_mask_crops(images):
     from ovseg_mine.crops import normalize, render_masked_crops
-    from ovseg_mine.mine.matching import encode_crops, match_nouns
-    from ovseg_mine.mine.proposals import SamMaskGenerator
+    from ovseg_mine.mine.algorithms.matching import encode_crops, match_nouns
+    from ovseg_mine.mine.algorithms.proposals import SamMaskGenerator
 
     engine = _engine()
     job = _jobs(engine, images)[1]
@@ -102,7 +102,7 @@ def test_thresholds_and_failures_stay_per_image(images):
 
 
 def test_given_masks_run_through_the_same_crops_and_matching_as_sams_own(images):
-    from ovseg_mine.mine.proposals import SamMaskGenerator
+    from ovseg_mine.mine.algorithms.proposals import SamMaskGenerator
 
     engine = _engine()
     sam_jobs = _jobs(engine, images)

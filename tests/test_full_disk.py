@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ovseg_mine.mine.run_folder import RunError
-from ovseg_mine.mine.run_lock import hold_run
+from ovseg_mine.mine.run.run_folder import RunError
+from ovseg_mine.mine.run.run_lock import hold_run
 from ovseg_mine.storage import StorageError, resolve
 
 from helpers import assert_only_cli_lines, make_run, run_cli

@@ -1,4 +1,4 @@
-from ovseg_mine.mine.inflight import InFlightShards
+from ovseg_mine.mine.run.inflight import InFlightShards
 
 
 def _row(shard: int, row: int, size: int) -> dict:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ovseg_mine.config import MatchingConfig
-from ovseg_mine.mine.matching import best_masks, match_nouns, passes_thresholds
+from ovseg_mine.mine.algorithms.matching import best_masks, match_nouns, passes_thresholds
 from ovseg_mine.text import NounEmbeddings
 
 
@@ -56,7 +56,7 @@ def test_thresholds():
 
 
 def test_bf16_clip_gives_float32_embeddings_close_to_fp32():
-    from ovseg_mine.mine.matching import encode_crops
+    from ovseg_mine.mine.algorithms.matching import encode_crops
     from ovseg_mine.models import load_clip
     from ovseg_mine.precision import cast_model
 

@@ -10,8 +10,8 @@ from collections import defaultdict
 
 import pytest
 
-from ovseg_mine.mine import nouns
-from ovseg_mine.mine.nouns import (
+from ovseg_mine.mine.algorithms import nouns
+from ovseg_mine.mine.algorithms.nouns import (
     COMPOUND_NOUNS,
     STOP_NOUNS,
     Noun,
@@ -56,7 +56,7 @@ def texts(nlp, caption: str, **kwargs) -> list[str]:
 
 
 def test_import_does_not_import_spacy():
-    code = "import sys, ovseg_mine.mine.nouns; assert 'spacy' not in sys.modules, 'spacy imported eagerly'"
+    code = "import sys, ovseg_mine.mine.algorithms.nouns; assert 'spacy' not in sys.modules, 'spacy imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from ovseg_mine import rle
-from ovseg_mine.mine.proposal_sources import build_proposal_source, parse_proposals
 from ovseg_mine.mine.sources import SourceError
+from ovseg_mine.mine.sources.proposal_files import build_proposal_source, parse_proposals
 from ovseg_mine.mine.sources.records import batches, image_row
 
 from helpers import build_sa1b, instance_masks

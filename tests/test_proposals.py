@@ -13,7 +13,7 @@ from PIL import Image
 
 from ovseg_mine import rle
 from ovseg_mine.config import SamConfig
-from ovseg_mine.mine.proposals import (
+from ovseg_mine.mine.algorithms.proposals import (
     Proposals,
     SamMaskGenerator,
     build_mask_generator,

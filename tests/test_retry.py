@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 
-from ovseg_mine.mine.retry import failed_images, kept_results
+from ovseg_mine.mine.run.retry import failed_images, kept_results
 from ovseg_mine.shards import read_done, read_pairs, shard_files
 from ovseg_mine.storage import resolve
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from ovseg_mine.mine import run_lock
-from ovseg_mine.mine.run_lock import LEASE_FILE, Holder, RunInUse, hold_run
+from ovseg_mine.mine.run import run_lock
+from ovseg_mine.mine.run.run_lock import LEASE_FILE, Holder, RunInUse, hold_run
 from ovseg_mine.storage import resolve
 
 
@@ -32,7 +32,7 @@ def test_a_held_local_folder_is_refused_at_once_naming_the_holder(tmp_path):
 
 def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
     code = (
-        "import sys, time; from ovseg_mine.mine.run_lock import hold_run; from ovseg_mine.storage import resolve\n"
+        "import sys, time; from ovseg_mine.mine.run.run_lock import hold_run; from ovseg_mine.storage import resolve\n"
         "with hold_run(resolve(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)

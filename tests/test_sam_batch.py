@@ -1,4 +1,4 @@
-"""SAM on batches (ovseg_mine.mine.sam_batch, sam_attention) with the tiny SAM: padded encoder batches, SDPA
+"""SAM on batches (ovseg_mine.mine.algorithms.sam_batch, sam_attention) with the tiny SAM: padded encoder batches, SDPA
 attention, decoder prompt batches, the float32 IoU head."""
 
 import copy
@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ovseg_mine.mine.sam_attention import use_sdpa
-from ovseg_mine.mine.sam_batch import BatchedSam
+from ovseg_mine.mine.algorithms.sam_attention import use_sdpa
+from ovseg_mine.mine.algorithms.sam_batch import BatchedSam
 from ovseg_mine.models import load_sam
 
 

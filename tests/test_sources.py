@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ovseg_mine.config import build_config
-from ovseg_mine.mine.captions import screen_caption
+from ovseg_mine.mine.algorithms.captions import screen_caption
 from ovseg_mine.mine.sources import SourceError, build_source, list_sources, parse_source, read_coco_captions
 from ovseg_mine.mine.sources.records import batches, image_row, record_schema, reject_row, stable_id
 
@@ -230,7 +230,7 @@ def test_batches_stamp_the_shard_and_turn_a_repeated_id_into_a_reject():
 def test_a_file_reject_is_listed_but_is_no_image_of_its_shard():
     """A reject about a file (no image id) travels as a row, so the shard completes, and comes back when a retry
     keeps only some ids; the shard's done record lists it among the rejects, not among the images."""
-    from ovseg_mine.mine.pipeline import _shard_outcome
+    from ovseg_mine.mine.run.driver import _shard_outcome
     from ovseg_mine.mine.sources import ShardTask
     from ovseg_mine.mine.sources.records import file_reject_row
 

@@ -11,9 +11,9 @@ import pytest
 
 from ovseg_mine import rle
 from ovseg_mine.config import build_config
-from ovseg_mine.mine.graph import plan_stages
-from ovseg_mine.mine.rows import decoded_schema, image_result_schema
-from ovseg_mine.mine.stages import MaskMatchStage, decode_stage, finalize_stage
+from ovseg_mine.mine.graph.dataset import plan_stages
+from ovseg_mine.mine.graph.rows import decoded_schema, image_result_schema
+from ovseg_mine.mine.graph.stages import MaskMatchStage, decode_stage, finalize_stage
 
 
 @pytest.fixture(scope="module")

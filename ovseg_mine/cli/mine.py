@@ -1,5 +1,5 @@
 """The ``mine``, ``demo`` and ``pipelines`` commands: parse, build the config, call
-:func:`ovseg_mine.mine.pipeline.mine`, print a summary."""
+:func:`ovseg_mine.mine.run.driver.mine`, print a summary."""
 
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ def _input(
     columns: dict[str, Optional[str]],
 ) -> _Input:
     """Check the source options and turn them into an :class:`_Input` (a one-line error on a bad combination)."""
-    from ovseg_mine.mine.proposal_sources import parse_proposals
     from ovseg_mine.mine.sources import SourceError, parse_source
+    from ovseg_mine.mine.sources.proposal_files import parse_proposals
 
     try:
         if source is not None and captions is not None:
@@ -118,8 +118,8 @@ def _run_mine(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ovseg_mine.config import ConfigError, build_config
-    from ovseg_mine.mine.nouns import SpacyModelMissing
-    from ovseg_mine.mine.pipeline import RunError, mine
+    from ovseg_mine.mine.algorithms.nouns import SpacyModelMissing
+    from ovseg_mine.mine.run.driver import RunError, mine
     from ovseg_mine.mine.sources import SourceError
     from ovseg_mine.models import WeightsError
     from ovseg_mine.ray_session import RayStartError

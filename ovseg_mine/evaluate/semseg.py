@@ -10,7 +10,7 @@ A pixel that no proposal covers has no score: it is predicted as *no class* and 
 (:mod:`ovseg_mine.evaluate.metrics`). OVSeg's MaskFormer proposals cover every pixel with a soft mask; SAM's do
 not, so the share of such pixels is reported (``no_class_pixels``).
 
-Proposals: ``sam`` runs the mining engine's SAM (:class:`ovseg_mine.mine.engine.MiningEngine`, the automatic
+Proposals: ``sam`` runs the mining engine's SAM (:class:`ovseg_mine.mine.algorithms.engine.MiningEngine`, the automatic
 mask generator of the recipe's ``sam`` section, batched over images); ``coco:JSON`` takes the COCO instance or
 panoptic masks of each image (crowd regions left out), ``sa1b:DIR`` SA-1B's per-image JSON, both matched to the
 benchmark's images by file name (stem) and filtered as ``mine`` filters given masks (``sam.max_masks_per_image``,
@@ -81,7 +81,7 @@ class Proposals:
     def __init__(self, spec: str, cfg: Any, clip: Any, tokenizer: Any, device: Any) -> None:
         import torch
 
-        from ovseg_mine.mine.proposal_sources import SourceError, build_proposal_source, parse_proposals
+        from ovseg_mine.mine.sources.proposal_files import SourceError, build_proposal_source, parse_proposals
 
         self.cfg, self.device = cfg, torch.device(device)
         try:
@@ -106,7 +106,7 @@ class Proposals:
 
     def _engine(self, clip: Any, tokenizer: Any) -> Any:
         from ovseg_mine.evaluate.weights import WeightsLoadError
-        from ovseg_mine.mine.engine import MiningEngine
+        from ovseg_mine.mine.algorithms.engine import MiningEngine
         from ovseg_mine.models import WeightsError, load_sam
 
         sam_cfg = self.cfg.sam
@@ -150,8 +150,8 @@ class Proposals:
         import torch
 
         from ovseg_mine.groundtruth import GroundTruthError
-        from ovseg_mine.mine.engine import ImageJob
-        from ovseg_mine.mine.given_proposals import GivenMaskError, given_mask_set
+        from ovseg_mine.mine.algorithms.engine import ImageJob
+        from ovseg_mine.mine.sources.given_proposals import GivenMaskError, given_mask_set
 
         out: list[Any | str] = []
         if self.engine is not None:

@@ -36,7 +36,8 @@ class ImageRecord:
         file_name: path relative to the image root, as written in the JSON.
         path: where the image is read: an absolute local path (guaranteed to lie inside the image root) or a URI.
         width, height: size in pixels as the JSON states it (the decoded image's size wins later; 0: not stated).
-        captions: the first ``captions_per_image`` captions that pass :func:`ovseg_mine.mine.captions.screen_caption`,
+        captions: the first ``captions_per_image`` captions that pass
+            :func:`ovseg_mine.mine.algorithms.captions.screen_caption`,
             in annotation-id order (stripped; an over-long one cut).
         notes: what happened to this image's captions on the way (skipped as not English, cut...), one
             sentence each; they are listed as the run's warnings.
@@ -158,7 +159,8 @@ def read_coco_captions(
         captions_per_image: keep the first N usable captions of each image (ordered by annotation id).
         limit: after sorting by image_id (and selecting ``image_ids``), keep the first N images.
         image_ids: mine only these ids; ids that are not in the file are listed as rejects.
-        max_caption_chars, skip_non_english: caption screening (:func:`ovseg_mine.mine.captions.screen_caption`);
+        max_caption_chars, skip_non_english: caption screening
+            (:func:`ovseg_mine.mine.algorithms.captions.screen_caption`);
             skipped and cut captions are noted on the record.
 
     Returns:

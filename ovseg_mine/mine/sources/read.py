@@ -3,7 +3,7 @@
 The driver hands Ray one light row per shard task (:meth:`~ovseg_mine.mine.sources.base.ShardTask.to_row`);
 a Ray task per shard runs :meth:`~ovseg_mine.mine.sources.base.Source.read_shard` (listing the shard's samples,
 then reading images batch by batch) and, when the run uses given masks, attaches them
-(:meth:`~ovseg_mine.mine.proposal_sources.ProposalSource.attach`). Ray streams the batches on to the next stages
+(:meth:`~ovseg_mine.mine.sources.proposal_files.ProposalSource.attach`). Ray streams the batches on to the next stages
 as they come, with backpressure, so a read task holds at most a batch of images beyond its shard's listing.
 """
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-    from ovseg_mine.mine.proposal_sources import ProposalSource
+    from ovseg_mine.mine.sources.proposal_files import ProposalSource
 
 #: Read tasks run at once per this many CPUs of the cluster (at least 2 at once). Read tasks reserve no CPU: the
 #: actor pools may hold every CPU of a small machine (2 mask/match actors on 2 cores), and a read step that waited

@@ -5,8 +5,9 @@ image size.
 For a batch of decoded images (original pixels and SAM's resized input, both already on the device) and their
 nouns, :meth:`MiningEngine.mine`:
 
-1. encodes the images with SAM's image encoder in fixed-size batches (:class:`~ovseg_mine.mine.sam_batch.BatchedSam`);
-2. per image, decodes every grid point and selects the proposals (:func:`~ovseg_mine.mine.amg.select_masks`:
+1. encodes the images with SAM's image encoder in fixed-size batches
+(:class:`~ovseg_mine.mine.algorithms.sam_batch.BatchedSam`);
+2. per image, decodes every grid point and selects the proposals (:func:`~ovseg_mine.mine.algorithms.amg.select_masks`:
    predicted-IoU and stability filters, box NMS, empty masks last, the best ``max_masks_per_image``), kept as
    low-resolution logits. An image whose masks the user gave (:attr:`ImageJob.given`, built by
    :meth:`MiningEngine.given_masks`) skips 1 and 2: its masks are kept as run lengths and decoded on the device;
@@ -16,8 +17,8 @@ nouns, :meth:`MiningEngine.mine`:
    default) renders each chunk's crops in one gather op and runs CLIP over the crops of the whole batch in calls
    padded to ``clip.batch_size``; ``per_image`` (a CPU's default) renders one crop at a time and runs CLIP per
    image without padding. Either way the kernels an image's crops see depend on that image alone;
-5. per image, picks each noun's best mask on the device (:func:`~ovseg_mine.mine.matching.best_masks`), applies
-   the matching thresholds, upsamples the chosen masks and takes their column-major run lengths
+5. per image, picks each noun's best mask on the device (:func:`~ovseg_mine.mine.algorithms.matching.best_masks`),
+   applies the matching thresholds, upsamples the chosen masks and takes their column-major run lengths
    (:func:`ovseg_mine.rle.mask_runs`, one ``nonzero`` for the batch);
 6. brings the per-noun numbers to the host in one transfer.
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     import torch
 
     from ovseg_mine.config import MineConfig
-    from ovseg_mine.mine.amg import MaskSet
+    from ovseg_mine.mine.algorithms.amg import MaskSet
 
 #: Step names timed per batch (seconds, summed over the batch's images by :class:`StepTimer`).
 STEPS = ("proposals", "crops", "clip")
@@ -80,7 +81,8 @@ class NounMatch:
     Attributes:
         noun_index: index into the job's nouns.
         mask_index: rank of the mask among the image's proposals (0 = highest predicted IoU).
-        similarity, probability, margin: as :class:`ovseg_mine.mine.matching.Match` (margin None: no runner-up).
+        similarity, probability, margin: as :class:`ovseg_mine.mine.algorithms.matching.Match` (margin None: no
+        runner-up).
         predicted_iou, stability_score: SAM's scores of the mask (None: a given mask without scores).
         bbox: tight box, XYWH in pixels (COCO convention).
         area: foreground pixels.
@@ -145,7 +147,7 @@ class StepTimer:
 
 class MiningEngine:
     """SAM, CLIP and the noun embeddings of one GPU actor, and the batch computation of :mod:`this module
-    <ovseg_mine.mine.engine>`.
+    <ovseg_mine.mine.algorithms.engine>`.
 
     Args:
         cfg: the run's config (``sam``, ``clip``, ``matching``, ``engine``, ``ray.chunk_mib``).
@@ -159,7 +161,7 @@ class MiningEngine:
         import torch
 
         from ovseg_mine import precision as precision_mod
-        from ovseg_mine.mine.sam_batch import BatchedSam
+        from ovseg_mine.mine.algorithms.sam_batch import BatchedSam
         from ovseg_mine.models import clip_input_size, clip_mean_std
         from ovseg_mine.text import NounEmbeddings
 
@@ -214,12 +216,13 @@ class MiningEngine:
 
     def given_masks(self, entries: list[dict[str, Any]], size: tuple[int, int]) -> "MaskSet":
         """An image's given masks as its proposals on the device
-        (:func:`ovseg_mine.mine.given_proposals.given_mask_set` with the run's ``sam`` filters and chunk budget).
+        (:func:`ovseg_mine.mine.sources.given_proposals.given_mask_set` with the run's ``sam`` filters and chunk
+        budget).
 
         Raises:
             GivenMaskError: a mask's size differs from ``size`` ``(H, W)``.
         """
-        from ovseg_mine.mine.given_proposals import given_mask_set
+        from ovseg_mine.mine.sources.given_proposals import given_mask_set
 
         return given_mask_set(entries, size, self.cfg.sam, self.device, self.chunk_bytes)
 
@@ -278,16 +281,16 @@ class MiningEngine:
 
     def propose(self, job: ImageJob, features: "torch.Tensor") -> "MaskSet":
         """SAM's kept proposals of one image: the decoder over the point grid, then the automatic mask generator's
-        selection (ovseg_mine.mine.amg.select_masks), on the device.
+        selection (ovseg_mine.mine.algorithms.amg.select_masks), on the device.
 
         Args:
             job: the image (its ``size`` is ``(H, W)`` of the original image).
             features: its image embedding from ``self.sam.embed``, ``[1, C, h, w]``.
 
         Returns:
-            The image's :class:`~ovseg_mine.mine.amg.MaskSet`, best first.
+            The image's :class:`~ovseg_mine.mine.algorithms.amg.MaskSet`, best first.
         """
-        from ovseg_mine.mine.amg import chunk_size, select_masks
+        from ovseg_mine.mine.algorithms.amg import chunk_size, select_masks
 
         size = job.size
         low_res, iou = self.sam.decode(features, size)
@@ -330,7 +333,7 @@ class MiningEngine:
         """CLIP embeddings of the batch's crops: pooled in padded calls, or per image (``counts`` crops each)."""
         import torch
 
-        from ovseg_mine.mine.matching import encode_crops
+        from ovseg_mine.mine.algorithms.matching import encode_crops
 
         size, precision = self.cfg.clip.batch_size, self.clip_precision
         if self.pooled:
@@ -348,7 +351,7 @@ class MiningEngine:
         """Each noun's best mask per image, the matched masks' run lengths, and one transfer to the host."""
         import torch
 
-        from ovseg_mine.mine.matching import best_masks, passes_thresholds
+        from ovseg_mine.mine.algorithms.matching import best_masks, passes_thresholds
 
         m = self.cfg.matching
         rows, runs, pending, offset = [], [[] for _ in jobs], [], 0

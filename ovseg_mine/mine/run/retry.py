@@ -1,7 +1,7 @@
 """``mine --retry-failed``: mine again only the images a run listed as failed, and rewrite only their shards.
 
 An image fails (stage ``error``) when mining it raised, or when the workers died on it ``ray.max_image_attempts``
-times (:mod:`ovseg_mine.mine.attempts`): a cause that may be gone on the next run (a full disk, a flaky GPU, a bug
+times (:mod:`ovseg_mine.mine.graph.attempts`): a cause that may be gone on the next run (a full disk, a flaky GPU, a bug
 since fixed). Other rejects (``decode``, ``source``, ``captions``, ``nouns``, ``proposals``, ``matching``) are
 answers about the input; they are kept as they are.
 
@@ -28,7 +28,7 @@ def failed_images(record: dict[str, Any]) -> set[int]:
 
 
 def kept_results(run: Location, record: dict[str, Any], failed: set[int]) -> list[dict[str, Any]]:
-    """Result rows (``ovseg_mine.mine.stages.image_result_schema`` fields, pairs as row dicts) of the images of a
+    """Result rows (``ovseg_mine.mine.graph.stages.image_result_schema`` fields, pairs as row dicts) of the images of a
     done shard that are not retried, rebuilt from its file and its done marker.
 
     Timings are not kept per image: they are 0 here, and :func:`merged_stage_s` carries the shard's earlier

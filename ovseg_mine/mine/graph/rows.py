@@ -5,7 +5,7 @@
 * GPU stage -> finalize stage: per image, the nouns' matches with the matched masks as run lengths
   (:func:`matched_schema`);
 * finalize stage -> driver: one row per image with its pairs (:func:`image_result_schema`), the contract with the
-  driver (``ovseg_mine.mine.pipeline``).
+  driver (``ovseg_mine.mine.run.driver``).
 
 Every image keeps exactly one row through every stage, with a ``status`` (``ok`` or the stage that rejected it)
 and a ``reason``: nothing is dropped silently.
@@ -95,8 +95,8 @@ def decoded_schema() -> "pa.Schema":
 
 
 def match_struct() -> "pa.StructType":
-    """One noun's match as the GPU stage reports it (see :class:`ovseg_mine.mine.engine.NounMatch`); ``runs`` is
-    the matched mask's column-major run lengths (uncompressed COCO RLE)."""
+    """One noun's match as the GPU stage reports it (see :class:`ovseg_mine.mine.algorithms.engine.NounMatch`);
+    ``runs`` is the matched mask's column-major run lengths (uncompressed COCO RLE)."""
     import pyarrow as pa
 
     return pa.struct(

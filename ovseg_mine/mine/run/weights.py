@@ -27,7 +27,7 @@ def resolve_weights(cfg: MineConfig) -> ResolvedWeights:
     driver's memory): downloads and checks published weights, applies the recipe's random fallback, and records
     where the weights came from. Actors then load exactly these weights (the cached file, or ``random`` with the
     run's seed), so no actor downloads or falls back on its own. A local file of the wrong architecture is found
-    by the actors, whose first failure stops the run with the loader's message (ovseg_mine.mine.graph.guarded).
+    by the actors, whose first failure stops the run with the loader's message (ovseg_mine.mine.graph.dataset.guarded).
     With given masks (``proposals.kind`` not ``sam``) SAM is not resolved: only CLIP is resolved and recorded.
 
     Raises:

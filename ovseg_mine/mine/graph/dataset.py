@@ -1,7 +1,7 @@
 """The streaming graph of a mining run's stages on Ray, laid out by resource (read step
-:mod:`~ovseg_mine.mine.sources.read` -> :class:`~ovseg_mine.mine.stages.NounStage` ->
-:func:`~ovseg_mine.mine.stages.decode_stage` -> :class:`~ovseg_mine.mine.stages.MaskMatchStage` ->
-:func:`~ovseg_mine.mine.stages.finalize_stage`). Ray is started or joined by :mod:`ovseg_mine.ray_session`."""
+:mod:`~ovseg_mine.mine.sources.read` -> :class:`~ovseg_mine.mine.graph.stages.NounStage` ->
+:func:`~ovseg_mine.mine.graph.stages.decode_stage` -> :class:`~ovseg_mine.mine.graph.stages.MaskMatchStage` ->
+:func:`~ovseg_mine.mine.graph.stages.finalize_stage`). Ray is started or joined by :mod:`ovseg_mine.ray_session`."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ovseg_mine.config import MineConfig
-from ovseg_mine.mine.run_folder import RunError
+from ovseg_mine.mine.run.run_folder import RunError
+from ovseg_mine.mine.run.weights import ResolvedWeights
 from ovseg_mine.mine.sources import ShardTask, Source
-from ovseg_mine.mine.weights import ResolvedWeights
 from ovseg_mine.storage import first_line
 
 if TYPE_CHECKING:
-    from ovseg_mine.mine.proposal_sources import ProposalSource
+    from ovseg_mine.mine.sources.proposal_files import ProposalSource
 
 
 def guarded(results):
@@ -101,14 +101,14 @@ def stream_results(
     actor per GPU over batches of images, ``ray.batches_in_flight`` batches queued each) -> finalize (CPU tasks:
     RLE of the matched masks, pair rows). Mask/match actors that die are restarted (``ray.max_actor_restarts``)
     and their batch retried; an image that keeps killing its worker is skipped after ``ray.max_image_attempts``
-    deaths (ovseg_mine.mine.attempts).
+    deaths (ovseg_mine.mine.graph.attempts).
     """
     import ray
     from ray.data import ActorPoolStrategy
 
-    from ovseg_mine.mine.attempts import AttemptTracker
+    from ovseg_mine.mine.graph.attempts import AttemptTracker
+    from ovseg_mine.mine.graph.stages import MaskMatchStage, NounStage, decode_stage, finalize_stage
     from ovseg_mine.mine.sources.read import records_dataset
-    from ovseg_mine.mine.stages import MaskMatchStage, NounStage, decode_stage, finalize_stage
     from ovseg_mine.models import sam_input_size
 
     tracker = ray.remote(num_cpus=0, max_restarts=-1)(AttemptTracker).remote()

@@ -4,10 +4,10 @@ A mask generator maps one RGB image to :class:`Proposals`, its masks ordered bes
 does what ``segment_anything.SamAutomaticMaskGenerator.generate`` does (``automatic_mask_generator.py``: a grid
 of point prompts, three masks per point, filtering by predicted IoU and stability score, box NMS), with the
 parameters of :class:`~ovseg_mine.config.SamConfig` and the same result in fp32, through the engine that mining
-runs on batches of images (:mod:`ovseg_mine.mine.sam_batch`, :mod:`ovseg_mine.mine.amg`). It then drops empty
-masks, orders by predicted IoU and keeps the best ``max_masks_per_image``. Mining itself does not build
-:class:`Proposals` (the GPU stage keeps masks on the device, :class:`ovseg_mine.mine.engine.MiningEngine`); this
-single-image API serves tests, benchmarks and users who want proposals of their own images.
+runs on batches of images (:mod:`ovseg_mine.mine.algorithms.sam_batch`, :mod:`ovseg_mine.mine.algorithms.amg`). It then
+drops empty masks, orders by predicted IoU and keeps the best ``max_masks_per_image``. Mining itself does not build
+:class:`Proposals` (the GPU stage keeps masks on the device, :class:`ovseg_mine.mine.algorithms.engine.MiningEngine`);
+this single-image API serves tests, benchmarks and users who want proposals of their own images.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ovseg_mine.models import ModelNameError, WeightsInfo, load_sam
 if TYPE_CHECKING:
     import torch
 
-    from ovseg_mine.mine.amg import MaskSet
+    from ovseg_mine.mine.algorithms.amg import MaskSet
 
 #: Memory a single-image :class:`SamMaskGenerator` gives full-resolution masks at a time (2 GiB).
 DEFAULT_CHUNK_BYTES = 2 * 2**30
@@ -92,8 +92,8 @@ class SamMaskGenerator:
     """segment-anything's automatic mask generator (AMG) with a :class:`SamConfig`'s parameters, for one image at a
     time, with the same result as ``SamAutomaticMaskGenerator.generate`` in fp32.
 
-    It runs the engine mining uses (:class:`~ovseg_mine.mine.sam_batch.BatchedSam` and
-    :func:`~ovseg_mine.mine.amg.select_masks`) on a batch of one: the AMG's steps and parameters (one crop
+    It runs the engine mining uses (:class:`~ovseg_mine.mine.algorithms.sam_batch.BatchedSam` and
+    :func:`~ovseg_mine.mine.algorithms.amg.select_masks`) on a batch of one: the AMG's steps and parameters (one crop
     layer, ``points_per_side``² grid, batches of ``points_per_batch`` points, three masks per point,
     ``pred_iou_thresh``, ``stability_score_thresh`` with offset 1.0, ``box_nms_thresh``,
     ``min_mask_region_area``), with masks kept on the model's device and only the kept ones RLE-encoded.
@@ -114,7 +114,7 @@ class SamMaskGenerator:
     """
 
     def __init__(self, sam: Any, cfg: SamConfig, precision: str = "fp32") -> None:
-        from ovseg_mine.mine.sam_batch import BatchedSam
+        from ovseg_mine.mine.algorithms.sam_batch import BatchedSam
 
         if cfg.min_mask_region_area > 0:
             try:
@@ -147,7 +147,7 @@ class SamMaskGenerator:
         """
         import torch
 
-        from ovseg_mine.mine.amg import chunk_size, select_masks
+        from ovseg_mine.mine.algorithms.amg import chunk_size, select_masks
 
         image = check_image(image)
         size = image.shape[0], image.shape[1]
@@ -173,8 +173,8 @@ _GENERATORS = {"sam": SamMaskGenerator}
 
 
 def proposals_of(kept: "MaskSet") -> Proposals:
-    """The :class:`Proposals` of an image's kept masks (:class:`~ovseg_mine.mine.amg.MaskSet`, valid masks first):
-    dense masks on the set's device, their RLEs, and the boxes, areas and scores on the host."""
+    """The :class:`Proposals` of an image's kept masks (:class:`~ovseg_mine.mine.algorithms.amg.MaskSet`, valid masks
+    first): dense masks on the set's device, their RLEs, and the boxes, areas and scores on the host."""
     import torch
 
     n = int(kept.valid.sum())

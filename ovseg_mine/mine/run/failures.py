@@ -2,10 +2,10 @@
 exception keeps coming.
 
 The mask/match stage isolates images: an exception while mining one image makes that image a reject with stage
-``error`` (:func:`ovseg_mine.mine.stages.error_row`) and the run goes on, because one odd input must not stop a
+``error`` (:func:`ovseg_mine.mine.graph.stages.error_row`) and the run goes on, because one odd input must not stop a
 118K-image run. But a bug of ours raises on every image, and a run that "completes" with every image rejected
 hides it. So the driver passes every result through a :class:`FailureWatch`: it writes each failure's traceback
-to the run's log (``RUN/mine.log``), and raises :class:`~ovseg_mine.mine.run_folder.RunError` when
+to the run's log (``RUN/mine.log``), and raises :class:`~ovseg_mine.mine.run.run_folder.RunError` when
 ``ray.max_consecutive_errors`` results in a row failed with the same exception type. The manifest counts
 failures by type (``counts.errors_by_type``, from the shards' done records).
 """
@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ovseg_mine.mine.run_folder import RunError
+from ovseg_mine.mine.run.run_folder import RunError
 
 log = logging.getLogger("ovseg_mine")
 
 
 class FailureWatch:
-    """Watches per-image results (rows of :func:`ovseg_mine.mine.stages.image_result_schema`) as they arrive.
+    """Watches per-image results (rows of :func:`ovseg_mine.mine.graph.stages.image_result_schema`) as they arrive.
 
     Args:
         limit: stop after this many consecutive results that failed with the same ``error_type``.

@@ -5,16 +5,16 @@ Arrow tables out):
 * :class:`NounStage` (CPU): captions -> nouns, with spaCy.
 * :func:`decode_stage` (CPU tasks): image file -> RGB pixels and SAM's resize of them (PIL, exact as SAM's own).
 * :class:`MaskMatchStage` (GPU when present): a batch of decoded images -> SAM proposals -> masked crops -> CLIP
-  -> each noun's best mask (:class:`ovseg_mine.mine.engine.MiningEngine`). Dense masks never leave the device:
-  the matched masks leave it as run lengths.
+  -> each noun's best mask (:class:`ovseg_mine.mine.algorithms.engine.MiningEngine`). Dense masks never leave the
+  device: the matched masks leave it as run lengths.
 * :func:`finalize_stage` (CPU tasks): run lengths -> COCO RLE, pair rows.
 
-Every input row leaves each stage as exactly one row per image (:mod:`ovseg_mine.mine.rows`), with a ``status``
+Every input row leaves each stage as exactly one row per image (:mod:`ovseg_mine.mine.graph.rows`), with a ``status``
 (``ok`` or the stage that rejected it) and a ``reason``: nothing is dropped silently. Input rows are the records of
 the read step (:func:`ovseg_mine.mine.sources.records.record_schema`): the image is read from ``path`` or decoded
 from ``image_bytes``; a row the source already rejected passes through with its stage and reason; ``shard``,
 ``shard_size`` and ``shard_row`` are carried to the output; a row with ``proposals`` (masks the user gave) uses them
-instead of SAM (:func:`ovseg_mine.mine.given_proposals.given_mask_set`), and with ``proposals.kind`` other than
+instead of SAM (:func:`ovseg_mine.mine.sources.given_proposals.given_mask_set`), and with ``proposals.kind`` other than
 ``sam`` SAM is neither loaded nor run.
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from ovseg_mine.mine.rows import (
+from ovseg_mine.mine.graph.rows import (
     TIMED_STEPS,
     decoded_schema,
     error_row,
@@ -34,7 +34,7 @@ from ovseg_mine.mine.rows import (
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from ovseg_mine.mine.engine import ImageOutcome
+    from ovseg_mine.mine.algorithms.engine import ImageOutcome
 
 __all__ = [
     "MaskMatchStage",
@@ -79,7 +79,7 @@ class NounStage:
 
     def __init__(self, config: dict[str, Any]) -> None:
         from ovseg_mine.config import MineConfig
-        from ovseg_mine.mine.nouns import load_nlp
+        from ovseg_mine.mine.algorithms.nouns import load_nlp
 
         self.cfg = MineConfig.model_validate(config)
         self.nlp = load_nlp(self.cfg.nouns.model)
@@ -87,7 +87,7 @@ class NounStage:
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         import pyarrow as pa
 
-        from ovseg_mine.mine.nouns import extract_nouns
+        from ovseg_mine.mine.algorithms.nouns import extract_nouns
 
         start = time.perf_counter()
         captions = [list(c) for c in batch.column("captions").to_pylist()]
@@ -125,7 +125,7 @@ def decode_stage(batch: "pa.Table", *, sam_input_size: int | None, max_pixels: i
         max_pixels: refuse larger images (default :data:`ovseg_mine.images.DEFAULT_MAX_PIXELS`).
 
     Returns:
-        Rows of :func:`ovseg_mine.mine.rows.decoded_schema`.
+        Rows of :func:`ovseg_mine.mine.graph.rows.decoded_schema`.
     """
     import pyarrow as pa
     from segment_anything.utils.transforms import ResizeLongestSide
@@ -159,7 +159,7 @@ def decode_stage(batch: "pa.Table", *, sam_input_size: int | None, max_pixels: i
         except ImageDecodeError as exc:
             row.update(status="decode", reason=str(exc))
             continue
-        except Exception as exc:  # per-image isolation; the driver logs the traceback (ovseg_mine.mine.failures)
+        except Exception as exc:  # per-image isolation; the driver logs the traceback (ovseg_mine.mine.run.failures)
             row.update(error_row(exc))
             continue
         height, width = image.shape[:2]
@@ -183,7 +183,8 @@ class MaskMatchStage:
         sam_checkpoint, clip_pretrained: weights as resolved by the driver (a path or tag, or ``random``),
             so that every actor loads the same weights and none falls back on its own.
         threads: torch CPU threads (None: leave torch's default).
-        tracker: handle of the run's :class:`ovseg_mine.mine.attempts.AttemptTracker` actor: one ``begin`` per batch
+        tracker: handle of the run's :class:`ovseg_mine.mine.graph.attempts.AttemptTracker` actor: one ``begin`` per
+            batch
             (one ``ray.get``), one ``end`` without waiting; after a worker death the batch is mined one image at a
             time and an image on which ``ray.max_image_attempts`` workers died is listed as failed (status
             ``error``). None: no tracking (e.g. the stage called directly in a test or a benchmark).
@@ -200,7 +201,7 @@ class MaskMatchStage:
         import torch
 
         from ovseg_mine.config import MineConfig
-        from ovseg_mine.mine.engine import MiningEngine
+        from ovseg_mine.mine.algorithms.engine import MiningEngine
         from ovseg_mine.models import load_clip, load_sam
 
         if threads:
@@ -227,10 +228,10 @@ class MaskMatchStage:
         return pa.Table.from_pylist(rows, schema=matched_schema())
 
     def _tracked(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], todo: list[int]) -> None:
-        """Mine rows ``todo`` between the tracker's ``begin`` and ``end`` (see ovseg_mine.mine.attempts)."""
+        """Mine rows ``todo`` between the tracker's ``begin`` and ``end`` (see ovseg_mine.mine.graph.attempts)."""
         import ray
 
-        from ovseg_mine.mine.attempts import worker_death_reason
+        from ovseg_mine.mine.graph.attempts import worker_death_reason
 
         if self.tracker is None or not todo:
             self._mine(records, rows, todo)
@@ -254,7 +255,7 @@ class MaskMatchStage:
     def _mine(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], todo: list[int]) -> None:
         """Mine rows ``todo`` as one batch (failures stay per image) and fill in their results."""
         from ovseg_mine.faults import failpoint
-        from ovseg_mine.mine.given_proposals import GivenMaskError
+        from ovseg_mine.mine.sources.given_proposals import GivenMaskError
 
         jobs, where = [], []
         for i in todo:
@@ -283,7 +284,7 @@ class MaskMatchStage:
         """
         import numpy as np
 
-        from ovseg_mine.mine.engine import ImageJob
+        from ovseg_mine.mine.algorithms.engine import ImageJob
 
         image = np.frombuffer(record["pixels"], np.uint8).reshape(record["height"], record["width"], 3)
         job = ImageJob(record["image_id"], self.engine.to_device(image), None, list(record["nouns"]))
@@ -318,7 +319,7 @@ def finalize_stage(batch: "pa.Table") -> "pa.Table":
     become its COCO RLE (pycocotools), each match a row of schemas/pairs-v1.json.
 
     Returns:
-        Rows of :func:`ovseg_mine.mine.rows.image_result_schema`, one per image.
+        Rows of :func:`ovseg_mine.mine.graph.rows.image_result_schema`, one per image.
     """
     import pyarrow as pa
 

@@ -3,19 +3,19 @@
 A record of a run with ``--proposals coco:...`` or ``--proposals sa1b:...`` carries its image's masks in its
 ``proposals`` column (:func:`ovseg_mine.mine.sources.records.proposal_type`: COCO RLE, XYWH box, and SAM's
 ``predicted_iou`` and ``stability_score`` where the file has them; attached by
-:mod:`ovseg_mine.mine.proposal_sources`). :func:`given_mask_set` turns them into the
-:class:`~ovseg_mine.mine.amg.MaskSet` SAM's selection returns, with the same rules: the score thresholds of
+:mod:`ovseg_mine.mine.sources.proposal_files`). :func:`given_mask_set` turns them into the
+:class:`~ovseg_mine.mine.algorithms.amg.MaskSet` SAM's selection returns, with the same rules: the score thresholds of
 :class:`~ovseg_mine.config.SamConfig` where a score exists (``predicted_iou > pred_iou_thresh``,
 ``stability_score >= stability_score_thresh``, as segment-anything's AMG filters), empty masks dropped, best first
 by ``predicted_iou`` (masks without scores keep the file's order, after scored ones), at most
-``max_masks_per_image``. Crops, CLIP matching and pairs then run unchanged (:class:`~ovseg_mine.mine.engine.
+``max_masks_per_image``. Crops, CLIP matching and pairs then run unchanged (:class:`~ovseg_mine.mine.algorithms.engine.
 MiningEngine`).
 
 The selection reads only the scores and the RLEs' areas and boxes (pycocotools on the compressed RLE); no mask is
 decoded on the host. The chosen masks travel to the device as run lengths and are decoded there chunk by chunk
 when crops or the matched masks' RLE need them (:func:`ovseg_mine.rle.masks_from_counts`), so memory stays bounded
 whatever the image size. :func:`given_proposals` is the single-image API (dense masks, RLEs), as
-:class:`~ovseg_mine.mine.proposals.SamMaskGenerator` gives SAM's.
+:class:`~ovseg_mine.mine.algorithms.proposals.SamMaskGenerator` gives SAM's.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import numpy as np
 
 from ovseg_mine import rle as rle_utils
 from ovseg_mine.config import SamConfig
-from ovseg_mine.mine.proposals import DEFAULT_CHUNK_BYTES, Proposals, proposals_of
+from ovseg_mine.mine.algorithms.proposals import DEFAULT_CHUNK_BYTES, Proposals, proposals_of
 
 if TYPE_CHECKING:
     import torch
 
-    from ovseg_mine.mine.amg import MaskSet
+    from ovseg_mine.mine.algorithms.amg import MaskSet
 
 
 class GivenMaskError(ValueError):
@@ -49,7 +49,8 @@ def given_mask_set(
     device: "torch.device | str" = "cpu",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> "MaskSet":
-    """The proposals of one image from its given masks, as the engine's :class:`~ovseg_mine.mine.amg.MaskSet`.
+    """The proposals of one image from its given masks, as the engine's
+    :class:`~ovseg_mine.mine.algorithms.amg.MaskSet`.
 
     Args:
         entries: the record's ``proposals``: dicts with ``segmentation`` (COCO RLE ``{size: [h, w], counts}``),
@@ -70,7 +71,7 @@ def given_mask_set(
     """
     import torch
 
-    from ovseg_mine.mine.amg import MaskSet, chunk_size
+    from ovseg_mine.mine.algorithms.amg import MaskSet, chunk_size
 
     height, width = image_hw
     kept = []

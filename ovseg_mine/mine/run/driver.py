@@ -3,7 +3,7 @@
 The driver plans the source's shards (:meth:`~ovseg_mine.mine.sources.base.Source.plan`: light tasks, one per
 output shard), skips shards already done with the same input, and streams the rest through the Ray stages: the
 read step produces the records inside Ray, each stamped with its shard, the shard's size and its position in
-it. The driver holds only the results of shards in flight (:class:`~ovseg_mine.mine.inflight.InFlightShards`)
+it. The driver holds only the results of shards in flight (:class:`~ovseg_mine.mine.run.inflight.InFlightShards`)
 and per-shard counters, never a record per image, and writes a shard as soon as all of its rows are back. A
 shard's rows are sorted before writing, so the same input and config give the same shards whatever the number
 of workers or the order in which batches finish.
@@ -23,18 +23,18 @@ from typing import Any, Callable, NamedTuple
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash, mining_config
 from ovseg_mine.faults import failpoint
-from ovseg_mine.mine.failures import FailureWatch
-from ovseg_mine.mine.graph import guarded, stream_results
-from ovseg_mine.mine.inflight import InFlightShards
-from ovseg_mine.mine.manifest import build_manifest
-from ovseg_mine.mine.node_watch import alive_nodes, watched
-from ovseg_mine.mine.proposal_sources import ProposalSource, build_proposal_source
-from ovseg_mine.mine.retry import failed_images, kept_results, merged_stage_s
-from ovseg_mine.mine.run_folder import RUN_LOG, RunError, prepare_run_dir, run_log
-from ovseg_mine.mine.run_lock import hold_run
+from ovseg_mine.mine.graph.dataset import guarded, stream_results
+from ovseg_mine.mine.run.failures import FailureWatch
+from ovseg_mine.mine.run.inflight import InFlightShards
+from ovseg_mine.mine.run.manifest import build_manifest
+from ovseg_mine.mine.run.node_watch import alive_nodes, watched
+from ovseg_mine.mine.run.retry import failed_images, kept_results, merged_stage_s
+from ovseg_mine.mine.run.run_folder import RUN_LOG, RunError, prepare_run_dir, run_log
+from ovseg_mine.mine.run.run_lock import hold_run
+from ovseg_mine.mine.run.weights import ResolvedWeights, resolve_weights
 from ovseg_mine.mine.sources import Reject, ShardTask, SourceError, SourcePlan, build_source
+from ovseg_mine.mine.sources.proposal_files import ProposalSource, build_proposal_source
 from ovseg_mine.mine.sources.read import first_records
-from ovseg_mine.mine.weights import ResolvedWeights, resolve_weights
 from ovseg_mine.ray_session import cluster_address, init_ray, probe_cluster, shutdown_ray
 from ovseg_mine.shards import move_legacy_markers, read_done, remove_partial_writes, write_json_atomic, write_shard
 from ovseg_mine.stop_signals import critical
@@ -116,18 +116,18 @@ def mine(
         source: the source's location (COCO: the captions JSON; see :mod:`ovseg_mine.mine.sources`), a path or a
             URI (``s3://``, ``gs://``...).
         out: run folder, a local path or a URI: created; resumed when it holds the same config. One run at a
-            time: the folder is held while the run works (ovseg_mine.mine.run_lock).
+            time: the folder is held while the run works (ovseg_mine.mine.run.run_lock).
         images: COCO's image root (``--images``); None for the other kinds.
         proposals: location of the given masks when ``cfg.proposals.kind`` is ``coco`` or ``sa1b``.
         ray_address: join this Ray cluster; None: ``RAY_ADDRESS``, else a new local Ray (ovseg_mine.ray_session).
         overwrite: discard a run with another config in ``out``.
         retry_failed: also mine again the images of finished shards that failed (stage ``error``), and rewrite
-            only their shards (ovseg_mine.mine.retry); other rejects stay as they are.
+            only their shards (ovseg_mine.mine.run.retry); other rejects stay as they are.
         verbose: Ray's own log lines on the console too (else only in ``RUN/mine.log``).
         on_progress: called as ``on_progress(images_done, images_total or None, pairs_done)`` after every image.
 
     Raises:
-        ovseg_mine.mine.sources.SourceError, RunError (also ovseg_mine.mine.run_lock.RunInUse: the folder is held
+        ovseg_mine.mine.sources.SourceError, RunError (also ovseg_mine.mine.run.run_lock.RunInUse: the folder is held
         by another run), ovseg_mine.ray_session.RayStartError (no Ray to join or start), ovseg_mine.models.WeightsError,
         ConfigError.
     """
@@ -197,7 +197,7 @@ class _Retry(NamedTuple):
 def _take_failed(out: Location, done: dict[int, dict], inflight: InFlightShards) -> dict[int, _Retry]:
     """For ``--retry-failed``: move each done shard with failed images out of ``done`` and into ``inflight``,
     pre-filled with the results of its other images at their positions; returns the failed ids per shard
-    (ovseg_mine.mine.retry)."""
+    (ovseg_mine.mine.run.retry)."""
     retried: dict[int, _Retry] = {}
     for index, record in sorted(done.items()):
         failed = failed_images(record)
@@ -256,10 +256,10 @@ class _Commits:
 def _stream(
     run: _Run, weights: ResolvedWeights, todo: list[ShardTask], commits: _Commits, start_ray: Callable[[], bool]
 ) -> None:
-    """Mine ``todo`` through the Ray graph (ovseg_mine.mine.graph), committing shards as they complete.
+    """Mine ``todo`` through the Ray graph (ovseg_mine.mine.graph.dataset), committing shards as they complete.
 
     When a node of the cluster is lost and the graph cannot go on (Ray Data aborts on a task of an actor that died
-    with it, or nothing comes back for ``ray.stall_timeout_s``: ovseg_mine.mine.node_watch.NodeLostError), the
+    with it, or nothing comes back for ``ray.stall_timeout_s``: ovseg_mine.mine.run.node_watch.NodeLostError), the
     driver leaves the cluster (Ray then ends the job's actors and tasks, the lost node's pending restarts with
     them), joins it again (``start_ray``) and starts the graph for the shards not done yet, sized for the nodes left
     (the mask/match pool starts with the actors they hold), up to ``ray.max_graph_restarts`` times; rows already

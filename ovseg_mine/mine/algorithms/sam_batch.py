@@ -17,7 +17,7 @@ What changes, and why it keeps the result:
   assignments (no host sync on a new size; bit-identical, tested); the dense "no mask" embedding and the dense
   positional encoding (``get_dense_pe``) depend on nothing: computed once, not per point batch.
 * **Low precision** (``pure_bf16`` / ``pure_fp16``): encoder weights in that dtype, its attention through SDPA
-  (:mod:`ovseg_mine.mine.sam_attention`); decoder weights in that dtype on a GPU (its cost is memory traffic,
+  (:mod:`ovseg_mine.mine.algorithms.sam_attention`); decoder weights in that dtype on a GPU (its cost is memory traffic,
   which bf16 weights halve), autocast to it on a CPU (where bf16 element-wise ops are slower than float32 ones:
   measured 104 s vs 36 s for 128 prompts with bf16 weights vs float32 on this project's 2-core CPU, autocast
   about as fast as float32); the decoder's IoU head in float32 either way (a bf16 IoU head gives about 30
@@ -70,7 +70,7 @@ class BatchedSam:
         from segment_anything.utils.transforms import ResizeLongestSide
 
         from ovseg_mine import precision as precision_mod
-        from ovseg_mine.mine.sam_attention import use_sdpa
+        from ovseg_mine.mine.algorithms.sam_attention import use_sdpa
 
         if precision not in ("fp32", "pure_bf16", "pure_fp16"):
             raise ValueError(f"precision must be one of fp32, pure_bf16, pure_fp16, got {precision!r}")

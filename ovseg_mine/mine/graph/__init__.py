@@ -1,0 +1,10 @@
+"""The Ray graph of mining: the stages as Ray Data callables, the rows between them, the graph that strings them.
+
+* :mod:`~ovseg_mine.mine.graph.dataset` -- the Ray Data graph (read -> nouns -> decode -> mask/match -> finalize)
+  and the plan that sizes each stage from the cluster's resources
+  (:func:`~ovseg_mine.mine.graph.dataset.stream_results`, :func:`~ovseg_mine.mine.graph.dataset.plan_stages`).
+* :mod:`~ovseg_mine.mine.graph.stages` -- the stages: noun actors, decode and finalize tasks, mask/match actors
+  (one per GPU) running :class:`~ovseg_mine.mine.algorithms.engine.MiningEngine`.
+* :mod:`~ovseg_mine.mine.graph.rows` -- the Arrow schemas of the rows between stages and the error row.
+* :mod:`~ovseg_mine.mine.graph.attempts` -- images whose worker died, skipped after ``ray.max_image_attempts``.
+"""
