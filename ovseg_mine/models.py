@@ -19,17 +19,16 @@ import functools
 import logging
 import os
 import socket
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from ovseg_mine.resources import model_configs_dir
+from ovseg_mine.resources import register_clip_configs
 from ovseg_mine.storage import sha256_file
+from ovseg_mine.weights_info import ModelNameError, WeightsError, WeightsInfo, load_fitting_state
 
 log = logging.getLogger("ovseg_mine")
 
-_CONFIG_DIR = model_configs_dir()
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 # Published SAM checkpoints: file name, full sha256, md5. NB: the hex in the file name is the md5's prefix.
 _SAM_CHECKPOINTS: dict[str, tuple[str, str, str]] = {
@@ -49,31 +48,6 @@ _SAM_CHECKPOINTS: dict[str, tuple[str, str, str]] = {
         "4b8939a88964f0f4ff5f5b2642c598a6",
     ),
 }
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights cannot be loaded (download failed, file missing/corrupt, wrong architecture)."""
-
-
-class ModelNameError(WeightsError, ValueError):
-    """An unknown model type, architecture or pretrained tag; the message lists where the valid names are."""
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """Where a model's weights came from; recorded in the run manifest."""
-
-    name: str  # 'vit_b', 'tiny', 'ViT-B-16', ...
-    weights: str  # 'random', 'default' (published SAM), an open_clip tag like 'openai', or 'file'
-    source: str | None  # URL, local path or 'hf-hub:org/repo/file' it came from; None for random
-    sha256: str | None  # of the checkpoint file, when loaded from one
-
-    @property
-    def is_random(self) -> bool:
-        return self.weights == "random"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _seeded(seed: int, build: Callable[[], Any]) -> Any:
@@ -214,29 +188,6 @@ def _load_state_dict(model: Any, path: str | Path, what: str) -> None:
     load_fitting_state(model, state, f"checkpoint {path}", what)
 
 
-def load_fitting_state(model: Any, state: dict, subject: str, target: str) -> None:
-    """Load ``state`` (a state dict of tensors) into ``model`` (a ``torch.nn.Module``) only when its keys and shapes
-    are exactly the model's.
-
-    Args:
-        subject: what the weights are, for the message (``"checkpoint /path/sam.pth"``).
-        target: what they were meant for (``"SAM vit_b"``, ``"open_clip 'ViT-B-16'"``).
-
-    Raises:
-        WeightsError: one line, ``"{subject} does not fit {target}: N missing keys [...], M unexpected keys [...],
-            K shape mismatches [...]"`` (the first three of each).
-    """
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        raise WeightsError(
-            f"{subject} does not fit {target}: {len(missing)} missing keys {missing[:3]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:3]}"
-        )
-    model.load_state_dict(state, strict=True)
-
-
 def resolve_sam_weights(
     model_type: str, checkpoint: str, *, allow_random: bool = False
 ) -> tuple[Path | None, WeightsInfo]:
@@ -300,13 +251,6 @@ def load_sam(
 
 
 @functools.cache
-def register_clip_configs() -> None:
-    """Make the configs in ``ovseg_mine/model_configs/`` known to open_clip (once per process)."""
-    import open_clip
-
-    open_clip.add_model_config(_CONFIG_DIR)
-
-
 def _unreachable(host: str) -> bool:
     """True only when a download surely cannot work: HF offline mode, or (no proxy set) no TCP to ``host``."""
     from huggingface_hub import constants
@@ -373,7 +317,7 @@ def load_clip(
             QuickGELU builds the model with QuickGELU, as the weights need), a local checkpoint file of any kind
             :mod:`ovseg_mine.clip_weights` reads (open_clip_train epoch file, OVSeg detectron2 ``.pth``,
             safetensors, state dict; its mask prompts are not attached here: see
-            :func:`ovseg_mine.clip_weights.load_clip_model`), or ``"random"``.
+            :func:`ovseg_mine.clip_loader.load_clip_model`), or ``"random"``.
         allow_random: if the tag's weights cannot be obtained, warn and return random weights.
 
     Raises:

@@ -54,3 +54,11 @@ def model_configs_dir() -> Path:
 def sample_dir() -> Path:
     """The bundled COCO sample: ``images/``, ``captions.json``, ``instances.json``, ``LICENSES.md``."""
     return _PACKAGE_DIR / "data" / "coco-sample"
+
+
+def register_clip_configs() -> None:
+    """Make the open_clip model configs in ``ovseg_mine/model_configs/`` (the tiny test architectures, e.g.
+    ``ovseg-tiny-vit``) known to open_clip; adding them again is harmless."""
+    import open_clip
+
+    open_clip.add_model_config(model_configs_dir())

@@ -27,7 +27,8 @@ committed in two steps, then checked against each other when read:
 A shard is done only when both are there and agree: the file's sha256 is the marker's. ``mine`` redoes a shard
 whose file has no marker, whose bytes no longer match it, or whose file is gone (:func:`read_done`). Every
 reader of a run (``inspect``, ``finetune``, ``publish``, ``export``) goes through
-:func:`ovseg_mine.verify.verify_shards` (or :func:`shard_files` / :func:`read_pairs`, which call it): each file's
+:func:`ovseg_mine.verify.verify_shards` (or :func:`~ovseg_mine.verify.shard_files` /
+:func:`~ovseg_mine.verify.read_pairs`, which call it): each file's
 sha256 is streamed once and compared with its marker, and a damaged shard is refused by name or, when the user
 asks, skipped and listed.
 """
@@ -392,54 +393,9 @@ def read_manifest(run_dir: Where) -> dict[str, Any]:
     return manifest
 
 
-def shard_files(run_dir: Where, *, verify: bool = True, skip_damaged: bool = False) -> list[Location]:
-    """The run's shard files in index order (Locations; a local one works wherever a path does).
-
-    Args:
-        run_dir: the run folder, a local path or a URI.
-        verify: check each file against its done marker (:func:`~ovseg_mine.verify.verify_shards`); False lists the
-            ``shards/shard-*.parquet`` files as they are (for code that checks them itself, e.g. ``mine``).
-        skip_damaged: with ``verify``, leave damaged shards out (logged as warnings) instead of raising.
-
-    Raises:
-        ShardError: the folder is not a run folder (no ``shards/`` folder in it), or cannot be listed.
-        DamagedShardError: with ``verify``, a damaged shard (see :func:`~ovseg_mine.verify.verify_shards`).
-    """
-    if verify:
-        from ovseg_mine.verify import verify_shards
-
-        checked = verify_shards(run_dir, skip_damaged=skip_damaged)
-        for damaged in checked.damaged:
-            log.warning("skipping damaged shard %s", damaged)
-        return checked.files
-    shard_dir = resolve(run_dir).join(SHARDS_DIR)
-    try:
-        if not shard_dir.is_dir():
-            raise ShardError(f"{resolve(run_dir)} is not an ovseg-mine run folder (no {SHARDS_DIR}/ in it)")
-        files = shard_dir.list_files()
-    except StorageError as exc:
-        raise ShardError(str(exc)) from exc
-    return [f for f in files if shard_index(f.name, ".parquet") is not None]
-
-
 def read_table(path: Where, columns: Iterable[str] | None = None) -> "pa.Table":
     """One shard file (a local path or a URI) as an Arrow table, ``columns`` only if given."""
     import pyarrow.parquet as pq
 
     path = resolve(path)
     return pq.read_table(path.path, filesystem=path.fs, columns=list(columns) if columns else None)
-
-
-def read_pairs(run_dir: Where, columns: Iterable[str] | None = None, *, skip_damaged: bool = False) -> "pa.Table":
-    """All pairs of a run as one Arrow table (for small runs, tests and inspection), its shards verified first
-    (:func:`~ovseg_mine.verify.verify_shards`; ``skip_damaged`` leaves damaged ones out, logged).
-
-    Raises:
-        ShardError, DamagedShardError: as :func:`~ovseg_mine.verify.verify_shards`.
-    """
-    import pyarrow as pa
-
-    tables = [read_table(f, columns) for f in shard_files(run_dir, skip_damaged=skip_damaged)]
-    if not tables:
-        return pair_schema().empty_table()
-    return pa.concat_tables(tables).replace_schema_metadata(None)

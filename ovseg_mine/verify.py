@@ -1,7 +1,7 @@
 """The verified read of a run folder: every shard file checked against its done marker before a reader trusts it.
 
 ``inspect``, ``finetune``, ``publish`` and ``export`` read a run through :func:`verify_shards` (directly, or
-through :func:`ovseg_mine.shards.shard_files` and :func:`~ovseg_mine.shards.read_pairs`, which call it). The done
+through :func:`shard_files` and :func:`read_pairs`, which call it). The done
 marker of a shard (:mod:`ovseg_mine.shards`: ``done/shard-N.json``, or ``shards/shard-N.done.json`` in the legacy
 layout) records the sha256 of the file as it was committed; a file whose bytes differ (changed, truncated,
 replaced by a copy of another shard), a file without a marker, a marker without its file, or a marker that names
@@ -11,8 +11,9 @@ out and listed. ``mine`` redoes damaged shards when it resumes the run.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ovseg_mine.shards import (
     DONE_DIR,
@@ -21,10 +22,17 @@ from ovseg_mine.shards import (
     Where,
     list_markers,
     load_marker,
+    pair_schema,
+    read_table,
     shard_index,
     shard_name,
 )
 from ovseg_mine.storage import Location, StorageError, resolve, sha256_file
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+log = logging.getLogger("ovseg_mine")
 
 #: The flag of ``inspect`` and ``finetune`` that goes on without damaged shards.
 SKIP_HINT = "--skip-damaged"
@@ -192,3 +200,36 @@ def verify_shards(run_dir: Where, *, skip_damaged: bool = False, hint: str | Non
     if result.damaged and not skip_damaged:
         raise DamagedShardError(damaged_message(result.damaged, hint), result.damaged)
     return result
+
+
+def shard_files(run_dir: Where, *, skip_damaged: bool = False) -> list[Location]:
+    """The run's shard files in index order (Locations; a local one works wherever a path does), each checked
+    against its done marker first (:func:`verify_shards`).
+
+    Args:
+        run_dir: the run folder, a local path or a URI.
+        skip_damaged: leave damaged shards out (logged as warnings) instead of raising.
+
+    Raises:
+        ShardError: the folder is not a run folder, or cannot be listed.
+        DamagedShardError: a damaged shard (see :func:`verify_shards`), unless ``skip_damaged``.
+    """
+    checked = verify_shards(run_dir, skip_damaged=skip_damaged)
+    for damaged in checked.damaged:
+        log.warning("skipping damaged shard %s", damaged)
+    return checked.files
+
+
+def read_pairs(run_dir: Where, columns: Iterable[str] | None = None, *, skip_damaged: bool = False) -> "pa.Table":
+    """All pairs of a run as one Arrow table (for small runs, tests and inspection), its shards verified first
+    (:func:`verify_shards`; ``skip_damaged`` leaves damaged ones out, logged).
+
+    Raises:
+        ShardError, DamagedShardError: as :func:`verify_shards`.
+    """
+    import pyarrow as pa
+
+    tables = [read_table(f, columns) for f in shard_files(run_dir, skip_damaged=skip_damaged)]
+    if not tables:
+        return pair_schema().empty_table()
+    return pa.concat_tables(tables).replace_schema_metadata(None)

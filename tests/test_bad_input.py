@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from ovseg_mine import rle
-from ovseg_mine.shards import read_done, read_pairs
+from ovseg_mine.shards import read_done
+from ovseg_mine.verify import read_pairs
 
 from helpers import run_cli
 

@@ -12,7 +12,8 @@ import jsonschema
 import pytest
 
 from ovseg_mine.resources import schemas_dir
-from ovseg_mine.shards import read_done, read_pairs
+from ovseg_mine.shards import read_done
+from ovseg_mine.verify import read_pairs
 
 from helpers import assert_only_cli_lines, build_hf, build_img2dataset, run_cli
 

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 
 from ovseg_mine import rle
 from ovseg_mine.resources import schemas_dir
-from ovseg_mine.shards import read_done, read_file_metadata, read_pairs, shard_files, validate_shard
+from ovseg_mine.shards import read_done, read_file_metadata, validate_shard
+from ovseg_mine.verify import read_pairs, shard_files
 
 from helpers import assert_same_pairs, run_cli
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ovseg_mine.clip_weights import load_clip_model, load_prompts_any, read_weights
-from ovseg_mine.models import WeightsError, load_clip
+from ovseg_mine.clip_loader import load_clip_model
+from ovseg_mine.clip_weights import load_prompts_any, read_weights
+from ovseg_mine.models import load_clip
+from ovseg_mine.weights_info import WeightsError
 
 ARCH = "ovseg-tiny-vit"
 

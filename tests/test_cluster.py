@@ -27,7 +27,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ovseg_mine.shards import PARTIAL_DIR, read_done, read_pairs
+from ovseg_mine.shards import PARTIAL_DIR, read_done
+from ovseg_mine.verify import read_pairs
 
 from helpers import assert_only_cli_lines, assert_same_pairs, kill_processes, write_repeated_captions
 

@@ -19,7 +19,7 @@ from ovseg_mine.export.openclip_csv import export_csv
 from ovseg_mine.export.pairs import ExportError, PairFilter
 from ovseg_mine.export.wds import export_webdataset
 from ovseg_mine.images import load_rgb
-from ovseg_mine.shards import read_pairs
+from ovseg_mine.verify import read_pairs
 
 from helpers import run_cli, upload
 

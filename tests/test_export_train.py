@@ -12,11 +12,11 @@ import sys
 import open_clip
 import pytest
 
-from ovseg_mine.clip_weights import load_clip_model
+from ovseg_mine.clip_loader import load_clip_model
 from ovseg_mine.export.openclip_csv import export_csv
 from ovseg_mine.export.pairs import PairFilter
 from ovseg_mine.export.wds import export_webdataset
-from ovseg_mine.models import register_clip_configs
+from ovseg_mine.resources import register_clip_configs
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
+from ovseg_mine.mine.errors import RunError
 from ovseg_mine.mine.run.failures import FailureWatch
-from ovseg_mine.mine.run.run_folder import RunError
 
 from helpers import run_cli
 

@@ -17,7 +17,8 @@ from ovseg_mine.finetune.data import PairDataset, make_loader, scan_shards
 from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE
 from ovseg_mine.finetune.stage import ImageTower, batch_loss
 from ovseg_mine.finetune.train import train_worker
-from ovseg_mine.models import load_clip, register_clip_configs
+from ovseg_mine.models import load_clip
+from ovseg_mine.resources import register_clip_configs
 from ovseg_mine.storage import resolve
 from ovseg_mine.text import NounEmbeddings
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ovseg_mine.mine.run.run_folder import RunError
+from ovseg_mine.mine.errors import RunError
 from ovseg_mine.mine.run.run_lock import hold_run
 from ovseg_mine.storage import StorageError, resolve
 

@@ -9,7 +9,7 @@ import pytest
 
 from ovseg_mine import rle
 from ovseg_mine.config import SamConfig
-from ovseg_mine.mine.sources.given_proposals import GivenMaskError, given_proposals
+from ovseg_mine.mine.algorithms.given_proposals import GivenMaskError, given_proposals
 from ovseg_mine.mine.sources.records import batches, image_row, proposal_type
 
 H, W = 12, 16

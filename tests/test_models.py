@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from ovseg_mine import models
-from ovseg_mine.models import WeightsError, WeightsInfo, load_clip, load_sam
+from ovseg_mine.models import load_clip, load_sam
+from ovseg_mine.weights_info import WeightsError, WeightsInfo
 
 
 @pytest.fixture()

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from ovseg_mine import stop_signals
+from ovseg_mine.mine.errors import RunError
 from ovseg_mine.mine.run.node_watch import NodeLostError, watched
-from ovseg_mine.mine.run.run_folder import RunError
 
 
 class Cluster:

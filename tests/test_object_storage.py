@@ -16,8 +16,9 @@ import time
 import psutil
 import pytest
 
-from ovseg_mine.shards import read_done, read_pairs, shard_files
+from ovseg_mine.shards import read_done
 from ovseg_mine.storage import resolve
+from ovseg_mine.verify import read_pairs, shard_files
 
 from helpers import assert_only_cli_lines, kill_processes, run_cli
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ovseg_mine.shards import read_done, read_pairs
+from ovseg_mine.shards import read_done
+from ovseg_mine.verify import read_pairs
 
 from helpers import kill_processes
 

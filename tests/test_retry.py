@@ -9,8 +9,9 @@ import os
 import shutil
 
 from ovseg_mine.mine.run.retry import failed_images, kept_results
-from ovseg_mine.shards import read_done, read_pairs, shard_files
+from ovseg_mine.shards import read_done
 from ovseg_mine.storage import resolve
+from ovseg_mine.verify import read_pairs, shard_files
 
 from helpers import assert_same_pairs, run_cli
 

@@ -12,13 +12,12 @@ from ovseg_mine.shards import (
     read_done,
     read_file_metadata,
     read_manifest,
-    read_pairs,
-    shard_files,
     validate_shard,
     write_json_atomic,
     write_shard,
 )
 from ovseg_mine.storage import resolve
+from ovseg_mine.verify import read_pairs, shard_files
 
 
 def _pair(image_id=1, noun="dog"):

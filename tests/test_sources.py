@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ovseg_mine.config import build_config
-from ovseg_mine.mine.algorithms.captions import screen_caption
 from ovseg_mine.mine.sources import SourceError, build_source, list_sources, parse_source, read_coco_captions
+from ovseg_mine.mine.sources.captions import screen_caption
 from ovseg_mine.mine.sources.records import batches, image_row, record_schema, reject_row, stable_id
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from ovseg_mine import rle
 from ovseg_mine.resources import schemas_dir
-from ovseg_mine.shards import read_done, read_file_metadata, read_pairs, shard_files, validate_shard
+from ovseg_mine.shards import read_done, read_file_metadata, validate_shard
+from ovseg_mine.verify import read_pairs, shard_files
 
 from helpers import instance_masks
 

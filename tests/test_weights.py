@@ -7,7 +7,7 @@ import pytest
 
 from ovseg_mine import models
 from ovseg_mine.config import build_config
-from ovseg_mine.mine.run.weights import resolve_weights
+from ovseg_mine.mine.graph.weights import resolve_weights
 
 from helpers import run_cli
 

@@ -1,6 +1,12 @@
 """The ``ovseg-mine`` command line: one module per command, each parsing its options, loading its config and
 calling the library. No logic of its own.
 
+* :mod:`~ovseg_mine.cli.mine` -- ``mine``, ``demo``, ``pipelines``;
+* :mod:`~ovseg_mine.cli.inspect`, :mod:`~ovseg_mine.cli.publish`, :mod:`~ovseg_mine.cli.finetune`,
+  :mod:`~ovseg_mine.cli.evaluate`, :mod:`~ovseg_mine.cli.export` -- one command each;
+* :mod:`~ovseg_mine.cli.common` -- what the commands share (errors as one line and an exit code, logging);
+* :mod:`~ovseg_mine.cli.__main__` -- ``python -m ovseg_mine.cli``.
+
 Heavy libraries are imported inside the commands, so ``ovseg-mine --help`` stays instant.
 """
 

@@ -173,11 +173,13 @@ def _coco_masks(weights, gt, images, baseline, no_prompts, min_area, limit, batc
 
     import torch
 
-    from ovseg_mine.clip_weights import load_clip_model, load_prompts_any
+    from ovseg_mine.clip_loader import load_clip_model
+    from ovseg_mine.clip_weights import load_prompts_any
     from ovseg_mine.finetune.checkpoint import CheckpointError, load_finetuned
     from ovseg_mine.finetune.evaluate import EvaluateError, classify, format_results, load_ground_truth
     from ovseg_mine.finetune.mask_prompt import MaskPromptError
-    from ovseg_mine.models import WeightsError, load_clip
+    from ovseg_mine.models import load_clip
+    from ovseg_mine.weights_info import WeightsError
 
     checkpoint, arch, pretrained = weights
     device = torch.device(device)

@@ -125,7 +125,7 @@ def _train(cfg):
     from ovseg_mine.finetune.data import DataError
     from ovseg_mine.finetune.mask_prompt import MaskPromptError
     from ovseg_mine.finetune.train import FinetuneError
-    from ovseg_mine.models import WeightsError
+    from ovseg_mine.weights_info import WeightsError
 
     errors = (DataError, FinetuneError, CheckpointError, MaskPromptError, WeightsError)
     try:

@@ -121,8 +121,8 @@ def _run_mine(
     from ovseg_mine.mine.algorithms.nouns import SpacyModelMissing
     from ovseg_mine.mine.run.driver import RunError, mine
     from ovseg_mine.mine.sources import SourceError
-    from ovseg_mine.models import WeightsError
     from ovseg_mine.ray_session import RayStartError
+    from ovseg_mine.weights_info import WeightsError
 
     setup_logging()
     extra = what.overrides + list(overrides)

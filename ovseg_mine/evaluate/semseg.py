@@ -107,7 +107,8 @@ class Proposals:
     def _engine(self, clip: Any, tokenizer: Any) -> Any:
         from ovseg_mine.evaluate.weights import WeightsLoadError
         from ovseg_mine.mine.algorithms.engine import MiningEngine
-        from ovseg_mine.models import WeightsError, load_sam
+        from ovseg_mine.models import load_sam
+        from ovseg_mine.weights_info import WeightsError
 
         sam_cfg = self.cfg.sam
         try:
@@ -151,7 +152,7 @@ class Proposals:
 
         from ovseg_mine.groundtruth import GroundTruthError
         from ovseg_mine.mine.algorithms.engine import ImageJob
-        from ovseg_mine.mine.sources.given_proposals import GivenMaskError, given_mask_set
+        from ovseg_mine.mine.algorithms.given_proposals import GivenMaskError, given_mask_set
 
         out: list[Any | str] = []
         if self.engine is not None:

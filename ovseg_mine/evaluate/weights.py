@@ -28,7 +28,7 @@ class WeightsLoadError(ValueError):
 def load_clip(
     arch: str, pretrained: str, *, device: Any = "cpu", seed: int = 0, with_prompts: bool = True
 ) -> tuple[Any, Callable[..., Any], Any, dict[str, Any]]:
-    """Build an open_clip model from ``(arch, pretrained)`` through :func:`ovseg_mine.clip_weights.load_clip_model`:
+    """Build an open_clip model from ``(arch, pretrained)`` through :func:`ovseg_mine.clip_loader.load_clip_model`:
     an open_clip tag, an open_clip_train epoch file, an OVSeg detectron2 ``.pth``, a safetensors file, or
     ``"random"`` (seeded with ``seed``, for tests).
 
@@ -41,9 +41,9 @@ def load_clip(
         WeightsLoadError: unknown arch or tag, a file that is no CLIP weights or does not fit ``arch`` (missing and
             unexpected key counts), weights that cannot be downloaded.
     """
-    from ovseg_mine.clip_weights import load_clip_model
+    from ovseg_mine.clip_loader import load_clip_model
     from ovseg_mine.finetune.mask_prompt import MaskPromptError
-    from ovseg_mine.models import WeightsError
+    from ovseg_mine.weights_info import WeightsError
 
     try:
         loaded = load_clip_model(arch, pretrained, device=device, seed=seed, with_prompts=with_prompts)
@@ -162,7 +162,7 @@ def load_classifiers(
     from ovseg_mine.clip_weights import load_prompts_any
     from ovseg_mine.finetune.checkpoint import CheckpointError, load_finetuned
     from ovseg_mine.finetune.mask_prompt import MaskPromptError
-    from ovseg_mine.models import WeightsError
+    from ovseg_mine.weights_info import WeightsError
 
     if (checkpoint is None) == (arch is None):
         raise WeightsLoadError("give either --checkpoint FOLDER or --arch ARCH --pretrained TAG_OR_FILE")

@@ -19,8 +19,9 @@ import numpy as np
 
 from ovseg_mine.export.crops import ovseg_crop, sample_key
 from ovseg_mine.export.images import ImageLookupError, RunImages
-from ovseg_mine.shards import ShardError, read_done, read_manifest, read_table, shard_files
+from ovseg_mine.shards import ShardError, read_done, read_manifest, read_table
 from ovseg_mine.storage import Location, StorageError, resolve, sha256_file
+from ovseg_mine.verify import shard_files
 
 #: The columns an export reads from the shards.
 COLUMNS = [

@@ -136,7 +136,8 @@ def load_finetuned(folder: str | os.PathLike[str] | Location, *, device: Any = "
     Raises:
         CheckpointError: not a finetune output, or its weights do not load into its architecture.
     """
-    from ovseg_mine.models import WeightsError, load_clip
+    from ovseg_mine.models import load_clip
+    from ovseg_mine.weights_info import WeightsError
 
     folder = resolve(folder)
     meta = read_metadata(folder)

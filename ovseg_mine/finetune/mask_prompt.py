@@ -47,7 +47,7 @@ def is_vit_arch(arch: str) -> bool:
     """
     import open_clip
 
-    from ovseg_mine.models import register_clip_configs
+    from ovseg_mine.resources import register_clip_configs
 
     register_clip_configs()  # this package's test architectures (ovseg-tiny-vit)
     cfg = open_clip.get_model_config(arch) or {}

@@ -84,7 +84,7 @@ def resolve_start(cfg: FinetuneConfig, manifest: dict[str, Any]) -> dict[str, An
             raise FinetuneError(f"pass --pretrained for {arch} (a tag, a checkpoint path, or random)")
     if pretrained != "random" and os.path.isfile(os.path.expanduser(pretrained)) and _known_arch(arch):
         from ovseg_mine.clip_weights import read_weights
-        from ovseg_mine.models import WeightsError
+        from ovseg_mine.weights_info import WeightsError
 
         try:
             arch = _arch_for(arch, read_weights(pretrained))
@@ -98,7 +98,7 @@ def _start_from_file(cfg: FinetuneConfig, manifest: dict[str, Any]) -> dict[str,
     (:mod:`ovseg_mine.clip_weights`); the architecture from ``--arch``, else the shards' CLIP; mask prompts from
     its ``visual.mask_embedding``."""
     from ovseg_mine.clip_weights import read_weights
-    from ovseg_mine.models import WeightsError
+    from ovseg_mine.weights_info import WeightsError
 
     arch = cfg.arch or manifest.get("models", {}).get("clip", {}).get("name")
     if not arch:

@@ -11,6 +11,6 @@
 * :mod:`~ovseg_mine.mine.run` -- the run: the driver (:func:`~ovseg_mine.mine.run.driver.mine`), which commits
   each shard as it completes, and the run folder's bookkeeping (resume, lock, manifest, failures, retry).
 
-Each layer imports only those listed before it (and the shared modules of :mod:`ovseg_mine`); the command line
-(:mod:`ovseg_mine.cli.mine`) calls the driver.
+Each layer imports only those listed before it, the shared modules of :mod:`ovseg_mine` and
+:mod:`~ovseg_mine.mine.errors` (``RunError``); the command line (:mod:`ovseg_mine.cli.mine`) calls the driver.
 """

@@ -284,7 +284,9 @@ def _write_folder(
     return BuiltFolder(out, parts.rows, files, parts.num_bytes, download_bytes, warnings)
 
 
-def _hub_error(exc: BaseException, repo_id: str, token: Optional[str]) -> PublishError:
+def hub_error(exc: BaseException, repo_id: str, token: Optional[str]) -> PublishError:
+    """``exc``, an error of huggingface_hub during an upload to ``repo_id``, as a one-line :class:`PublishError`
+    that says what to do (log in, ask for access, check the name, retry later...)."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -382,5 +384,5 @@ def publish(
                     delete_patterns=["data/*.parquet"],
                 )
         except (HfHubHTTPError, LocalTokenNotFoundError, HFValidationError, OSError, ValueError) as exc:
-            raise _hub_error(exc, repo_id, token) from exc
+            raise hub_error(exc, repo_id, token) from exc
     return str(getattr(url, "url", url) or f"https://huggingface.co/datasets/{repo_id}")

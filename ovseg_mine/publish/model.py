@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ovseg_mine.publish.hub import PublishError, _hub_error
+from ovseg_mine.publish.hub import PublishError, hub_error
 from ovseg_mine.storage import StorageError, resolve
 
 CONFIG_FILE = "open_clip_config.json"
@@ -142,7 +142,7 @@ def build_model_folder(
 
     from ovseg_mine.finetune import checkpoint as ckpt
     from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE
-    from ovseg_mine.models import register_clip_configs
+    from ovseg_mine.resources import register_clip_configs
 
     folder = resolve(finetune)
     try:
@@ -238,5 +238,5 @@ def publish_model(
                 commit_message=commit_message or "Upload a mask-adapted CLIP finetuned with ovseg-mine",
             )
         except (HfHubHTTPError, LocalTokenNotFoundError, HFValidationError, OSError, ValueError) as exc:
-            raise _hub_error(exc, repo_id, token) from exc
+            raise hub_error(exc, repo_id, token) from exc
     return str(getattr(url, "url", url) or f"https://huggingface.co/{repo_id}")

@@ -1,6 +1,6 @@
 """Mining's algorithms: plain PyTorch and NumPy on one device, no Ray, no files.
 
-* :mod:`~ovseg_mine.mine.algorithms.captions` -- caption screening (empty, non-English, over-long).
+
 * :mod:`~ovseg_mine.mine.algorithms.nouns` -- nouns of the captions (spaCy noun chunks, lemmas, stop nouns).
 * :mod:`~ovseg_mine.mine.algorithms.sam_attention` -- SAM's attention on ``scaled_dot_product_attention``.
 * :mod:`~ovseg_mine.mine.algorithms.sam_batch` -- SAM's encoder and decoder over batches of images and prompts.
@@ -8,6 +8,8 @@
   thresholds, box NMS) on the device: a :class:`~ovseg_mine.mine.algorithms.amg.MaskSet` per image.
 * :mod:`~ovseg_mine.mine.algorithms.proposals` -- class-agnostic mask proposals of one image
   (:class:`~ovseg_mine.mine.algorithms.proposals.SamMaskGenerator`, the single-image API).
+* :mod:`~ovseg_mine.mine.algorithms.given_proposals` -- masks the user gave (a record's COCO RLEs) as the proposals,
+  with SAM's selection rules, instead of SAM's.
 * :mod:`~ovseg_mine.mine.algorithms.matching` -- CLIP embeddings of masked crops and nouns, each noun's best mask.
 * :mod:`~ovseg_mine.mine.algorithms.engine` -- :class:`~ovseg_mine.mine.algorithms.engine.MiningEngine`: the GPU
   stage's work on a batch of images (proposals, crops, CLIP, matching) with one host transfer per image.

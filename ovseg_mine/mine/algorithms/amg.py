@@ -38,7 +38,7 @@ CROP_NMS_THRESH = 0.7
 @dataclass
 class MaskSet:
     """The kept proposals of one image, on the device, best first: SAM's (kept as low-resolution logits) or
-    masks the user gave (kept as run lengths, :func:`ovseg_mine.mine.sources.given_proposals.given_mask_set`).
+    masks the user gave (kept as run lengths, :func:`ovseg_mine.mine.algorithms.given_proposals.given_mask_set`).
 
     Attributes:
         low_res: mask logits at the decoder's resolution, ``[K, h, w]`` in the decoder's dtype (None for given

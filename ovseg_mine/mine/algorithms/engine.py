@@ -216,13 +216,13 @@ class MiningEngine:
 
     def given_masks(self, entries: list[dict[str, Any]], size: tuple[int, int]) -> "MaskSet":
         """An image's given masks as its proposals on the device
-        (:func:`ovseg_mine.mine.sources.given_proposals.given_mask_set` with the run's ``sam`` filters and chunk
+        (:func:`ovseg_mine.mine.algorithms.given_proposals.given_mask_set` with the run's ``sam`` filters and chunk
         budget).
 
         Raises:
             GivenMaskError: a mask's size differs from ``size`` ``(H, W)``.
         """
-        from ovseg_mine.mine.sources.given_proposals import given_mask_set
+        from ovseg_mine.mine.algorithms.given_proposals import given_mask_set
 
         return given_mask_set(entries, size, self.cfg.sam, self.device, self.chunk_bytes)
 

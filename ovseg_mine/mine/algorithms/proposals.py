@@ -19,7 +19,8 @@ import numpy as np
 
 from ovseg_mine import rle as rle_utils
 from ovseg_mine.config import SamConfig
-from ovseg_mine.models import ModelNameError, WeightsInfo, load_sam
+from ovseg_mine.models import load_sam
+from ovseg_mine.weights_info import ModelNameError, WeightsInfo
 
 if TYPE_CHECKING:
     import torch

@@ -6,5 +6,7 @@
 * :mod:`~ovseg_mine.mine.graph.stages` -- the stages: noun actors, decode and finalize tasks, mask/match actors
   (one per GPU) running :class:`~ovseg_mine.mine.algorithms.engine.MiningEngine`.
 * :mod:`~ovseg_mine.mine.graph.rows` -- the Arrow schemas of the rows between stages and the error row.
+* :mod:`~ovseg_mine.mine.graph.weights` -- the weights every actor loads, resolved once by the driver
+  (:class:`~ovseg_mine.mine.graph.weights.ResolvedWeights`).
 * :mod:`~ovseg_mine.mine.graph.attempts` -- images whose worker died, skipped after ``ray.max_image_attempts``.
 """

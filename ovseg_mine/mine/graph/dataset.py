@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ovseg_mine.config import MineConfig
-from ovseg_mine.mine.run.run_folder import RunError
-from ovseg_mine.mine.run.weights import ResolvedWeights
+from ovseg_mine.mine.errors import RunError
+from ovseg_mine.mine.graph.weights import ResolvedWeights
 from ovseg_mine.mine.sources import ShardTask, Source
 from ovseg_mine.storage import first_line
 

@@ -14,8 +14,8 @@ Every input row leaves each stage as exactly one row per image (:mod:`ovseg_mine
 the read step (:func:`ovseg_mine.mine.sources.records.record_schema`): the image is read from ``path`` or decoded
 from ``image_bytes``; a row the source already rejected passes through with its stage and reason; ``shard``,
 ``shard_size`` and ``shard_row`` are carried to the output; a row with ``proposals`` (masks the user gave) uses them
-instead of SAM (:func:`ovseg_mine.mine.sources.given_proposals.given_mask_set`), and with ``proposals.kind`` other than
-``sam`` SAM is neither loaded nor run.
+instead of SAM (:func:`ovseg_mine.mine.algorithms.given_proposals.given_mask_set`), and with ``proposals.kind`` other
+than ``sam`` SAM is neither loaded nor run.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ class MaskMatchStage:
     def _mine(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], todo: list[int]) -> None:
         """Mine rows ``todo`` as one batch (failures stay per image) and fill in their results."""
         from ovseg_mine.faults import failpoint
-        from ovseg_mine.mine.sources.given_proposals import GivenMaskError
+        from ovseg_mine.mine.algorithms.given_proposals import GivenMaskError
 
         jobs, where = [], []
         for i in todo:

@@ -5,7 +5,6 @@
   writes the manifest.
 * :mod:`~ovseg_mine.mine.run.run_folder` -- the run folder: its config check (resume) and its log.
 * :mod:`~ovseg_mine.mine.run.run_lock` -- one run per folder (a lock with the holder's host and pid).
-* :mod:`~ovseg_mine.mine.run.weights` -- the weights every actor loads, resolved once by the driver.
 * :mod:`~ovseg_mine.mine.run.inflight` -- results of the shards in flight, until each is complete.
 * :mod:`~ovseg_mine.mine.run.failures` -- failed images' tracebacks, counts, and a stop when one error repeats.
 * :mod:`~ovseg_mine.mine.run.node_watch` -- a stall after a lost node turned into an exception in the driver.

@@ -23,15 +23,16 @@ from typing import Any, Callable, NamedTuple
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash, mining_config
 from ovseg_mine.faults import failpoint
+from ovseg_mine.mine.errors import RunError
 from ovseg_mine.mine.graph.dataset import guarded, stream_results
+from ovseg_mine.mine.graph.weights import ResolvedWeights, resolve_weights
 from ovseg_mine.mine.run.failures import FailureWatch
 from ovseg_mine.mine.run.inflight import InFlightShards
 from ovseg_mine.mine.run.manifest import build_manifest
 from ovseg_mine.mine.run.node_watch import alive_nodes, watched
 from ovseg_mine.mine.run.retry import failed_images, kept_results, merged_stage_s
-from ovseg_mine.mine.run.run_folder import RUN_LOG, RunError, prepare_run_dir, run_log
+from ovseg_mine.mine.run.run_folder import RUN_LOG, prepare_run_dir, run_log
 from ovseg_mine.mine.run.run_lock import hold_run
-from ovseg_mine.mine.run.weights import ResolvedWeights, resolve_weights
 from ovseg_mine.mine.sources import Reject, ShardTask, SourceError, SourcePlan, build_source
 from ovseg_mine.mine.sources.proposal_files import ProposalSource, build_proposal_source
 from ovseg_mine.mine.sources.read import first_records
@@ -128,8 +129,8 @@ def mine(
 
     Raises:
         ovseg_mine.mine.sources.SourceError, RunError (also ovseg_mine.mine.run.run_lock.RunInUse: the folder is held
-        by another run), ovseg_mine.ray_session.RayStartError (no Ray to join or start), ovseg_mine.models.WeightsError,
-        ConfigError.
+        by another run), ovseg_mine.ray_session.RayStartError (no Ray to join or start),
+        ovseg_mine.weights_info.WeightsError, ConfigError.
     """
     try:
         out = resolve(out)

@@ -5,7 +5,7 @@ The mask/match stage isolates images: an exception while mining one image makes 
 ``error`` (:func:`ovseg_mine.mine.graph.stages.error_row`) and the run goes on, because one odd input must not stop a
 118K-image run. But a bug of ours raises on every image, and a run that "completes" with every image rejected
 hides it. So the driver passes every result through a :class:`FailureWatch`: it writes each failure's traceback
-to the run's log (``RUN/mine.log``), and raises :class:`~ovseg_mine.mine.run.run_folder.RunError` when
+to the run's log (``RUN/mine.log``), and raises :class:`~ovseg_mine.mine.errors.RunError` when
 ``ray.max_consecutive_errors`` results in a row failed with the same exception type. The manifest counts
 failures by type (``counts.errors_by_type``, from the shards' done records).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ovseg_mine.mine.run.run_folder import RunError
+from ovseg_mine.mine.errors import RunError
 
 log = logging.getLogger("ovseg_mine")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash
-from ovseg_mine.mine.run.weights import ResolvedWeights
+from ovseg_mine.mine.graph.weights import ResolvedWeights
 from ovseg_mine.mine.sources import SourcePlan
 from ovseg_mine.shards import SCHEMA_VERSION, read_table
 from ovseg_mine.storage import Location

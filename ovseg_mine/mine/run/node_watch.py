@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ovseg_mine.mine.run.run_folder import RunError
+from ovseg_mine.mine.errors import RunError
 
 __all__ = ["NodeLostError", "alive_nodes", "watched"]
 

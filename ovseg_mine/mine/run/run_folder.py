@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ovseg_mine.config import MineConfig, config_hash
+from ovseg_mine.mine.errors import RunError
 from ovseg_mine.shards import write_json_atomic
 from ovseg_mine.storage import Location, StorageError
 
@@ -66,10 +67,6 @@ def run_log(run: Location) -> Iterator[logging.Handler]:
                 logger.warning("the run's log could not be uploaded to %s (%s); it stays in %s", target, exc, path)
             else:
                 path.unlink()
-
-
-class RunError(RuntimeError):
-    """The run folder cannot be used as asked (e.g. it holds a run with another config)."""
 
 
 def prepare_run_dir(out: Location, cfg: MineConfig, overwrite: bool) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from ovseg_mine.mine.run.run_folder import RunError
+from ovseg_mine.mine.errors import RunError
 from ovseg_mine.storage import Location, StorageError
 
 log = logging.getLogger("ovseg_mine")

@@ -12,12 +12,13 @@ kind            LOCATION                                                     mod
 
 Every kind plans light shard tasks in the driver and produces its records inside Ray
 (:mod:`~ovseg_mine.mine.sources.base`, :mod:`~ovseg_mine.mine.sources.records`, :mod:`~ovseg_mine.mine.sources.read`;
-:mod:`~ovseg_mine.mine.sources.tables` reads Parquet and Arrow files for ``hf`` and ``img2dataset``).
+:mod:`~ovseg_mine.mine.sources.tables` reads Parquet and Arrow files for ``hf`` and ``img2dataset``;
+:mod:`~ovseg_mine.mine.sources.captions` screens captions: empty, non-English, over-long).
 
 Masks the user already has (``--proposals KIND:LOCATION``) are read here too:
 :mod:`~ovseg_mine.mine.sources.proposal_files` (COCO instances or panoptic, SA-1B JSON: an index, attached to the
-records by the read step) and :mod:`~ovseg_mine.mine.sources.given_proposals` (a record's masks as the proposals
-the engine matches, instead of SAM's).
+records by the read step); :mod:`~ovseg_mine.mine.algorithms.given_proposals` turns a record's masks into the
+proposals the engine matches.
 """
 
 from __future__ import annotations

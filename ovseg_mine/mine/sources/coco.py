@@ -37,7 +37,7 @@ class ImageRecord:
         path: where the image is read: an absolute local path (guaranteed to lie inside the image root) or a URI.
         width, height: size in pixels as the JSON states it (the decoded image's size wins later; 0: not stated).
         captions: the first ``captions_per_image`` captions that pass
-            :func:`ovseg_mine.mine.algorithms.captions.screen_caption`,
+            :func:`ovseg_mine.mine.sources.captions.screen_caption`,
             in annotation-id order (stripped; an over-long one cut).
         notes: what happened to this image's captions on the way (skipped as not English, cut...), one
             sentence each; they are listed as the run's warnings.
@@ -160,7 +160,7 @@ def read_coco_captions(
         limit: after sorting by image_id (and selecting ``image_ids``), keep the first N images.
         image_ids: mine only these ids; ids that are not in the file are listed as rejects.
         max_caption_chars, skip_non_english: caption screening
-            (:func:`ovseg_mine.mine.algorithms.captions.screen_caption`);
+            (:func:`ovseg_mine.mine.sources.captions.screen_caption`);
             skipped and cut captions are noted on the record.
 
     Returns:

@@ -33,7 +33,7 @@ from typing import Any
 from ovseg_mine.mine.sources.base import ShardTask, SourceError, SourcePlan, limit_tasks
 from ovseg_mine.mine.sources.records import IMAGE_EXTENSIONS, as_caption_list, image_row, reject_row, stable_id
 from ovseg_mine.mine.sources.tables import Columns, TableFile, TableSource, check_id_column, find_columns
-from ovseg_mine.mine.sources.webdataset import WebDatasetSource, _Sample
+from ovseg_mine.mine.sources.webdataset import TarSample, WebDatasetSource
 from ovseg_mine.storage import Location, StorageError, resolve
 
 _IMAGE_COLUMNS = ("jpg", "png", "webp")
@@ -211,7 +211,7 @@ class _Img2DatasetTars(WebDatasetSource):
     """img2dataset's ``webdataset`` format: the tars, plus what the metadata table beside each tar lists that the
     tar does not hold (failed downloads; downloaded samples missing from a cut tar)."""
 
-    def extra(self, task: ShardTask, samples: list[_Sample], files: list[_Sample]) -> list[_Sample]:
+    def extra(self, task: ShardTask, samples: list[TarSample], files: list[TarSample]) -> list[TarSample]:
         tar = resolve(task.payload["file"])
         name = task.payload["name"]
         meta = tar.parent.join(tar.name[: -len(".tar")] + ".parquet")
@@ -225,7 +225,7 @@ class _Img2DatasetTars(WebDatasetSource):
             ids = self._ids(table, len(keys))
         except (SourceError, StorageError, KeyError) as exc:
             files.append(
-                _Sample("", problem=f"{meta.name}, img2dataset's list of {name}'s URLs, cannot be read: {exc}")
+                TarSample("", problem=f"{meta.name}, img2dataset's list of {name}'s URLs, cannot be read: {exc}")
             )
             return []
         held = {posixpath.basename(s.key) for s in samples}
@@ -238,7 +238,7 @@ class _Img2DatasetTars(WebDatasetSource):
                 problem = f"img2dataset downloaded it ({meta.name}), but {cut}"
             else:
                 problem = f"img2dataset status {state}" + (f": {error}" if error else "")
-            sample = _Sample(key, problem=problem, image_id=stable_id(f"{name}/{key}"))
+            sample = TarSample(key, problem=problem, image_id=stable_id(f"{name}/{key}"))
             if image_id is not None:
                 sample.image_id = image_id
             extra.append(sample)

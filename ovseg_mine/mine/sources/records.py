@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ovseg_mine.mine.algorithms.captions import screen_caption
+from ovseg_mine.mine.sources.captions import screen_caption
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -96,7 +96,7 @@ def record_schema() -> "pa.Schema":
 def screen_captions(
     texts: Iterable[Any], wanted: int, *, max_chars: int, english_only: bool
 ) -> tuple[list[str], list[str]]:
-    """The first ``wanted`` captions of ``texts`` that pass :func:`~ovseg_mine.mine.algorithms.captions.screen_caption`,
+    """The first ``wanted`` captions of ``texts`` that pass :func:`~ovseg_mine.mine.sources.captions.screen_caption`,
     and a note (``caption I: why``) for each one skipped or cut on the way. Non-string entries are skipped with
     a note."""
     kept: list[str] = []

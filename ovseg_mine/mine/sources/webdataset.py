@@ -112,7 +112,11 @@ def split_key(name: str) -> tuple[str, str]:
 
 
 @dataclass
-class _Sample:
+class TarSample:
+    """One sample of a tar as the scan finds it: its ``key`` (path without extension), its members by extension,
+    the id and metadata read from its ``.json`` (when there is one), and the ``problem`` that makes it a reject
+    (a duplicate key, an unreadable member, a cut tar)."""
+
     key: str
     members: dict[str, tarfile.TarInfo] = field(default_factory=dict)
     duplicate: str | None = None
@@ -149,7 +153,7 @@ class WebDatasetSource(Source):
         }
         return SourcePlan(tasks, info)
 
-    def _scan(self, tar: tarfile.TarFile | None, task: ShardTask, problem: str | None = None) -> list[_Sample]:
+    def _scan(self, tar: tarfile.TarFile | None, task: ShardTask, problem: str | None = None) -> list[TarSample]:
         """The samples of the tar (members grouped by key, headers only) and those :meth:`extra` adds, selection
         applied, then the tar's file problems (image id None): it cannot be opened, its rest cannot be read, it
         has no end marker."""
@@ -157,7 +161,7 @@ class WebDatasetSource(Source):
         samples += self.extra(task, samples, files)
         return self.select(samples, task, lambda s: s.image_id, files)
 
-    def extra(self, task: ShardTask, samples: list[_Sample], files: list[_Sample]) -> list[_Sample]:
+    def extra(self, task: ShardTask, samples: list[TarSample], files: list[TarSample]) -> list[TarSample]:
         """Samples the tar does not hold but the shard lists (img2dataset's failed downloads); none here."""
         return []
 
@@ -165,16 +169,16 @@ class WebDatasetSource(Source):
         """``(samples, file problems)`` of the tar, no selection."""
         name = task.payload["name"]
         if tar is None:
-            return [], [_Sample("", problem=f"{name}: {problem}")]
-        files: list[_Sample] = []
-        samples: dict[str, _Sample] = {}
+            return [], [TarSample("", problem=f"{name}: {problem}")]
+        files: list[TarSample] = []
+        samples: dict[str, TarSample] = {}
         size = tar.fileobj.seek(0, 2)
         try:
             while (member := tar.next()) is not None:  # headers only: the data of each member is skipped
                 if not member.isfile():
                     continue
                 key, ext = split_key(member.name)
-                sample = samples.setdefault(key, _Sample(key))
+                sample = samples.setdefault(key, TarSample(key))
                 if ext in sample.members:
                     sample.duplicate = f"{key}.{ext}"
                 sample.members[ext] = member
@@ -185,12 +189,12 @@ class WebDatasetSource(Source):
                     )
         except tarfile.TarError as exc:
             files.append(
-                _Sample("", problem=f"{name}: the rest of the tar cannot be read after {len(samples)} samples: {exc}")
+                TarSample("", problem=f"{name}: the rest of the tar cannot be read after {len(samples)} samples: {exc}")
             )
         else:
             missing = self._end_missing(tar, size)
             if missing:
-                files.append(_Sample("", problem=f"{name}: {missing}"))
+                files.append(TarSample("", problem=f"{name}: {missing}"))
         for sample in samples.values():
             sample.image_id = stable_id(f"{name}/{sample.key}")
             if self.cfg.id_column and sample.duplicate is None:
@@ -210,7 +214,7 @@ class WebDatasetSource(Source):
             return f"no end-of-archive marker (two 512-byte zero blocks) {at}: the tar was cut, members may be missing"
         return f"unreadable data instead of the end-of-archive marker {at}: the tar was cut or is corrupt"
 
-    def _meta(self, tar: tarfile.TarFile, sample: _Sample) -> dict[str, Any] | None:
+    def _meta(self, tar: tarfile.TarFile, sample: TarSample) -> dict[str, Any] | None:
         if sample.meta is None and "json" in sample.members:
             try:
                 meta = json.loads(tar.extractfile(sample.members["json"]).read())
@@ -220,7 +224,7 @@ class WebDatasetSource(Source):
             sample.meta = meta if isinstance(meta, dict) else {}
         return sample.meta
 
-    def _read_id(self, tar: tarfile.TarFile, sample: _Sample) -> None:
+    def _read_id(self, tar: tarfile.TarFile, sample: TarSample) -> None:
         meta = self._meta(tar, sample)
         value = (meta or {}).get(self.cfg.id_column)
         if meta is None:
@@ -230,7 +234,7 @@ class WebDatasetSource(Source):
         else:
             sample.image_id = value
 
-    def _captions(self, tar: tarfile.TarFile, sample: _Sample) -> list[Any] | None:
+    def _captions(self, tar: tarfile.TarFile, sample: TarSample) -> list[Any] | None:
         column = self.cfg.caption_column
         if column is not None and column.lower() in sample.members:
             return [tar.extractfile(sample.members[column.lower()]).read().decode("utf-8", "replace")]
@@ -241,7 +245,7 @@ class WebDatasetSource(Source):
             return as_caption_list(meta.get(column))
         return as_caption_list(meta.get("caption", meta.get("captions")))
 
-    def _row(self, tar: tarfile.TarFile | None, sample: _Sample, name: str) -> dict[str, Any]:
+    def _row(self, tar: tarfile.TarFile | None, sample: TarSample, name: str) -> dict[str, Any]:
         if sample.image_id is None:  # a problem of the tar file itself
             return file_reject_row(name, sample.problem or "")
         try:
@@ -249,7 +253,7 @@ class WebDatasetSource(Source):
         except (tarfile.TarError, OSError) as exc:  # a member whose data cannot be read
             return reject_row(sample.image_id, f"{name}/{sample.key}", "source", f"cannot read the sample: {exc}")
 
-    def _sample_row(self, tar: Any, sample: _Sample, name: str) -> dict[str, Any]:
+    def _sample_row(self, tar: Any, sample: TarSample, name: str) -> dict[str, Any]:
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample.members), None)
         file_name = f"{name}/{sample.members[image_ext].name if image_ext else sample.key}".rstrip("/")
         if sample.duplicate:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ovseg_mine.config import MineConfig
 
 if TYPE_CHECKING:
-    from ovseg_mine.models import WeightsInfo
+    from ovseg_mine.weights_info import WeightsInfo
 
 
 @dataclass
@@ -31,7 +31,7 @@ def resolve_weights(cfg: MineConfig) -> ResolvedWeights:
     With given masks (``proposals.kind`` not ``sam``) SAM is not resolved: only CLIP is resolved and recorded.
 
     Raises:
-        ovseg_mine.models.WeightsError: weights unavailable and the recipe does not allow random weights.
+        ovseg_mine.weights_info.WeightsError: weights unavailable and the recipe does not allow random weights.
     """
     from ovseg_mine.models import resolve_clip_weights, resolve_sam_weights
 
