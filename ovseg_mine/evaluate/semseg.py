@@ -223,26 +223,13 @@ def segment(
     names, k = list(data.classes.names), len(data.classes)
     texts = {c.name: c.text(names) for c in classifiers}
     matrices = {c.name: ConfusionMatrix(k) for c in classifiers}
-    outdirs = {}
-    if save_predictions is not None:
-        for c in classifiers:
-            outdirs[c.name] = Path(save_predictions) / (c.name if len(classifiers) > 1 else "")
-            outdirs[c.name].mkdir(parents=True, exist_ok=True)
+    outdirs = _prediction_folders(save_predictions, classifiers)
     no_proposals: list[dict[str, str]] = []
     counts: list[int] = []
 
     def flush(group: list[Sample]) -> None:
         images = [torch.from_numpy(s.image).permute(2, 0, 1).to(device) for s in group]
-        masks = proposals.masks(group, images)
-        for sample, m in zip(group, masks, strict=True):
-            if isinstance(m, str):
-                no_proposals.append({"file": sample.label_path.name, "reason": m})
-            elif not len(m):
-                no_proposals.append({"file": sample.label_path.name, "reason": "no proposal"})
-        dense = [
-            m if not isinstance(m, str) else torch.zeros((0, *s.gt.shape), dtype=torch.bool, device=device)
-            for s, m in zip(group, masks, strict=True)
-        ]
+        dense = _proposal_masks(proposals, group, images, no_proposals, device=device)
         counts.extend(int(m.shape[0]) for m in dense)
         for clf in classifiers:
             feats = clf.encode_many(list(zip(images, dense, strict=True)), batch_size=batch_size)
@@ -271,6 +258,36 @@ def segment(
         "no_proposals": no_proposals,
         "proposals_per_image": round(float(np.mean(counts)), 2) if counts else None,
     }
+
+
+def _prediction_folders(
+    save_predictions: str | os.PathLike[str] | None, classifiers: Sequence[Classifier]
+) -> dict[str, Path]:
+    """Each classifier's folder for its predictions, created (a subfolder per name with several); {} for none."""
+    outdirs = {}
+    if save_predictions is not None:
+        for c in classifiers:
+            outdirs[c.name] = Path(save_predictions) / (c.name if len(classifiers) > 1 else "")
+            outdirs[c.name].mkdir(parents=True, exist_ok=True)
+    return outdirs
+
+
+def _proposal_masks(
+    proposals: Proposals, group: list[Sample], images: list[Any], no_proposals: list[dict[str, str]], *, device: Any
+) -> list[Any]:
+    """Each image's bool ``[Q, H, W]`` proposal masks (Q = 0 for none); appends to ``no_proposals`` why for those."""
+    import torch
+
+    masks = proposals.masks(group, images)
+    for sample, m in zip(group, masks, strict=True):
+        if isinstance(m, str):
+            no_proposals.append({"file": sample.label_path.name, "reason": m})
+        elif not len(m):
+            no_proposals.append({"file": sample.label_path.name, "reason": "no proposal"})
+    return [
+        m if not isinstance(m, str) else torch.zeros((0, *s.gt.shape), dtype=torch.bool, device=device)
+        for s, m in zip(group, masks, strict=True)
+    ]
 
 
 def score_predictions(

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import os
 import tarfile
-from typing import Callable
+from typing import Any, Callable
 
 from ovseg_mine.export.command import trainer_command
 from ovseg_mine.export.crops import png_bytes
+from ovseg_mine.export.images import RunImages
 from ovseg_mine.export.openclip_csv import DEFAULT_TEMPLATE
 from ovseg_mine.export.pairs import (
     ExportError,
     ExportResult,
     PairFilter,
+    RunPairs,
     check_settings,
     check_template,
     open_run,
@@ -45,6 +47,7 @@ def tar_name(index: int) -> str:
 
 
 def _count_samples(path: str) -> int:
+    """The number of samples (distinct keys) in a finished tar."""
     with tarfile.open(path) as tar:
         return len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
 
@@ -96,53 +99,11 @@ def export_webdataset(
     found = run_images(pairs, images)
     if on_start is not None:
         on_start(pairs.count(filt))
-
-    def done(ordinal: int, _key: str) -> bool:
-        return os.path.isfile(os.path.join(out, tar_name(ordinal // per_tar)))
-
-    sizes: dict[str, int] = {}
-    writer, current, written = None, -1, 0
-
-    def close() -> None:
-        if writer is not None:
-            writer.close()
-            path = os.path.join(out, tar_name(current))
-            os.replace(f"{path}.tmp", path)
-
-    try:
-        for sample in pairs.samples(filt, found, written=done):
-            index = sample.ordinal // per_tar
-            name = tar_name(index)
-            if sample.crop is None:  # its tar was written by an earlier call: counted once
-                if name not in sizes:
-                    sizes[name] = _count_samples(os.path.join(out, name))
-            else:
-                if index != current:
-                    close()
-                    writer, current = wds.TarWriter(os.path.join(out, f"{name}.tmp")), index
-                writer.write(
-                    {
-                        "__key__": sample.key,
-                        "png": png_bytes(sample.crop),
-                        "txt": title(template, sample.row["noun"]),
-                        "json": sample.meta(),
-                    }
-                )
-                sizes[name] = sizes.get(name, 0) + 1
-                written += 1
-            if on_pair is not None:
-                on_pair()
-        close()
-        writer = None
-    finally:
-        if writer is not None:  # stopped mid-tar: its partial file is removed, the finished tars stay
-            writer.close()
-            os.remove(os.path.join(out, f"{tar_name(current)}.tmp"))
+    tars = _TarSeries(out, wds.TarWriter)
+    sizes, written = _write_samples(pairs, filt, found, tars, template=template, per_tar=per_tar, on_pair=on_pair)
     write_json(os.path.join(out, SIZES_FILE), sizes)
-    tars = [os.path.join(out, name) for name in sorted(sizes)]
-    last = max((int(n[len("shard-") : -len(".tar")]) for n in sizes), default=0)
-    pattern = os.path.join(out, tar_name(0) if last == 0 else f"shard-{{00000..{last:05d}}}.tar")
-    command = trainer_command(pairs.manifest, ["--train-data", pattern, "--dataset-type", "webdataset"])
+    files = [os.path.join(out, name) for name in sorted(sizes)]
+    command = trainer_command(pairs.manifest, ["--train-data", _train_data(out, sizes), "--dataset-type", "webdataset"])
     total = sum(sizes.values())
     write_json(
         settings_file(out),
@@ -154,4 +115,85 @@ def export_webdataset(
             "command": command,
         },
     )
-    return ExportResult(out, total, written, tars, pairs.skipped, pairs.unfinished, command)
+    return ExportResult(out, total, written, files, pairs.skipped, pairs.unfinished, command)
+
+
+class _TarSeries:
+    """The numbered tars of an export, one open at a time as ``NAME.tmp`` and renamed to ``NAME`` once complete."""
+
+    def __init__(self, out: str, tar_writer: Callable[[str], Any]) -> None:
+        self.out, self.tar_writer = out, tar_writer
+        self.writer: Any = None
+        self.current = -1  # the index of the open tar
+
+    def write(self, index: int, sample: dict[str, Any]) -> None:
+        """Write a sample to tar ``index``, completing the open tar first if it is another one."""
+        if index != self.current:
+            self.complete()
+            self.writer, self.current = self.tar_writer(os.path.join(self.out, f"{tar_name(index)}.tmp")), index
+        self.writer.write(sample)
+
+    def complete(self) -> None:
+        """Close the open tar, if any, and rename it into place."""
+        if self.writer is not None:
+            self.writer.close()
+            path = os.path.join(self.out, tar_name(self.current))
+            os.replace(f"{path}.tmp", path)
+            self.writer = None
+
+    def abandon(self) -> None:
+        """Close the open tar, if any, and remove its partial file (the complete tars stay)."""
+        if self.writer is not None:
+            self.writer.close()
+            os.remove(os.path.join(self.out, f"{tar_name(self.current)}.tmp"))
+            self.writer = None
+
+
+def _write_samples(
+    pairs: RunPairs,
+    filt: PairFilter,
+    found: RunImages,
+    tars: _TarSeries,
+    *,
+    template: str,
+    per_tar: int,
+    on_pair: Callable[[], None] | None,
+) -> tuple[dict[str, int], int]:
+    """Write the pairs' samples to the tars not written by an earlier call: (samples per tar name, samples written)."""
+
+    def done(ordinal: int, _key: str) -> bool:
+        return os.path.isfile(os.path.join(tars.out, tar_name(ordinal // per_tar)))
+
+    sizes: dict[str, int] = {}
+    written = 0
+    try:
+        for sample in pairs.samples(filt, found, written=done):
+            index = sample.ordinal // per_tar
+            name = tar_name(index)
+            if sample.crop is None:  # its tar was written by an earlier call: counted once
+                if name not in sizes:
+                    sizes[name] = _count_samples(os.path.join(tars.out, name))
+            else:
+                tars.write(
+                    index,
+                    {
+                        "__key__": sample.key,
+                        "png": png_bytes(sample.crop),
+                        "txt": title(template, sample.row["noun"]),
+                        "json": sample.meta(),
+                    },
+                )
+                sizes[name] = sizes.get(name, 0) + 1
+                written += 1
+            if on_pair is not None:
+                on_pair()
+        tars.complete()
+    finally:
+        tars.abandon()  # stopped mid-tar: its partial file is removed, the finished tars stay
+    return sizes, written
+
+
+def _train_data(out: str, sizes: dict[str, int]) -> str:
+    """open_clip_train's ``--train-data`` for the tars: ``OUT/shard-00000.tar`` or ``OUT/shard-{00000..000NN}.tar``."""
+    last = max((int(n[len("shard-") : -len(".tar")]) for n in sizes), default=0)
+    return os.path.join(out, tar_name(0) if last == 0 else f"shard-{{00000..{last:05d}}}.tar")

@@ -119,9 +119,6 @@ def classify(
     """
     import torch
 
-    from ovseg_mine.crops import CLIP_MEAN_PIXEL, mask_bboxes, normalize, render_masked_crops
-    from ovseg_mine.finetune.patch_mask import crop_masks, patch_foreground
-    from ovseg_mine.images import ImageDecodeError, load_rgb
     from ovseg_mine.text import NounEmbeddings
 
     device = torch.device(device)
@@ -131,32 +128,13 @@ def classify(
     skipped = dict(gt.skipped)
     top1, top5, targets = [], [], []
     for image_id, anns in gt.by_image.items():
-        try:
-            image = torch.from_numpy(load_rgb(gt.image_path(image_id))).permute(2, 0, 1)
-        except ImageDecodeError:
-            skipped["undecodable_image"] += len(anns)
+        loaded = _image_and_masks(gt, image_id, anns, skipped)
+        if loaded is None:
             continue
-        try:
-            masks = gt.masks(image_id)
-        except GroundTruthError as exc:
-            raise EvaluateError(str(exc)) from exc
-        if masks.shape[1:] != tuple(image.shape[1:]):
-            skipped["undecodable_image"] += len(anns)
-            continue
-        keep = masks.any(axis=(1, 2))
-        skipped["tiny"] += int((~keep).sum())
-        anns, masks_t = [a for a, k in zip(anns, keep, strict=True) if k], torch.from_numpy(masks[keep])
+        image, anns, masks = loaded
         for s in range(0, len(anns), batch_size):
-            chunk, part = anns[s : s + batch_size], masks_t[s : s + batch_size]
-            boxes = mask_bboxes(part)
-            crops = normalize(render_masked_crops(image, part, boxes, size=size, fill=CLIP_MEAN_PIXEL), mean, std)
-            with torch.inference_mode():
-                if prompts is not None:
-                    fg = patch_foreground(crop_masks(part, boxes, size=size), prompts.patch_size)
-                    feats = prompts(crops.to(device), fg.to(device))
-                else:
-                    feats = model.encode_image(crops.to(device))
-            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+            chunk, part = anns[s : s + batch_size], masks[s : s + batch_size]
+            feats = _mask_features(model, image, part, size=size, mean=mean, std=std, prompts=prompts, device=device)
             t = [column[int(a["category_id"])] for a in chunk]
             h1, h5 = topk_hits(feats @ text.T, t)
             top1.extend(h1.tolist()), top5.extend(h5.tolist()), targets.extend(t)
@@ -169,6 +147,51 @@ def classify(
         [gt.categories[c] for c in cat_ids],
         skipped,
     )
+
+
+def _image_and_masks(
+    gt: Selection, image_id: int, anns: list[dict[str, Any]], skipped: dict[str, int]
+) -> tuple[Any, list[dict[str, Any]], Any] | None:
+    """The uint8 ``[3, H, W]`` image, its annotations with a non-empty mask, their masks; None: skipped, counted."""
+    import torch
+
+    from ovseg_mine.images import ImageDecodeError, load_rgb
+
+    try:
+        image = torch.from_numpy(load_rgb(gt.image_path(image_id))).permute(2, 0, 1)
+    except ImageDecodeError:
+        skipped["undecodable_image"] += len(anns)
+        return None
+    try:
+        masks = gt.masks(image_id)
+    except GroundTruthError as exc:
+        raise EvaluateError(str(exc)) from exc
+    if masks.shape[1:] != tuple(image.shape[1:]):
+        skipped["undecodable_image"] += len(anns)
+        return None
+    keep = masks.any(axis=(1, 2))
+    skipped["tiny"] += int((~keep).sum())
+    return image, [a for a, k in zip(anns, keep, strict=True) if k], torch.from_numpy(masks[keep])
+
+
+def _mask_features(
+    model: Any, image: Any, masks: Any, *, size: int, mean: Any, std: Any, prompts: Any, device: Any
+) -> Any:
+    """The L2-normalized float32 ``[N, D]`` image features of the masked crops of ``masks`` in ``image``."""
+    import torch
+
+    from ovseg_mine.crops import CLIP_MEAN_PIXEL, mask_bboxes, normalize, render_masked_crops
+    from ovseg_mine.finetune.patch_mask import crop_masks, patch_foreground
+
+    boxes = mask_bboxes(masks)
+    crops = normalize(render_masked_crops(image, masks, boxes, size=size, fill=CLIP_MEAN_PIXEL), mean, std)
+    with torch.inference_mode():
+        if prompts is not None:
+            fg = patch_foreground(crop_masks(masks, boxes, size=size), prompts.patch_size)
+            feats = prompts(crops.to(device), fg.to(device))
+        else:
+            feats = model.encode_image(crops.to(device))
+    return torch.nn.functional.normalize(feats.float(), dim=-1)
 
 
 def summarize(

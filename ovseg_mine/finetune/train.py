@@ -36,7 +36,8 @@ from ovseg_mine.finetune.config import FinetuneConfig
 from ovseg_mine.finetune.data import scan_shards
 from ovseg_mine.finetune.mask_prompt import PROMPTS_FILE, MaskPrompts, is_vit_arch
 from ovseg_mine.finetune.stage import StageRunner, TrainSetup
-from ovseg_mine.storage import resolve
+from ovseg_mine.storage import Location, resolve
+from ovseg_mine.weights_info import WeightsInfo
 
 log = logging.getLogger("ovseg_mine")
 
@@ -162,24 +163,11 @@ def train_worker(
     out = resolve(cfg.out)
     index = scan_shards(cfg.shards, cfg.images, skip_damaged=cfg.skip_damaged)
     start = resolve_start(cfg, index.manifest)
-    if "prompt" in cfg.stages and not is_vit_arch(start["arch"]) and _known_arch(start["arch"]):
-        raise FinetuneError(
-            f"--mode {cfg.mode} needs a ViT image tower; {start['arch']} is not an open_clip "
-            "VisionTransformer (use --mode full)"
-        )
-    state = ckpt.load_state(out)
-    if state is None and out.join(ckpt.METADATA_FILE).is_file():
-        old = ckpt.read_metadata(out)
-        if old.get("training_hash") != cfg.training_hash():
-            raise FinetuneError(f"{out} holds a finetune with another config; choose another --out")
-        if old.get("complete"):
-            log.info("%s already holds this finetune, complete", out)
-            return old
-    if state is not None and state["training_hash"] != cfg.training_hash():
-        raise FinetuneError(
-            f"{out} holds a finetune with another config (its resume state differs); "
-            "choose another --out, or delete it to start over"
-        )
+    _check_mode(cfg, start["arch"])
+    state, complete = _previous_run(cfg, out)
+    if complete is not None:
+        log.info("%s already holds this finetune, complete", out)
+        return complete
     device = _device(cfg, local_rank)
     precision = precision_mod.for_training(cfg.precision, device)
     model, tokenizer, info = load_clip(
@@ -189,10 +177,66 @@ def train_worker(
     if state is not None:
         model.visual.load_state_dict(state["visual"])
     size, (mean, std) = clip_input_size(model), clip_mean_std(model)
-    logit_scale = float(model.logit_scale.exp().clamp(max=100))
-    text_cache = NounEmbeddings(model, tokenizer, device)
-    quick = ckpt.uses_quick_gelu(model)
-    meta: dict[str, Any] = {
+    setup = TrainSetup(
+        cfg=cfg,
+        model=model,
+        text_cache=NounEmbeddings(model, tokenizer, device),
+        index=index,
+        size=size,
+        mean=mean,
+        std=std,
+        logit_scale=float(model.logit_scale.exp().clamp(max=100)),
+        device=device,
+        precision=precision,
+        rank=rank,
+        world_size=world_size,
+        on_step=on_step,
+    )
+    meta = _metadata(setup, start, info, state)
+    if rank == 0:
+        out.makedirs()
+        if state is None and not out.join(ckpt.WEIGHTS_FILE).is_file():
+            ckpt.save_weights(model, out)  # the start weights: evaluate and prompt-only runs need a full model
+            ckpt.write_metadata(out, meta)
+    _run_stages(setup, start, meta, state)
+    meta["complete"] = True
+    if rank == 0:
+        _write_complete(out, meta)
+    return meta
+
+
+def _check_mode(cfg: FinetuneConfig, arch: str) -> None:
+    """Refuse a mode with a prompt stage for an open_clip architecture that is not a ViT (FinetuneError)."""
+    if "prompt" in cfg.stages and not is_vit_arch(arch) and _known_arch(arch):
+        raise FinetuneError(
+            f"--mode {cfg.mode} needs a ViT image tower; {arch} is not an open_clip VisionTransformer (use --mode full)"
+        )
+
+
+def _previous_run(cfg: FinetuneConfig, out: Location) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The resume state in ``out`` (or None) and, when ``out`` holds this finetune complete, its metadata."""
+    state = ckpt.load_state(out)
+    if state is None and out.join(ckpt.METADATA_FILE).is_file():
+        old = ckpt.read_metadata(out)
+        if old.get("training_hash") != cfg.training_hash():
+            raise FinetuneError(f"{out} holds a finetune with another config; choose another --out")
+        if old.get("complete"):
+            return None, old
+    if state is not None and state["training_hash"] != cfg.training_hash():
+        raise FinetuneError(
+            f"{out} holds a finetune with another config (its resume state differs); "
+            "choose another --out, or delete it to start over"
+        )
+    return state, None
+
+
+def _metadata(
+    setup: TrainSetup, start: dict[str, Any], info: WeightsInfo, state: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The run's metadata as it starts (config, weights, shards...), with the resume ``state``'s stages and curve."""
+    cfg, index = setup.cfg, setup.index
+    quick = ckpt.uses_quick_gelu(setup.model)
+    return {
         "format": "ovseg-mine finetune v1",
         "config": cfg.model_dump(mode="json"),
         "training_hash": cfg.training_hash(),
@@ -200,7 +244,7 @@ def train_worker(
         "open_clip_arch": ckpt.open_clip_arch(start["arch"], quick),
         "quick_gelu": quick,
         "start": {**start, "weights": info.to_dict(), "seed": cfg.seed},
-        "preprocess": {"mean": mean, "std": std, "size": size},
+        "preprocess": {"mean": setup.mean, "std": setup.std, "size": setup.size},
         "shards": {
             "run": index.run_dir.uri,
             "config_hash": index.manifest.get("config_hash"),
@@ -211,33 +255,16 @@ def train_worker(
             "missing_images": index.missing_images[:100],
             "weights": index.manifest.get("weights"),
         },
-        "world_size": world_size,
-        "precision": precision,
-        "stages": {},
-        "curve": [],
+        "world_size": setup.world_size,
+        "precision": setup.precision,
+        "stages": state["stages"] if state is not None else {},
+        "curve": state["curve"] if state is not None else [],
     }
-    if state is not None:
-        meta["stages"], meta["curve"] = state["stages"], state["curve"]
-    setup = TrainSetup(
-        cfg=cfg,
-        model=model,
-        text_cache=text_cache,
-        index=index,
-        size=size,
-        mean=mean,
-        std=std,
-        logit_scale=logit_scale,
-        device=device,
-        precision=precision,
-        rank=rank,
-        world_size=world_size,
-        on_step=on_step,
-    )
-    if rank == 0:
-        out.makedirs()
-        if state is None and not out.join(ckpt.WEIGHTS_FILE).is_file():
-            ckpt.save_weights(model, out)  # the start weights: evaluate and prompt-only runs need a full model
-            ckpt.write_metadata(out, meta)
+
+
+def _run_stages(setup: TrainSetup, start: dict[str, Any], meta: dict[str, Any], state: dict[str, Any] | None) -> None:
+    """Run the stages not complete in ``meta``; the one the resume ``state`` belongs to continues from it."""
+    cfg, model = setup.cfg, setup.model
     for stage in cfg.stages:
         if meta["stages"].get(stage, {}).get("complete"):
             continue
@@ -246,18 +273,19 @@ def train_worker(
             prompts = (
                 load_prompts_any(start["prompts"], model)
                 if start["prompts"]
-                else MaskPrompts(model.visual, depth=cfg.prompt_depth).to(device)
+                else MaskPrompts(model.visual, depth=cfg.prompt_depth).to(setup.device)
             )
         stage_state = state if state is not None and state["stage"] == stage else None
         StageRunner(setup, stage, prompts, meta, stage_state).run()
         state = None
         if prompts is not None:
             prompts.remove()
-    meta["complete"] = True
-    if rank == 0:
-        ckpt.write_metadata(out, meta)
-        out.join(ckpt.STATE_FILE).delete()  # done: a rerun finds metadata.json complete
-        if out.is_local:
-            with contextlib.suppress(OSError):
-                os.rmdir(out.join(ckpt.STATE_FILE).parent.path)
-    return meta
+
+
+def _write_complete(out: Location, meta: dict[str, Any]) -> None:
+    """Write the complete metadata and remove the resume state (rank 0): a rerun finds metadata.json complete."""
+    ckpt.write_metadata(out, meta)
+    out.join(ckpt.STATE_FILE).delete()
+    if out.is_local:
+        with contextlib.suppress(OSError):
+            os.rmdir(out.join(ckpt.STATE_FILE).parent.path)

@@ -2,6 +2,9 @@
 data URIs; no network, no external script) with the figures of :mod:`ovseg_mine.inspect.quality`, score plots, and a
 gallery of sampled pairs (image with the mask drawn over it, the masked crop, noun, caption, scores, and the
 ground-truth IoU where known). Every caption and noun is escaped.
+
+The page is the jinja2 template ``report.html.j2`` next to this module (autoescaping), which includes the gallery's,
+``gallery.html.j2``; this module computes what they show (plots, sampled pairs and their pictures).
 """
 
 from __future__ import annotations
@@ -9,47 +12,24 @@ from __future__ import annotations
 import base64
 import io
 import random
+from functools import lru_cache
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ovseg_mine.inspect.quality import SCORES, Inspection
 from ovseg_mine.storage import Location, StorageError, resolve
 
+if TYPE_CHECKING:
+    import jinja2
+
+TEMPLATES = Path(__file__).parent  # the page (PAGE) includes the gallery (GALLERY)
+PAGE = "report.html.j2"
+GALLERY = "gallery.html.j2"
 THUMB = 320  # longest side of a gallery image, pixels
 CROP = 160  # side of a gallery crop, pixels
-
-_CSS = """
-body{font-family:sans-serif;margin:1.5em;color:#222;background:#fafafa}
-table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
-th{background:#eee}td.l,th.l{text-align:left}img.plot{max-width:100%;border:1px solid #ddd;background:#fff}
-#gallery{display:flex;flex-wrap:wrap;gap:10px}.card{background:#fff;border:1px solid #ccc;padding:6px;width:500px}
-.card img{vertical-align:top;margin-right:4px}.noun{font-weight:bold;font-size:1.1em}.cap{color:#555;font-style:italic}
-.warn{background:#fff3cd;padding:6px;border:1px solid #e0c060}.controls{margin:.5em 0}
-"""
-
-_JS = """
-(function(){
-  var g=document.getElementById('gallery'); if(!g){return;}
-  var cards=Array.prototype.slice.call(g.querySelectorAll('.card'));
-  var q=document.getElementById('f-noun'), s=document.getElementById('f-sort'), m=document.getElementById('f-min');
-  function num(c,k){var v=parseFloat(c.getAttribute('data-'+k));return isNaN(v)?-Infinity:v;}
-  function update(){
-    var text=q.value.trim().toLowerCase(), key=s.value, min=parseFloat(m.value), shown=0;
-    cards.sort(function(a,b){return key==='noun'
-      ?a.getAttribute('data-noun').localeCompare(b.getAttribute('data-noun')):num(b,key)-num(a,key);});
-    cards.forEach(function(c){
-      var ok=c.getAttribute('data-noun').indexOf(text)>=0 && (isNaN(min)||key==='noun'||num(c,key)>=min);
-      c.style.display=ok?'':'none'; if(ok){shown++;} g.appendChild(c);
-    });
-    document.getElementById('f-count').textContent=shown+' of '+cards.length+' shown';
-  }
-  [q,s,m].forEach(function(e){e.addEventListener('input',update);});
-  update();
-})();
-"""
 
 
 def _data_uri(image: Any, fmt: str = "JPEG") -> str:
@@ -125,202 +105,102 @@ def _pair_images(image: np.ndarray, mask_rle: dict[str, Any]) -> tuple[str, str]
 
 
 def _fmt(v: Any) -> str:
+    """A score with 3 decimals, or ``n/a`` for None, NaN and infinities (the templates' filter ``fmt``)."""
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
 
-def gallery_html(insp: Inspection, n: int, seed: int) -> str:
-    """HTML of ``n`` pairs sampled with ``random.Random(seed)`` (repeatable), as ``.card`` divs in ``#gallery``."""
+def _escape(value: Any) -> Any:
+    """A template value escaped as :func:`html.escape` does it (``'`` -> ``&#x27;``); markup (macros) as it is."""
+    from markupsafe import Markup
+
+    return value if hasattr(value, "__html__") else Markup(escape(str(value)))
+
+
+@lru_cache(maxsize=1)
+def _environment() -> "jinja2.Environment":
+    """The jinja2 environment of the report's templates (next to this module), autoescaping."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=True,
+        finalize=_escape,  # the escaping of html.escape, as the report had before its templates
+    )
+    env.filters["fmt"] = _fmt
+    return env
+
+
+def _gallery_images(insp: Inspection, picked: list[int]) -> dict[int, np.ndarray | None]:
+    """The RGB images of the picked pairs by image id; None for one not readable under the run's image root."""
     from ovseg_mine.images import ImageDecodeError, load_rgb
 
-    picked = sorted(random.Random(seed).sample(range(len(insp.pairs)), min(n, len(insp.pairs))))
     root = insp.manifest.get("source", {}).get("image_root", "") or "."
-    cache: dict[int, np.ndarray | None] = {}
-    cards = []
+    images: dict[int, np.ndarray | None] = {}
     for i in picked:
         p = insp.pairs[i]
-        if p["image_id"] not in cache:
+        if p["image_id"] not in images:
             try:
-                cache[p["image_id"]] = load_rgb(resolve(root).join(p["file_name"]).uri)
+                images[p["image_id"]] = load_rgb(resolve(root).join(p["file_name"]).uri)
             except (ImageDecodeError, StorageError):
-                cache[p["image_id"]] = None
-        image, pictures = cache[p["image_id"]], "<p class='warn'>image not found under the run's image root</p>"
-        if image is not None:
-            try:
-                over, crop = _pair_images(image, p["mask"])
-                pictures = f"<img src='{over}' alt='mask over image'><img src='{crop}' alt='masked crop'>"
-            except ValueError:
-                pictures = "<p class='warn'>mask does not fit the image</p>"
-        iou = insp.gt_iou[i]
-        cat = insp.gt_category[i]
-        if insp.figures.get("gt") is None:
-            gt_text = "no ground truth given"
-        elif np.isfinite(iou):
-            gt_text = f"GT IoU {_fmt(float(iou))} ({escape(cat or '')})"
-        else:
-            gt_text = f"GT: {escape(cat)}, not scored (not in the image)" if cat else "GT: noun maps to no category"
-        attrs = " ".join(
-            f"data-{k}='{_fmt(p[k]) if p[k] is not None else ''}'" for k in ("similarity", "probability", "margin")
-        )
-        cards.append(
-            f"<div class='card' data-noun='{escape(p['noun'])}' {attrs} "
-            f"data-gtiou='{_fmt(float(iou)) if np.isfinite(iou) else ''}'>"
-            f"{pictures}<div class='noun'>{escape(p['noun'])}</div><div class='cap'>{escape(p['caption'])}</div>"
-            f"<div>image {p['image_id']} ({escape(p['file_name'])}) &middot; "
-            f"similarity {_fmt(p['similarity'])} &middot; "
-            f"probability {_fmt(p['probability'])} &middot; margin {_fmt(p['margin'])} &middot; predicted_iou "
-            f"{_fmt(p['predicted_iou'])} &middot; stability {_fmt(p['stability_score'])} &middot; area "
-            f"{100 * p['area_fraction']:.1f}% &middot; {gt_text}</div></div>"
-        )
-    controls = (
-        "<div class='controls'>noun <input id='f-noun' type='search'> sort by <select id='f-sort'>"
-        + "".join(f"<option value='{k}'>{k}</option>" for k in ("similarity", "probability", "margin", "gtiou", "noun"))
-        + "</select> minimum <input id='f-min' type='number' step='0.01'> <span id='f-count'></span></div>"
-    )
-    return controls + "<div id='gallery'>" + "".join(cards) + "</div>"
+                images[p["image_id"]] = None
+    return images
 
 
-def _table(head: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any, tag: str) -> str:
-        cls = " class='l'" if isinstance(v, str) else ""
-        return f"<{tag}{cls}>{escape(_fmt(v) if isinstance(v, float) else str(v))}</{tag}>"
+def _gallery_card(insp: Inspection, i: int, image: np.ndarray | None) -> dict[str, Any]:
+    """What gallery.html.j2 shows of pair ``i``: the pair, its pictures (data URIs, None if not drawn), its GT IoU."""
+    pair = insp.pairs[i]
+    overlay = crop = None
+    if image is not None:
+        try:
+            overlay, crop = _pair_images(image, pair["mask"])
+        except ValueError:
+            pass  # the template says the mask does not fit the image
+    iou = float(insp.gt_iou[i])
+    return {
+        "pair": pair,
+        "image_found": image is not None,
+        "overlay": overlay,
+        "crop": crop,
+        "gt_iou": iou if np.isfinite(iou) else None,
+        "gt_category": insp.gt_category[i],
+    }
 
-    return (
-        "<table><tr>"
-        + "".join(cell(h, "th") for h in head)
-        + "</tr>"
-        + "".join("<tr>" + "".join(cell(v, "td") for v in r) + "</tr>" for r in rows)
-        + "</table>"
-    )
+
+def _gallery_cards(insp: Inspection, n: int, seed: int) -> list[dict[str, Any]]:
+    """The cards of ``n`` pairs sampled with ``random.Random(seed)``, in the order of ``insp.pairs``."""
+    picked = sorted(random.Random(seed).sample(range(len(insp.pairs)), min(n, len(insp.pairs))))
+    images = _gallery_images(insp, picked)
+    return [_gallery_card(insp, i, images[insp.pairs[i]["image_id"]]) for i in picked]
 
 
-def _quantile_rows(named: dict[str, dict[str, Any]]) -> str:
-    keys = ["n", "nulls", "mean", "min", "p5", "p25", "p50", "p75", "p95", "max"]
-    return _table(["", *keys], [[name, *[("" if q[k] is None else q[k]) for k in keys]] for name, q in named.items()])
+def gallery_html(insp: Inspection, n: int, seed: int) -> str:
+    """HTML of ``n`` pairs sampled with ``random.Random(seed)`` (repeatable), as ``.card`` divs in ``#gallery``
+    (the template ``gallery.html.j2``), after the gallery's controls."""
+    template = _environment().get_template(GALLERY)
+    return template.render(cards=_gallery_cards(insp, n, seed), gt_given=insp.figures.get("gt") is not None)
 
 
 def render_html(insp: Inspection, *, gallery: int = 48, seed: int = 0) -> str:
-    """The whole report page as a string (see the module docstring)."""
-    f, c = insp.figures, insp.figures["counts"]
-    pics = plots(insp)
-    parts = [
-        f"<h1>ovseg-mine report: {escape(f['run'])}</h1><p>"
-        + " &middot; ".join(
-            f"<a href='#{k}'>{k.removesuffix('-h')}</a>"
-            for k in ("counts", "distributions", "nouns", "duplicates", "ground-truth", "gallery-h")
-            if k != "ground-truth" or f.get("gt")
-        )
-        + "</p>"
-    ]
-    if f["weights"] == "random":
-        parts.append("<p class='warn'>This run used randomly initialised weights: its pairs are meaningless.</p>")
-    if f.get("damaged_shards"):
-        parts.append(
-            f"<p class='warn'>{len(f['damaged_shards'])} damaged shard(s) skipped (--skip-damaged); their images and "
-            "pairs are not counted here:</p>"
-            + _table(["shard", "reason"], [[d["file"], d["reason"]] for d in f["damaged_shards"]])
-        )
-    parts += [
-        "<h2 id='counts'>Counts</h2>",
-        _table(
-            ["", "value"],
-            [
-                ["status", str(f["status"])],
-                ["images", c["images"]],
-                ["images with pairs", c["images_with_pairs"]],
-                ["images without pairs", c["images_without_pairs"]],
-                ["not read from the source", c["source_rejects"]],
-                ["pairs", c["pairs"]],
-                ["unique nouns", c["unique_nouns"]],
-            ],
-        ),
-    ]
-    if c["images_without_pairs_by_reason"]:
-        parts.append(
-            _table(["why no pair", "images"], [[r, k] for r, k in c["images_without_pairs_by_reason"].items()])
-        )
-    parts += [
-        _quantile_rows({"pairs per image": c["pairs_per_image"], "masks per image": c["masks_per_image"]}),
-        "<h2 id='distributions'>Distributions</h2>",
-        _quantile_rows(f["distributions"]),
-        f"<img class='plot' src='{pics['distributions']}' alt='score histograms'>",
-        "<h2 id='nouns'>Nouns</h2>",
-        f"<img class='plot' src='{pics['nouns']}' alt='top nouns'>",
-        f"<p>{f['nouns']['occurring_once']} of {f['nouns']['unique']} nouns occur once (the long tail).</p>",
-        _table(["noun", "pairs"], f["nouns"]["top"]),
-    ]
-    d = f["duplicates"]
-    parts += [
-        "<h2 id='duplicates'>Duplicate masks</h2>",
-        f"<p>{d['mask_pairs']} mask pairs with IoU &ge; {d['iou_threshold']} under different nouns in "
-        f"{d['images']} images ({d['pairs_involved']} pairs involved).</p>",
-        _table(["image", "nouns", "IoU"], [[e["image_id"], " / ".join(e["nouns"]), e["iou"]] for e in d["examples"]]),
-    ]
-    g = f.get("gt")
-    if g:
-        parts += [
-            f"<h2 id='ground-truth'>Agreement with ground truth ({escape(g['kind'])})</h2>",
-            _table(
-                ["", "value"],
-                [
-                    ["file", g["file"]],
-                    ["images annotated", f"{g['images_with_gt']} / {g['images_in_run']}"],
-                    ["pairs evaluated", g["evaluated"]],
-                    ["unmapped noun", g["unmapped"]],
-                    ["unmapped fraction", g["unmapped_fraction"] or 0.0],
-                    ["category not in image", g["category_absent"]],
-                    [
-                        f"precision at IoU >= {g['iou_threshold']}",
-                        g["precision"] if g["precision"] is not None else "n/a",
-                    ],
-                    ["mean IoU", g["mean_iou"] if g["mean_iou"] is not None else "n/a"],
-                ],
-            ),
-        ]
-        if "precision" in pics:
-            parts.append(f"<img class='plot' src='{pics['precision']}' alt='precision by threshold'>")
-        for score, rows in g["by_score"].items():
-            parts += [
-                f"<h3>by {escape(score)}</h3>",
-                _table(
-                    [
-                        "from",
-                        "to",
-                        "pairs in bin",
-                        "precision in bin",
-                        "mean IoU in bin",
-                        "pairs ≥ from",
-                        "precision",
-                        "mean IoU",
-                    ],
-                    [
-                        [
-                            r["from"],
-                            r["to"] if r["to"] is not None else "",
-                            r["pairs"],
-                            r["precision"],
-                            r["mean_iou"],
-                            r["pairs_at_or_above"],
-                            r["precision_at_or_above"],
-                            r["mean_iou_at_or_above"],
-                        ]
-                        for r in rows
-                    ],
-                ),
-            ]
-        parts += [
-            "<h3>per category</h3>",
-            _table(
-                ["category", "pairs", "precision", "mean IoU"],
-                [[r["category"], r["pairs"], r["precision"], r["mean_iou"]] for r in g["per_category"]],
-            ),
-        ]
-    parts += [
-        f"<h2 id='gallery-h'>Gallery ({min(gallery, len(insp.pairs))} sampled pairs, seed {seed})</h2>",
-        gallery_html(insp, gallery, seed),
-    ]
-    return (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ovseg-mine report</title>"
-        f"<style>{_CSS}</style></head><body>{''.join(parts)}<script>{_JS}</script></body></html>"
+    """The whole report page as a string (see the module docstring): the template ``report.html.j2``.
+
+    Plots are PNG data URIs (:func:`plots`), gallery pictures JPEG data URIs (the image scaled to at most
+    :data:`THUMB` pixels a side, the masked crop :data:`CROP` pixels square).
+
+    Args:
+        insp: the run's figures and pairs (:func:`ovseg_mine.inspect.quality.inspect_run`).
+        gallery: how many pairs the gallery shows (all when the run has fewer).
+        seed: seed of the gallery's sampling (``random.Random(seed)``).
+    """
+    template = _environment().get_template(PAGE)
+    return template.render(
+        figures=insp.figures,
+        plots=plots(insp),
+        cards=_gallery_cards(insp, gallery, seed),
+        gt_given=insp.figures.get("gt") is not None,
+        seed=seed,
     )
 
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -174,14 +174,7 @@ def read_coco_captions(
         SourceError: missing or malformed JSON, wrong top-level shape, or a missing image root.
     """
     captions = resolve(captions_json)
-    root = resolve(image_root)
-    try:
-        if not root.is_dir():
-            raise SourceError(f"image root is not a folder: {root}")
-    except StorageError as exc:
-        raise SourceError(f"image root {root} cannot be read: {exc}") from exc
-    if root.is_local:
-        root = resolve(Path(root.path).resolve())
+    root = _image_root(image_root)
     data = _load_json(captions)
     captions_by_image, malformed_captions = _collect_captions(data["annotations"])
 
@@ -191,15 +184,59 @@ def read_coco_captions(
             Reject(None, None, "source", f"{malformed_captions} caption annotations lack image_id or caption")
         )
     wanted = set(image_ids) if image_ids is not None else None
-    listed = {e["id"] for e in data["images"] if isinstance(e, dict) and isinstance(e.get("id"), int)}
+    if wanted is None:  # with a selection, a selected id the images do not list is a reject instead (below)
+        rejects += _orphan_rejects(data["images"], captions_by_image)
+
+    def screen(texts: list[str]) -> tuple[list[str], list[str]]:
+        return screen_captions(texts, captions_per_image, max_chars=max_caption_chars, english_only=skip_non_english)
+
+    records, image_rejects, seen = _image_records(data["images"], root, captions_by_image, wanted, screen)
+    rejects += image_rejects
+    if wanted is not None:
+        for missing in sorted(wanted - seen):
+            rejects.append(Reject(missing, None, "source", "image id not in the captions file"))
+    records.sort(key=lambda record: record.image_id)
+    if limit is not None:
+        records = records[:limit]
+    return CocoCaptions(records, rejects, captions.uri, root.uri, len(data["images"]))
+
+
+def _image_root(image_root: str | os.PathLike[str]) -> Location:
+    """The image root, checked to be a folder (SourceError if not, or unreadable); on a local disk its real path."""
+    root = resolve(image_root)
+    try:
+        if not root.is_dir():
+            raise SourceError(f"image root is not a folder: {root}")
+    except StorageError as exc:
+        raise SourceError(f"image root {root} cannot be read: {exc}") from exc
+    if root.is_local:
+        root = resolve(Path(root.path).resolve())
+    return root
+
+
+def _orphan_rejects(images: list[Any], captions_by_image: dict[int, list[tuple[int, str]]]) -> list[Reject]:
+    """One reject per image id that has captions but that the file's ``images`` do not list, by id."""
+    listed = {e["id"] for e in images if isinstance(e, dict) and isinstance(e.get("id"), int)}
+    rejects = []
     for orphan in sorted(captions_by_image.keys() - listed):
-        if wanted is None:  # a selected id the images do not list is listed below
-            count = len(captions_by_image[orphan])
-            reason = f"{count} caption(s) for image id {orphan}, which the captions file's images do not list"
-            rejects.append(Reject(orphan, None, "source", reason))
+        count = len(captions_by_image[orphan])
+        reason = f"{count} caption(s) for image id {orphan}, which the captions file's images do not list"
+        rejects.append(Reject(orphan, None, "source", reason))
+    return rejects
+
+
+def _image_records(
+    images: list[Any],
+    root: Location,
+    captions_by_image: dict[int, list[tuple[int, str]]],
+    wanted: set[int] | None,
+    screen: Callable[[list[str]], tuple[list[str], list[str]]],
+) -> tuple[list[ImageRecord], list[Reject], set[int]]:
+    """The records of the image entries (those in ``wanted`` if given), in file order; the rejects; the ids seen."""
     seen: set[int] = set()
     records: list[ImageRecord] = []
-    for entry in data["images"]:
+    rejects: list[Reject] = []
+    for entry in images:
         if (
             not isinstance(entry, dict)
             or not isinstance(entry.get("id"), int)
@@ -214,35 +251,34 @@ def read_coco_captions(
             rejects.append(Reject(image_id, file_name, "source", "duplicate image id (first entry kept)"))
             continue
         seen.add(image_id)
-        try:
-            path = safe_child(root, file_name)
-        except PathProblem as exc:
-            rejects.append(Reject(image_id, file_name, "source", str(exc)))
-            continue
-        if path is None:
-            rejects.append(Reject(image_id, file_name, "source", "file_name escapes the image root"))
-            continue
-        ordered = [text for _, text in sorted(captions_by_image.get(image_id, []))]
-        if not ordered:
-            rejects.append(Reject(image_id, file_name, "source", "no caption"))
-            continue
-        kept, notes = screen_captions(
-            ordered, captions_per_image, max_chars=max_caption_chars, english_only=skip_non_english
-        )
-        if not kept:
-            rejects.append(Reject(image_id, file_name, "captions", "no usable caption: " + "; ".join(notes)))
-            continue
-        width = entry.get("width") if isinstance(entry.get("width"), int) else 0
-        height = entry.get("height") if isinstance(entry.get("height"), int) else 0
-        records.append(ImageRecord(image_id, file_name, path, width, height, tuple(kept), tuple(notes)))
+        record = _image_record(entry, root, captions_by_image.get(image_id, []), screen)
+        (records if isinstance(record, ImageRecord) else rejects).append(record)
+    return records, rejects, seen
 
-    if wanted is not None:
-        for missing in sorted(wanted - seen):
-            rejects.append(Reject(missing, None, "source", "image id not in the captions file"))
-    records.sort(key=lambda record: record.image_id)
-    if limit is not None:
-        records = records[:limit]
-    return CocoCaptions(records, rejects, captions.uri, root.uri, len(data["images"]))
+
+def _image_record(
+    entry: dict[str, Any],
+    root: Location,
+    captions: list[tuple[int, str]],
+    screen: Callable[[list[str]], tuple[list[str], list[str]]],
+) -> ImageRecord | Reject:
+    """The record of one well-formed image entry with its ``(annotation id, caption)`` list, or why it is rejected."""
+    image_id, file_name = entry["id"], entry["file_name"]
+    try:
+        path = safe_child(root, file_name)
+    except PathProblem as exc:
+        return Reject(image_id, file_name, "source", str(exc))
+    if path is None:
+        return Reject(image_id, file_name, "source", "file_name escapes the image root")
+    ordered = [text for _, text in sorted(captions)]
+    if not ordered:
+        return Reject(image_id, file_name, "source", "no caption")
+    kept, notes = screen(ordered)
+    if not kept:
+        return Reject(image_id, file_name, "captions", "no usable caption: " + "; ".join(notes))
+    width = entry.get("width") if isinstance(entry.get("width"), int) else 0
+    height = entry.get("height") if isinstance(entry.get("height"), int) else 0
+    return ImageRecord(image_id, file_name, path, width, height, tuple(kept), tuple(notes))
 
 
 class CocoSource(Source):
