@@ -283,6 +283,7 @@ def big_image(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
 def ray_end_to_end(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     """The real pipeline (``ovseg_mine.mine.run.driver.mine``, a local Ray) on the first N coco-mini images."""
     from ovseg_mine.mine.run.driver import mine
+    from ovseg_mine.mine.sources import MineInput
 
     points = args.points_per_side or 8
     cfg = bench_config(points, "bf16", ckpt, [f"source.limit={args.images}", f"ray.batch_size={args.batch}"])
@@ -290,7 +291,7 @@ def ray_end_to_end(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         captions = data / "annotations" / "captions_val2017.json"
-        manifest = mine(cfg, captions, Path(out) / "run", images=data / "val2017")
+        manifest = mine(cfg, MineInput("coco", captions, image_root=data / "val2017"), Path(out) / "run")
         wall = time.perf_counter() - start
     images = manifest["counts"]["images"]
     stage_s = manifest["timings"]["stage_s"]
