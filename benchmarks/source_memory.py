@@ -89,7 +89,7 @@ def driver(location: str, stages: str) -> None:
 
         ds = ds.map_batches(
             NounStage,
-            fn_constructor_kwargs={"config": cfg.model_dump(mode="json")},
+            fn_constructor_kwargs={"cfg": cfg},
             batch_size=64,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=2),

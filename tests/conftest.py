@@ -132,6 +132,7 @@ def smoke_stages():
     stages are built once per config."""
     from ovseg_mine.config import build_config
     from ovseg_mine.mine.graph.stages import MaskMatchStage, NounStage, decode_stage, finalize_stage
+    from ovseg_mine.mine.graph.weights import resolve_weights
     from ovseg_mine.models import sam_input_size
 
     built: dict[tuple, tuple] = {}
@@ -139,9 +140,8 @@ def smoke_stages():
     def run(table, *overrides: str) -> list[dict]:
         if overrides not in built:
             cfg = build_config("smoke", ["source.captions_per_image=1", *overrides])
-            config = cfg.model_dump(mode="json")
             size = sam_input_size(cfg.sam.model_type) if cfg.proposals.kind == "sam" else None
-            built[overrides] = (NounStage(config), size, MaskMatchStage(config, "random", "random"))
+            built[overrides] = (NounStage(cfg), size, MaskMatchStage(cfg, resolve_weights(cfg)))
         nouns, size, masks = built[overrides]
         return finalize_stage(masks(decode_stage(nouns(table), sam_input_size=size))).to_pylist()
 
