@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = bench_config(points, "bf16", ckpt, extra)
     check.report["settings"] = {"images": n, "points_per_side": points, "batch": args.batch, "overrides": extra}
     rows = with_nouns(sample_records(n), load_nouns_json(SAMPLE_NOUNS))
-    runner = check.part("load", lambda: ({}, StageRunner(cfg, ckpt)))
+    runner = check.part("load", lambda: ({}, StageRunner(cfg)))
     if runner is None:
         return check.report
     workers = max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -360,12 +360,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     k = args.reference_images or (8 if cuda else 1)
     cfg32 = bench_config(points, "fp32", ckpt, extra)
     if ours:
-        check.part("agreement", lambda: agreement(ckpt, rows[:k], ours, StageRunner(cfg32, ckpt), cfg32))
+        check.part("agreement", lambda: agreement(ckpt, rows[:k], ours, StageRunner(cfg32), cfg32))
     else:
         check.skip("agreement", "no throughput results to compare")
     if args.compile and cuda:
         cfgc = bench_config(points, "bf16", ckpt, [*extra, "engine.compile=true"])
-        check.part("compile", lambda: throughput(StageRunner(cfgc, ckpt), rows, args.batch, workers)[0])
+        check.part("compile", lambda: throughput(StageRunner(cfgc), rows, args.batch, workers)[0])
     else:
         check.skip("compile", "no CUDA device" if not cuda else "not asked (--compile)")
     check.report["status"] = "complete" if not (check.report["errors"] or check.report["not_run"]) else "partial"

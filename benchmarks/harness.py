@@ -103,12 +103,13 @@ class StageRunner:
     :class:`~ovseg_mine.mine.graph.stages.MaskMatchStage` (models loaded once),
     :func:`~ovseg_mine.mine.graph.stages.finalize_stage`."""
 
-    def __init__(self, cfg: Any, sam_checkpoint: str, clip_pretrained: str = "random") -> None:
+    def __init__(self, cfg: Any) -> None:
         from ovseg_mine.mine.graph.stages import MaskMatchStage
+        from ovseg_mine.mine.graph.weights import resolve_weights
         from ovseg_mine.models import sam_input_size
 
         self.cfg = cfg
-        self.stage = MaskMatchStage(cfg.model_dump(mode="json"), sam_checkpoint, clip_pretrained)
+        self.stage = MaskMatchStage(cfg, resolve_weights(cfg))
         self.engine = self.stage.engine
         self.sam_input_size = sam_input_size(cfg.sam.model_type)
 

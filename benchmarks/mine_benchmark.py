@@ -131,9 +131,9 @@ def speed(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     records = _records(args, args.warmup + args.images)
     rows = with_nouns(records, nouns_with_spacy(records))
     memory = PeakRSS()
-    impls: dict[str, Any] = {"ours": StageRunner(cfg, ckpt)}
+    impls: dict[str, Any] = {"ours": StageRunner(cfg)}
     if args.check_fp32:
-        impls["ours_fp32"] = StageRunner(cfg32, ckpt)
+        impls["ours_fp32"] = StageRunner(cfg32)
     sam, _ = load_sam("vit_b", ckpt)
     clip, tokenizer, _ = load_clip(cfg.clip.arch, "random", seed=cfg.seed)
     ref = ReferenceMiner(cfg32, sam, clip, tokenizer, load_nlp(), clip_input_size(clip), *clip_mean_std(clip))
@@ -198,7 +198,7 @@ def proxies(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     cfg = bench_config(points, "bf16", ckpt, extra)
     records = _records(args, n)
     rows = with_nouns(records, nouns_with_spacy(records))
-    runner = StageRunner(cfg, ckpt)
+    runner = StageRunner(cfg)
     decoded = runner.decode(rows)
     nouns = sorted({noun for row in rows for noun in row["nouns"]})
     new_nouns = iter(["zzz-first-noun", "zzz-second-noun"])  # count() runs twice: a noun not embedded yet each time
@@ -252,7 +252,7 @@ def big_image(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     rows = with_nouns(records, nouns_with_spacy(records))
     memory = PeakRSS()
     with memory.track("models"):
-        runner = StageRunner(cfg, ckpt)
+        runner = StageRunner(cfg)
         time.sleep(0.05)
     report: dict[str, Any] = {"machine": machine(), "settings": {"batch": batch, "points_per_side": points}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -283,6 +283,7 @@ def big_image(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
 def ray_end_to_end(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     """The real pipeline (``ovseg_mine.mine.run.driver.mine``, a local Ray) on the first N coco-mini images."""
     from ovseg_mine.mine.run.driver import mine
+    from ovseg_mine.mine.sources import MineInput
 
     points = args.points_per_side or 8
     cfg = bench_config(points, "bf16", ckpt, [f"source.limit={args.images}", f"ray.batch_size={args.batch}"])
@@ -290,7 +291,7 @@ def ray_end_to_end(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         captions = data / "annotations" / "captions_val2017.json"
-        manifest = mine(cfg, captions, Path(out) / "run", images=data / "val2017")
+        manifest = mine(cfg, MineInput("coco", captions, image_root=data / "val2017"), Path(out) / "run")
         wall = time.perf_counter() - start
     images = manifest["counts"]["images"]
     stage_s = manifest["timings"]["stage_s"]

@@ -71,11 +71,13 @@ def driver(location: str, stages: str) -> None:
     from ovseg_mine.mine.graph.dataset import init_ray
     from ovseg_mine.mine.graph.stages import NounStage
     from ovseg_mine.mine.run.inflight import InFlightShards
+    from ovseg_mine.mine.sources import MineInput
     from ovseg_mine.mine.sources import build_source as make_source
     from ovseg_mine.mine.sources.read import records_dataset
 
-    cfg = build_config("smoke", ['source.kind="hf"'])
-    source = make_source(cfg, location)
+    what = MineInput("hf", location)
+    cfg = what.configure(build_config("smoke"))
+    source = make_source(cfg, what)
     start = time.perf_counter()
     plan = source.plan(cfg.shards.images_per_shard)
     plan_s = time.perf_counter() - start
@@ -87,7 +89,7 @@ def driver(location: str, stages: str) -> None:
 
         ds = ds.map_batches(
             NounStage,
-            fn_constructor_kwargs={"config": cfg.model_dump(mode="json")},
+            fn_constructor_kwargs={"cfg": cfg},
             batch_size=64,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=2),

@@ -304,14 +304,27 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     return data
 
 
-def build_config(pipeline: str, overrides: list[str] | None = None) -> MineConfig:
-    """Load a recipe, apply ``--set`` overrides and validate it into a :class:`MineConfig`.
+def build_config(
+    pipeline: str, overrides: list[str] | None = None, values: dict[str, dict[str, Any]] | None = None
+) -> MineConfig:
+    """Load a recipe, apply ``--set`` overrides, then typed ``values``, and validate it into a :class:`MineConfig`.
+
+    Args:
+        pipeline: a recipe name or a ``.toml`` path (:func:`load_recipe`).
+        overrides: ``--set`` strings, ``section.key=value`` (:func:`apply_overrides`).
+        values: typed values by section and key, set after ``overrides`` (a command's own options, e.g.
+            ``{"source": {"limit": 10}}``); a None value leaves the key as the recipe and overrides set it.
 
     Raises:
         ConfigError: unknown recipe, bad TOML, bad override, or a value that fails validation
             (the message names each offending key).
     """
     data = apply_overrides(load_recipe(pipeline), overrides or [])
+    for section, entries in (values or {}).items():
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section!r} is not a table in pipeline {pipeline!r}")
+        table.update({key: value for key, value in entries.items() if value is not None})
     try:
         return MineConfig.model_validate(data)
     except ValidationError as exc:

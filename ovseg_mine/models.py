@@ -241,10 +241,24 @@ def load_sam(
             corrupt, or of another architecture (always).
     """
     path, info = resolve_sam_weights(model_type, checkpoint, allow_random=allow_random)
+    return build_sam(model_type, path, device=device, seed=seed), info
+
+
+def build_sam(model_type: str, path: str | Path | None, *, device: Any = "cpu", seed: int = 0) -> Any:
+    """Build a SAM model (eval mode, on ``device``) from weights already resolved (:func:`resolve_sam_weights`):
+    the checkpoint file at ``path`` loaded as it is (no download, no sha256), or, with ``path`` None, random
+    weights initialised after ``torch.manual_seed(seed)``.
+
+    Raises:
+        ModelNameError: unknown ``model_type``.
+        WeightsError: the file is missing, corrupt, or of another architecture.
+    """
+    if model_type not in _SAM_BUILDERS:
+        raise ModelNameError(f"unknown SAM model_type {model_type!r}; valid: {', '.join(list_sam_models())}")
     sam = _seeded(seed, _SAM_BUILDERS[model_type])
     if path is not None:
         _load_state_dict(sam, path, f"SAM model_type {model_type!r}")
-    return sam.to(device).eval(), info
+    return sam.to(device).eval()
 
 
 # ------------------------------------------------------------------------------------------ open_clip
@@ -325,9 +339,30 @@ def load_clip(
         WeightsError: the tag's weights cannot be obtained (and not ``allow_random``), or a local file is
             missing, corrupt or of another architecture (always).
     """
+    path, tag_cfg, info = resolve_clip_weights(arch, pretrained, allow_random=allow_random)
+    model, tokenizer = build_clip(arch, path, tag_cfg, device=device, seed=seed)
+    return model, tokenizer, info
+
+
+def build_clip(
+    arch: str, path: str | None, tag_cfg: dict[str, Any], *, device: Any = "cpu", seed: int = 0
+) -> tuple[Any, Callable[..., Any]]:
+    """Build an open_clip model (eval mode, on ``device``) and its tokenizer from weights already resolved
+    (:func:`resolve_clip_weights`), with no download and no sha256.
+
+    Args:
+        arch: an open_clip architecture (``open_clip.list_models()``, plus ``ovseg-tiny-vit``).
+        path: the weights file: a pretrained tag's file when ``tag_cfg`` is set (loaded strictly by open_clip),
+            else a local checkpoint of any kind :mod:`ovseg_mine.clip_weights` reads; None: random weights
+            initialised after ``torch.manual_seed(seed)``.
+        tag_cfg: the tag's pretrained config (preprocessing, QuickGELU); empty for files and random weights.
+
+    Raises:
+        WeightsError: the file is missing, corrupt, or of another architecture.
+    """
     import open_clip
 
-    path, tag_cfg, info = resolve_clip_weights(arch, pretrained, allow_random=allow_random)
+    register_clip_configs()
     preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
 
     def build() -> Any:
@@ -341,7 +376,7 @@ def load_clip(
             )
 
     model = _seeded(seed, build)
-    if path is not None and info.weights == "file":  # any kind of file: open_clip_train epoch, OVSeg .pth, ...
+    if path is not None and not tag_cfg:  # any kind of file: open_clip_train epoch, OVSeg .pth, ...
         from ovseg_mine.clip_weights import load_state, read_weights
 
         try:
@@ -358,7 +393,7 @@ def load_clip(
             raise WeightsError(
                 f"checkpoint {path} does not load into open_clip {arch!r}: {type(exc).__name__}: {str(exc)[:300]}"
             ) from exc
-    return model.to(device).eval(), open_clip.get_tokenizer(arch), info
+    return model.to(device).eval(), open_clip.get_tokenizer(arch)
 
 
 def resolve_clip_weights(

@@ -79,21 +79,6 @@ def cast_model(model: "torch.nn.Module", precision: str) -> "torch.nn.Module":
     return model.to(dtype_of(precision)) if is_pure(precision) else model
 
 
-def cast_io(module: "torch.nn.Module", precision: str) -> None:
-    """Make a module whose weights were cast by :func:`cast_model` take float32 input and give float32 output:
-    forward hooks cast its first positional input to the weights' dtype and its tensor output back to float32.
-    No-op unless ``pure_*`` (the module's code is unchanged; used for SAM's image encoder).
-
-    Raises:
-        ValueError: unknown precision.
-    """
-    if not is_pure(precision):
-        return
-    dtype = dtype_of(precision)
-    module.register_forward_pre_hook(lambda _module, args: (args[0].to(dtype), *args[1:]))
-    module.register_forward_hook(lambda _module, _args, out: out.float())
-
-
 def _dtype_name(name: str, options: tuple[str, ...]) -> str:
     if name not in options:
         raise ValueError(f"precision must be one of {', '.join(options)}, got {name!r}")

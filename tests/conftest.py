@@ -104,6 +104,7 @@ def mined_sources(coco8, source_dirs, tmp_path_factory) -> dict[str, Path]:
     and shut down before the tests run): ``smoke`` recipe, :data:`SOURCE_RUN_SETTINGS`. Read-only for tests."""
     from ovseg_mine.config import build_config
     from ovseg_mine.mine.run.driver import mine
+    from ovseg_mine.mine.sources import MineInput
     from ovseg_mine.ray_session import init_ray, shutdown_ray
 
     root = tmp_path_factory.mktemp("mined")
@@ -111,12 +112,12 @@ def mined_sources(coco8, source_dirs, tmp_path_factory) -> dict[str, Path]:
     started = init_ray(None)
     try:
         for name, (kind, extra, given) in SOURCE_RUNS.items():
-            overrides = [f'source.kind="{kind or "coco"}"', f'proposals.kind="{given or "sam"}"']
-            cfg = build_config("smoke", overrides + SOURCE_RUN_SETTINGS + extra)
+            cfg = build_config("smoke", SOURCE_RUN_SETTINGS + extra)
             location = coco8["captions"] if kind is None else source_dirs[name.split("_given")[0]]
             proposals = {"coco": str(coco8["instances"]), "sa1b": str(source_dirs["sa1b"])}.get(given)
             images = coco8["images"] if kind is None else None
-            mine(cfg, str(location), root / name, images=images, proposals=proposals)
+            what = MineInput(kind or "coco", str(location), images, given or "sam", proposals)
+            mine(cfg, what, root / name)
             runs[name] = root / name
     finally:
         if started:
@@ -131,6 +132,7 @@ def smoke_stages():
     stages are built once per config."""
     from ovseg_mine.config import build_config
     from ovseg_mine.mine.graph.stages import MaskMatchStage, NounStage, decode_stage, finalize_stage
+    from ovseg_mine.mine.graph.weights import resolve_weights
     from ovseg_mine.models import sam_input_size
 
     built: dict[tuple, tuple] = {}
@@ -138,9 +140,8 @@ def smoke_stages():
     def run(table, *overrides: str) -> list[dict]:
         if overrides not in built:
             cfg = build_config("smoke", ["source.captions_per_image=1", *overrides])
-            config = cfg.model_dump(mode="json")
             size = sam_input_size(cfg.sam.model_type) if cfg.proposals.kind == "sam" else None
-            built[overrides] = (NounStage(config), size, MaskMatchStage(config, "random", "random"))
+            built[overrides] = (NounStage(cfg), size, MaskMatchStage(cfg, resolve_weights(cfg)))
         nouns, size, masks = built[overrides]
         return finalize_stage(masks(decode_stage(nouns(table), sam_input_size=size))).to_pylist()
 

@@ -534,9 +534,10 @@ def instance_masks(instances_json: Path, image_id: int) -> list[np.ndarray]:
 def source_of(kind: str, location, *overrides: str):
     """The ``kind`` source at ``location`` with the smoke recipe and ``overrides`` (``--set`` strings)."""
     from ovseg_mine.config import build_config
-    from ovseg_mine.mine.sources import build_source
+    from ovseg_mine.mine.sources import MineInput, build_source
 
-    return build_source(build_config("smoke", [f'source.kind="{kind}"', *overrides]), str(location))
+    what = MineInput(kind, str(location))
+    return build_source(what.configure(build_config("smoke", list(overrides))), what)
 
 
 def read_rows(source, images_per_shard: int = 1000) -> list[dict]:

@@ -170,6 +170,8 @@ def test_source_mistakes_are_one_line_errors_before_any_work(tmp_path):
         (["--source", "folder:x", "--images", str(tmp_path)], "--images is for COCO sources"),
         (["--source", "hf:x", "--captions", "c.json"], "not both"),
         (["--source", f"folder:{tmp_path / 'photos'}", "--proposals", "masks:x"], "--proposals must be sam, or"),
+        (["--source", f"folder:{tmp_path / 'photos'}", "--set", 'source.kind="hf"'], "--set source.kind: the source"),
+        (["--captions", "c.json", "--images", "i", "--set", "proposals.kind=coco"], "--set proposals.kind: the masks"),
         (["--source", f"hf:{tmp_path / 't.parquet'}", "--id-column", "id"], "holds string values, not integers"),
         (["--source", f"hf:{tmp_path / 't.parquet'}", "--caption-column", "text"], "has no column 'text'"),
     ]

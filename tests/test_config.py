@@ -25,6 +25,19 @@ def test_overrides_are_typed():
     assert apply_overrides({"a": {"b": 1}}, ["a.c=true"]) == {"a": {"b": 1, "c": True}}
 
 
+def test_typed_values_are_set_after_the_overrides_and_validated():
+    """A command's own options (``--limit``, ``--split``...) reach the config as typed values, not ``--set``
+    strings: set after the overrides, None leaving a key as it was, checked like any value."""
+    values = {"source": {"limit": 3, "split": "val", "image_ids": [5, 6], "id_column": None}}
+    cfg = build_config("smoke", ["source.limit=9", 'source.id_column="id"'], values)
+    assert (cfg.source.limit, cfg.source.split, cfg.source.image_ids, cfg.source.id_column) == (3, "val", [5, 6], "id")
+    assert build_config("smoke", [], {"shards": {"images_per_shard": 6}}) == build_config(
+        "smoke", ["shards.images_per_shard=6"]
+    )
+    with pytest.raises(ConfigError, match="source.image_ids"):
+        build_config("smoke", [], {"source": {"image_ids": []}})
+
+
 @pytest.mark.parametrize(
     "pipeline, overrides, message",
     [

@@ -9,7 +9,8 @@ import pytest
 
 from ovseg_mine import rle
 from ovseg_mine.config import SamConfig
-from ovseg_mine.mine.algorithms.given_proposals import GivenMaskError, given_proposals
+from ovseg_mine.mine.algorithms.given_proposals import GivenMaskError, given_mask_set
+from ovseg_mine.mine.algorithms.proposals import Proposals, proposals_of
 from ovseg_mine.mine.sources.records import batches, image_row, proposal_type
 
 H, W = 12, 16
@@ -19,6 +20,12 @@ def _mask(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     m = np.zeros((H, W), dtype=bool)
     m[y0:y1, x0:x1] = True
     return m
+
+
+def given_proposals(entries: list[dict], image_hw: tuple[int, int], cfg: SamConfig) -> Proposals:
+    """The given masks as the engine keeps them (:func:`given_mask_set`), made dense as SAM's generator returns
+    them (:func:`proposals_of`)."""
+    return proposals_of(given_mask_set(entries, image_hw, cfg))
 
 
 def _entry(mask: np.ndarray, iou=None, stability=None) -> dict:

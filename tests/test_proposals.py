@@ -13,13 +13,7 @@ from PIL import Image
 
 from ovseg_mine import rle
 from ovseg_mine.config import SamConfig
-from ovseg_mine.mine.algorithms.proposals import (
-    Proposals,
-    SamMaskGenerator,
-    build_mask_generator,
-    list_mask_generators,
-    tight_boxes,
-)
+from ovseg_mine.mine.algorithms.proposals import Proposals, SamMaskGenerator, tight_boxes
 
 PERMISSIVE = dict(
     model_type="tiny",
@@ -49,7 +43,7 @@ def images(sample) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def generator() -> SamMaskGenerator:
-    gen, info = build_mask_generator("sam", SamConfig(**PERMISSIVE, max_masks_per_image=20), seed=0)
+    gen, info = SamMaskGenerator.load(SamConfig(**PERMISSIVE, max_masks_per_image=20), seed=0)
     assert info.is_random and info.name == "tiny"
     return gen
 
@@ -75,13 +69,6 @@ def _check(props: Proposals, image: np.ndarray, cap: int) -> None:
         assert rle.area(r) == props.areas[i]
 
 
-def test_every_listed_mask_generator_proposes_masks(images):
-    for name in list_mask_generators():
-        gen, info = build_mask_generator(name, SamConfig(**PERMISSIVE, max_masks_per_image=5), seed=0)
-        assert info.is_random
-        _check(gen(images[0]), images[0], cap=5)
-
-
 def test_sam_proposals_on_coco(generator, images):
     for image in images:
         props = generator(image)
@@ -90,13 +77,13 @@ def test_sam_proposals_on_coco(generator, images):
 
 
 def test_cap_and_determinism(images):
-    gen, _ = build_mask_generator("sam", SamConfig(**PERMISSIVE, max_masks_per_image=3), seed=0)
+    gen, _ = SamMaskGenerator.load(SamConfig(**PERMISSIVE, max_masks_per_image=3), seed=0)
     a, b = gen(images[0]), gen(images[0])
     _check(a, images[0], cap=3)
     assert len(a) == 3 and a.num_generated > 3
     assert torch.equal(a.masks, b.masks) and a.rles == b.rles and a.num_generated == b.num_generated
     assert np.array_equal(a.bboxes, b.bboxes) and np.array_equal(a.predicted_iou, b.predicted_iou)
-    full, _ = build_mask_generator("sam", SamConfig(**PERMISSIVE, max_masks_per_image=100), seed=0)
+    full, _ = SamMaskGenerator.load(SamConfig(**PERMISSIVE, max_masks_per_image=100), seed=0)
     everything = full(images[0])
     assert a.rles == everything.rles[:3]  # the cap keeps the best-first prefix
 
@@ -117,10 +104,12 @@ def test_bad_images(generator, images):
         generator(Image.fromarray(image))
 
 
-def test_unknown_generator_lists_the_valid_names():
-    with pytest.raises(ValueError, match="maskformer") as err:
-        build_mask_generator("maskformer", SamConfig(**PERMISSIVE))
-    assert all(name in str(err.value) for name in list_mask_generators())
+def test_an_unknown_sam_lists_the_valid_names():
+    from ovseg_mine.models import list_sam_models
+
+    with pytest.raises(ValueError, match="no-such-sam") as err:
+        SamMaskGenerator.load(SamConfig(**{**PERMISSIVE, "model_type": "no-such-sam"}))
+    assert all(name in str(err.value) for name in list_sam_models())
 
 
 def test_tight_boxes_match_pycocotools():
@@ -165,7 +154,7 @@ def test_fp32_proposals_equal_stock_amg(images):
     """The re-implemented AMG gives exactly the stock AMG's masks and scores: several point batches, with and
     without the score filters (thresholds at the medians of the unfiltered scores), with box NMS."""
     base = SamConfig(**{**PERMISSIVE, "points_per_batch": 7}, max_masks_per_image=30)
-    gen, _ = build_mask_generator("sam", base, seed=0)
+    gen, _ = SamMaskGenerator.load(base, seed=0)
     unfiltered = gen(images[0])
     iou_median = float(np.median(unfiltered.predicted_iou))
     stability_median = float(np.median(unfiltered.stability_score))
@@ -192,8 +181,8 @@ def test_bf16_proposals_are_close_to_fp32(images):
     """bf16 autocast of SAM's networks moves masks only slightly (the tiny SAM: IoU with the fp32 mask of the
     same rank stays high for most masks); an unknown precision is refused."""
     cfg = SamConfig(**PERMISSIVE, max_masks_per_image=20)
-    fp32, _ = build_mask_generator("sam", cfg, seed=0)
-    bf16, _ = build_mask_generator("sam", cfg, seed=0, precision="pure_bf16")
+    fp32, _ = SamMaskGenerator.load(cfg, seed=0)
+    bf16, _ = SamMaskGenerator.load(cfg, seed=0, precision="pure_bf16")
     a, b = fp32(images[0]), bf16(images[0])
     _check(b, images[0], cap=20)
     ious = rle.iou(a.rles, b.rles).max(axis=1)

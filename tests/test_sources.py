@@ -1,14 +1,23 @@
 """The source registry, record rows, stable ids, and the COCO source (one record per image from a captions JSON)."""
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from ovseg_mine.config import build_config
-from ovseg_mine.mine.sources import SourceError, build_source, list_sources, parse_source, read_coco_captions
+from ovseg_mine.mine.sources import (
+    MineInput,
+    SourceError,
+    build_source,
+    list_sources,
+    parse_source,
+    read_coco_captions,
+)
 from ovseg_mine.mine.sources.captions import screen_caption
 from ovseg_mine.mine.sources.records import batches, image_row, record_schema, reject_row, stable_id
 
@@ -194,9 +203,48 @@ def test_registry_lists_the_kinds_and_refuses_others():
         parse_source("tars:x")
     with pytest.raises(SourceError, match="names no location"):
         parse_source("hf:")
-    cfg = build_config("smoke", ['source.kind="folder"'])
-    with pytest.raises(SourceError, match="--images is for COCO sources only"):
-        build_source(cfg, "x", image_root="y")
+
+
+def test_an_input_is_checked_once_where_it_is_built():
+    """MineInput refuses each bad combination with one line; the command line's options map onto it."""
+    cases = [
+        (dict(kind="folder", location="x", image_root="y"), "--images is for COCO sources only; a folder source"),
+        (dict(kind="coco", location="c.json"), "a COCO source needs its image folder: --images DIR"),
+        (dict(kind="tars", location="x"), "unknown source kind 'tars'; valid: coco, folder, hf, img2dataset"),
+        (dict(kind="hf", location=""), "a hf source needs its location"),
+        (dict(kind="hf", location="x", proposals_kind="masks", proposals_location="m"), "unknown proposals kind"),
+        (dict(kind="hf", location="x", proposals_kind="sa1b"), "proposals.kind is 'sa1b': give their location"),
+        (dict(kind="hf", location="x", proposals_location="m"), "a proposals location was given but"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(SourceError, match=re.escape(message)):
+            MineInput(**kwargs)
+    options = [
+        (dict(), "nothing to mine: give --source KIND:LOCATION, or --captions F --images DIR (COCO)"),
+        (dict(source="hf:x", captions="c.json"), "give either --source KIND:LOCATION or --captions F --images DIR"),
+        (dict(source="tars:x"), "--source must be KIND:LOCATION with KIND one of"),
+        (dict(source="hf:x", proposals="masks:x"), "--proposals must be sam, or KIND:LOCATION"),
+        (dict(source="folder:x", images="y"), "--images is for COCO sources only"),
+    ]
+    for kwargs, message in options:
+        with pytest.raises(SourceError, match=re.escape(message)):
+            MineInput.from_options(**kwargs)
+    coco = MineInput.from_options(captions="c.json", images=Path("imgs"), proposals="coco:i.json")
+    assert coco == MineInput("coco", "c.json", "imgs", "coco", "i.json")
+    assert MineInput.from_options(source="hf:user/name", proposals="sam") == MineInput("hf", "user/name")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        coco.kind = "hf"  # type: ignore[misc]
+    cfg = coco.configure(build_config("smoke", ['source.split="x"']))
+    assert (cfg.source.kind, cfg.proposals.kind, cfg.source.split) == ("coco", "coco", "x")
+    assert (
+        MineInput("folder", "x").configure(cfg).model_dump()
+        == cfg.model_copy(
+            update={
+                "source": cfg.source.model_copy(update={"kind": "folder"}),
+                "proposals": cfg.proposals.model_copy(update={"kind": "sam"}),
+            }
+        ).model_dump()
+    )
 
 
 def test_stable_id_is_the_documented_63_bit_hash_of_the_key():
@@ -261,7 +309,7 @@ def test_a_file_reject_is_listed_but_is_no_image_of_its_shard():
 
 def test_coco_source_plans_chunks_of_the_id_sorted_records(sample):
     cfg = build_config("smoke", ["source.limit=7"])
-    source = build_source(cfg, str(sample / "captions.json"), image_root=str(sample / "images"))
+    source = build_source(cfg, MineInput("coco", str(sample / "captions.json"), image_root=str(sample / "images")))
     plan = source.plan(3)
     assert [t.size for t in plan.tasks] == [3, 3, 1] and plan.total == 7
     rows = [r for t in plan.tasks for table in source.read_shard(t) for r in table.to_pylist()]
@@ -271,4 +319,4 @@ def test_coco_source_plans_chunks_of_the_id_sorted_records(sample):
     again = source.plan(3)
     assert [t.input for t in again.tasks] == [t.input for t in plan.tasks]
     with pytest.raises(SourceError, match="needs its image folder"):
-        build_source(cfg, str(sample / "captions.json"))
+        MineInput("coco", str(sample / "captions.json"))

@@ -10,15 +10,16 @@ import pyarrow as pa
 import pytest
 
 from ovseg_mine import rle
-from ovseg_mine.config import build_config
+from ovseg_mine.config import MineConfig, build_config
 from ovseg_mine.mine.graph.dataset import plan_stages
 from ovseg_mine.mine.graph.rows import decoded_schema, image_result_schema
 from ovseg_mine.mine.graph.stages import MaskMatchStage, decode_stage, finalize_stage
+from ovseg_mine.mine.graph.weights import resolve_weights
 
 
 @pytest.fixture(scope="module")
-def config() -> dict:
-    return build_config("smoke", ["sam.points_per_side=3"]).model_dump(mode="json")
+def config() -> MineConfig:
+    return build_config("smoke", ["sam.points_per_side=3"])
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_decode_mine_finalize(config, rows):
     assert len(first["pixels"]) == first["width"] * first["height"] * 3
     assert max(first["sam_height"], first["sam_width"]) == 256 and first["decode_s"] > 0
     assert first["nouns_s"] == 0.01 and first["pixels"] and not got[2]["pixels"]
-    matched = MaskMatchStage(config, "random", "random")(decoded)
+    matched = MaskMatchStage(config, resolve_weights(config))(decoded)
     assert "pixels" not in matched.column_names
     results = finalize_stage(matched)
     assert results.schema == image_result_schema()
@@ -74,7 +75,7 @@ def test_decode_mine_finalize(config, rows):
 def test_an_image_that_raises_is_one_error_row(config, rows, monkeypatch):
     monkeypatch.setenv("OVSEG_MINE_FAILPOINTS", "image:2=raise")
     decoded = decode_stage(_with_nouns(rows[:2]), sam_input_size=256)
-    out = finalize_stage(MaskMatchStage(config, "random", "random")(decoded)).to_pylist()
+    out = finalize_stage(MaskMatchStage(config, resolve_weights(config))(decoded)).to_pylist()
     assert out[0]["status"] == "ok" and len(out[0]["pairs"]) == 2
     assert out[1]["status"] == "error" and out[1]["error_type"] == "FailpointError"
     assert "raise FailpointError" in out[1]["traceback"] and out[1]["pairs"] == []

@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from ovseg_mine import stop_signals
 from ovseg_mine.cli.common import SET_HELP, fail, setup_logging
+
+if TYPE_CHECKING:
+    from ovseg_mine.mine.sources import MineInput
 
 RAY_ADDRESS_HELP = (
     "Join this Ray cluster: HOST:PORT of its head, ray://HOST:10001, or auto (the one `ray start` started on this "
@@ -63,53 +64,40 @@ def _shards_done(out: str) -> str:
     return f"{len(shards)} finished shard{'s' if len(shards) != 1 else ''} ({sum(s['rows'] for s in shards)} pairs)"
 
 
-@dataclass
-class _Input:
-    """What to mine, as the command line says it: a location, COCO's image root, given masks, and the config
-    overrides (``source.*``, ``proposals.kind``) the options imply."""
-
-    location: str
-    images: Optional[str] = None
-    proposals: Optional[str] = None
-    overrides: list[str] = field(default_factory=list)
+#: Config keys that the command's input options set, not ``--set``.
+_INPUT_KEYS = {
+    "source.kind": "the source kind comes from --source KIND:LOCATION (or --captions F --images DIR)",
+    "proposals.kind": "the masks come from --proposals KIND:LOCATION (SAM's without it)",
+}
 
 
 def _input(
-    source: Optional[str],
-    captions: Optional[str],
-    images: Optional[str],
-    proposals: Optional[str],
-    columns: dict[str, Optional[str]],
-) -> _Input:
-    """Check the source options and turn them into an :class:`_Input` (a one-line error on a bad combination)."""
-    from ovseg_mine.mine.sources import SourceError, parse_source
-    from ovseg_mine.mine.sources.proposal_files import parse_proposals
+    source: Optional[str], captions: Optional[str], images: Optional[str], proposals: Optional[str]
+) -> "MineInput":
+    """The checked :class:`~ovseg_mine.mine.sources.MineInput` of the source options (a one-line error on a bad
+    combination)."""
+    from ovseg_mine.mine.sources import MineInput, SourceError
 
     try:
-        if source is not None and captions is not None:
-            raise SourceError("give either --source KIND:LOCATION or --captions F --images DIR, not both")
-        if source is None and captions is None:
-            raise SourceError("nothing to mine: give --source KIND:LOCATION, or --captions F --images DIR (COCO)")
-        kind, location = parse_source(source) if source is not None else ("coco", str(captions))
-        if kind == "coco" and images is None:
-            raise SourceError("a COCO source needs its image folder: --images DIR")
-        if kind != "coco" and images is not None:
-            raise SourceError(f"--images is for COCO sources; a {kind} source finds its images itself")
-        given_kind, given = parse_proposals(proposals) if proposals is not None else ("sam", "")
+        return MineInput.from_options(source=source, captions=captions, images=images, proposals=proposals)
     except SourceError as exc:
         fail(str(exc))
-    overrides = [f"source.kind={json.dumps(kind)}", f"proposals.kind={json.dumps(given_kind)}"]
-    overrides += [f"source.{key}={json.dumps(value)}" for key, value in columns.items() if value is not None]
-    return _Input(location, str(images) if images is not None else None, given or None, overrides)
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    """Refuse a ``--set`` of what the input options say (one line naming the option to use)."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in _INPUT_KEYS:
+            fail(f"--set {key}: {_INPUT_KEYS[key]}, not --set")
 
 
 def _run_mine(
     pipeline: str,
-    what: _Input,
-    out: str,
     overrides: list[str],
-    limit: Optional[int],
-    image_ids: Optional[str],
+    values: dict[str, dict[str, Any]],
+    what: "MineInput",
+    out: str,
     ray_address: Optional[str],
     overwrite: bool,
     verbose: bool = False,
@@ -125,16 +113,11 @@ def _run_mine(
     from ovseg_mine.weights_info import WeightsError
 
     setup_logging()
-    extra = what.overrides + list(overrides)
-    if limit is not None:
-        extra.append(f"source.limit={limit}")
-    ids = _parse_ids(image_ids)
-    if ids is not None:
-        extra.append(f"source.image_ids={ids}")
+    _check_overrides(overrides)
     started = time.perf_counter()
     stop_signals.install()  # SIGTERM (a scheduler's stop request) stops a run as Ctrl-C does: cleanly, resumable
     try:
-        cfg = build_config(pipeline, extra)
+        cfg = build_config(pipeline, list(overrides), values)
         progress = Progress(
             TextColumn("mining"),
             BarColumn(),
@@ -154,10 +137,8 @@ def _run_mine(
         try:
             manifest = mine(
                 cfg,
-                what.location,
+                what,
                 out,
-                images=what.images,
-                proposals=what.proposals,
                 ray_address=ray_address,
                 overwrite=overwrite,
                 retry_failed=retry_failed,
@@ -222,15 +203,17 @@ def mine_command(
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Mine mask-noun pairs from an image-caption dataset into Parquet shards."""
-    columns = {
+    what = _input(source, captions, images, proposals)
+    options = {
         "split": split,
         "hf_config": hf_config,
         "image_column": image_column,
         "caption_column": caption_column,
         "id_column": id_column,
+        "limit": limit,
+        "image_ids": _parse_ids(image_ids),
     }
-    what = _input(source, captions, images, proposals, columns)
-    _run_mine(pipeline, what, out, overrides, limit, image_ids, ray_address, overwrite, verbose, retry_failed)
+    _run_mine(pipeline, overrides, {"source": options}, what, out, ray_address, overwrite, verbose, retry_failed)
 
 
 def demo_command(
@@ -243,11 +226,12 @@ def demo_command(
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Mine the bundled sample (16 COCO val2017 images with their captions)."""
+    from ovseg_mine.mine.sources import MineInput
     from ovseg_mine.resources import sample_dir
 
     sample = sample_dir()
-    what = _Input(str(sample / "captions.json"), str(sample / "images"), None, ['source.kind="coco"'])
-    _run_mine(pipeline, what, out, overrides, limit, None, ray_address, overwrite, verbose)
+    what = MineInput("coco", str(sample / "captions.json"), image_root=str(sample / "images"))
+    _run_mine(pipeline, overrides, {"source": {"limit": limit}}, what, out, ray_address, overwrite, verbose)
 
 
 def pipelines_command() -> None:

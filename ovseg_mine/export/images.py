@@ -58,11 +58,12 @@ class RunImages:
         """The run's source rebuilt from its manifest, and its shard tasks by output shard index."""
         if self._source is None:
             from ovseg_mine.config import MineConfig
-            from ovseg_mine.mine.sources import SourceError, build_source
+            from ovseg_mine.mine.sources import MineInput, SourceError, build_source
 
             try:
                 cfg = MineConfig(**self._manifest["config"])
-                self._source = build_source(cfg, self._manifest["source"]["location"])
+                what = MineInput(cfg.source.kind, self._manifest["source"]["location"])
+                self._source = build_source(cfg, what)
                 plan = self._source.plan(cfg.shards.images_per_shard)
             except (SourceError, KeyError, ValueError, StorageError) as exc:
                 raise ImageLookupError(f"cannot read the run's source again ({exc}): pass --images") from exc

@@ -281,7 +281,8 @@ class MiningEngine:
 
     def propose(self, job: ImageJob, features: "torch.Tensor") -> "MaskSet":
         """SAM's kept proposals of one image: the decoder over the point grid, then the automatic mask generator's
-        selection (ovseg_mine.mine.algorithms.amg.select_masks), on the device.
+        selection, on the device, with the run's ``sam`` settings and chunk budget
+        (:meth:`~ovseg_mine.mine.algorithms.sam_batch.BatchedSam.propose`).
 
         Args:
             job: the image (its ``size`` is ``(H, W)`` of the original image).
@@ -290,22 +291,7 @@ class MiningEngine:
         Returns:
             The image's :class:`~ovseg_mine.mine.algorithms.amg.MaskSet`, best first.
         """
-        from ovseg_mine.mine.algorithms.amg import chunk_size, select_masks
-
-        size = job.size
-        low_res, iou = self.sam.decode(features, size)
-        input_size = self.sam.input_size(size)
-        postprocess = self.sam.sam.postprocess_masks
-        return select_masks(
-            low_res,
-            iou,
-            cfg=self.cfg.sam,
-            size=size,
-            upsample=lambda low: postprocess(low[:, None], input_size, size)[:, 0],
-            mask_threshold=self.sam.mask_threshold,
-            chunk=chunk_size(size, self.sam.img_size, self.chunk_bytes),
-            min_region_area=self.cfg.sam.min_mask_region_area,
-        )
+        return self.sam.propose(features, job.size, self.cfg.sam, self.chunk_bytes)
 
     def _crops(self, jobs: Sequence[ImageJob], sets: Sequence["MaskSet"]) -> "torch.Tensor":
         """CLIP-normalized masked crops of every kept mask of the batch, ``[sum K, 3, S, S]`` float32."""

@@ -14,8 +14,10 @@ MiningEngine`).
 The selection reads only the scores and the RLEs' areas and boxes (pycocotools on the compressed RLE); no mask is
 decoded on the host. The chosen masks travel to the device as run lengths and are decoded there chunk by chunk
 when crops or the matched masks' RLE need them (:func:`ovseg_mine.rle.masks_from_counts`), so memory stays bounded
-whatever the image size. :func:`given_proposals` is the single-image API (dense masks, RLEs), as
-:class:`~ovseg_mine.mine.algorithms.proposals.SamMaskGenerator` gives SAM's.
+whatever the image size. ``proposals_of(given_mask_set(...))``
+(:func:`~ovseg_mine.mine.algorithms.proposals.proposals_of`) gives them as dense masks and RLEs, the
+:class:`~ovseg_mine.mine.algorithms.proposals.Proposals` that
+:class:`~ovseg_mine.mine.algorithms.proposals.SamMaskGenerator` gives for SAM's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 
 from ovseg_mine import rle as rle_utils
 from ovseg_mine.config import SamConfig
-from ovseg_mine.mine.algorithms.proposals import DEFAULT_CHUNK_BYTES, Proposals, proposals_of
+from ovseg_mine.mine.algorithms.proposals import DEFAULT_CHUNK_BYTES
 
 if TYPE_CHECKING:
     import torch
@@ -122,15 +124,3 @@ def given_mask_set(
         chunk=chunk_size((height, width), 0, chunk_bytes),
         counts=torch.from_numpy(padded).to(device),
     )
-
-
-def given_proposals(
-    entries: list[dict[str, Any]], image_hw: tuple[int, int], cfg: SamConfig, device: "torch.device | str" = "cpu"
-) -> Proposals:
-    """The :class:`Proposals` of one image from its given masks (:func:`given_mask_set`, then dense masks and
-    RLEs as SAM's generator returns them).
-
-    Raises:
-        GivenMaskError: a mask's RLE size differs from ``image_hw``.
-    """
-    return proposals_of(given_mask_set(entries, image_hw, cfg, device))

@@ -1,26 +1,34 @@
-"""Class-agnostic mask proposals: segment-anything's automatic mask generator (AMG) behind a small interface.
+"""The single-image API of mining's proposals: :class:`SamMaskGenerator` maps one RGB image to its
+:class:`Proposals`, class-agnostic masks ordered best first.
 
-A mask generator maps one RGB image to :class:`Proposals`, its masks ordered best first. The SAM generator
-does what ``segment_anything.SamAutomaticMaskGenerator.generate`` does (``automatic_mask_generator.py``: a grid
-of point prompts, three masks per point, filtering by predicted IoU and stability score, box NMS), with the
-parameters of :class:`~ovseg_mine.config.SamConfig` and the same result in fp32, through the engine that mining
-runs on batches of images (:mod:`ovseg_mine.mine.algorithms.sam_batch`, :mod:`ovseg_mine.mine.algorithms.amg`). It then
-drops empty masks, orders by predicted IoU and keeps the best ``max_masks_per_image``. Mining itself does not build
-:class:`Proposals` (the GPU stage keeps masks on the device, :class:`ovseg_mine.mine.algorithms.engine.MiningEngine`);
-this single-image API serves tests, benchmarks and users who want proposals of their own images.
+It is to mining's engine what ``segment_anything.SamAutomaticMaskGenerator`` is to its model: a thin facade. It
+does what ``SamAutomaticMaskGenerator.generate`` does (``automatic_mask_generator.py``: a grid of point prompts,
+three masks per point, filtering by predicted IoU and stability score, box NMS), with the parameters of
+:class:`~ovseg_mine.config.SamConfig` and the same result in fp32, by running the proposal step that mining runs on
+batches of images (:meth:`~ovseg_mine.mine.algorithms.sam_batch.BatchedSam.propose`, the step of
+:class:`~ovseg_mine.mine.algorithms.engine.MiningEngine`) on a batch of one. It then drops empty masks, orders by
+predicted IoU and keeps the best ``max_masks_per_image``. Mining itself does not build :class:`Proposals` (the GPU
+stage keeps masks on the device); this API serves users who want proposals of their own images, benchmarks and
+tests::
+
+    generator, info = SamMaskGenerator.load(SamConfig(model_type="vit_b"), device="cuda")
+    proposals = generator(rgb)  # rgb: uint8 [H, W, 3]; proposals.masks: bool [N, H, W], best first
+
+Masks the user already has become proposals with the same rules through
+:func:`~ovseg_mine.mine.algorithms.given_proposals.given_mask_set` and :func:`proposals_of`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ovseg_mine import rle as rle_utils
 from ovseg_mine.config import SamConfig
 from ovseg_mine.models import load_sam
-from ovseg_mine.weights_info import ModelNameError, WeightsInfo
+from ovseg_mine.weights_info import WeightsInfo
 
 if TYPE_CHECKING:
     import torch
@@ -56,12 +64,6 @@ class Proposals:
 
     def __len__(self) -> int:
         return len(self.rles)
-
-
-class MaskGenerator(Protocol):
-    """Maps an ``[H, W, 3]`` uint8 RGB image to its :class:`Proposals`; raises ValueError for other input."""
-
-    def __call__(self, image: np.ndarray) -> Proposals: ...
 
 
 def check_image(image: Any) -> np.ndarray:
@@ -112,6 +114,8 @@ class SamMaskGenerator:
     Raises:
         ImportError: ``min_mask_region_area > 0`` without opencv (the AMG needs ``cv2`` for it).
         ValueError: unknown ``precision``.
+
+    :meth:`load` builds one with its weights (``cfg.model_type``, ``cfg.checkpoint``).
     """
 
     def __init__(self, sam: Any, cfg: SamConfig, precision: str = "fp32") -> None:
@@ -137,6 +141,27 @@ class SamMaskGenerator:
         )
         self.device = self.batched.device
 
+    @classmethod
+    def load(
+        cls,
+        cfg: SamConfig,
+        *,
+        device: Any = "cpu",
+        seed: int = 0,
+        allow_random: bool = False,
+        precision: str = "fp32",
+    ) -> tuple["SamMaskGenerator", WeightsInfo]:
+        """A generator with the weights of ``cfg.model_type`` and ``cfg.checkpoint``
+        (:func:`ovseg_mine.models.load_sam`: ``default``, a local file, or ``random`` seeded by ``seed``) on
+        ``device``, and where the weights came from; ``precision`` as in the constructor.
+
+        Raises:
+            ModelNameError: unknown ``cfg.model_type`` (a ValueError; the message lists the valid ones).
+            WeightsError: the weights cannot be loaded (see :func:`~ovseg_mine.models.load_sam`).
+        """
+        sam, info = load_sam(cfg.model_type, cfg.checkpoint, device=device, seed=seed, allow_random=allow_random)
+        return cls(sam, cfg, precision=precision), info
+
     def __call__(self, image: np.ndarray) -> Proposals:
         """Proposals of one image.
 
@@ -148,29 +173,13 @@ class SamMaskGenerator:
         """
         import torch
 
-        from ovseg_mine.mine.algorithms.amg import chunk_size, select_masks
-
         image = check_image(image)
         size = image.shape[0], image.shape[1]
         sam = self.batched
         resized = torch.from_numpy(sam.resize(image)).to(self.device).permute(2, 0, 1)
-        input_size = sam.input_size(size)
         with torch.inference_mode():
-            low_res, iou = sam.decode(sam.embed([resized]), size)
-            kept = select_masks(
-                low_res,
-                iou,
-                cfg=self.cfg,
-                size=size,
-                upsample=lambda low: self.sam.postprocess_masks(low[:, None], input_size, size)[:, 0],
-                mask_threshold=sam.mask_threshold,
-                chunk=chunk_size(size, sam.img_size, DEFAULT_CHUNK_BYTES),
-                min_region_area=self.cfg.min_mask_region_area,
-            )
+            kept = sam.propose(sam.embed([resized]), size, self.cfg, DEFAULT_CHUNK_BYTES)
         return proposals_of(kept)
-
-
-_GENERATORS = {"sam": SamMaskGenerator}
 
 
 def proposals_of(kept: "MaskSet") -> Proposals:
@@ -195,30 +204,3 @@ def proposals_of(kept: "MaskSet") -> Proposals:
         stability_score=kept.stability_score[:n].cpu().numpy().astype(np.float32),
         num_generated=kept.num_generated,
     )
-
-
-def list_mask_generators() -> list[str]:
-    """Names accepted by :func:`build_mask_generator`: ``['sam']``."""
-    return sorted(_GENERATORS)
-
-
-def build_mask_generator(
-    name: str,
-    cfg: SamConfig,
-    *,
-    device: Any = "cpu",
-    seed: int = 0,
-    allow_random: bool = False,
-    precision: str = "fp32",
-) -> tuple[MaskGenerator, WeightsInfo]:
-    """Build a mask generator and load its weights (:func:`ovseg_mine.models.load_sam` with ``cfg.model_type``
-    and ``cfg.checkpoint``); ``precision`` (``fp32``, ``pure_bf16``, ``pure_fp16``) as in :class:`SamMaskGenerator`.
-
-    Raises:
-        ModelNameError: unknown ``name`` or ``cfg.model_type`` (a ValueError; the message lists the valid ones).
-        WeightsError: the weights cannot be loaded (see :func:`~ovseg_mine.models.load_sam`).
-    """
-    if name not in _GENERATORS:
-        raise ModelNameError(f"unknown mask generator {name!r}; valid: {', '.join(list_mask_generators())}")
-    sam, info = load_sam(cfg.model_type, cfg.checkpoint, device=device, seed=seed, allow_random=allow_random)
-    return _GENERATORS[name](sam, cfg, precision=precision), info

@@ -35,6 +35,9 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from ovseg_mine.config import SamConfig
+    from ovseg_mine.mine.algorithms.amg import MaskSet
+
 
 class BatchedSam:
     """A segment-anything ``Sam`` prepared for batched mining.
@@ -109,11 +112,6 @@ class BatchedSam:
         if compile and self.device.type == "cuda":
             self._encoder = torch.compile(sam.image_encoder, dynamic=False)
             self._decoder = torch.compile(sam.mask_decoder, dynamic=False)
-
-    @property
-    def num_points(self) -> int:
-        """Point prompts per image (``points_per_side`` squared)."""
-        return len(self.point_grid)
 
     def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """``(h, w)`` of the encoder input (before padding) for an original image of ``size`` ``(H, W)``."""
@@ -205,6 +203,37 @@ class BatchedSam:
                 ious.append(iou)
         low, iou = torch.cat(lows), torch.cat(ious)
         return low.flatten(0, 1), iou.flatten(0, 1).float()
+
+    def propose(self, features: "torch.Tensor", size: tuple[int, int], cfg: "SamConfig", chunk_bytes: int) -> "MaskSet":
+        """SAM's kept proposals of one image: :meth:`decode` over the point grid, then the automatic mask
+        generator's selection (:func:`ovseg_mine.mine.algorithms.amg.select_masks`), on the device. The one
+        proposal step of mining (:meth:`~ovseg_mine.mine.algorithms.engine.MiningEngine.propose`) and of the
+        single-image API (:class:`~ovseg_mine.mine.algorithms.proposals.SamMaskGenerator`).
+
+        Args:
+            features: ``[1, C, h', w']`` image embedding (a row of :meth:`embed`).
+            size: original image size ``(H, W)`` in pixels.
+            cfg: the selection's thresholds, ``max_masks_per_image`` and ``min_mask_region_area``.
+            chunk_bytes: memory given to full-resolution masks at a time (sets the set's ``chunk``).
+
+        Returns:
+            The image's :class:`~ovseg_mine.mine.algorithms.amg.MaskSet`, best first.
+        """
+        from ovseg_mine.mine.algorithms.amg import chunk_size, select_masks
+
+        low_res, iou = self.decode(features, size)
+        input_size = self.input_size(size)
+        postprocess = self.sam.postprocess_masks
+        return select_masks(
+            low_res,
+            iou,
+            cfg=cfg,
+            size=size,
+            upsample=lambda low: postprocess(low[:, None], input_size, size)[:, 0],
+            mask_threshold=self.mask_threshold,
+            chunk=chunk_size(size, self.img_size, chunk_bytes),
+            min_region_area=cfg.min_mask_region_area,
+        )
 
 
 def _float32_iou_head(decoder: Any, device: "torch.device") -> None:

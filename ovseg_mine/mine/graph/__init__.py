@@ -7,6 +7,7 @@
   (one per GPU) running :class:`~ovseg_mine.mine.algorithms.engine.MiningEngine`.
 * :mod:`~ovseg_mine.mine.graph.rows` -- the Arrow schemas of the rows between stages and the error row.
 * :mod:`~ovseg_mine.mine.graph.weights` -- the weights every actor loads, resolved once by the driver
-  (:class:`~ovseg_mine.mine.graph.weights.ResolvedWeights`).
+  (:class:`~ovseg_mine.mine.graph.weights.ResolvedWeights`) and loaded by each actor without resolving or hashing
+  them again (:func:`~ovseg_mine.mine.graph.weights.load_models`).
 * :mod:`~ovseg_mine.mine.graph.attempts` -- images whose worker died, skipped after ``ray.max_image_attempts``.
 """

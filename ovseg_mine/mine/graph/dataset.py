@@ -114,12 +114,11 @@ def stream_results(
     tracker = ray.remote(num_cpus=0, max_restarts=-1)(AttemptTracker).remote()
     resources = ray.cluster_resources()
     plan = plan_stages(cfg, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
-    config = cfg.model_dump(mode="json")
     batch = cfg.ray.batch_size
     ds = records_dataset(source, tasks, given)
     ds = ds.map_batches(
         NounStage,
-        fn_constructor_kwargs={"config": config},
+        fn_constructor_kwargs={"cfg": cfg},
         batch_size=64,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.noun_actors),
@@ -143,9 +142,8 @@ def stream_results(
         ds = ds.map_batches(
             MaskMatchStage,
             fn_constructor_kwargs={
-                "config": config,
-                "sam_checkpoint": weights.sam_checkpoint,
-                "clip_pretrained": weights.clip_pretrained,
+                "cfg": cfg,
+                "weights": weights,
                 "threads": plan.threads,
                 "tracker": tracker,
             },

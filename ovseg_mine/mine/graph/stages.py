@@ -34,7 +34,9 @@ from ovseg_mine.mine.graph.rows import (
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from ovseg_mine.config import MineConfig
     from ovseg_mine.mine.algorithms.engine import ImageOutcome
+    from ovseg_mine.mine.graph.weights import ResolvedWeights
 
 __all__ = [
     "MaskMatchStage",
@@ -74,15 +76,14 @@ class NounStage:
     """Adds ``nouns`` (list<string>) and ``noun_caption_index`` (list<int16>) to batches of image records.
 
     Args:
-        config: the run's :class:`MineConfig` as a JSON-able dict.
+        cfg: the run's config (``nouns``; pickled to the actor as it is).
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        from ovseg_mine.config import MineConfig
+    def __init__(self, cfg: "MineConfig") -> None:
         from ovseg_mine.mine.algorithms.nouns import load_nlp
 
-        self.cfg = MineConfig.model_validate(config)
-        self.nlp = load_nlp(self.cfg.nouns.model)
+        self.cfg = cfg
+        self.nlp = load_nlp(cfg.nouns.model)
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         import pyarrow as pa
@@ -179,9 +180,10 @@ class MaskMatchStage:
     With ``proposals.kind`` other than ``sam`` in the config, SAM is not built at all.
 
     Args:
-        config: the run's :class:`MineConfig` as a JSON-able dict.
-        sam_checkpoint, clip_pretrained: weights as resolved by the driver (a path or tag, or ``random``),
-            so that every actor loads the same weights and none falls back on its own.
+        cfg: the run's config (pickled to the actor as it is).
+        weights: the weights the driver resolved (:func:`ovseg_mine.mine.graph.weights.resolve_weights`): every
+            actor loads these files (:func:`~ovseg_mine.mine.graph.weights.load_models`), without resolving or
+            hashing them again, and none falls back on its own.
         threads: torch CPU threads (None: leave torch's default).
         tracker: handle of the run's :class:`ovseg_mine.mine.graph.attempts.AttemptTracker` actor: one ``begin`` per
             batch
@@ -191,29 +193,21 @@ class MaskMatchStage:
     """
 
     def __init__(
-        self,
-        config: dict[str, Any],
-        sam_checkpoint: str,
-        clip_pretrained: str,
-        threads: int | None = None,
-        tracker: Any = None,
+        self, cfg: "MineConfig", weights: "ResolvedWeights", threads: int | None = None, tracker: Any = None
     ) -> None:
         import torch
 
-        from ovseg_mine.config import MineConfig
         from ovseg_mine.mine.algorithms.engine import MiningEngine
-        from ovseg_mine.models import load_clip, load_sam
+        from ovseg_mine.mine.graph.weights import load_models
 
         if threads:
             torch.set_num_threads(threads)
-        self.cfg = MineConfig.model_validate(config)
+        self.cfg = cfg
         self.tracker = tracker
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        sam = None  # given masks (--proposals coco:/sa1b:): SAM is not built at all
-        if self.cfg.proposals.kind == "sam":
-            sam, _ = load_sam(self.cfg.sam.model_type, sam_checkpoint, device=device, seed=self.cfg.seed)
-        clip, tokenizer, _ = load_clip(self.cfg.clip.arch, clip_pretrained, device=device, seed=self.cfg.seed)
-        self.engine = MiningEngine(self.cfg, sam, clip, tokenizer, device)
+        # given masks (--proposals coco:/sa1b:): SAM is not built at all (sam is None)
+        sam, clip, tokenizer = load_models(cfg, weights, device)
+        self.engine = MiningEngine(cfg, sam, clip, tokenizer, device)
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         import pyarrow as pa

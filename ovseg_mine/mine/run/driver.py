@@ -33,8 +33,8 @@ from ovseg_mine.mine.run.node_watch import alive_nodes, watched
 from ovseg_mine.mine.run.retry import failed_images, kept_results, merged_stage_s
 from ovseg_mine.mine.run.run_folder import RUN_LOG, prepare_run_dir, run_log
 from ovseg_mine.mine.run.run_lock import hold_run
-from ovseg_mine.mine.sources import Reject, ShardTask, SourceError, SourcePlan, build_source
-from ovseg_mine.mine.sources.proposal_files import ProposalSource, build_proposal_source
+from ovseg_mine.mine.sources import MineInput, Reject, ShardTask, SourcePlan, build_source
+from ovseg_mine.mine.sources.proposal_files import ProposalSource
 from ovseg_mine.mine.sources.read import first_records
 from ovseg_mine.ray_session import cluster_address, init_ray, probe_cluster, shutdown_ray
 from ovseg_mine.shards import move_legacy_markers, read_done, remove_partial_writes, write_json_atomic, write_shard
@@ -99,27 +99,24 @@ def _write(out: Location, index: int, pairs: list[dict[str, Any]], done: dict, m
 
 def mine(
     cfg: MineConfig,
-    source: str | os.PathLike[str],
+    what: MineInput,
     out: str | os.PathLike[str] | Location,
     *,
-    images: str | os.PathLike[str] | None = None,
-    proposals: str | None = None,
     ray_address: str | None = None,
     overwrite: bool = False,
     retry_failed: bool = False,
     verbose: bool = False,
     on_progress: Callable[[int, int | None, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Mine mask-noun pairs from the source ``cfg.source.kind`` at ``source`` into ``out``; returns the manifest.
+    """Mine mask-noun pairs from the source ``what`` names into ``out``; returns the manifest.
 
     Args:
-        cfg: resolved config (``source.kind`` picks the source, ``proposals.kind`` the masks).
-        source: the source's location (COCO: the captions JSON; see :mod:`ovseg_mine.mine.sources`), a path or a
-            URI (``s3://``, ``gs://``...).
+        cfg: resolved config; its ``source.kind`` and ``proposals.kind`` are set from ``what``
+            (:meth:`~ovseg_mine.mine.sources.mine_input.MineInput.configure`) before the run folder records it.
+        what: the checked input: the source's kind and location (a path or a URI: ``s3://``, ``gs://``...),
+            COCO's image root, and where the masks come from (:class:`~ovseg_mine.mine.sources.MineInput`).
         out: run folder, a local path or a URI: created; resumed when it holds the same config. One run at a
             time: the folder is held while the run works (ovseg_mine.mine.run.run_lock).
-        images: COCO's image root (``--images``); None for the other kinds.
-        proposals: location of the given masks when ``cfg.proposals.kind`` is ``coco`` or ``sa1b``.
         ray_address: join this Ray cluster; None: ``RAY_ADDRESS``, else a new local Ray (ovseg_mine.ray_session).
         overwrite: discard a run with another config in ``out``.
         retry_failed: also mine again the images of finished shards that failed (stage ``error``), and rewrite
@@ -139,14 +136,9 @@ def mine(
     if cluster_address(ray_address) is not None:  # before any work: a cluster that answers nothing fails at once
         probe_cluster(cluster_address(ray_address))
     start = time.perf_counter()
-    src = build_source(cfg, os.fspath(source), image_root=os.fspath(images) if images is not None else None)
-    given = None
-    if cfg.proposals.kind != "sam":
-        if not proposals:
-            raise SourceError(f"proposals.kind is {cfg.proposals.kind!r}: give their location, --proposals KIND:PATH")
-        given = build_proposal_source(cfg.proposals.kind, proposals)
-    elif proposals:
-        raise SourceError("a proposals location was given but proposals.kind is 'sam'")
+    cfg = what.configure(cfg)
+    src = build_source(cfg, what)
+    given = what.proposal_source()
     plan = src.plan(cfg.shards.images_per_shard)
     weights = resolve_weights(cfg)
     try:

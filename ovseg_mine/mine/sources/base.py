@@ -144,8 +144,6 @@ class Source:
     """
 
     kind: ClassVar[str] = ""
-    #: One line for ``list_sources`` and errors: what LOCATION is.
-    summary: ClassVar[str] = ""
 
     def __init__(self, location: str, cfg: SourceConfig, screening: Screening) -> None:
         self.location = location

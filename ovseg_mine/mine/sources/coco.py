@@ -290,12 +290,9 @@ class CocoSource(Source):
     """
 
     kind = "coco"
-    summary = "a COCO Captions JSON (--captions F) and its image folder (--images DIR)"
 
-    def __init__(self, location: str, cfg: Any, screening: Any, image_root: str | None = None) -> None:
+    def __init__(self, location: str, cfg: Any, screening: Any, *, image_root: str) -> None:
         super().__init__(location, cfg, screening)
-        if image_root is None:
-            raise SourceError("a COCO source needs its image folder: --images DIR")
         self.image_root = str(image_root)
 
     def plan(self, images_per_shard: int) -> SourcePlan:

@@ -58,7 +58,6 @@ class FolderSource(Source):
     """Images in a folder with a captions file (see the module docstring)."""
 
     kind = "folder"
-    summary = "a folder of images with captions.jsonl or captions.csv (file_name, caption or captions)"
 
     def _captions_file(self) -> tuple[Location, Location]:
         try:

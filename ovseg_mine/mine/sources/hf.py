@@ -36,7 +36,6 @@ class HfSource(TableSource):
     """A Hugging Face dataset (see the module docstring)."""
 
     kind = "hf"
-    summary = "a Hugging Face dataset: a save_to_disk folder, Parquet/Arrow files, or a Hub name (user/name)"
 
     def plan(self, images_per_shard: int) -> SourcePlan:
         files, info = self._data_files()

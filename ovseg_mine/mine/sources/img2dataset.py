@@ -44,7 +44,6 @@ class Img2DatasetSource(TableSource):
     """img2dataset output (see the module docstring)."""
 
     kind = "img2dataset"
-    summary = "an img2dataset output folder (its webdataset, parquet or files output format)"
 
     def plan(self, images_per_shard: int) -> SourcePlan:
         try:

@@ -11,7 +11,7 @@
   (or key ``sa_1``) reads ``DIR/sa_1.json``.
 
 A record whose image has no given mask becomes a reject (stage ``proposals``) in the read step. The masks are
-turned into proposals by :func:`ovseg_mine.mine.algorithms.given_proposals.given_proposals` in the mask/match stage.
+turned into proposals by :func:`ovseg_mine.mine.algorithms.given_proposals.given_mask_set` in the mask/match stage.
 """
 
 from __future__ import annotations

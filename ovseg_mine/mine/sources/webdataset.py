@@ -129,7 +129,6 @@ class WebDatasetSource(Source):
     """Tar shards (see the module docstring)."""
 
     kind = "webdataset"
-    summary = "webdataset tars: a .tar file, a folder of them, or a brace/glob pattern (img2dataset's layout)"
 
     def plan(self, images_per_shard: int) -> SourcePlan:
         root, tars = list_tars(self.location)
