@@ -230,6 +230,7 @@ def test_batches_stamp_the_shard_and_turn_a_repeated_id_into_a_reject():
 def test_a_file_reject_is_listed_but_is_no_image_of_its_shard():
     """A reject about a file (no image id) travels as a row, so the shard completes, and comes back when a retry
     keeps only some ids; the shard's done record lists it among the rejects, not among the images."""
+    from ovseg_mine.done_record import Reject
     from ovseg_mine.mine.run.driver import _shard_outcome
     from ovseg_mine.mine.sources import ShardTask
     from ovseg_mine.mine.sources.records import file_reject_row
@@ -248,15 +249,10 @@ def test_a_file_reject_is_listed_but_is_no_image_of_its_shard():
         for r in rows
     ]
     pairs, done = _shard_outcome(ShardTask(0, {"file": "x.tar"}), results)
-    assert done["image_ids"] == [7, 8] and [i["image_id"] for i in done["images"]] == [7, 8]
-    assert done["rejects"] == [
-        {
-            "image_id": None,
-            "file_name": "x.tar",
-            "stage": "source",
-            "reason": "x.tar: the rest of the tar cannot be read after 2 samples",
-        }
-    ]
+    assert done.image_ids == (7, 8) and [i.image_id for i in done.images] == [7, 8]
+    assert done.rejects == (
+        Reject(None, "x.tar", "source", "x.tar: the rest of the tar cannot be read after 2 samples"),
+    )
 
 
 def test_coco_source_plans_chunks_of_the_id_sorted_records(sample):

@@ -7,6 +7,7 @@ from typing import Any
 
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash
+from ovseg_mine.done_record import DoneRecord, Reject
 from ovseg_mine.mine.graph.weights import ResolvedWeights
 from ovseg_mine.mine.sources import SourcePlan
 from ovseg_mine.shards import SCHEMA_VERSION, read_table
@@ -19,7 +20,7 @@ def build_manifest(
     cfg: MineConfig,
     weights: ResolvedWeights,
     proposals_info: dict[str, Any],
-    done: dict[int, dict],
+    done: dict[int, DoneRecord],
     wall_s: float,
     processed: int,
 ) -> dict[str, Any]:
@@ -29,7 +30,9 @@ def build_manifest(
     location, sha256 and counts). When ``source.image_ids`` names ids that no shard of a complete run holds
     (sources whose ids are only known once read), each is listed as a reject (stage ``source``).
     """
-    shards, rejects, warned = [], [r.to_dict() for r in plan.rejects], []
+    shards: list[dict[str, Any]] = []
+    rejects: list[Reject] = list(plan.rejects)
+    warned: list[Reject] = []
     images = with_pairs = proposals = pairs = 0
     nouns: set[str] = set()
     stage_s: Counter[str] = Counter()
@@ -42,30 +45,28 @@ def build_manifest(
             continue
         shards.append(
             {
-                "file": record["file"],
-                "rows": record["rows"],
-                "sha256": record["sha256"],
-                "images": len(record["image_ids"]),
-                "input": record.get("input"),
+                "file": record.file,
+                "rows": record.rows,
+                "sha256": record.sha256,
+                "images": len(record.image_ids),
+                "input": record.input,
             }
         )
-        found.update(i for i in record["image_ids"] if i in wanted)
-        rejects.extend(record["rejects"])
-        warned.extend(record.get("warnings", []))
-        images += len(record["images"])
-        with_pairs += sum(1 for image in record["images"] if image["num_pairs"])
-        proposals += sum(image["num_proposals"] for image in record["images"])
-        pairs += record["rows"]
-        stage_s.update(record.get("stage_s", {}))
-        errors.update(image["error_type"] for image in record["images"] if image.get("error_type"))
-        if record["rows"]:
-            nouns.update(read_table(out.join(record["file"]), columns=["noun"]).column("noun").to_pylist())
+        found.update(i for i in record.image_ids if i in wanted)
+        rejects.extend(record.rejects)
+        warned.extend(record.warnings)
+        images += len(record.images)
+        with_pairs += sum(1 for image in record.images if image.num_pairs)
+        proposals += sum(image.num_proposals for image in record.images)
+        pairs += record.rows
+        stage_s.update(record.stage_s)
+        errors.update(image.error_type for image in record.images if image.error_type)
+        if record.rows:
+            nouns.update(read_table(out.join(record.file), columns=["noun"]).column("noun").to_pylist())
     complete = all(task.index in done for task in plan.tasks)
     if complete:
-        rejects.extend(
-            {"image_id": i, "file_name": None, "stage": "source", "reason": "image id not in the source"}
-            for i in sorted(wanted - found)
-        )
+        rejects.extend(Reject(i, None, "source", "image id not in the source") for i in sorted(wanted - found))
+    listed = [r.to_json() for r in rejects]
     source = dict(plan.info)
     if plan.image_root is not None:
         source["image_root"] = plan.image_root
@@ -85,16 +86,16 @@ def build_manifest(
         "counts": {
             "images": images,
             "images_with_pairs": with_pairs,
-            "images_rejected": len(rejects),
+            "images_rejected": len(listed),
             "pairs": pairs,
             "unique_nouns": len(nouns),
             "proposals": proposals,
-            "rejects_by_stage": dict(Counter(r["stage"] for r in rejects)),
+            "rejects_by_stage": dict(Counter(r["stage"] for r in listed)),
             "errors_by_type": dict(sorted(errors.items())),
             "images_with_warnings": len(warned),
         },
-        "rejects": rejects,
-        "warnings": warned,
+        "rejects": listed,
+        "warnings": [r.to_json() for r in warned],
         "timings": {
             "wall_s": round(wall_s, 3),
             "images_per_s": round(processed / wall_s, 4) if wall_s > 0 else 0.0,
