@@ -72,7 +72,14 @@ class ShardError(ValueError):
     """A shard or run folder that does not follow the contract (unknown schema version, bad layout)."""
 
 
-def _arrow_type(spec: Any) -> "pa.DataType":
+def arrow_type(spec: Any) -> "pa.DataType":
+    """The Arrow type of a type spec as ``schemas/pairs-v1.json`` writes it: a name (``string``, ``bool``,
+    ``int16``, ``int32``, ``int64``, ``float32``, ``float64``), ``{"list": SPEC}`` (``"size"``: fixed size) or
+    ``{"struct": [FIELD, ...]}``.
+
+    Raises:
+        ShardError: an unknown type.
+    """
     import pyarrow as pa
 
     if isinstance(spec, str):
@@ -89,7 +96,7 @@ def _arrow_type(spec: Any) -> "pa.DataType":
         except KeyError as exc:
             raise ShardError(f"unknown type {spec!r} in schema") from exc
     if "list" in spec:
-        return pa.list_(_arrow_type(spec["list"]), spec.get("size", -1))
+        return pa.list_(arrow_type(spec["list"]), spec.get("size", -1))
     if "struct" in spec:
         return pa.struct([_arrow_field(f) for f in spec["struct"]])
     raise ShardError(f"unknown type {spec!r} in schema")
@@ -99,7 +106,7 @@ def _arrow_field(spec: dict[str, Any]) -> "pa.Field":
     import pyarrow as pa
 
     metadata = {"description": spec["description"]} if "description" in spec else None
-    return pa.field(spec["name"], _arrow_type(spec["type"]), nullable=spec.get("nullable", False), metadata=metadata)
+    return pa.field(spec["name"], arrow_type(spec["type"]), nullable=spec.get("nullable", False), metadata=metadata)
 
 
 def schema_spec(version: int = SCHEMA_VERSION) -> dict[str, Any]:

@@ -70,10 +70,9 @@ def test_kept_results_rebuild_a_shards_other_images(smoke_run, tmp_path):
     record = read_done(run)[0]
     victim = record.image_ids[2]
     kept = kept_results(resolve(run), record, {victim})
-    assert [r["image_id"] for r in kept] == [i for i in record.image_ids if i != victim]
+    assert [r.image_id for r in kept] == [i for i in record.image_ids if i != victim]
     pairs = {p["pair_id"]: p for p in read_pairs(run).to_pylist()}
     for result, image in zip(kept, [i for i in record.images if i.image_id != victim], strict=True):
-        assert result["status"] == image.status and result["num_proposals"] == image.num_proposals
-        assert len(result["pairs"]) == image.num_pairs
-        assert all(pairs[p["pair_id"]] == p for p in result["pairs"])
+        assert result.image_status() == image  # the done record's entry, as it was
+        assert all(pairs[p["pair_id"]] == p for p in result.pairs)
     assert len(shard_files(run)) == 3

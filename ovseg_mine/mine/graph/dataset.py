@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ovseg_mine.config import MineConfig
 from ovseg_mine.mine.errors import RunError
+from ovseg_mine.mine.graph.rows import ImageResult
 from ovseg_mine.mine.graph.weights import ResolvedWeights
 from ovseg_mine.mine.sources import ShardTask, Source
 from ovseg_mine.storage import first_line
@@ -92,9 +94,9 @@ def stream_results(
     cfg: MineConfig,
     weights: ResolvedWeights,
     given: "ProposalSource | None" = None,
-):
-    """Yield per-image result rows (dicts, see stages.image_result_schema) as Ray finishes them: one per record
-    of ``tasks`` (read by ``source``'s read step, with ``given`` masks attached when the run has them), each
+) -> Iterator[ImageResult]:
+    """Yield per-image results (:class:`~ovseg_mine.mine.graph.rows.ImageResult`) as Ray finishes them: one per
+    record of ``tasks`` (read by ``source``'s read step, with ``given`` masks attached when the run has them), each
     carrying its ``shard``, ``shard_size`` and ``shard_row``.
 
     The graph, by resource: nouns (spaCy actors) -> decode (CPU tasks: JPEG, SAM's resize) -> mask/match (an
@@ -167,7 +169,7 @@ def stream_results(
     batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
     try:
         for rows in batches:
-            yield from rows.to_pylist()
+            yield from (ImageResult.from_row(row) for row in rows.to_pylist())
     finally:  # a stop or an error in the driver ends Ray Data's execution here, before Ray is shut down
         close = getattr(batches, "close", None)
         if close is not None:

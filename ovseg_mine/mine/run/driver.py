@@ -22,10 +22,11 @@ from typing import Any, Callable, NamedTuple
 
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash, mining_config
-from ovseg_mine.done_record import DoneRecord, ImageStatus, Reject
+from ovseg_mine.done_record import DoneRecord, Reject
 from ovseg_mine.faults import failpoint
 from ovseg_mine.mine.errors import RunError
 from ovseg_mine.mine.graph.dataset import guarded, stream_results
+from ovseg_mine.mine.graph.rows import TIMED_STEPS, ImageResult
 from ovseg_mine.mine.graph.weights import ResolvedWeights, resolve_weights
 from ovseg_mine.mine.run.failures import FailureWatch
 from ovseg_mine.mine.run.inflight import InFlightShards
@@ -47,39 +48,29 @@ __all__ = ["RunError", "mine"]
 log = logging.getLogger("ovseg_mine")
 
 
-_IMAGE_FIELDS = ("image_id", "status", "reason", "width", "height", "num_nouns", "num_proposals")
-
-
-def _shard_outcome(task: ShardTask, results: list[dict[str, Any]]) -> tuple[list, DoneRecord]:
+def _shard_outcome(task: ShardTask, results: list[ImageResult]) -> tuple[list, DoneRecord]:
     """The pairs and the done record of one shard from its results (in shard order)."""
     pairs: list[dict[str, Any]] = []
     images, rejects, warned = [], [], []
     stage_s: Counter[str] = Counter()
     for result in results:
-        if result["image_id"] is None:  # a reject about an input file (records.file_reject_row), not an image
-            rejects.append(Reject(None, result["file_name"], result["status"], result["reason"]))
+        if result.image_id is None:  # a reject about an input file (records.file_reject_row), not an image
+            rejects.append(Reject(None, result.file_name, result.status, result.reason))
             continue
-        pairs.extend(result["pairs"])
-        notes = tuple(result["notes"] or ())
-        images.append(
-            ImageStatus(
-                **{k: result[k] for k in _IMAGE_FIELDS},
-                num_pairs=len(result["pairs"]),
-                notes=notes,
-                error_type=result.get("error_type") or "",
-            )
-        )
-        if result["status"] != "ok":
-            rejects.append(Reject(result["image_id"], result["file_name"], result["status"], result["reason"]))
-        elif notes:
-            warned.append(Reject(result["image_id"], result["file_name"], "warning", "; ".join(notes)))
-        for stage in ("decode", "nouns", "proposals", "crops", "clip"):
-            stage_s[stage] += result[f"{stage}_s"] or 0.0
+        pairs.extend(result.pairs)
+        image = result.image_status()
+        images.append(image)
+        if result.status != "ok":
+            rejects.append(Reject(result.image_id, result.file_name, result.status, result.reason))
+        elif image.notes:
+            warned.append(Reject(result.image_id, result.file_name, "warning", "; ".join(image.notes)))
+        for step in TIMED_STEPS:
+            stage_s[step] += getattr(result, f"{step}_s") or 0.0
     pairs.sort(key=lambda p: (p["image_id"], p["caption_index"]))
     done = DoneRecord(
         shard=task.index,
         input=task.input,
-        image_ids=tuple(r["image_id"] for r in results if r["image_id"] is not None),
+        image_ids=tuple(r.image_id for r in results if r.image_id is not None),
         images=tuple(images),
         rejects=tuple(rejects),
         warnings=tuple(warned),
@@ -215,7 +206,7 @@ def _take_failed(out: Location, done: dict[int, DoneRecord], inflight: InFlightS
         rows = {image.image_id: row for row, image in enumerate(record.images)}
         inflight.reopen(index, size)
         for result in kept_results(out, record, failed):
-            inflight.add(result | {"shard": index, "shard_size": size, "shard_row": rows[result["image_id"]]})
+            inflight.add(replace(result, shard=index, shard_size=size, shard_row=rows[result.image_id]))
         retried[index] = _Retry(failed, done.pop(index))
         log.info("shard %d: mining again its %d failed image(s)", index, len(failed))
     return retried
@@ -240,16 +231,16 @@ class _Commits:
     pairs_done: int = 0
     processed: int = 0
 
-    def take(self, result: dict[str, Any]) -> None:
+    def take(self, result: ImageResult) -> None:
         """Keep one image's result; commit its shard when it was the shard's last row."""
         if not self.inflight.add(result):  # a retried batch's rows come twice; a duplicate would end a shard early
             return
         self.watch.observe(result)
-        if result["image_id"] is not None:  # not a reject about an input file (records.file_reject_row)
+        if result.image_id is not None:  # not a reject about an input file (records.file_reject_row)
             self.processed += 1
             self.images_done += 1
-        self.pairs_done += len(result["pairs"])
-        index = result["shard"]
+        self.pairs_done += len(result.pairs)
+        index = result.shard
         results = self.inflight.pop_complete(index)
         if results is not None:
             pairs, record = _shard_outcome(self.tasks[index], results)

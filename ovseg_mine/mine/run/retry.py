@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ovseg_mine.done_record import DoneRecord
+from ovseg_mine.mine.graph.rows import ImageResult
 from ovseg_mine.shards import read_table
 from ovseg_mine.storage import Location
 
@@ -28,9 +29,9 @@ def failed_images(record: DoneRecord) -> set[int]:
     return {image.image_id for image in record.images if image.status == FAILED}
 
 
-def kept_results(run: Location, record: DoneRecord, failed: set[int]) -> list[dict[str, Any]]:
-    """Result rows (``ovseg_mine.mine.graph.stages.image_result_schema`` fields, pairs as row dicts) of the images of a
-    done shard that are not retried, rebuilt from its file and its done marker.
+def kept_results(run: Location, record: DoneRecord, failed: set[int]) -> list[ImageResult]:
+    """The results (pairs as row dicts, no shard stamp) of the images of a done shard that are not retried, rebuilt
+    from its file and its done marker (:meth:`ImageResult.from_status`).
 
     Timings are not kept per image: they are 0 here, and :func:`merged_stage_s` carries the shard's earlier
     timings over. ``notes`` are the image's notes as the done record lists them.
@@ -49,18 +50,7 @@ def kept_results(run: Location, record: DoneRecord, failed: set[int]) -> list[di
             continue
         pairs = pairs_by_image.get(image.image_id, [])
         file_name = pairs[0]["file_name"] if pairs else names.get(image.image_id)
-        results.append(
-            {
-                **{k: getattr(image, k) for k in ("image_id", "status", "reason", "width", "height")},
-                **{k: getattr(image, k) for k in ("num_nouns", "num_proposals")},
-                "file_name": file_name,
-                "notes": list(image.notes),
-                "error_type": image.error_type,
-                "traceback": "",
-                "pairs": pairs,
-                **{f"{stage}_s": 0.0 for stage in ("decode", "nouns", "proposals", "crops", "clip")},
-            }
-        )
+        results.append(ImageResult.from_status(image, file_name, pairs))
     return results
 
 
