@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ovseg_mine.config import MineConfig
 from ovseg_mine.mine.errors import RunError
@@ -18,6 +18,8 @@ from ovseg_mine.mine.sources import ShardTask, Source
 from ovseg_mine.storage import first_line
 
 if TYPE_CHECKING:
+    from ray.data import Dataset
+
     from ovseg_mine.mine.sources.proposal_files import ProposalSource
 
 
@@ -106,19 +108,32 @@ def stream_results(
     deaths (ovseg_mine.mine.graph.attempts).
     """
     import ray
-    from ray.data import ActorPoolStrategy
 
     from ovseg_mine.mine.graph.attempts import AttemptTracker
-    from ovseg_mine.mine.graph.stages import MaskMatchStage, NounStage, decode_stage, finalize_stage
+    from ovseg_mine.mine.graph.stages import finalize_stage
     from ovseg_mine.mine.sources.read import records_dataset
-    from ovseg_mine.models import sam_input_size
 
     tracker = ray.remote(num_cpus=0, max_restarts=-1)(AttemptTracker).remote()
     resources = ray.cluster_resources()
     plan = plan_stages(cfg, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
     config = cfg.model_dump(mode="json")
-    batch = cfg.ray.batch_size
     ds = records_dataset(source, tasks, given)
+    ds = _decoded(ds, cfg, config, plan)
+    ds = _matched(ds, cfg, config, weights, plan, tracker)
+    ds = ds.map_batches(
+        finalize_stage, batch_size=cfg.ray.batch_size, batch_format="pyarrow", num_cpus=plan.cpu_task_cpus
+    )
+    yield from _image_results(ds)
+
+
+def _decoded(ds: "Dataset", cfg: MineConfig, config: dict[str, Any], plan: StagePlan) -> "Dataset":
+    """The noun and decode stages over the read step's records, in batch-sized blocks."""
+    from ray.data import ActorPoolStrategy
+
+    from ovseg_mine.mine.graph.stages import NounStage, decode_stage
+    from ovseg_mine.models import sam_input_size
+
+    batch = cfg.ray.batch_size
     ds = ds.map_batches(
         NounStage,
         fn_constructor_kwargs={"config": config},
@@ -133,16 +148,27 @@ def stream_results(
     # shard was committed before then. Batch-sized blocks make each mask/match task one batch and each finalize
     # task one batch, so rows reach the driver, and shards are committed, as they are mined.
     ds = ds.repartition(target_num_rows_per_block=batch)
-    ds = ds.map_batches(
+    return ds.map_batches(
         decode_stage,
         fn_kwargs={"sam_input_size": sam_input_size(cfg.sam.model_type) if cfg.proposals.kind == "sam" else None},
         batch_size=batch,
         batch_format="pyarrow",
         num_cpus=plan.cpu_task_cpus,
     )
+
+
+def _matched(
+    ds: "Dataset", cfg: MineConfig, config: dict[str, Any], weights: ResolvedWeights, plan: StagePlan, tracker: Any
+) -> "Dataset":
+    """The mask/match stage (a pool of actors, one per GPU) over the decoded images; ``tracker``: the run's
+    :class:`~ovseg_mine.mine.graph.attempts.AttemptTracker` actor."""
+    from ray.data import ActorPoolStrategy
+
+    from ovseg_mine.mine.graph.stages import MaskMatchStage
+
     with warnings.catch_warnings():  # actor restarts are only reachable through ray_remote_args (see pyproject)
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(
+        return ds.map_batches(
             MaskMatchStage,
             fn_constructor_kwargs={
                 "config": config,
@@ -151,7 +177,7 @@ def stream_results(
                 "threads": plan.threads,
                 "tracker": tracker,
             },
-            batch_size=batch,
+            batch_size=cfg.ray.batch_size,
             batch_format="pyarrow",
             # min 1: a run goes on with the actors the cluster can hold (a node lost, a GPU short), and Ray Data
             # starts handing out batches once one actor is up; it starts with those that fit now (StagePlan).
@@ -165,7 +191,10 @@ def stream_results(
             max_task_retries=-1,
             **plan.gpu_actor_resources,
         )
-    ds = ds.map_batches(finalize_stage, batch_size=batch, batch_format="pyarrow", num_cpus=plan.cpu_task_cpus)
+
+
+def _image_results(ds: "Dataset") -> Iterator[ImageResult]:
+    """The finalize stage's rows as :class:`~ovseg_mine.mine.graph.rows.ImageResult`, as Ray Data hands them out."""
     batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
     try:
         for rows in batches:
