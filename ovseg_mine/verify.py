@@ -73,8 +73,8 @@ class DamagedShard:
         name: the shard's file name (``shard-00001.parquet``).
         kind: ``mismatch`` (the file's sha256 is not the marker's: changed, truncated, replaced), ``missing``
             (a marker without its file), ``uncommitted`` (a file without a marker: the run stopped between the
-            two, or the file was put there by hand), ``marker`` (a marker that is not readable JSON, or names
-            another file).
+            two, or the file was put there by hand), ``marker`` (a marker that is not a readable done record: not
+            JSON, or values of the wrong kind; or one that names another file).
         reason: one line saying what differs.
     """
 
@@ -124,7 +124,7 @@ def _check(index: int, file: Location | None, marker: Location | None) -> Shard 
     label = f"{marker.parent.name}/{marker.name}"
     record = load_marker(marker)
     if record is None:
-        return DamagedShard(name, "marker", f"its done marker {label} is not readable JSON")
+        return DamagedShard(name, "marker", f"its done marker {label} is not a readable done record")
     if record.file != expected:
         return DamagedShard(name, "marker", f"its done marker {label} names {record.file!r}")
     if file is None:
