@@ -8,6 +8,7 @@ Layout of a run folder::
       shards/shard-00000.parquet    pairs of the images of shard 0 (schemas/pairs-v1.json); nothing else is
                                     left in shards/ once a run has finished or stopped and resumed
       done/shard-00000.json         its done marker: row count, sha256, image ids, per-image status and rejects
+                                    (ovseg_mine.done_record.DoneRecord)
 
 ``shards/`` holds only the pairs, so that standard readers take the folder as one dataset (pyarrow.dataset,
 ``datasets.load_dataset("parquet", data_dir=...)``, DuckDB's ``read_parquet('RUN/shards/*')``). Earlier
@@ -38,9 +39,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Union
 
+from ovseg_mine.done_record import DoneRecord
 from ovseg_mine.faults import failpoint
 from ovseg_mine.resources import schemas_dir
 from ovseg_mine.storage import Location, StorageError, resolve, sha256_file
@@ -69,7 +72,14 @@ class ShardError(ValueError):
     """A shard or run folder that does not follow the contract (unknown schema version, bad layout)."""
 
 
-def _arrow_type(spec: Any) -> "pa.DataType":
+def arrow_type(spec: Any) -> "pa.DataType":
+    """The Arrow type of a type spec as ``schemas/pairs-v1.json`` writes it: a name (``string``, ``bool``,
+    ``int16``, ``int32``, ``int64``, ``float32``, ``float64``), ``{"list": SPEC}`` (``"size"``: fixed size) or
+    ``{"struct": [FIELD, ...]}``.
+
+    Raises:
+        ShardError: an unknown type.
+    """
     import pyarrow as pa
 
     if isinstance(spec, str):
@@ -86,7 +96,7 @@ def _arrow_type(spec: Any) -> "pa.DataType":
         except KeyError as exc:
             raise ShardError(f"unknown type {spec!r} in schema") from exc
     if "list" in spec:
-        return pa.list_(_arrow_type(spec["list"]), spec.get("size", -1))
+        return pa.list_(arrow_type(spec["list"]), spec.get("size", -1))
     if "struct" in spec:
         return pa.struct([_arrow_field(f) for f in spec["struct"]])
     raise ShardError(f"unknown type {spec!r} in schema")
@@ -96,7 +106,7 @@ def _arrow_field(spec: dict[str, Any]) -> "pa.Field":
     import pyarrow as pa
 
     metadata = {"description": spec["description"]} if "description" in spec else None
-    return pa.field(spec["name"], _arrow_type(spec["type"]), nullable=spec.get("nullable", False), metadata=metadata)
+    return pa.field(spec["name"], arrow_type(spec["type"]), nullable=spec.get("nullable", False), metadata=metadata)
 
 
 def schema_spec(version: int = SCHEMA_VERSION) -> dict[str, Any]:
@@ -142,9 +152,9 @@ def write_shard(
     table: "pa.Table",
     *,
     file_metadata: dict[str, Any],
-    done_record: dict[str, Any],
+    done_record: DoneRecord,
     row_group_size: int,
-) -> dict[str, Any]:
+) -> DoneRecord:
     """Write one shard and mark it done (the commit protocol of this module's docstring).
 
     Args:
@@ -153,11 +163,12 @@ def write_shard(
         table: rows that follow :func:`pair_schema` (cast to it; extra columns are an error).
         file_metadata: JSON-able dict stored under the ``ovseg_mine`` key of the Parquet file metadata
             (no timings or paths that vary between identical runs: shards must be byte-identical).
-        done_record: extra JSON-able fields for the done marker (image ids, per-image status, rejects).
+        done_record: the done marker's record (image ids, per-image status, rejects); its ``file``, ``rows`` and
+            ``sha256`` are set here.
         row_group_size: rows per Parquet row group.
 
     Returns:
-        The done record as written: ``done_record`` plus ``file``, ``rows``, ``sha256``.
+        The done record as written: ``done_record`` with ``file``, ``rows``, ``sha256``.
 
     Raises:
         ovseg_mine.storage.StorageError: the run folder is not writable.
@@ -186,8 +197,9 @@ def write_shard(
     except OSError as exc:
         raise StorageError(f"cannot write {final.uri}: {exc}") from exc
     failpoint("shard.after_rename", index)
-    record = {**done_record, "file": f"{SHARDS_DIR}/{final.name}", "rows": table.num_rows, "sha256": sha256_file(final)}
-    write_json_atomic(marker_location(run_dir, index), record)
+    file = f"{SHARDS_DIR}/{final.name}"
+    record = replace(done_record, file=file, rows=table.num_rows, sha256=sha256_file(final))
+    write_json_atomic(marker_location(run_dir, index), record.to_json())
     failpoint("shard.after_done", index)
     return record
 
@@ -245,16 +257,16 @@ def list_markers(run: Location) -> dict[int, Location]:
     return found
 
 
-def load_marker(marker: Location) -> dict[str, Any] | None:
-    """A done marker's record, or None when it is absent, unreadable, not JSON or not a JSON object."""
+def load_marker(marker: Location) -> DoneRecord | None:
+    """A done marker's record, or None when it is absent, unreadable, not JSON or not a done record's JSON object
+    (:meth:`DoneRecord.from_json`)."""
     try:
-        record = json.loads(marker.read_bytes())
+        return DoneRecord.from_json(json.loads(marker.read_bytes()))
     except (StorageError, ValueError):
         return None
-    return record if isinstance(record, dict) else None
 
 
-def read_done(run_dir: Where, *, verify: bool = True, only: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
+def read_done(run_dir: Where, *, verify: bool = True, only: Iterable[int] | None = None) -> dict[int, DoneRecord]:
     """Done records of a run's shards, by shard index (``done/``, else the legacy ``shards/*.done.json``).
 
     This is the resume check of ``mine``: with ``verify``, a record whose Parquet file is missing or whose
@@ -270,14 +282,14 @@ def read_done(run_dir: Where, *, verify: bool = True, only: Iterable[int] | None
         for i in sorted(only):
             new, legacy = marker_location(run, i), run.join(SHARDS_DIR, f"{shard_name(i)}{LEGACY_MARKER_SUFFIX}")
             markers[i] = new if new.is_file() or not legacy.is_file() else legacy
-    records: dict[int, dict[str, Any]] = {}
+    records: dict[int, DoneRecord] = {}
     for index, marker in sorted(markers.items()):
         record = load_marker(marker)
         if record is None:  # absent, unreadable or not JSON: not done
             continue
         if verify:
             try:
-                if sha256_file(run.join(record.get("file", ""))) != record.get("sha256"):
+                if sha256_file(run.join(record.file or "")) != record.sha256:
                     continue
             except StorageError:
                 continue

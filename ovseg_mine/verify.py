@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ovseg_mine.done_record import DoneRecord
 from ovseg_mine.shards import (
     DONE_DIR,
     SHARDS_DIR,
@@ -54,13 +55,13 @@ class Shard:
     Attributes:
         index: shard index (``shard-00042.parquet`` -> 42).
         file: the Parquet file (a Location; a local one works wherever a path does).
-        record: its done marker (``file``, ``rows``, ``sha256``, image ids, per-image status...).
+        record: its done marker's record (``file``, ``rows``, ``sha256``, image ids, per-image status...).
         sha256: hex sha256 of the file's bytes as read now (equal to the marker's).
     """
 
     index: int
     file: Location
-    record: dict[str, Any]
+    record: DoneRecord
     sha256: str
 
 
@@ -72,8 +73,8 @@ class DamagedShard:
         name: the shard's file name (``shard-00001.parquet``).
         kind: ``mismatch`` (the file's sha256 is not the marker's: changed, truncated, replaced), ``missing``
             (a marker without its file), ``uncommitted`` (a file without a marker: the run stopped between the
-            two, or the file was put there by hand), ``marker`` (a marker that is not readable JSON, or names
-            another file).
+            two, or the file was put there by hand), ``marker`` (a marker that is not a readable done record: not
+            JSON, or values of the wrong kind; or one that names another file).
         reason: one line saying what differs.
     """
 
@@ -105,7 +106,7 @@ class VerifiedShards:
         return [s.file for s in self.shards]
 
     @property
-    def records(self) -> dict[int, dict[str, Any]]:
+    def records(self) -> dict[int, DoneRecord]:
         """The verified shards' done records, by shard index."""
         return {s.index: s.record for s in self.shards}
 
@@ -123,19 +124,17 @@ def _check(index: int, file: Location | None, marker: Location | None) -> Shard 
     label = f"{marker.parent.name}/{marker.name}"
     record = load_marker(marker)
     if record is None:
-        return DamagedShard(name, "marker", f"its done marker {label} is not readable JSON")
-    if record.get("file") != expected:
-        return DamagedShard(name, "marker", f"its done marker {label} names {record.get('file')!r}")
+        return DamagedShard(name, "marker", f"its done marker {label} is not a readable done record")
+    if record.file != expected:
+        return DamagedShard(name, "marker", f"its done marker {label} names {record.file!r}")
     if file is None:
         return DamagedShard(name, "missing", f"the file is missing; its done marker {label} lists it")
     try:
         digest = sha256_file(file)
     except StorageError as exc:
         return DamagedShard(name, "missing", f"the file cannot be read: {exc}")
-    if digest != record.get("sha256"):
-        return DamagedShard(
-            name, "mismatch", f"sha256 {_short(digest)} != its done marker's {_short(record.get('sha256'))}"
-        )
+    if digest != record.sha256:
+        return DamagedShard(name, "mismatch", f"sha256 {_short(digest)} != its done marker's {_short(record.sha256)}")
     return Shard(index, file, record, digest)
 
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ovseg_mine import rle
+from ovseg_mine.done_record import DoneRecord, ImageStatus
 from ovseg_mine.shards import marker_location, pair_schema, sha256_file, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,30 +245,11 @@ def make_run(root: Path, pairs: list[dict] | None = None, image_root: Path | Non
     pairs = handmade_pairs() if pairs is None else pairs
     run = root / "run"
     images = [
-        {
-            "image_id": i,
-            "status": "ok",
-            "reason": "",
-            "width": W,
-            "height": H,
-            "num_nouns": 4,
-            "num_proposals": 4,
-            "num_pairs": sum(p["image_id"] == i for p in pairs),
-        }
+        ImageStatus(i, "ok", "", W, H, num_nouns=4, num_proposals=4, num_pairs=sum(p["image_id"] == i for p in pairs))
         for i in (1, 2)
     ]
-    images.append(
-        {
-            "image_id": 3,
-            "status": "matching",
-            "reason": "all 2 nouns below the matching thresholds",
-            "width": W,
-            "height": H,
-            "num_nouns": 2,
-            "num_proposals": 3,
-            "num_pairs": 0,
-        }
-    )
+    reason = "all 2 nouns below the matching thresholds"
+    images.append(ImageStatus(3, "matching", reason, W, H, num_nouns=2, num_proposals=3, num_pairs=0))
     table = pa.Table.from_pylist(pairs, schema=pair_schema())
     write_shard(
         run,
@@ -275,7 +257,7 @@ def make_run(root: Path, pairs: list[dict] | None = None, image_root: Path | Non
         table,
         file_metadata={"config": {}},
         row_group_size=100,
-        done_record={"shard": 0, "image_ids": [1, 2, 3], "images": images, "rejects": []},
+        done_record=DoneRecord(shard=0, image_ids=(1, 2, 3), images=tuple(images)),
     )
     manifest = {
         "schema_version": 1,

@@ -147,12 +147,12 @@ def test_odd_but_usable_images_are_mined_at_their_decoded_size(bad_run):
         assert (pair["width"], pair["height"]) == (width, height)
         assert pair["mask"]["size"] == [height, width]
         assert rle.decode(pair["mask"]).shape == (height, width)
-    images = {i["image_id"]: i for record in read_done(out).values() for i in record["images"]}
+    images = {i.image_id: i for record in read_done(out).values() for i in record.images}
     w, h = sizes[6]
-    assert images[9]["notes"] == [
+    assert images[9].notes == (
         f"size in the captions file {w}x{h} differs from the decoded image {h}x{w} (EXIF orientation applied); "
-        "the decoded size is used"
-    ]
+        "the decoded size is used",
+    )
 
 
 def test_corrected_images_are_listed_as_warnings(bad_run):

@@ -55,7 +55,7 @@ def test_img2dataset_webdataset_failed_downloads_and_a_cut_tar_are_listed(coco8,
     assert counts["images_rejected"] == 5 and counts["rejects_by_stage"]["source"] == 5
     assert counts["images"] - counts["images_with_pairs"] >= 4
     done = read_done(tmp_path / "run")
-    assert [len(done[i]["image_ids"]) for i in (0, 1)] == [4, 4]
+    assert [len(done[i].image_ids) for i in (0, 1)] == [4, 4]
     assert {p["file_name"].split("/")[0] for p in read_pairs(tmp_path / "run").to_pylist()} == {
         "00000.tar",
         "00001.tar",

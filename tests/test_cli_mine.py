@@ -81,10 +81,10 @@ def test_same_input_gives_the_same_pairs_whatever_the_workers(smoke_run, tmp_pat
 
 def test_rerun_resumes_and_other_config_is_refused(smoke_run, tmp_path):
     smoke_run = shutil.copytree(smoke_run, tmp_path / "run")
-    before = {i: r["sha256"] for i, r in read_done(smoke_run).items()}
+    before = {i: r.sha256 for i, r in read_done(smoke_run).items()}
     result = run_cli("demo", "--pipeline", "smoke", "--out", str(smoke_run), "--set", "shards.images_per_shard=6")
     assert result.returncode == 0, result.stderr
-    assert {i: r["sha256"] for i, r in read_done(smoke_run).items()} == before
+    assert {i: r.sha256 for i, r in read_done(smoke_run).items()} == before
     assert json.loads((smoke_run / "manifest.json").read_text())["timings"]["images_this_invocation"] == 0
     result = run_cli("demo", "--pipeline", "smoke", "--out", str(smoke_run), "--set", "sam.points_per_side=4")
     assert result.returncode == 2

@@ -9,20 +9,23 @@ import logging
 import pytest
 
 from ovseg_mine.mine.errors import RunError
+from ovseg_mine.mine.graph.rows import ImageResult
 from ovseg_mine.mine.run.failures import FailureWatch
 
 from helpers import run_cli
 
 
-def _result(image_id: int, error_type: str = "") -> dict:
-    status = "error" if error_type else "ok"
-    return {
-        "image_id": image_id,
-        "status": status,
-        "reason": f"{error_type}: boom",
-        "error_type": error_type,
-        "traceback": f"Traceback (most recent call last):\n{error_type}: boom\n",
-    }
+def _result(image_id: int, error_type: str = "") -> ImageResult:
+    return ImageResult(
+        image_id=image_id,
+        file_name=f"{image_id}.jpg",
+        width=640,
+        height=480,
+        status="error" if error_type else "ok",
+        reason=f"{error_type}: boom",
+        error_type=error_type,
+        traceback=f"Traceback (most recent call last):\n{error_type}: boom\n",
+    )
 
 
 def test_watch_stops_on_a_streak_of_the_same_exception_only(caplog):

@@ -76,7 +76,7 @@ def s3_run(s3_module, smoke_run):
     # Killed on this host: its lease is stale at once, and the rerun resumes.
     result = run_cli("demo", *SMOKE, "--out", out)
     assert result.returncode == 0, result.stderr
-    return out, result, sum(len(record["image_ids"]) for record in kept.values())
+    return out, result, sum(len(record.image_ids) for record in kept.values())
 
 
 def test_a_run_on_s3_survives_a_kill_and_equals_the_local_run(s3_run, smoke_run):

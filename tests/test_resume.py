@@ -109,7 +109,7 @@ def _assert_same_as(reference: Path, run: Path) -> None:
     assert sorted(done) == sorted(ref_done) == list(range(IMAGES // PER_SHARD))
     for index, record in done.items():
         for key in ("image_ids", "images", "rejects", "warnings", "rows", "sha256"):
-            assert record[key] == ref_done[index][key], (index, key)
+            assert getattr(record, key) == getattr(ref_done[index], key), (index, key)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["images"] == IMAGES
 
@@ -187,7 +187,7 @@ def test_ctrl_c_stops_cleanly_and_leaves_the_run_resumable(coco_mini, reference,
 
 def test_a_killed_ray_worker_is_restarted_and_its_batch_retried(coco_mini, reference, tmp_path):
     # The worker pauses on the last image, so the run cannot end before the kill lands.
-    last = max(read_done(reference)[IMAGES // PER_SHARD - 1]["image_ids"])
+    last = max(read_done(reference)[IMAGES // PER_SHARD - 1].image_ids)
     out = tmp_path / "run"
     proc = _start(coco_mini, out, failpoints=f"image:{last}=sleep(10)")
 
@@ -254,10 +254,10 @@ def test_sharded_source_killed_mid_write_resumes_byte_identical(name, kind, mine
     done, ref_done = read_done(out), read_done(reference)
     for index, record in done.items():
         for key in ("input", "image_ids", "images", "rejects", "warnings", "rows", "sha256"):
-            assert record[key] == ref_done[index][key], (index, key)
+            assert getattr(record, key) == getattr(ref_done[index], key), (index, key)
         if index in kept:
-            assert record["sha256"] == kept[index]["sha256"]  # kept, not redone
+            assert record.sha256 == kept[index].sha256  # kept, not redone
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete"
-    redone = sum(len(r["image_ids"]) for i, r in done.items() if i not in kept)
+    redone = sum(len(r.image_ids) for i, r in done.items() if i not in kept)
     assert manifest["timings"]["images_this_invocation"] == redone

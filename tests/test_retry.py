@@ -57,7 +57,7 @@ def test_retry_failed_mines_only_the_failed_image_and_rewrites_only_its_shard(sa
     assert rewritten == {"shards/shard-00001.parquet", "done/shard-00001.json"}
     assert_same_pairs(read_pairs(smoke_run).to_pylist(), read_pairs(out).to_pylist())  # as if it had never failed
     record = read_done(out)[1]
-    assert [image["status"] for image in record["images"]] == ["ok"] * 6 and record["rejects"] == []
+    assert [image.status for image in record.images] == ["ok"] * 6 and record.rejects == ()
 
     nothing = run_cli(*args, "--retry-failed")  # nothing failed any more: nothing to mine
     assert nothing.returncode == 0, nothing.stderr
@@ -68,12 +68,11 @@ def test_retry_failed_mines_only_the_failed_image_and_rewrites_only_its_shard(sa
 def test_kept_results_rebuild_a_shards_other_images(smoke_run, tmp_path):
     run = shutil.copytree(smoke_run, tmp_path / "run")
     record = read_done(run)[0]
-    victim = record["image_ids"][2]
+    victim = record.image_ids[2]
     kept = kept_results(resolve(run), record, {victim})
-    assert [r["image_id"] for r in kept] == [i for i in record["image_ids"] if i != victim]
+    assert [r.image_id for r in kept] == [i for i in record.image_ids if i != victim]
     pairs = {p["pair_id"]: p for p in read_pairs(run).to_pylist()}
-    for result, image in zip(kept, [i for i in record["images"] if i["image_id"] != victim], strict=True):
-        assert result["status"] == image["status"] and result["num_proposals"] == image["num_proposals"]
-        assert len(result["pairs"]) == image["num_pairs"]
-        assert all(pairs[p["pair_id"]] == p for p in result["pairs"])
+    for result, image in zip(kept, [i for i in record.images if i.image_id != victim], strict=True):
+        assert result.image_status() == image  # the done record's entry, as it was
+        assert all(pairs[p["pair_id"]] == p for p in result.pairs)
     assert len(shard_files(run)) == 3

@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ovseg_mine import rle
+from ovseg_mine.done_record import DoneRecord
 from ovseg_mine.shards import (
     ShardError,
     pair_schema,
@@ -57,14 +58,19 @@ def test_schema_follows_contract():
 def test_write_is_atomic_marked_done_and_valid(tmp_path):
     table = pa.Table.from_pylist([_pair(1, "dog"), _pair(2, "cat")], schema=pair_schema())
     record = write_shard(
-        tmp_path, 3, table, file_metadata={"config": {"a": 1}}, done_record={"image_ids": [1, 2]}, row_group_size=10
+        tmp_path,
+        3,
+        table,
+        file_metadata={"config": {"a": 1}},
+        done_record=DoneRecord(image_ids=(1, 2)),
+        row_group_size=10,
     )
     path = tmp_path / "shards" / "shard-00003.parquet"
     assert path.is_file() and not list((tmp_path / "shards").glob("*.tmp"))
-    assert record["rows"] == 2 and record["file"] == "shards/shard-00003.parquet"
+    assert record.rows == 2 and record.file == "shards/shard-00003.parquet"
     assert validate_shard(path) == []
     assert read_file_metadata(path)["schema_version"] == 1
-    assert read_done(tmp_path)[3]["image_ids"] == [1, 2]
+    assert read_done(tmp_path)[3].image_ids == (1, 2)
     assert read_pairs(tmp_path).column("noun").to_pylist() == ["dog", "cat"]
     # a shard whose bytes changed after it was marked done is not done any more
     path.write_bytes(path.read_bytes()[:-8])
@@ -73,9 +79,9 @@ def test_write_is_atomic_marked_done_and_valid(tmp_path):
 
 def test_identical_input_gives_identical_bytes(tmp_path):
     table = pa.Table.from_pylist([_pair()], schema=pair_schema())
-    a = write_shard(tmp_path / "a", 0, table, file_metadata={}, done_record={}, row_group_size=10)
-    b = write_shard(tmp_path / "b", 0, table, file_metadata={}, done_record={}, row_group_size=10)
-    assert a["sha256"] == b["sha256"]
+    a = write_shard(tmp_path / "a", 0, table, file_metadata={}, done_record=DoneRecord(), row_group_size=10)
+    b = write_shard(tmp_path / "b", 0, table, file_metadata={}, done_record=DoneRecord(), row_group_size=10)
+    assert a.sha256 == b.sha256
 
 
 def test_unknown_schema_version_and_foreign_files(tmp_path):
@@ -103,7 +109,9 @@ def test_commit_protocol_on_disks_and_object_stores(run_root):
     run = resolve(run_root)
     table = pa.Table.from_pylist([_pair(1, "dog"), _pair(2, "cat")], schema=pair_schema())
     records = {
-        i: write_shard(run_root, i, table, file_metadata={}, done_record={"image_ids": [1, 2]}, row_group_size=10)
+        i: write_shard(
+            run_root, i, table, file_metadata={}, done_record=DoneRecord(image_ids=(1, 2)), row_group_size=10
+        )
         for i in range(4)
     }
     assert read_done(run_root) == records
@@ -122,5 +130,5 @@ def test_commit_protocol_on_disks_and_object_stores(run_root):
     write_json_atomic(run.join("manifest.json"), {"status": "partial"})
     assert read_manifest(run_root) == {"status": "partial"}
     # the same table gives the same bytes wherever it is written
-    local = write_shard(run_root + "-again", 0, table, file_metadata={}, done_record={}, row_group_size=10)
-    assert local["sha256"] == records[0]["sha256"]
+    local = write_shard(run_root + "-again", 0, table, file_metadata={}, done_record=DoneRecord(), row_group_size=10)
+    assert local.sha256 == records[0].sha256

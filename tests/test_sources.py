@@ -278,6 +278,8 @@ def test_batches_stamp_the_shard_and_turn_a_repeated_id_into_a_reject():
 def test_a_file_reject_is_listed_but_is_no_image_of_its_shard():
     """A reject about a file (no image id) travels as a row, so the shard completes, and comes back when a retry
     keeps only some ids; the shard's done record lists it among the rejects, not among the images."""
+    from ovseg_mine.done_record import Reject
+    from ovseg_mine.mine.graph.rows import ImageResult
     from ovseg_mine.mine.run.driver import _shard_outcome
     from ovseg_mine.mine.sources import ShardTask
     from ovseg_mine.mine.sources.records import file_reject_row
@@ -287,24 +289,13 @@ def test_a_file_reject_is_listed_but_is_no_image_of_its_shard():
     rows.append(file_reject_row("x.tar", "x.tar: the rest of the tar cannot be read after 2 samples"))
     kept = [r for t in batches(iter(rows), shard=0, shard_size=3, keep=frozenset({8})) for r in t.to_pylist()]
     assert [(r["image_id"], r["shard_row"], r["status"]) for r in kept] == [(8, 1, "ok"), (None, 2, "source")]
-    results = [
-        {
-            **{k: r[k] for k in ("image_id", "file_name", "status", "reason", "width", "height", "notes")},
-            **{"num_nouns": 1, "num_proposals": 0, "pairs": [], "error_type": ""},
-            **{f"{stage}_s": 0.0 for stage in ("decode", "nouns", "proposals", "crops", "clip")},
-        }
-        for r in rows
-    ]
+    fields = ("image_id", "file_name", "status", "reason", "width", "height", "notes")
+    results = [ImageResult(**{k: r[k] for k in fields}, num_nouns=1) for r in rows]
     pairs, done = _shard_outcome(ShardTask(0, {"file": "x.tar"}), results)
-    assert done["image_ids"] == [7, 8] and [i["image_id"] for i in done["images"]] == [7, 8]
-    assert done["rejects"] == [
-        {
-            "image_id": None,
-            "file_name": "x.tar",
-            "stage": "source",
-            "reason": "x.tar: the rest of the tar cannot be read after 2 samples",
-        }
-    ]
+    assert done.image_ids == (7, 8) and [i.image_id for i in done.images] == [7, 8]
+    assert done.rejects == (
+        Reject(None, "x.tar", "source", "x.tar: the rest of the tar cannot be read after 2 samples"),
+    )
 
 
 def test_coco_source_plans_chunks_of_the_id_sorted_records(sample):

@@ -129,7 +129,7 @@ def test_given_sa1b_masks_keep_their_scores_and_the_cap(mined_sources, coco8):
         assert rank < 3 and pair["proposal_index"] == rank
         assert pair["predicted_iou"] == pytest.approx(1.0 - 0.01 * rank)
         assert pair["num_proposals"] == min(3, len(truth))
-    done = [i for record in read_done(run).values() for i in record["images"]]
-    missing = [i for i in done if i["status"] == "proposals"]
-    assert all(i["reason"].startswith("no SA-1B JSON") for i in missing)
+    done = [i for record in read_done(run).values() for i in record.images]
+    missing = [i for i in done if i.status == "proposals"]
+    assert all(i.reason.startswith("no SA-1B JSON") for i in missing)
     assert len(done) == 8

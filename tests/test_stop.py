@@ -131,7 +131,7 @@ def _assert_readable(out: Path) -> None:
         return
     manifest = read_manifest(out)
     done = read_done(out)
-    assert sorted(s["file"] for s in manifest["shards"]) == sorted(r["file"] for r in done.values())
+    assert sorted(s["file"] for s in manifest["shards"]) == sorted(r.file for r in done.values())
     assert manifest["status"] == ("complete" if len(done) == SHARDS else "partial")
     assert not (out / "manifest.json.tmp").exists()
 
@@ -186,7 +186,7 @@ def test_sigterm_during_a_commit_waits_for_the_commit(sample, captions, referenc
         time.sleep(0.02)
     pending = {p.name[: -len(".parquet.tmp")] for p in (out / PARTIAL_DIR).glob("*.parquet.tmp")}
     _stop(proc, out)
-    committed = {Path(r["file"]).name[: -len(".parquet")] for r in read_done(out).values()}
+    committed = {Path(r.file).name[: -len(".parquet")] for r in read_done(out).values()}
     assert pending <= committed  # the commit under way when the signal came was finished, not torn
     for name in committed:
         assert _digests(out)[f"{name}.parquet"] == _digests(ref)[f"{name}.parquet"]
@@ -208,7 +208,7 @@ def test_sigterm_during_the_manifest_write_leaves_a_readable_manifest(sample, ca
 def test_shards_are_committed_as_they_finish_and_a_sigkill_keeps_them(sample, captions, reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "run"
-    last = max(max(r["image_ids"]) for r in read_done(ref).values())
+    last = max(max(r.image_ids) for r in read_done(ref).values())
     # The mask/match actor pauses on the last image (in the last shard read): the run cannot end for 10 minutes,
     # so a commit seen meanwhile was made while mining went on, not at the end of the run.
     proc = _start(sample, captions, out, f"image:{last}=sleep(600)", start_new_session=True)
@@ -226,13 +226,13 @@ def test_shards_are_committed_as_they_finish_and_a_sigkill_keeps_them(sample, ca
     assert set(committed) <= set(kept)
     digests, ref_digests = _digests(out), _digests(ref)
     for record in kept.values():
-        name = Path(record["file"]).name
+        name = Path(record.file).name
         assert digests[name] == ref_digests[name]
     result = subprocess.run(_command(sample, captions, out), capture_output=True, text=True, timeout=600, env=_env())
     assert result.returncode == 0, result.stderr
     assert _digests(out) == ref_digests
     manifest = json.loads((out / "manifest.json").read_text())
-    kept_images = sum(len(r["image_ids"]) for r in kept.values())
+    kept_images = sum(len(r.image_ids) for r in kept.values())
     assert manifest["timings"]["images_this_invocation"] == 16 * COPIES - kept_images
 
 

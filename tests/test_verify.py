@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ovseg_mine.done_record import DoneRecord
 from ovseg_mine.finetune.data import DataError, scan_shards
 from ovseg_mine.shards import move_legacy_markers, pair_schema, read_done, remove_partial_writes, write_shard
 from ovseg_mine.storage import resolve
@@ -97,10 +98,10 @@ def test_every_kind_of_damage_is_named_or_skipped_and_listed(run_root):
     run = resolve(run_root)
     table = pa.Table.from_pylist(handmade_pairs(), schema=pair_schema())
     for i in range(5):
-        write_shard(run_root, i, table.slice(i, 2), file_metadata={}, done_record={}, row_group_size=10)
+        write_shard(run_root, i, table.slice(i, 2), file_metadata={}, done_record=DoneRecord(), row_group_size=10)
     intact = verify_shards(run_root)
     assert [s.index for s in intact.shards] == list(range(5)) and not intact.damaged
-    assert all(s.sha256 == s.record["sha256"] == hashlib.sha256(s.file.read_bytes()).hexdigest() for s in intact.shards)
+    assert all(s.sha256 == s.record.sha256 == hashlib.sha256(s.file.read_bytes()).hexdigest() for s in intact.shards)
     shards, done = run.join("shards"), run.join("done")
     shards.join(VICTIM).write_bytes(shards.join("shard-00000.parquet").read_bytes())  # 1: a copy of shard 0
     shards.join("shard-00002.parquet").delete()  # 2: its marker left
@@ -155,8 +156,8 @@ def test_inspect_refuses_a_damaged_shard_and_skips_it_when_asked(smoke_run, tmp_
     figures = json.loads(skipped.stdout)
     assert [(d["file"], d["kind"]) for d in figures["damaged_shards"]] == [(VICTIM, "mismatch")]
     kept = [record for index, record in read_done(smoke_run).items() if index != 1]
-    assert figures["counts"]["pairs"] == sum(record["rows"] for record in kept) < read_pairs(smoke_run).num_rows
-    assert figures["counts"]["images"] == sum(len(record["image_ids"]) for record in kept)
+    assert figures["counts"]["pairs"] == sum(record.rows for record in kept) < read_pairs(smoke_run).num_rows
+    assert figures["counts"]["images"] == sum(len(record.image_ids) for record in kept)
 
 
 def test_inspect_lists_skipped_shards_in_its_summary_and_report(smoke_run, tmp_path):

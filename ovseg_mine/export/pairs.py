@@ -197,7 +197,7 @@ def open_run(run: str | os.PathLike[str] | Location) -> RunPairs:
         records = read_done(location, verify=False)
     except (ShardError, StorageError) as exc:
         raise ExportError(str(exc)) from exc
-    by_file = {posixpath.basename(r.get("file", "")): (i, r) for i, r in records.items()}
+    by_file = {posixpath.basename(r.file or ""): (i, r) for i, r in records.items()}
     shards, unfinished = [], []
     for path in files:
         if path.name not in by_file:
@@ -208,10 +208,10 @@ def open_run(run: str | os.PathLike[str] | Location) -> RunPairs:
             digest = sha256_file(path)
         except StorageError as exc:
             raise ExportError(f"cannot read shard {path}: {exc}") from exc
-        if digest != record.get("sha256"):
+        if digest != record.sha256:
             raise ExportError(
                 f"shard {path} is damaged: its sha256 {digest[:12]}... differs from its done marker's "
-                f"{str(record.get('sha256'))[:12]}...; rerun the mining command to redo it, then export"
+                f"{str(record.sha256)[:12]}...; rerun the mining command to redo it, then export"
             )
         shards.append((index, path))
     if not shards:

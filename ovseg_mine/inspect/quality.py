@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ovseg_mine import rle
+from ovseg_mine.done_record import DoneRecord, ImageStatus
 from ovseg_mine.groundtruth import GroundTruth, GroundTruthError
 from ovseg_mine.inspect.synonyms import NounMapper
 from ovseg_mine.shards import ShardError, read_file_metadata, read_manifest, read_table
@@ -93,7 +94,7 @@ class LoadedRun:
 
     manifest: dict[str, Any]
     pairs: list[dict[str, Any]]
-    done: dict[int, dict[str, Any]]
+    done: dict[int, DoneRecord]
     damaged: list[DamagedShard]
 
 
@@ -124,41 +125,33 @@ def load_run(run_dir: str | Path | Location, *, skip_damaged: bool = False) -> L
     return LoadedRun(manifest, rows, checked.records, checked.damaged)
 
 
-def _image_records(done: dict[int, dict[str, Any]], pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    images = [img for index in sorted(done) for img in done[index].get("images", [])]
-    known = {img["image_id"] for img in images}
+def _image_records(done: dict[int, DoneRecord], pairs: list[dict[str, Any]]) -> list[ImageStatus]:
+    images = [img for index in sorted(done) for img in done[index].images]
+    known = {img.image_id for img in images}
     by_image: dict[int, list[dict]] = defaultdict(list)
     for p in pairs:
         by_image[p["image_id"]].append(p)
     for image_id, rows in by_image.items():  # shards without per-image status (hand-made or older runs)
         if image_id not in known:
-            images.append(
-                {
-                    "image_id": image_id,
-                    "status": "ok",
-                    "reason": "",
-                    "num_pairs": len(rows),
-                    "num_proposals": rows[0]["num_proposals"],
-                }
-            )
+            images.append(ImageStatus(image_id, "ok", num_pairs=len(rows), num_proposals=rows[0]["num_proposals"]))
     return images
 
 
-def _counts(manifest: dict[str, Any], pairs: list[dict[str, Any]], images: list[dict[str, Any]]) -> dict[str, Any]:
-    without = [img for img in images if not img.get("num_pairs")]
-    reasons = Counter(f"{img['status']}: {img.get('reason') or 'no pair'}" for img in without)
+def _counts(manifest: dict[str, Any], pairs: list[dict[str, Any]], images: list[ImageStatus]) -> dict[str, Any]:
+    without = [img for img in images if not img.num_pairs]
+    reasons = Counter(f"{img.status}: {img.reason or 'no pair'}" for img in without)
     source_rejects = [r for r in manifest.get("rejects", []) if r.get("stage") == "source"]
     return {
         "images": len(images),
         "images_with_pairs": len(images) - len(without),
         "images_without_pairs": len(without),
-        "images_without_pairs_by_stage": dict(Counter(img["status"] for img in without).most_common()),
+        "images_without_pairs_by_stage": dict(Counter(img.status for img in without).most_common()),
         "images_without_pairs_by_reason": dict(reasons.most_common()),
         "source_rejects": len(source_rejects),
         "pairs": len(pairs),
         "unique_nouns": len({p["noun"] for p in pairs}),
-        "pairs_per_image": quantiles(img.get("num_pairs", 0) for img in images),
-        "masks_per_image": quantiles(img.get("num_proposals", 0) for img in images),
+        "pairs_per_image": quantiles(img.num_pairs for img in images),
+        "masks_per_image": quantiles(img.num_proposals for img in images),
     }
 
 
@@ -347,7 +340,7 @@ def inspect_run(
     if gt_path is not None:
         try:
             gt = GroundTruth(gt_path)
-            figures["gt"], ious, cats = _gt_figures(pairs, {int(img["image_id"]) for img in images}, gt)
+            figures["gt"], ious, cats = _gt_figures(pairs, {int(img.image_id) for img in images}, gt)
         except GroundTruthError as exc:
             raise InspectError(str(exc)) from exc
     return Inspection(run_dir, manifest, pairs, ious, cats, figures)

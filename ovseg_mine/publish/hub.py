@@ -100,13 +100,13 @@ def publishable_shards(
     except ShardError as exc:
         raise PublishError(str(exc)) from exc
     done = checked.records
-    done_by_file = {rec.get("file"): rec for rec in done.values()}
+    done_by_file = {rec.file: rec for rec in done.values()}
     problems = [f"{d.name} has no done marker (not committed)" for d in checked.damaged]
     if manifest.get("status") != "complete":
         problems.insert(0, f"manifest status is {manifest.get('status')!r}")
     for entry in manifest.get("shards", []):
         rec = done_by_file.get(entry.get("file"))
-        if rec is None or rec.get("sha256") != entry.get("sha256"):
+        if rec is None or rec.sha256 != entry.get("sha256"):
             problems.append(f"shard {entry.get('file')} has no matching done marker")
     if problems and not allow_partial:
         raise PublishError(
@@ -114,7 +114,7 @@ def publishable_shards(
             "mining to finish it, or pass --allow-partial to publish the finished shards"
         )
     run = resolve(run_dir)
-    chosen = [run.join(done[i]["file"]) for i in sorted(done)]
+    chosen = [run.join(done[i].file) for i in sorted(done)]
     if not chosen:
         raise PublishError(f"{run_dir} has no finished shard to publish")
     return chosen

@@ -20,7 +20,8 @@ nouns, :meth:`MiningEngine.mine`:
 5. per image, picks each noun's best mask on the device (:func:`~ovseg_mine.mine.algorithms.matching.best_masks`),
    applies the matching thresholds, upsamples the chosen masks and takes their column-major run lengths
    (:func:`ovseg_mine.rle.mask_runs`, one ``nonzero`` for the batch);
-6. brings the per-noun numbers to the host in one transfer.
+6. brings the per-noun numbers of the batch to the host in one transfer (a float64 table whose columns
+   :class:`NounColumn` names).
 
 The per-image host syncs are the three of the proposal selection; the batch adds three more (crops' run
 lengths: ``nonzero`` and its copy; the results' copy), plus one ``torch.cuda.synchronize`` per timed step.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
@@ -118,6 +120,95 @@ class ImageOutcome:
     num_matches: int
     matches: list[NounMatch]
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+class NounColumn(IntEnum):
+    """The columns of the per-noun table of :meth:`MiningEngine._match`: float64 ``[nouns, len(NounColumn)]``, one
+    row per noun of an image with at least one proposal, the rows of a batch's images stacked and brought to the
+    host in one copy. The integer columns come first (exact in float64: ranks, pixel counts and coordinates stay
+    far below 2**53), then the float32 scores widened; each group is stacked and cast once (:func:`noun_table`).
+    """
+
+    MASK_INDEX = 0  # the chosen mask's rank among the image's proposals
+    AREA = 1  # its foreground pixels
+    NUM_VALID = 2  # the image's non-empty proposals (the same on each of its rows)
+    BOX_X = 3  # its tight box, XYWH in pixels of the original image
+    BOX_Y = 4
+    BOX_W = 5
+    BOX_H = 6
+    SIMILARITY = 7  # cosine similarity of the masked crop's and the noun's embeddings
+    PROBABILITY = 8  # softmax over the image's nouns
+    MARGIN = 9  # similarity minus the runner-up mask's; +inf without a runner-up
+    PASSED = 10  # 1.0: the match passed the matching thresholds
+    PREDICTED_IOU = 11  # SAM's score of the mask; NaN: a given mask without scores
+    STABILITY_SCORE = 12  # likewise
+
+
+#: The columns stacked as integers, and as floats, each in table order.
+_INTEGER_COLUMNS = tuple(c for c in NounColumn if c < NounColumn.SIMILARITY)
+_FLOAT_COLUMNS = tuple(c for c in NounColumn if c >= NounColumn.SIMILARITY)
+_BOX = (NounColumn.BOX_X, NounColumn.BOX_Y, NounColumn.BOX_W, NounColumn.BOX_H)
+
+
+def noun_table(
+    masks: "MaskSet",
+    best: "torch.Tensor",
+    sims: "torch.Tensor",
+    probs: "torch.Tensor",
+    margins: "torch.Tensor",
+    passed: "torch.Tensor",
+) -> "torch.Tensor":
+    """One image's per-noun numbers on the device, float64 ``[nouns, len(NounColumn)]`` in :class:`NounColumn`
+    order, without a host sync.
+
+    Args:
+        masks: the image's proposals.
+        best, sims, probs, margins: :func:`~ovseg_mine.mine.algorithms.matching.best_masks`' outputs, ``[nouns]``.
+        passed: bool ``[nouns]``, :func:`~ovseg_mine.mine.algorithms.matching.passes_thresholds`.
+    """
+    import torch
+
+    boxes = masks.boxes[best]
+    columns = {
+        NounColumn.MASK_INDEX: best,
+        NounColumn.AREA: masks.areas[best],
+        NounColumn.NUM_VALID: masks.valid.sum().expand(len(best)),
+        **{column: boxes[:, j] for j, column in enumerate(_BOX)},
+        NounColumn.SIMILARITY: sims,
+        NounColumn.PROBABILITY: probs,
+        NounColumn.MARGIN: margins,
+        NounColumn.PASSED: passed.float(),
+        NounColumn.PREDICTED_IOU: masks.predicted_iou[best],
+        NounColumn.STABILITY_SCORE: masks.stability_score[best],
+    }
+    ints = torch.stack([columns[c] for c in _INTEGER_COLUMNS], dim=1).double()
+    floats = torch.stack([columns[c] for c in _FLOAT_COLUMNS], dim=1).double()
+    return torch.cat([ints, floats], dim=1)
+
+
+def image_outcome(part: np.ndarray, num_generated: int, runs: list[np.ndarray]) -> "ImageOutcome":
+    """An image's :class:`ImageOutcome` from its rows of the host table (float64 ``[nouns, len(NounColumn)]``, or
+    ``[0, len(NounColumn)]`` without a proposal) and its matched masks' run lengths (one per noun, noun order).
+    """
+    c = NounColumn
+    num_valid = int(part[0, c.NUM_VALID]) if len(part) else 0
+    matches = [
+        NounMatch(
+            noun_index=i,
+            mask_index=int(row[c.MASK_INDEX]),
+            similarity=float(row[c.SIMILARITY]),
+            probability=float(row[c.PROBABILITY]),
+            margin=None if np.isinf(row[c.MARGIN]) else float(row[c.MARGIN]),
+            predicted_iou=None if np.isnan(row[c.PREDICTED_IOU]) else float(row[c.PREDICTED_IOU]),
+            stability_score=None if np.isnan(row[c.STABILITY_SCORE]) else float(row[c.STABILITY_SCORE]),
+            bbox=[int(row[column]) for column in _BOX],
+            area=int(row[c.AREA]),
+            runs=runs[i],
+        )
+        for i, row in enumerate(part)
+        if num_valid and row[c.PASSED]
+    ]
+    return ImageOutcome(num_valid, num_generated, len(part) if num_valid else 0, matches)
 
 
 class StepTimer:
@@ -334,7 +425,8 @@ class MiningEngine:
     def _match(
         self, jobs: Sequence[ImageJob], sets: Sequence["MaskSet"], embeddings: "torch.Tensor"
     ) -> list[ImageOutcome]:
-        """Each noun's best mask per image, the matched masks' run lengths, and one transfer to the host."""
+        """Each noun's best mask per image, the matched masks' run lengths, and one transfer to the host: the
+        per-noun numbers of the whole batch as one :class:`NounColumn` table."""
         import torch
 
         from ovseg_mine.mine.algorithms.matching import best_masks, passes_thresholds
@@ -345,48 +437,23 @@ class MiningEngine:
             k = len(masks)
             image_emb, offset = embeddings[offset : offset + k], offset + k
             if k == 0:
-                rows.append(torch.zeros((0, 13), dtype=torch.float64, device=self.device))
+                rows.append(torch.zeros((0, len(NounColumn)), dtype=torch.float64, device=self.device))
                 continue
             best, sims, probs, margins = best_masks(
                 image_emb, self.text.embed(job.nouns), valid=masks.valid, logit_scale=m.logit_scale
             )
-            passed = passes_thresholds(sims, probs, margins, m)
-            # [nouns, 13] float64: best, similarity, probability, margin, passed, predicted IoU, stability, area,
-            # valid masks, box (4); floats and integers are stacked apart, so there are two casts, not ten
-            floats = torch.stack(
-                [sims, probs, margins, passed.float(), masks.predicted_iou[best], masks.stability_score[best]], dim=1
-            )
-            counts = torch.stack([masks.areas[best], masks.valid.sum().expand(len(best))], dim=1)
-            ints = torch.cat([best[:, None], counts, masks.boxes[best]], dim=1).double()
-            rows.append(torch.cat([ints[:, :1], floats.double(), ints[:, 1:]], dim=1))
+            rows.append(noun_table(masks, best, sims, probs, margins, passes_thresholds(sims, probs, margins, m)))
             for start in range(0, len(best), masks.chunk):  # the chosen masks' run lengths, in bounded memory
                 pending.append((i, masks, best[start : start + masks.chunk]))
                 if sum(4 * len(b) * ms.size[0] * ms.size[1] for _, ms, b in pending) > self.chunk_bytes:
                     self._runs(pending, runs)
         self._runs(pending, runs)
-        table = torch.cat(rows).cpu().numpy()
+        table = torch.cat(rows).cpu().numpy()  # the batch's one device-to-host copy of the per-noun numbers
         outcomes, start = [], 0
         for job, masks, image_runs in zip(jobs, sets, runs, strict=True):
             part = table[start : start + (len(job.nouns) if len(masks) else 0)]
             start += len(part)
-            num_valid = int(part[0, 8]) if len(part) else 0
-            matches = [
-                NounMatch(
-                    noun_index=i,
-                    mask_index=int(row[0]),
-                    similarity=float(row[1]),
-                    probability=float(row[2]),
-                    margin=None if np.isinf(row[3]) else float(row[3]),
-                    predicted_iou=None if np.isnan(row[5]) else float(row[5]),
-                    stability_score=None if np.isnan(row[6]) else float(row[6]),
-                    bbox=[int(v) for v in row[9:13]],
-                    area=int(row[7]),
-                    runs=image_runs[i],
-                )
-                for i, row in enumerate(part)
-                if num_valid and row[4]
-            ]
-            outcomes.append(ImageOutcome(num_valid, masks.num_generated, len(part) if num_valid else 0, matches))
+            outcomes.append(image_outcome(part, masks.num_generated, image_runs))
         return outcomes
 
     @staticmethod

@@ -6,16 +6,20 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ovseg_mine.config import MineConfig
 from ovseg_mine.mine.errors import RunError
+from ovseg_mine.mine.graph.rows import ImageResult
 from ovseg_mine.mine.graph.weights import ResolvedWeights
 from ovseg_mine.mine.sources import ShardTask, Source
 from ovseg_mine.storage import first_line
 
 if TYPE_CHECKING:
+    from ray.data import Dataset
+
     from ovseg_mine.mine.sources.proposal_files import ProposalSource
 
 
@@ -92,9 +96,9 @@ def stream_results(
     cfg: MineConfig,
     weights: ResolvedWeights,
     given: "ProposalSource | None" = None,
-):
-    """Yield per-image result rows (dicts, see stages.image_result_schema) as Ray finishes them: one per record
-    of ``tasks`` (read by ``source``'s read step, with ``given`` masks attached when the run has them), each
+) -> Iterator[ImageResult]:
+    """Yield per-image results (:class:`~ovseg_mine.mine.graph.rows.ImageResult`) as Ray finishes them: one per
+    record of ``tasks`` (read by ``source``'s read step, with ``given`` masks attached when the run has them), each
     carrying its ``shard``, ``shard_size`` and ``shard_row``.
 
     The graph, by resource: nouns (spaCy actors) -> decode (CPU tasks: JPEG, SAM's resize) -> mask/match (an
@@ -104,18 +108,31 @@ def stream_results(
     deaths (ovseg_mine.mine.graph.attempts).
     """
     import ray
-    from ray.data import ActorPoolStrategy
 
     from ovseg_mine.mine.graph.attempts import AttemptTracker
-    from ovseg_mine.mine.graph.stages import MaskMatchStage, NounStage, decode_stage, finalize_stage
+    from ovseg_mine.mine.graph.stages import finalize_stage
     from ovseg_mine.mine.sources.read import records_dataset
-    from ovseg_mine.models import sam_input_size
 
     tracker = ray.remote(num_cpus=0, max_restarts=-1)(AttemptTracker).remote()
     resources = ray.cluster_resources()
     plan = plan_stages(cfg, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
-    batch = cfg.ray.batch_size
     ds = records_dataset(source, tasks, given)
+    ds = _decoded(ds, cfg, plan)
+    ds = _matched(ds, cfg, weights, plan, tracker)
+    ds = ds.map_batches(
+        finalize_stage, batch_size=cfg.ray.batch_size, batch_format="pyarrow", num_cpus=plan.cpu_task_cpus
+    )
+    yield from _image_results(ds)
+
+
+def _decoded(ds: "Dataset", cfg: MineConfig, plan: StagePlan) -> "Dataset":
+    """The noun and decode stages over the read step's records, in batch-sized blocks."""
+    from ray.data import ActorPoolStrategy
+
+    from ovseg_mine.mine.graph.stages import NounStage, decode_stage
+    from ovseg_mine.models import sam_input_size
+
+    batch = cfg.ray.batch_size
     ds = ds.map_batches(
         NounStage,
         fn_constructor_kwargs={"cfg": cfg},
@@ -130,16 +147,25 @@ def stream_results(
     # shard was committed before then. Batch-sized blocks make each mask/match task one batch and each finalize
     # task one batch, so rows reach the driver, and shards are committed, as they are mined.
     ds = ds.repartition(target_num_rows_per_block=batch)
-    ds = ds.map_batches(
+    return ds.map_batches(
         decode_stage,
         fn_kwargs={"sam_input_size": sam_input_size(cfg.sam.model_type) if cfg.proposals.kind == "sam" else None},
         batch_size=batch,
         batch_format="pyarrow",
         num_cpus=plan.cpu_task_cpus,
     )
+
+
+def _matched(ds: "Dataset", cfg: MineConfig, weights: ResolvedWeights, plan: StagePlan, tracker: Any) -> "Dataset":
+    """The mask/match stage (a pool of actors, one per GPU) over the decoded images; ``tracker``: the run's
+    :class:`~ovseg_mine.mine.graph.attempts.AttemptTracker` actor."""
+    from ray.data import ActorPoolStrategy
+
+    from ovseg_mine.mine.graph.stages import MaskMatchStage
+
     with warnings.catch_warnings():  # actor restarts are only reachable through ray_remote_args (see pyproject)
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(
+        return ds.map_batches(
             MaskMatchStage,
             fn_constructor_kwargs={
                 "cfg": cfg,
@@ -147,7 +173,7 @@ def stream_results(
                 "threads": plan.threads,
                 "tracker": tracker,
             },
-            batch_size=batch,
+            batch_size=cfg.ray.batch_size,
             batch_format="pyarrow",
             # min 1: a run goes on with the actors the cluster can hold (a node lost, a GPU short), and Ray Data
             # starts handing out batches once one actor is up; it starts with those that fit now (StagePlan).
@@ -161,11 +187,14 @@ def stream_results(
             max_task_retries=-1,
             **plan.gpu_actor_resources,
         )
-    ds = ds.map_batches(finalize_stage, batch_size=batch, batch_format="pyarrow", num_cpus=plan.cpu_task_cpus)
+
+
+def _image_results(ds: "Dataset") -> Iterator[ImageResult]:
+    """The finalize stage's rows as :class:`~ovseg_mine.mine.graph.rows.ImageResult`, as Ray Data hands them out."""
     batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
     try:
         for rows in batches:
-            yield from rows.to_pylist()
+            yield from (ImageResult.from_row(row) for row in rows.to_pylist())
     finally:  # a stop or an error in the driver ends Ray Data's execution here, before Ray is shut down
         close = getattr(batches, "close", None)
         if close is not None:

@@ -24,11 +24,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ovseg_mine.mine.graph.rows import (
-    TIMED_STEPS,
     decoded_schema,
     error_row,
     image_result_schema,
     matched_schema,
+    next_rows,
+    noun_fields,
+    row_values,
 )
 
 if TYPE_CHECKING:
@@ -46,30 +48,6 @@ __all__ = [
     "finalize_stage",
     "image_result_schema",
 ]
-
-
-def _carried(record: dict[str, Any]) -> dict[str, Any]:
-    """A row's status fields and record fields, before any stage after nouns set them."""
-    return {
-        "image_id": record["image_id"],
-        "file_name": record["file_name"],
-        "shard": record.get("shard"),
-        "shard_size": record.get("shard_size"),
-        "shard_row": record.get("shard_row"),
-        "status": record.get("status") or "ok",
-        "reason": record.get("reason") or "",
-        "width": record["width"],
-        "height": record["height"],
-        "num_nouns": len(record["nouns"]),
-        "num_proposals": record.get("num_proposals") or 0,
-        **{f"{step}_s": record.get(f"{step}_s") or 0.0 for step in TIMED_STEPS},
-        "notes": list(record.get("notes") or []),
-        "error_type": record.get("error_type") or "",
-        "traceback": record.get("traceback") or "",
-        "captions": record["captions"],
-        "nouns": record["nouns"],
-        "noun_caption_index": record["noun_caption_index"],
-    }
 
 
 class NounStage:
@@ -99,11 +77,10 @@ class NounStage:
             extra_stop_nouns=self.cfg.nouns.extra_stop_nouns,
         )
         per_image_s = (time.perf_counter() - start) / max(1, batch.num_rows)
+        (nouns, nouns_type), (caption_index, caption_index_type) = noun_fields()
+        batch = batch.append_column(nouns, pa.array([[n.text for n in ns] for ns in per_image], nouns_type))
         batch = batch.append_column(
-            "nouns", pa.array([[n.text for n in ns] for ns in per_image], pa.list_(pa.string()))
-        )
-        batch = batch.append_column(
-            "noun_caption_index", pa.array([[n.caption_index for n in ns] for ns in per_image], pa.list_(pa.int16()))
+            caption_index, pa.array([[n.caption_index for n in ns] for ns in per_image], caption_index_type)
         )
         return batch.append_column("nouns_s", pa.array([per_image_s] * batch.num_rows, pa.float64()))
 
@@ -128,51 +105,44 @@ def decode_stage(batch: "pa.Table", *, sam_input_size: int | None, max_pixels: i
     Returns:
         Rows of :func:`ovseg_mine.mine.graph.rows.decoded_schema`.
     """
-    import pyarrow as pa
     from segment_anything.utils.transforms import ResizeLongestSide
 
     from ovseg_mine.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
 
     resize = None if sam_input_size is None else ResizeLongestSide(sam_input_size)
-    rows = []
-    for record in batch.to_pylist():
-        row = {
-            **_carried(record),
-            "proposals": record.get("proposals"),
-            "pixels": b"",
-            "sam_pixels": b"",
-            "sam_height": 0,
-            "sam_width": 0,
-        }
-        rows.append(row)
-        if row["status"] != "ok":  # rejected by the source (read step): passed through as it is
+    names = ["image_id", "status", "width", "height", "nouns", "notes", "path", "image_bytes", "proposals"]
+    changes = []
+    for record in row_values(batch, names):
+        change: dict[str, Any] = {"num_nouns": len(record["nouns"])}
+        changes.append(change)
+        if record["status"] != "ok":  # rejected by the source (read step): passed through as it is
             continue
         if not record["nouns"]:
-            row.update(status="nouns", reason="no visual noun in the captions")
+            change.update(status="nouns", reason="no visual noun in the captions")
             continue
         start = time.perf_counter()
-        encoded = record.get("image_bytes")
+        encoded = record["image_bytes"]
         try:
             image = load_rgb(
                 record["path"] if encoded is None else encoded, max_pixels=max_pixels or DEFAULT_MAX_PIXELS
             )
-            sam_image = None if resize is None or row["proposals"] is not None else resize.apply_image(image)
+            sam_image = None if resize is None or record["proposals"] is not None else resize.apply_image(image)
         except ImageDecodeError as exc:
-            row.update(status="decode", reason=str(exc))
+            change.update(status="decode", reason=str(exc))
             continue
         except Exception as exc:  # per-image isolation; the driver logs the traceback (ovseg_mine.mine.run.failures)
-            row.update(error_row(exc))
+            change.update(error_row(exc))
             continue
         height, width = image.shape[:2]
         if record["width"] and record["height"] and (width, height) != (record["width"], record["height"]):
-            row["notes"].append(
+            change["notes"] = record["notes"] + [
                 f"size in the captions file {record['width']}x{record['height']} differs from the "
                 f"decoded image {width}x{height} (EXIF orientation applied); the decoded size is used"
-            )
-        row.update(width=width, height=height, pixels=image.tobytes(), decode_s=time.perf_counter() - start)
+            ]
+        change.update(width=width, height=height, pixels=image.tobytes(), decode_s=time.perf_counter() - start)
         if sam_image is not None:
-            row.update(sam_pixels=sam_image.tobytes(), sam_height=sam_image.shape[0], sam_width=sam_image.shape[1])
-    return pa.Table.from_pylist(rows, schema=decoded_schema())
+            change.update(sam_pixels=sam_image.tobytes(), sam_height=sam_image.shape[0], sam_width=sam_image.shape[1])
+    return next_rows(batch, decoded_schema(), changes)
 
 
 class MaskMatchStage:
@@ -210,19 +180,21 @@ class MaskMatchStage:
         self.engine = MiningEngine(cfg, sam, clip, tokenizer, device)
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
-        import pyarrow as pa
-
-        records = batch.drop_columns(["pixels", "sam_pixels"]).to_pylist()
+        """Rows of :func:`~ovseg_mine.mine.graph.rows.decoded_schema` in, of
+        :func:`~ovseg_mine.mine.graph.rows.matched_schema` out (the pixels dropped)."""
+        names = ["image_id", "status", "width", "height", "nouns", "proposals", "sam_height", "sam_width"]
+        records = row_values(batch, names)
         for column in ("pixels", "sam_pixels"):  # the pixels stay in Arrow's buffers (no copy on the host)
             for record, value in zip(records, batch.column(column), strict=True):
                 record[column] = value.as_buffer()
-        rows = [{**_carried(record), "matches": []} for record in records]
-        todo = [i for i, row in enumerate(rows) if row["status"] == "ok"]
-        self._tracked(records, rows, todo)
-        return pa.Table.from_pylist(rows, schema=matched_schema())
+        changes: list[dict[str, Any]] = [{} for _ in records]
+        todo = [i for i, record in enumerate(records) if record["status"] == "ok"]
+        self._tracked(records, changes, todo)
+        return next_rows(batch, matched_schema(), changes)
 
     def _tracked(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], todo: list[int]) -> None:
-        """Mine rows ``todo`` between the tracker's ``begin`` and ``end`` (see ovseg_mine.mine.graph.attempts)."""
+        """Mine rows ``todo`` between the tracker's ``begin`` and ``end`` (see ovseg_mine.mine.graph.attempts);
+        ``rows``: each row's changes (:func:`~ovseg_mine.mine.graph.rows.next_rows`), filled in here."""
         import ray
 
         from ovseg_mine.mine.graph.attempts import worker_death_reason
@@ -230,7 +202,7 @@ class MaskMatchStage:
         if self.tracker is None or not todo:
             self._mine(records, rows, todo)
             return
-        ids = [rows[i]["image_id"] for i in todo]
+        ids = [records[i]["image_id"] for i in todo]
         deaths = ray.get(self.tracker.begin.remote(ids))
         if not any(deaths):
             self._mine(records, rows, todo)
@@ -247,7 +219,8 @@ class MaskMatchStage:
             self.tracker.end.remote([image_id])
 
     def _mine(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], todo: list[int]) -> None:
-        """Mine rows ``todo`` as one batch (failures stay per image) and fill in their results."""
+        """Mine rows ``todo`` as one batch (failures stay per image) and fill in their results (``rows``: each
+        row's changes)."""
         from ovseg_mine.faults import failpoint
         from ovseg_mine.mine.algorithms.given_proposals import GivenMaskError
 
@@ -266,7 +239,7 @@ class MaskMatchStage:
             if isinstance(outcome, BaseException):
                 rows[i].update(error_row(outcome))
             else:
-                rows[i].update(self._result(rows[i], outcome))
+                rows[i].update(self._result(outcome))
                 rows[i]["proposals_s"] += job.given_s
 
     def _job(self, record: dict[str, Any]) -> Any:
@@ -295,7 +268,8 @@ class MaskMatchStage:
         return job
 
     @staticmethod
-    def _result(row: dict[str, Any], outcome: "ImageOutcome") -> dict[str, Any]:
+    def _result(outcome: "ImageOutcome") -> dict[str, Any]:
+        """A mined image's changes: proposals, timings, and its matches or the reason it has none."""
         out: dict[str, Any] = {"num_proposals": outcome.num_proposals}
         out.update({f"{step}_s": seconds for step, seconds in outcome.seconds.items()})
         if outcome.num_proposals == 0:
@@ -315,39 +289,42 @@ def finalize_stage(batch: "pa.Table") -> "pa.Table":
     Returns:
         Rows of :func:`ovseg_mine.mine.graph.rows.image_result_schema`, one per image.
     """
-    import pyarrow as pa
+    names = ["image_id", "file_name", "width", "height", "num_proposals", "captions", "nouns", "noun_caption_index"]
+    rows = row_values(batch, [*names, "matches"])
+    return next_rows(batch, image_result_schema(), [{"pairs": pair_rows(row)} for row in rows])
 
+
+def pair_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pair rows (schemas/pairs-v1.json) of one image of the GPU stage: ``record`` holds its ``image_id``,
+    ``file_name``, ``width``, ``height``, ``num_proposals``, ``captions``, ``nouns``, ``noun_caption_index`` and
+    ``matches`` (:func:`~ovseg_mine.mine.graph.rows.match_struct`: run lengths, XYWH ``bbox``)."""
     from ovseg_mine import rle
 
-    keep = [name for name in image_result_schema().names if name != "pairs"]
-    rows = []
-    for record in batch.to_pylist():
-        nouns, pairs = record["nouns"], []
-        width, height = record["width"], record["height"]
-        for match in record["matches"] or []:
-            k = match["noun_index"]
-            caption_index = record["noun_caption_index"][k]
-            pairs.append(
-                {
-                    "pair_id": f"{record['image_id']}:{nouns[k]}",
-                    "image_id": record["image_id"],
-                    "file_name": record["file_name"],
-                    "width": width,
-                    "height": height,
-                    "caption_index": caption_index,
-                    "caption": record["captions"][caption_index],
-                    "noun": nouns[k],
-                    "mask": rle.from_runs(match["runs"], height, width),
-                    "bbox": match["bbox"],
-                    "area": match["area"],
-                    "proposal_index": match["mask_index"],
-                    "num_proposals": record["num_proposals"],
-                    "similarity": match["similarity"],
-                    "probability": match["probability"],
-                    "margin": match["margin"],
-                    "predicted_iou": match["predicted_iou"],
-                    "stability_score": match["stability_score"],
-                }
-            )
-        rows.append({**{name: record[name] for name in keep}, "pairs": pairs})
-    return pa.Table.from_pylist(rows, schema=image_result_schema())
+    nouns, pairs = record["nouns"], []
+    width, height = record["width"], record["height"]
+    for match in record["matches"] or []:
+        k = match["noun_index"]
+        caption_index = record["noun_caption_index"][k]
+        pairs.append(
+            {
+                "pair_id": f"{record['image_id']}:{nouns[k]}",
+                "image_id": record["image_id"],
+                "file_name": record["file_name"],
+                "width": width,
+                "height": height,
+                "caption_index": caption_index,
+                "caption": record["captions"][caption_index],
+                "noun": nouns[k],
+                "mask": rle.from_runs(match["runs"], height, width),
+                "bbox": match["bbox"],
+                "area": match["area"],
+                "proposal_index": match["mask_index"],
+                "num_proposals": record["num_proposals"],
+                "similarity": match["similarity"],
+                "probability": match["probability"],
+                "margin": match["margin"],
+                "predicted_iou": match["predicted_iou"],
+                "stability_score": match["stability_score"],
+            }
+        )
+    return pairs

@@ -22,9 +22,11 @@ from typing import Any, Callable, NamedTuple
 
 from ovseg_mine import __version__
 from ovseg_mine.config import MineConfig, config_hash, mining_config
+from ovseg_mine.done_record import DoneRecord, Reject
 from ovseg_mine.faults import failpoint
 from ovseg_mine.mine.errors import RunError
 from ovseg_mine.mine.graph.dataset import guarded, stream_results
+from ovseg_mine.mine.graph.rows import TIMED_STEPS, ImageResult
 from ovseg_mine.mine.graph.weights import ResolvedWeights, resolve_weights
 from ovseg_mine.mine.run.failures import FailureWatch
 from ovseg_mine.mine.run.inflight import InFlightShards
@@ -33,7 +35,7 @@ from ovseg_mine.mine.run.node_watch import alive_nodes, watched
 from ovseg_mine.mine.run.retry import failed_images, kept_results, merged_stage_s
 from ovseg_mine.mine.run.run_folder import RUN_LOG, prepare_run_dir, run_log
 from ovseg_mine.mine.run.run_lock import hold_run
-from ovseg_mine.mine.sources import MineInput, Reject, ShardTask, SourcePlan, build_source
+from ovseg_mine.mine.sources import MineInput, ShardTask, SourcePlan, build_source
 from ovseg_mine.mine.sources.proposal_files import ProposalSource
 from ovseg_mine.mine.sources.read import first_records
 from ovseg_mine.ray_session import cluster_address, init_ray, probe_cluster, shutdown_ray
@@ -45,47 +47,41 @@ __all__ = ["RunError", "mine"]
 
 log = logging.getLogger("ovseg_mine")
 
-_IMAGE_FIELDS = ("image_id", "status", "reason", "width", "height", "num_nouns", "num_proposals")
 
-
-def _shard_outcome(task: ShardTask, results: list[dict[str, Any]]) -> tuple[list, dict]:
+def _shard_outcome(task: ShardTask, results: list[ImageResult]) -> tuple[list, DoneRecord]:
     """The pairs and the done record of one shard from its results (in shard order)."""
     pairs: list[dict[str, Any]] = []
     images, rejects, warned = [], [], []
     stage_s: Counter[str] = Counter()
     for result in results:
-        if result["image_id"] is None:  # a reject about an input file (records.file_reject_row), not an image
-            rejects.append(Reject(None, result["file_name"], result["status"], result["reason"]).to_dict())
+        if result.image_id is None:  # a reject about an input file (records.file_reject_row), not an image
+            rejects.append(Reject(None, result.file_name, result.status, result.reason))
             continue
-        pairs.extend(result["pairs"])
-        notes = list(result["notes"] or [])
-        images.append(
-            {k: result[k] for k in _IMAGE_FIELDS}
-            | {"num_pairs": len(result["pairs"]), "notes": notes}
-            | ({"error_type": result["error_type"]} if result.get("error_type") else {})
-        )
-        if result["status"] != "ok":
-            rejects.append(
-                Reject(result["image_id"], result["file_name"], result["status"], result["reason"]).to_dict()
-            )
-        elif notes:
-            warned.append(Reject(result["image_id"], result["file_name"], "warning", "; ".join(notes)).to_dict())
-        for stage in ("decode", "nouns", "proposals", "crops", "clip"):
-            stage_s[stage] += result[f"{stage}_s"] or 0.0
+        pairs.extend(result.pairs)
+        image = result.image_status()
+        images.append(image)
+        if result.status != "ok":
+            rejects.append(Reject(result.image_id, result.file_name, result.status, result.reason))
+        elif image.notes:
+            warned.append(Reject(result.image_id, result.file_name, "warning", "; ".join(image.notes)))
+        for step in TIMED_STEPS:
+            stage_s[step] += getattr(result, f"{step}_s") or 0.0
     pairs.sort(key=lambda p: (p["image_id"], p["caption_index"]))
-    done = {
-        "shard": task.index,
-        "input": task.input,
-        "image_ids": [r["image_id"] for r in results if r["image_id"] is not None],
-        "images": images,
-        "rejects": rejects,
-        "warnings": warned,
-        "stage_s": dict(stage_s),
-    }
+    done = DoneRecord(
+        shard=task.index,
+        input=task.input,
+        image_ids=tuple(r.image_id for r in results if r.image_id is not None),
+        images=tuple(images),
+        rejects=tuple(rejects),
+        warnings=tuple(warned),
+        stage_s=dict(stage_s),
+    )
     return pairs, done
 
 
-def _write(out: Location, index: int, pairs: list[dict[str, Any]], done: dict, meta: dict, cfg: MineConfig) -> dict:
+def _write(
+    out: Location, index: int, pairs: list[dict[str, Any]], done: DoneRecord, meta: dict, cfg: MineConfig
+) -> DoneRecord:
     import pyarrow as pa
 
     from ovseg_mine.shards import pair_schema
@@ -173,21 +169,23 @@ class _Run(NamedTuple):
     weights: ResolvedWeights
 
 
-def _planned_done(out: Location, plan: SourcePlan, *, verify: bool = True, only: set[int] | None = None) -> dict:
+def _planned_done(
+    out: Location, plan: SourcePlan, *, verify: bool = True, only: set[int] | None = None
+) -> dict[int, DoneRecord]:
     """The done records on disk that belong to this run's plan (same shard index, same input), by shard index."""
     tasks = {task.index: task for task in plan.tasks}
     records = read_done(out, verify=verify, only=only)
-    return {i: r for i, r in records.items() if i in tasks and r.get("input") == tasks[i].input}
+    return {i: r for i, r in records.items() if i in tasks and r.input == tasks[i].input}
 
 
 class _Retry(NamedTuple):
     """A finished shard being mined again: its failed image ids and its done record as it was."""
 
     failed: set[int]
-    record: dict[str, Any]
+    record: DoneRecord
 
 
-def _take_failed(out: Location, done: dict[int, dict], inflight: InFlightShards) -> dict[int, _Retry]:
+def _take_failed(out: Location, done: dict[int, DoneRecord], inflight: InFlightShards) -> dict[int, _Retry]:
     """For ``--retry-failed``: move each done shard with failed images out of ``done`` and into ``inflight``,
     pre-filled with the results of its other images at their positions; returns the failed ids per shard
     (ovseg_mine.mine.run.retry)."""
@@ -196,11 +194,11 @@ def _take_failed(out: Location, done: dict[int, dict], inflight: InFlightShards)
         failed = failed_images(record)
         if not failed:
             continue
-        size = len(record["images"])
-        rows = {image["image_id"]: row for row, image in enumerate(record["images"])}
+        size = len(record.images)
+        rows = {image.image_id: row for row, image in enumerate(record.images)}
         inflight.reopen(index, size)
         for result in kept_results(out, record, failed):
-            inflight.add(result | {"shard": index, "shard_size": size, "shard_row": rows[result["image_id"]]})
+            inflight.add(replace(result, shard=index, shard_size=size, shard_row=rows[result.image_id]))
         retried[index] = _Retry(failed, done.pop(index))
         log.info("shard %d: mining again its %d failed image(s)", index, len(failed))
     return retried
@@ -219,27 +217,27 @@ class _Commits:
     total: int | None
     watch: FailureWatch
     on_progress: Callable[[int, int | None, int], None] | None
-    done: dict[int, dict[str, Any]]
+    done: dict[int, DoneRecord]
     inflight: InFlightShards
     images_done: int = 0
     pairs_done: int = 0
     processed: int = 0
 
-    def take(self, result: dict[str, Any]) -> None:
+    def take(self, result: ImageResult) -> None:
         """Keep one image's result; commit its shard when it was the shard's last row."""
         if not self.inflight.add(result):  # a retried batch's rows come twice; a duplicate would end a shard early
             return
         self.watch.observe(result)
-        if result["image_id"] is not None:  # not a reject about an input file (records.file_reject_row)
+        if result.image_id is not None:  # not a reject about an input file (records.file_reject_row)
             self.processed += 1
             self.images_done += 1
-        self.pairs_done += len(result["pairs"])
-        index = result["shard"]
+        self.pairs_done += len(result.pairs)
+        index = result.shard
         results = self.inflight.pop_complete(index)
         if results is not None:
             pairs, record = _shard_outcome(self.tasks[index], results)
             if index in self.retried:
-                record["stage_s"] = merged_stage_s(self.retried[index].record, record)
+                record = replace(record, stage_s=merged_stage_s(self.retried[index].record, record))
             self.done[index] = _write(self.out, index, pairs, record, self.meta, self.cfg)
             failpoint("run.after_commit", index)
         if self.on_progress:
@@ -336,8 +334,8 @@ def _mine_into(
         on_progress,
         done,
         inflight,
-        images_done=sum(len(r["image_ids"]) for r in done.values()) + len(inflight),
-        pairs_done=sum(r["rows"] for r in done.values()) + sum(r.record["rows"] for r in retried.values()),
+        images_done=sum(len(r.image_ids) for r in done.values()) + len(inflight),
+        pairs_done=sum(r.rows for r in done.values()) + sum(r.record.rows for r in retried.values()),
     )
     started_ray = False
     try:

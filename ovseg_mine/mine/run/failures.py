@@ -13,15 +13,15 @@ failures by type (``counts.errors_by_type``, from the shards' done records).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from ovseg_mine.mine.errors import RunError
+from ovseg_mine.mine.graph.rows import ImageResult
 
 log = logging.getLogger("ovseg_mine")
 
 
 class FailureWatch:
-    """Watches per-image results (rows of :func:`ovseg_mine.mine.graph.stages.image_result_schema`) as they arrive.
+    """Watches per-image results (:class:`~ovseg_mine.mine.graph.rows.ImageResult`) as they arrive.
 
     Args:
         limit: stop after this many consecutive results that failed with the same ``error_type``.
@@ -34,23 +34,23 @@ class FailureWatch:
         self._type = ""
         self._streak = 0
 
-    def observe(self, result: dict[str, Any]) -> None:
+    def observe(self, result: ImageResult) -> None:
         """Log a failed result's traceback and track the streak of the same failure.
 
         Raises:
             RunError: the last ``limit`` results all failed with this result's exception type.
         """
-        error_type = result.get("error_type") or ""
-        if result.get("status") != "error" or not error_type:
+        error_type = result.error_type or ""
+        if result.status != "error" or not error_type:
             self._type, self._streak = "", 0
             return
         # INFO: into the run's log (RUN/mine.log), not onto the console, which shows the counts.
-        log.info("image %s failed: %s\n%s", result["image_id"], result["reason"], result.get("traceback") or "")
+        log.info("image %s failed: %s\n%s", result.image_id, result.reason, result.traceback or "")
         self._streak = self._streak + 1 if error_type == self._type else 1
         self._type = error_type
         if self._streak >= self.limit:
             raise RunError(
-                f"the last {self._streak} images all failed with {error_type} ({result['reason']}): this looks like "
+                f"the last {self._streak} images all failed with {error_type} ({result.reason}): this looks like "
                 f"a bug or a broken setup, not bad input; tracebacks are in {self.log_path}. Finished shards are "
                 "kept: fix the cause and rerun the same command to resume"
             )

@@ -8,7 +8,7 @@ and not finished are held, never anything per image of the whole dataset.
 
 from __future__ import annotations
 
-from typing import Any
+from ovseg_mine.mine.graph.rows import ImageResult
 
 
 class InFlightShards:
@@ -19,23 +19,23 @@ class InFlightShards:
     """
 
     def __init__(self, closed: set[int] | None = None) -> None:
-        self._results: dict[int, dict[int, dict[str, Any]]] = {}
+        self._results: dict[int, dict[int, ImageResult]] = {}
         self._sizes: dict[int, int] = {}
         self._closed: set[int] = set(closed or ())
 
-    def add(self, result: dict[str, Any]) -> bool:
+    def add(self, result: ImageResult) -> bool:
         """Keep ``result``; False when it is a duplicate (its row already arrived, or its shard is done)."""
-        shard, row = result["shard"], result["shard_row"]
+        shard, row = result.shard, result.shard_row
         if shard in self._closed:
             return False
         rows = self._results.setdefault(shard, {})
         if row in rows:
             return False
         rows[row] = result
-        self._sizes[shard] = result["shard_size"]
+        self._sizes[shard] = result.shard_size
         return True
 
-    def pop_complete(self, shard: int) -> list[dict[str, Any]] | None:
+    def pop_complete(self, shard: int) -> list[ImageResult] | None:
         """The results of ``shard`` in shard order, when all of them have arrived (the shard is then closed);
         else None."""
         rows = self._results.get(shard, {})

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ovseg_mine.done_record import DoneRecord
+from ovseg_mine.mine.graph.rows import ImageResult
 from ovseg_mine.shards import read_table
 from ovseg_mine.storage import Location
 
@@ -22,14 +24,14 @@ from ovseg_mine.storage import Location
 FAILED = "error"
 
 
-def failed_images(record: dict[str, Any]) -> set[int]:
+def failed_images(record: DoneRecord) -> set[int]:
     """Ids of the images a shard's done record lists as failed (stage ``error``)."""
-    return {image["image_id"] for image in record.get("images", []) if image.get("status") == FAILED}
+    return {image.image_id for image in record.images if image.status == FAILED}
 
 
-def kept_results(run: Location, record: dict[str, Any], failed: set[int]) -> list[dict[str, Any]]:
-    """Result rows (``ovseg_mine.mine.graph.stages.image_result_schema`` fields, pairs as row dicts) of the images of a
-    done shard that are not retried, rebuilt from its file and its done marker.
+def kept_results(run: Location, record: DoneRecord, failed: set[int]) -> list[ImageResult]:
+    """The results (pairs as row dicts, no shard stamp) of the images of a done shard that are not retried, rebuilt
+    from its file and its done marker (:meth:`ImageResult.from_status`).
 
     Timings are not kept per image: they are 0 here, and :func:`merged_stage_s` carries the shard's earlier
     timings over. ``notes`` are the image's notes as the done record lists them.
@@ -38,32 +40,21 @@ def kept_results(run: Location, record: dict[str, Any], failed: set[int]) -> lis
         ovseg_mine.storage.StorageError: the shard file cannot be read.
     """
     pairs_by_image: dict[int, list[dict[str, Any]]] = {}
-    if record.get("rows"):
-        for pair in read_table(run.join(record["file"])).replace_schema_metadata(None).to_pylist():
+    if record.rows:
+        for pair in read_table(run.join(record.file)).replace_schema_metadata(None).to_pylist():
             pairs_by_image.setdefault(pair["image_id"], []).append(pair)
-    names = {r["image_id"]: r.get("file_name") for r in record.get("rejects", []) + record.get("warnings", [])}
+    names = {r.image_id: r.file_name for r in record.rejects + record.warnings}
     results = []
-    for image in record.get("images", []):
-        image_id = image["image_id"]
-        if image_id in failed:
+    for image in record.images:
+        if image.image_id in failed:
             continue
-        pairs = pairs_by_image.get(image_id, [])
-        results.append(
-            {
-                **{k: image.get(k) for k in ("image_id", "status", "reason", "width", "height")},
-                **{k: image.get(k) or 0 for k in ("num_nouns", "num_proposals")},
-                "file_name": pairs[0]["file_name"] if pairs else names.get(image_id),
-                "notes": list(image.get("notes") or []),
-                "error_type": image.get("error_type", ""),
-                "traceback": "",
-                "pairs": pairs,
-                **{f"{stage}_s": 0.0 for stage in ("decode", "nouns", "proposals", "crops", "clip")},
-            }
-        )
+        pairs = pairs_by_image.get(image.image_id, [])
+        file_name = pairs[0]["file_name"] if pairs else names.get(image.image_id)
+        results.append(ImageResult.from_status(image, file_name, pairs))
     return results
 
 
-def merged_stage_s(old: dict[str, Any], new: dict[str, Any]) -> dict[str, float]:
+def merged_stage_s(old: DoneRecord, new: DoneRecord) -> dict[str, float]:
     """Per-stage seconds of a rewritten shard: its earlier run's plus the retry's."""
-    before, after = old.get("stage_s", {}), new.get("stage_s", {})
+    before, after = old.stage_s, new.stage_s
     return {stage: before.get(stage, 0.0) + after.get(stage, 0.0) for stage in sorted(set(before) | set(after))}

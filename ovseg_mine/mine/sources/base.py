@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ovseg_mine.config import SourceConfig
+from ovseg_mine.done_record import Reject
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -28,24 +29,6 @@ if TYPE_CHECKING:
 class SourceError(ValueError):
     """A source that cannot be used at all (missing, malformed, a missing column, an id column that is not
     integer): a one-line error raised before any work starts."""
-
-
-@dataclass(frozen=True)
-class Reject:
-    """An image (or record) that was not mined, and why.
-
-    ``stage`` is where it was found: ``source``, ``captions``, ``decode``, ``nouns``, ``proposals``,
-    ``matching`` or ``error``; ``reason`` is a human-readable sentence. The same shape lists warnings (an
-    image that was mined, with a correction: a caption skipped or cut, a size that differs from the source).
-    """
-
-    image_id: int | None
-    file_name: str | None
-    stage: str
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
