@@ -1,4 +1,9 @@
-"""Shared fixtures: real COCO data from ../shared/data when present, else the bundled sample."""
+"""Shared fixtures: real COCO data from ../shared/data when present, else the bundled sample; one smoke run, one
+tiny finetune and one run per source kind per session, shared by the tests that read them.
+
+Tests are grouped as the code is (``mine/``, ``finetune/``, ``evaluate/``, ``export/``, ``inspect/``, ``publish/``,
+``common/`` for the shared top-level modules); ``e2e/`` holds the end-to-end runs (resume, stop, cluster, object
+storage, bad input through the CLI), every one of them marked ``slow`` here."""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ import pytest
 
 from ovseg_mine.resources import sample_dir
 
-from helpers import COCO_MINI, MotoServer, run_cli
+from helpers.cli import run_cli
+from helpers.s3 import MotoServer
+from helpers.sources import COCO_MINI
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +44,16 @@ def smoke_run(tmp_path_factory) -> Path:
     return out
 
 
+E2E = Path(__file__).parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under ``tests/e2e/`` slow: the default ``pytest -q`` leaves them out, ``-m slow`` runs them."""
+    for item in items:
+        if E2E in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
+
+
 #: The config every source's run of the same 8 images uses (see ``mined_sources``), as ``--set`` overrides.
 SOURCE_RUN_SETTINGS = ["source.captions_per_image=1", "shards.images_per_shard=3"]
 
@@ -45,7 +62,7 @@ SOURCE_RUN_SETTINGS = ["source.captions_per_image=1", "shards.images_per_shard=3
 def coco8(tmp_path_factory) -> dict:
     """The first 8 images (by id) of coco-mini (the bundled sample when coco-mini is absent) and their captions:
     ``items`` (helpers.coco_items), ``captions`` (a COCO Captions JSON of just them), ``images``, ``instances``."""
-    from helpers import coco_items, write_coco_captions
+    from helpers.sources import coco_items, write_coco_captions
 
     root = COCO_MINI if (COCO_MINI / "annotations" / "captions_val2017.json").is_file() else None
     if root is not None:
@@ -68,7 +85,7 @@ def source_dirs(coco8, tmp_path_factory) -> dict[str, Path]:
     ``hf_saved`` (save_to_disk, 2 Arrow files), ``hf_parquet`` (to_parquet, 3 files), ``webdataset`` (3 tars of
     3, 3, 2 samples), ``img2dataset_parquet`` and ``img2dataset_files`` (2 shards), ``folder`` (captions.jsonl),
     ``sa1b`` (SA-1B JSON of the COCO instance masks)."""
-    from helpers import build_folder, build_hf, build_img2dataset, build_sa1b, build_webdataset
+    from helpers.sources import build_folder, build_hf, build_img2dataset, build_sa1b, build_webdataset
 
     root = tmp_path_factory.mktemp("sources")
     items = coco8["items"]
