@@ -298,35 +298,63 @@ def _end_quiet() -> None:
         _quiet = None
 
 
-#: Seconds :func:`shutdown_ray` waits for Ray Data's executor threads to end.
+#: Seconds :func:`shutdown_ray` waits for Ray Data's threads to end.
 EXECUTOR_JOIN_S = 60.0
 
 
-def _join_data_executors(timeout: float = EXECUTOR_JOIN_S) -> None:
-    """Wait for Ray Data's streaming-executor threads that outlived their own shutdown (it joins them for 2 s only):
-    one that touches Ray after ``ray.shutdown`` makes Ray's core worker end the whole process with exit code 1
-    ("The core worker has already been shutdown ... The process will exit"), seen when a stop signal closed a
-    busy pipeline on a loaded machine."""
+#: Names of the threads Ray Data's iterators start (block prefetchers, fetch workers, the metadata prefetcher, the
+#: map thread pools of ray/data/_internal/util.py make_async_gen): each may be in a ray.get or ray.wait when the
+#: iterator is closed, and finishes that call before it sees the stop.
+RAY_DATA_THREAD_NAMES = ("Prefetcher", "iter_threaded", "ray-data-metadata-prefetch")
+RAY_DATA_THREAD_PREFIXES = ("map_tp_",)
+
+
+def ray_data_threads() -> list:
+    """The live threads of Ray Data in this process (``threading.Thread``), but the caller's: its streaming
+    executors and the threads of its iterators (:data:`RAY_DATA_THREAD_NAMES`, :data:`RAY_DATA_THREAD_PREFIXES`)."""
     import threading
-    import time
 
     try:
         from ray.data._internal.execution.streaming_executor import StreamingExecutor
-    except ImportError:  # another Ray layout: nothing known to wait for
-        return
+    except ImportError:  # another Ray layout: only the named threads are known
+        StreamingExecutor = ()  # noqa: N806 - isinstance(x, ()) is False
+    return [
+        thread
+        for thread in threading.enumerate()
+        if thread is not threading.current_thread()
+        and thread.is_alive()
+        and (
+            isinstance(thread, StreamingExecutor)
+            or thread.name in RAY_DATA_THREAD_NAMES
+            or thread.name.startswith(RAY_DATA_THREAD_PREFIXES)
+        )
+    ]
+
+
+def join_ray_data_threads(timeout: float = EXECUTOR_JOIN_S) -> list:
+    """Wait up to ``timeout`` seconds in all for Ray Data's threads (:func:`ray_data_threads`) to end; returns those
+    still alive. Called before ``ray.shutdown``: a thread that touches Ray after it makes Ray's core worker end the
+    whole process with exit code 1 ("The core worker has already been shutdown ... The process will exit"), seen
+    when a stop signal closed a busy pipeline on a loaded machine: first from a streaming executor that outlived its
+    own 2 s join, later (executor finished) from an iterator's thread."""
+    import time
+
     deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if isinstance(thread, StreamingExecutor) and thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()))
+    for thread in ray_data_threads():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [thread for thread in ray_data_threads()]
 
 
 def shutdown_ray() -> None:
-    """Shut down (or leave) the Ray that :func:`init_ray` started or joined, once Ray Data's executor threads have
-    ended; standard error goes back to the console and Ray's loggers stop writing to the run's log."""
+    """Shut down (or leave) the Ray that :func:`init_ray` started or joined, once Ray Data's threads have ended
+    (:func:`join_ray_data_threads`; those still alive after a minute are logged); standard error goes back to the
+    console and Ray's loggers stop writing to the run's log."""
     import ray
 
     try:
-        _join_data_executors()
+        left = join_ray_data_threads()
+        if left:
+            log.warning("Ray Data threads still running at Ray's shutdown: %s", ", ".join(t.name for t in left))
         ray.shutdown()
     finally:
         _end_quiet()

@@ -5,8 +5,8 @@ changes any pair, shard schema, shard metadata, done record, manifest or config 
 What is left out is what differs between two identical runs or two clones: timings (``stage_s``, ``timings``), the
 absolute paths of the source (a clone's location), and the files' sha256 (the shard metadata holds the source
 path). Floats are compared to 5 decimals (the tiny random models on another CPU may round the last bits
-differently). To record new digests after an intended change: ``python tests/common/test_smoke_digest.py RUN`` prints them
-for a run made with ``ovseg-mine demo --pipeline smoke --out RUN --set shards.images_per_shard=6``.
+differently). To record new digests after an intended change: ``python tests/common/test_smoke_digest.py RUN`` prints
+them for a run made with ``ovseg-mine demo --pipeline smoke --out RUN --set shards.images_per_shard=6``.
 """
 
 from __future__ import annotations
