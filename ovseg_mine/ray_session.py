@@ -340,9 +340,24 @@ def join_ray_data_threads(timeout: float = EXECUTOR_JOIN_S) -> list:
     import time
 
     deadline = time.monotonic() + timeout
-    for thread in ray_data_threads():
+    threads = ray_data_threads()
+    for thread in threads:
+        _stop_prefetcher(thread)
+    for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
     return [thread for thread in ray_data_threads()]
+
+
+def _stop_prefetcher(thread) -> None:
+    """Stop the block prefetcher whose thread this is, if it is one. A prefetcher is stopped when its iterator is
+    exhausted or garbage-collected, not when the iterator is closed early (a stop signal, an error): until then its
+    thread waits for blocks to fetch, and a wake-up with blocks pending calls ``ray.wait``. Stopped while Ray is up,
+    it ends at once (ray/data/_internal/block_batching/util.py, WaitBlockPrefetcher). The owner is the bound
+    method the thread runs (``Thread._target``, kept while the thread runs)."""
+    owner = getattr(getattr(thread, "_target", None), "__self__", None)
+    stop = getattr(owner, "stop", None)
+    if thread.name == "Prefetcher" and callable(stop):
+        stop()
 
 
 def shutdown_ray() -> None:

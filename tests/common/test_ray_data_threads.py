@@ -48,3 +48,16 @@ def test_a_thread_that_does_not_end_is_returned_after_the_timeout():
     finally:
         release.set()
         stuck.join(5)
+
+
+def test_a_parked_block_prefetcher_is_stopped_and_its_thread_ends():
+    """Ray Data's own prefetcher (no Ray needed while it has no block to fetch): its iterator closed early leaves it
+    parked until garbage collection; the wait stops it, so its thread ends and never wakes after Ray's shutdown."""
+    from ray.data._internal.block_batching.util import WaitBlockPrefetcher
+
+    prefetcher = WaitBlockPrefetcher()
+    thread = prefetcher._thread
+    assert thread.is_alive() and thread in ray_data_threads()
+    started = time.monotonic()
+    assert join_ray_data_threads(10) == []
+    assert not thread.is_alive() and time.monotonic() - started < 5
