@@ -88,7 +88,7 @@ def test_a_run_on_s3_survives_a_kill_and_equals_the_local_run(s3_run, smoke_run)
     assert sorted(remote) == sorted(local) == [0, 1, 2]
     for index, record in remote.items():
         for key in ("image_ids", "images", "rejects", "warnings", "rows", "sha256", "file"):
-            assert record[key] == local[index][key], (index, key)
+            assert getattr(record, key) == getattr(local[index], key), (index, key)
     manifest = json.loads(resolve(out).join("manifest.json").read_bytes())
     assert manifest["status"] == "complete" and manifest["counts"]["images"] == 16
     assert manifest["timings"]["images_this_invocation"] == 16 - kept_images  # the committed shards were kept
