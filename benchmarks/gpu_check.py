@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         check.skip("agreement", "no throughput results to compare")
     if args.compile and cuda:
-        cfgc = bench_config(points, "bf16", ckpt, [*extra, "engine.compile=true"])
+        cfgc = bench_config(points, "bf16", ckpt, [*extra, "engine.compile='default'"])
         check.part("compile", lambda: throughput(StageRunner(cfgc), rows, args.batch, workers)[0])
     else:
         check.skip("compile", "no CUDA device" if not cuda else "not asked (--compile)")

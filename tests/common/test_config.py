@@ -68,3 +68,26 @@ def test_config_hash_ignores_selection_and_parallelism_only():
     base = build_config("smoke")
     assert config_hash(base) == config_hash(build_config("smoke", ["source.limit=3", "ray.batch_size=8"]))
     assert config_hash(base) != config_hash(build_config("smoke", ["sam.points_per_side=4"]))
+
+
+def test_runs_written_before_the_compile_modes_and_kernels_keep_their_hash():
+    """A run's config.json from before ``engine.compile`` had modes (a bool) and before ``engine.kernels`` and
+    ``engine.profile_steps`` existed hashes as it did then, so it resumes; the new values hash differently."""
+    import hashlib
+    import json
+
+    from ovseg_mine.config import MineConfig, mining_config
+
+    cfg = build_config("smoke")
+    old = mining_config(cfg)
+    assert old["engine"] == {"compile": False, "batching": "auto", "device_rules": "auto"}  # as written before
+    digest = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert config_hash(cfg) == digest
+    written = cfg.model_dump(mode="json")
+    written["engine"] = {"compile": True, "batching": "auto", "device_rules": "auto"}  # an old config.json
+    assert MineConfig.model_validate(written).engine.compile == "default"
+    assert config_hash(build_config("smoke", ["engine.compile=true"])) == config_hash(
+        build_config("smoke", ["engine.compile='default'"])
+    )
+    for change in ("engine.compile='reduce-overhead'", "engine.kernels='fused'", "engine.profile_steps=true"):
+        assert config_hash(build_config("smoke", [change])) != config_hash(cfg), change

@@ -270,12 +270,12 @@ class MiningEngine:
                 precision=precision_mod.for_inference(cfg.sam.precision, rules),
                 encoder_batch_size=cfg.sam.encoder_batch_size or (8 if cuda else 1),
                 low_precision_decoder=cuda,
-                compile=cfg.engine.compile,
+                compile=cfg.engine.compile != "off",
             )
         )
         self.clip_precision = precision_mod.for_inference(cfg.clip.precision, rules)
         self.clip = precision_mod.cast_model(clip, self.clip_precision)
-        if cfg.engine.compile and self.device.type == "cuda":
+        if cfg.engine.compile != "off" and self.device.type == "cuda":
             self.clip.encode_image = torch.compile(self.clip.encode_image, dynamic=False)
         self.input_size = clip_input_size(self.clip)
         self.mean, self.std = clip_mean_std(self.clip)
