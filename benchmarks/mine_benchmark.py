@@ -189,7 +189,9 @@ def speed(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
 
 
 def proxies(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
-    """Syncs, aten ops and non-torch time per image of the GPU stage, with the GPU's settings, on this CPU."""
+    """Syncs, aten ops and non-torch time per image of the GPU stage, with the GPU's settings, on this CPU; bytes
+    moved and FLOPs per part and a roofline estimate of GPU images/s (:func:`traffic_section`,
+    :func:`decoder_traffic`). ``--traffic-only`` skips the three passes of syncs, ops and time."""
     from proxies import count, profile_time
 
     n = args.images
@@ -202,15 +204,9 @@ def proxies(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     decoded = runner.decode(rows)
     nouns = sorted({noun for row in rows for noun in row["nouns"]})
     new_nouns = iter(["zzz-first-noun", "zzz-second-noun"])  # count() runs twice: a noun not embedded yet each time
-    text_ops = count(lambda: runner.engine.text.embed([next(new_nouns)]))
+    text_ops = None if args.traffic_only else count(lambda: runner.engine.text.embed([next(new_nouns)]))
     runner.engine.text.embed(nouns)  # steady state: COCO train has ~12K nouns for 118K images
-    start = time.perf_counter()
-    counted = count(lambda: runner.stage(decoded))
-    count_s = time.perf_counter() - start
-    profiled: dict[str, Any] = {}
-    timing = profile_time(lambda: profiled.setdefault("rows", runner.stage(decoded)))
-    results = profiled["rows"].to_pylist()
-    return {
+    report: dict[str, Any] = {
         "machine": machine(),
         "settings": {
             "images": n,
@@ -220,6 +216,27 @@ def proxies(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
             "clip": cfg.clip.model_dump(),
             "engine": cfg.engine.model_dump(),
         },
+    }
+    if not args.traffic_only:
+        report |= _sync_op_time_proxies(runner, decoded, n, count, profile_time)
+        report["text_encoder_per_new_noun"] = {
+            k: text_ops[k] for k in ("syncs", "aten_ops", "aten_ops_excluding_views")
+        }
+    report |= traffic_section(runner, decoded, n)
+    report["decoder_traffic"] = decoder_traffic(32, prompts_per_call=args.decoder_prompts)
+    report["decoder_bytes_per_prompt"] = report["decoder_traffic"]["bytes_per_prompt"]
+    return report
+
+
+def _sync_op_time_proxies(runner: StageRunner, decoded: Any, n: int, count: Any, profile_time: Any) -> dict[str, Any]:
+    """The first three proxies (``proxies.py``): syncs and aten ops (two passes), non-torch time (a third)."""
+    start = time.perf_counter()
+    counted = count(lambda: runner.stage(decoded))
+    count_s = time.perf_counter() - start
+    profiled: dict[str, Any] = {}
+    timing = profile_time(lambda: profiled.setdefault("rows", runner.stage(decoded)))
+    results = profiled["rows"].to_pylist()
+    return {
         "masks_per_image": float(np.mean([r["num_proposals"] for r in results])),
         "syncs_per_image": counted["syncs"] / n,
         "aten_ops_per_image": counted["aten_ops"] / n,
@@ -236,7 +253,99 @@ def proxies(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
         "syncs_by_site": counted["syncs_by_site"],
         "top_ops": counted["top_ops"],
         "top_op_sites": counted["top_op_sites"],
-        "text_encoder_per_new_noun": {k: text_ops[k] for k in ("syncs", "aten_ops", "aten_ops_excluding_views")},
+    }
+
+
+def traffic_section(runner: StageRunner, decoded: Any, n: int) -> dict[str, Any]:
+    """Bytes moved and FLOPs per image by part (``traffic.py``), and the roofline's GPU time (``roofline.py``), of
+    one pass of the GPU stage through ``MiningEngine.mine`` on this CPU.
+
+    Method: the pass runs for real on the CPU, with a GPU's rules (``engine.device_rules='cuda'``: bf16 weights
+    in SAM's encoder and decoder, the IoU head in float32, CLIP in bf16), under :class:`traffic.ByteCounter`.
+    Bytes and FLOPs of an op depend only on its shapes and dtypes, not on the device, so this is what the same
+    ops would move on a GPU. A meta-device run is impossible through ``mine()``: its data-dependent steps (the
+    score filters' ``nonzero``, NMS, the cap, the matched masks' run lengths) need real values, and the
+    calibrated random weights (``calibration.py``) give the realistic ~100 masks per image that set the work of
+    crops and CLIP. What differs from a GPU: the host-to-device copies of the pixels (a view on a CPU; a GPU
+    moves the uint8 image once, ~1 MB), and the CPU's choice of attention kernel (``sam_attention.py``'s SDPA
+    with a bias: ``_scaled_dot_product_flash_attention_for_cpu`` here, a fused kernel of the same inputs and
+    outputs on a GPU).
+    """
+    from roofline import DEVICES, estimate
+    from traffic import PARTS, ByteCounter
+
+    counter = ByteCounter()
+    start = time.perf_counter()
+    with counter:
+        results = runner.stage(decoded).to_pylist()
+    seconds = time.perf_counter() - start
+    masks = sum(r["num_proposals"] for r in results)
+    clip_batch = runner.cfg.clip.batch_size
+    gb = {part: b / n / 1e9 for part, b in counter.bytes_by_part().items()}
+    roof = {d.name: estimate(counter.records, d, images=n) for d in DEVICES}
+    kernel_roof = {d.name: estimate(counter.records, d, images=n, bytes_field="kernel_bytes") for d in DEVICES}
+    return {
+        "masks_per_image": float(np.mean([r["num_proposals"] for r in results])),
+        "traffic_wall_s_per_image": seconds / n,
+        "clip_crops_encoded_per_image": -(-masks // clip_batch) * clip_batch / n,  # padded to clip.batch_size
+        "bytes_per_image": {part: b / n for part, b in counter.bytes_by_part().items()},
+        "gb_per_image": gb | {"total": sum(gb.values())},
+        "kernel_gb_per_image": {p: b / n / 1e9 for p, b in counter.bytes_by_part("kernel_bytes").items()},
+        "flops_per_image": {part: f / n for part, f in counter.flops_by_part().items()},
+        "gflop_per_image": {part: f / n / 1e9 for part, f in counter.flops_by_part().items()},
+        "selection_and_crops_gb_per_image": gb["selection"] + gb["crops"],
+        "top_byte_ops_by_part": {part: counter.top_ops(part, 8) for part in PARTS},
+        "top_kernel_byte_ops_by_part": {part: counter.top_ops(part, 8, "kernel_bytes") for part in PARTS},
+        "roofline": roof,
+        "roofline_images_per_s": {name: r["images_per_s"] for name, r in roof.items()},
+        "roofline_kernel_bytes_images_per_s": {name: r["images_per_s"] for name, r in kernel_roof.items()},
+    }
+
+
+def decoder_traffic(points_per_side: int, *, prompts_per_call: int, size: tuple[int, int] = (480, 640)) -> dict:
+    """Bytes and FLOPs of SAM ``vit_b``'s decoder per point prompt, counted on the meta device (no computation)
+    through the engine's own decoding path, ``BatchedSam.decode``, under a GPU's rules: bf16 decoder weights and
+    features, the IoU head in float32, ``prompts_per_call`` prompts per decoder call, ``points_per_side**2``
+    prompts of a COCO-size image (``size`` ``(H, W)``; the decoder's shapes do not depend on it).
+
+    The IoU head's float32 wrapper (``sam_batch._float32_iou_head``) turns autocast off for the model's device
+    type, which ``torch.autocast`` refuses for ``meta``: it is built with the CPU's type (autocast is off on
+    the CPU anyway)."""
+    from roofline import DEVICES, estimate
+    from segment_anything import sam_model_registry
+    from traffic import ByteCounter
+
+    from ovseg_mine.mine.algorithms import sam_batch
+
+    with torch.device("meta"):
+        sam = sam_model_registry["vit_b"](checkpoint=None)
+    wrap = sam_batch._float32_iou_head
+    sam_batch._float32_iou_head = lambda decoder, device: wrap(decoder, torch.device("cpu"))
+    try:
+        batched = sam_batch.BatchedSam(
+            sam,
+            points_per_side=points_per_side,
+            points_per_batch=prompts_per_call,
+            precision="pure_bf16",
+            low_precision_decoder=True,
+        )
+    finally:
+        sam_batch._float32_iou_head = wrap
+    features = torch.empty((1, 256, 64, 64), dtype=torch.bfloat16, device="meta")
+    counter = ByteCounter()
+    with counter:
+        batched.decode(features, size)
+    prompts = points_per_side**2
+    roof = {d.name: estimate(counter.records, d, images=1)["ms_per_image"] for d in DEVICES}
+    return {
+        "prompts": prompts,
+        "prompts_per_call": prompts_per_call,
+        "bytes_per_prompt": counter.bytes_by_part()["decoder"] / prompts,
+        "kernel_bytes_per_prompt": counter.bytes_by_part("kernel_bytes")["decoder"] / prompts,
+        "gb_per_image": counter.bytes_by_part()["decoder"] / 1e9,
+        "gflop_per_image": counter.flops_by_part()["decoder"] / 1e9,
+        "top_byte_ops": counter.top_ops("decoder", 12),
+        "roofline_ms_per_image": roof,
     }
 
 
@@ -331,6 +440,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=4, help="ray: images per GPU-stage call")
     parser.add_argument("--check-fp32", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--nouns-captions", type=int, default=20000)
+    parser.add_argument("--traffic-only", action="store_true", help="proxies: only bytes, FLOPs and the roofline")
+    parser.add_argument("--decoder-prompts", type=int, default=1024, help="proxies: prompts per meta decoder call")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu.json"))
     args = parser.parse_args(argv)
 
