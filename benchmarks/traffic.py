@@ -176,8 +176,10 @@ class ByteCounter(TorchDispatchMode):
     key that decomposes it is off), so the byte rule counts it as one op: its ``bytes``. It is run through its
     decomposition here, which gives its ``flops`` (the formulas are for ``mm``, ``addmm``, ``bmm``,
     ``convolution``...) and ``kernel_bytes``, the rule applied to the ops it decomposes into (what eager PyTorch
-    launches: ``matmul`` of a non-contiguous operand adds a ``clone``; ``reshape`` of a contiguous tensor is a
-    view: a composite whose parts move nothing moves nothing). ``kernel_bytes`` = ``bytes`` for other ops.
+    launches: ``matmul`` of a non-contiguous operand adds a ``clone``). A composite op moves nothing when its
+    parts move nothing (``reshape`` of a contiguous tensor is a view), and its inputs and outputs when they move
+    something, whatever its schema says (``reshape`` is marked as a view, but makes a copy of a non-contiguous
+    tensor). ``kernel_bytes`` = ``bytes`` for other ops.
     Only top-level ops are recorded and counted in ``ops`` (non-view or not).
 
     Works on any device (``meta`` included). Attributes: ``records``; ``ops`` (all ops seen, views included).
@@ -192,7 +194,8 @@ class ByteCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out, flops, kernel_bytes = NotImplemented, 0, None
-        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
+        composite = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE)
+        if composite:
             self._parts.append([0, 0])  # FLOPs and bytes of the kernels it decomposes into
             try:
                 with self:  # the C++ composite kernel eager runs (not a Python decomposition: upsampling's is
@@ -205,7 +208,7 @@ class ByteCounter(TorchDispatchMode):
         name = str(func.overloadpacket)
         inputs, _ = tree_flatten((args, kwargs))
         moved = 0
-        if not (func.is_view or name in NO_KERNEL or kernel_bytes == 0):
+        if kernel_bytes != 0 if composite else not (func.is_view or name in NO_KERNEL):
             moved = tensor_bytes(inputs + tree_flatten(out)[0])
         kernel_bytes = moved if kernel_bytes is None else kernel_bytes
         if self._parts:  # a part of a composite op: counted in it
