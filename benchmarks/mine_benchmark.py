@@ -281,13 +281,14 @@ def traffic_section(runner: StageRunner, decoded: Any, n: int) -> dict[str, Any]
     seconds = time.perf_counter() - start
     masks = sum(r["num_proposals"] for r in results)
     clip_batch = runner.cfg.clip.batch_size
+    encoded = -(-masks // clip_batch) * clip_batch
     gb = {part: b / n / 1e9 for part, b in counter.bytes_by_part().items()}
     roof = {d.name: estimate(counter.records, d, images=n) for d in DEVICES}
     kernel_roof = {d.name: estimate(counter.records, d, images=n, bytes_field="kernel_bytes") for d in DEVICES}
     return {
         "masks_per_image": float(np.mean([r["num_proposals"] for r in results])),
         "traffic_wall_s_per_image": seconds / n,
-        "clip_crops_encoded_per_image": -(-masks // clip_batch) * clip_batch / n,  # padded to clip.batch_size
+        "clip_crops_encoded_per_image": encoded / n,  # padded to clip.batch_size
         "bytes_per_image": {part: b / n for part, b in counter.bytes_by_part().items()},
         "gb_per_image": gb | {"total": sum(gb.values())},
         "kernel_gb_per_image": {p: b / n / 1e9 for p, b in counter.bytes_by_part("kernel_bytes").items()},
@@ -299,7 +300,16 @@ def traffic_section(runner: StageRunner, decoded: Any, n: int) -> dict[str, Any]
         "roofline": roof,
         "roofline_images_per_s": {name: r["images_per_s"] for name, r in roof.items()},
         "roofline_kernel_bytes_images_per_s": {name: r["images_per_s"] for name, r in kernel_roof.items()},
+        "roofline_images_per_s_unpadded_clip": {name: _unpadded(r, masks, encoded) for name, r in roof.items()},
     }
+
+
+def _unpadded(roof: dict[str, Any], crops: int, encoded: int) -> float:
+    """Images/s of a roofline estimate with CLIP's time scaled from the ``encoded`` crops (padded to
+    ``clip.batch_size``) to the ``crops`` kept: what a batch that fills CLIP's calls pays per image."""
+    by_part = roof["ms_per_image_by_part"]
+    ms = roof["ms_per_image"] - by_part.get("clip", 0.0) * (1 - crops / max(1, encoded))
+    return 1000 / ms
 
 
 def decoder_traffic(points_per_side: int, *, prompts_per_call: int, size: tuple[int, int] = (480, 640)) -> dict:

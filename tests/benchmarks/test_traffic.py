@@ -82,3 +82,11 @@ def test_parts_come_from_the_call_stack():
     assert by_part["crops"] == counter.total_bytes > 0
     assert counter.flops_by_part()["crops"] == 0  # element-wise ops have no FLOP formula
     assert part_of_stack() == "other"
+
+
+def test_cpu_attention_flops():
+    q = torch.ones((1, 2, 8, 4))
+    with torch.inference_mode(), ByteCounter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert counter.total_flops == 2 * 2 * 8 * 8 * (4 + 4)  # q @ k^T and attn @ v, over 2 heads
+    assert counter.records[0].bytes >= 2 * q.numel() * 4  # reads q (once: the same tensor), writes the output
