@@ -104,6 +104,11 @@ def _names_host(device: Any) -> bool:
     return isinstance(device, str) and device.startswith("cpu")
 
 
+def _pinned(tensor: torch.Tensor) -> bool:
+    """Whether a host tensor is pinned, or stands for a pinned one: without CUDA nothing can be pinned."""
+    return not torch.cuda.is_available() or tensor.is_pinned()
+
+
 def _tensors(value: Any) -> list[torch.Tensor]:
     """The tensors in a call's arguments (inside lists, tuples and dicts too)."""
     if isinstance(value, torch.Tensor):
@@ -154,17 +159,19 @@ class SyncCounter(TorchFunctionMode):
     * ``h2d_data``: a device tensor made from Python or numpy data (``torch.tensor`` / ``as_tensor`` /
       ``asarray`` with a device; ``Tensor.new_tensor`` of a device tensor);
     * ``h2d_copy``: a host tensor moved to the device (``.to(device)``, ``.cuda()``, ``as_tensor(t, device=)``,
-      ``device_tensor.copy_(host)``, ``device_tensor[...] = host`` of at least one dimension), unless the host
-      tensor is pinned and the copy ``non_blocking`` (never on a CPU, which has no pinned memory);
+      ``device_tensor.copy_(host)``, ``device_tensor[...] = host`` of at least one dimension), unless the copy is
+      ``non_blocking`` from pinned memory. Without CUDA nothing can be pinned (``pin_memory()`` raises), so there
+      a ``non_blocking`` copy is taken for the pinned one the code makes on CUDA (``tensor.pin_memory()`` when
+      the device is CUDA, then ``.to(device, non_blocking=True)`` on every device, which on a CPU returns the
+      tensor itself);
     * ``h2d_index``: a device tensor indexed (read or assigned) with host indices (a host tensor of at least one
       dimension, a numpy array, a list);
     * ``d2h_copy``: ``host_tensor.copy_(device_tensor)`` without ``non_blocking``.
 
-    Limits: a host tensor made before the count began is taken for a device tensor (its copies are missed); the
-    engine's CPU ``to_device`` (a ``from_numpy`` view, standing for CUDA's asynchronous copy from pinned memory)
-    makes its images host tensors here, which nothing moves again, so they count nothing. ``.to(device)`` of a host
-    tensor returns a view of it here (on a CPU it would return the tensor itself), so that the copy is a device
-    tensor while its source stays a host one.
+    Limits: a host tensor made before the count began is taken for a device tensor (its copies are missed).
+    ``torch.from_numpy`` and ``torch.frombuffer`` do not reach a ``TorchFunctionMode``: they are wrapped while
+    counting. ``.to(device)`` of a host tensor returns a view of it here (on a CPU it would return the tensor
+    itself), so that the copy is a device tensor while its source stays a host one.
     """
 
     def __init__(self) -> None:
@@ -258,10 +265,10 @@ class SyncCounter(TorchFunctionMode):
             if isinstance(target, torch.Tensor):
                 target = "cpu" if self.is_host(target) else torch.device("cuda")
             if moves and not _names_host(target) and self.is_host(source):
-                return None if (non_blocking and source.is_pinned()) else "h2d_copy"
+                return None if (non_blocking and _pinned(source)) else "h2d_copy"
         elif func is torch.Tensor.copy_:
             dst, src = args[0], args[1]
-            if not self.is_host(dst) and self.is_host(src) and not (non_blocking and src.is_pinned()):
+            if not self.is_host(dst) and self.is_host(src) and not (non_blocking and _pinned(src)):
                 return "h2d_copy"
             if self.is_host(dst) and not self.is_host(src) and not non_blocking:
                 return "d2h_copy"

@@ -115,5 +115,5 @@ class NounEmbeddings:
         on the device: one copy from pinned memory that does not block the host on CUDA, none on a CPU."""
         tokens = self.tokenizer([t.format(n) for n in words for t in self.templates])
         if self.device.type == "cuda":
-            return tokens.pin_memory().to(self.device, non_blocking=True)
-        return tokens if self.device.type == "cpu" else tokens.to(self.device)
+            tokens = tokens.pin_memory()
+        return tokens.to(self.device, non_blocking=True)  # on a CPU: the tokens themselves

@@ -41,19 +41,24 @@ def test_tensors_made_on_the_device_from_host_data_are_counted(proxies):
 
 
 def test_host_tensors_moved_to_the_device_are_counted_where_they_are_moved(proxies):
+    counter = proxies.SyncCounter()
+
     def moves():
         pixels = torch.from_numpy(np.zeros((4, 5, 3), np.uint8)).permute(2, 0, 1)  # host, and its view
         on_device = pixels.to(DEVICE)  # counted
         tokens = torch.zeros(2, 7, dtype=torch.long)  # a factory without a device: host
         tokens[0, :3] = torch.tensor([1, 2, 3])  # host into host: no copy
-        tokens.to(DEVICE, non_blocking=True)  # counted: not pinned
+        tokens.to(DEVICE)  # counted
+        if torch.cuda.is_available():
+            tokens.to(DEVICE, non_blocking=True)  # counted: not pinned
+        else:
+            assert not counter.is_host(tokens.to(DEVICE, non_blocking=True))  # the pinned copy of a CUDA run
         (on_device.float() * 2).to(DEVICE)  # already on the device: nothing
         on_device.to(torch.float32)  # a dtype: nothing
 
-    counter = proxies.SyncCounter()
     with counter:
         moves()
-    assert dict(counter.counts) == {"h2d_copy": 2}
+    assert dict(counter.counts) == {"h2d_copy": 2 + torch.cuda.is_available()}
     assert all(site.startswith("h2d_copy at tests/") or "test_sync_counter.py" in site for site in counter.sites)
     assert torch.from_numpy.__name__ == "from_numpy"  # unwrapped again
 
