@@ -27,14 +27,19 @@ For a batch of decoded images (original pixels and SAM's resized input, both alr
 6. brings the per-noun numbers of the batch to the host in one transfer (a float64 table whose columns
    :class:`NounColumn` names).
 
-Host syncs on CUDA (what ``benchmarks/proxies.py`` counts): per image the three of the proposal selection
-(:func:`~ovseg_mine.mine.algorithms.amg.select_masks`); per batch the matched masks' run lengths (one ``nonzero``
-and the copy of its result) and the per-noun table's copy to the host. No blocking host-to-device copy: the
-images come in one non-blocking copy from pinned memory, the nouns' tokens likewise, the CLIP constants (mean,
-std) are made once on the device, the run lengths' mask starts are found on the device. ``torch.cuda.synchronize``
-runs only with ``engine.profile_steps`` (:class:`StepTimer`, two per step and batch); without it the per-step
-seconds are host time. One-off syncs outside the batch: the constants at start-up, and those a new image size
-costs (SAM's point grid for that size, made and cached by the SAM wrapper).
+Host syncs on CUDA (what ``benchmarks/proxies.py`` counts, blocking host-to-device copies included): per image
+the three of the proposal selection (:func:`~ovseg_mine.mine.algorithms.amg.select_masks`); per batch the matched
+masks' run lengths (one ``nonzero`` and the copy of its result) and the per-noun table's copy to the host. The
+engine's own code makes no blocking host-to-device copy: the images come in one non-blocking copy from pinned
+memory (:meth:`MiningEngine.to_device_many`), the new nouns' tokens likewise, CLIP's mean and std are device
+constants made once, the run lengths' mask starts are found on the device; the crops' fill colour is
+:mod:`ovseg_mine.crops`' to make once. ``torch.cuda.synchronize`` runs only with ``engine.profile_steps``
+(:class:`StepTimer`: two per step and batch); without it the per-step seconds are host time. One-off syncs
+outside the steady state: the constants at start-up, and SAM's point grid for a new image size (made once per
+size by :class:`~ovseg_mine.mine.algorithms.sam_batch.BatchedSam`). With fp32 SAM weights, segment-anything's own
+attention (``get_rel_pos``) indexes its tables with host indices (two blocking copies per attention block and
+encoder call); bf16/fp16 weights take :mod:`~ovseg_mine.mine.algorithms.sam_attention`, whose tables are made once.
+
 Failures stay per image (:meth:`MiningEngine.mine_each`): a batch that raises is mined again one image at a
 time, so only the image that raises is reported; an out-of-memory error on a single image is reported, not
 retried (the same image would fail the same way).
