@@ -7,8 +7,9 @@ runs in series with the GPU. All three can be counted on a CPU:
 * :class:`SyncCounter` (a ``TorchFunctionMode``) counts the calls that would sync on CUDA: ``.item()``,
   ``.cpu()``, ``.to("cpu")``, ``.numpy()``, ``.tolist()``, ``nonzero``, indexing (or assigning) with a bool mask,
   ``bool()`` / ``int()`` / ``float()`` of a tensor, ``masked_select``, ``unique``, ``repeat_interleave`` with
-  tensor repeats and no ``output_size``; torchvision's NMS is counted by :class:`OpCounter` (its CUDA kernel
-  copies its mask to the host);
+  tensor repeats and no ``output_size``, and the blocking copies from host to device (see :class:`SyncCounter`
+  for how it tells them on a CPU); torchvision's NMS is counted by :class:`OpCounter` (its CUDA kernel copies its
+  mask to the host);
 * :class:`OpCounter` (a ``TorchDispatchMode``) counts aten ops, with and without views (a view launches no
   kernel);
 * :func:`profile_time` runs the work under ``torch.profiler`` and splits its wall time into the top-level torch
@@ -24,6 +25,7 @@ import bisect
 import os
 import sys
 import time
+import weakref
 from collections import Counter
 from typing import Any, Callable
 
@@ -54,12 +56,6 @@ def _has_bool_index(index: Any) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
 
 
-def _is_cpu(device: Any) -> bool:
-    """``.to("cpu")`` written out: a copy to the host. (A ``torch.device`` argument is the engine's own device,
-    which is the CPU only in this proxy run.)"""
-    return isinstance(device, str) and device.startswith("cpu")
-
-
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
@@ -79,17 +75,162 @@ def call_site() -> str:
     return f"{path}:{frame.f_lineno} ({frame.f_code.co_name})"
 
 
+#: Functions that make a tensor from data: Python numbers or lists, numpy arrays, or a tensor.
+_FROM_DATA = {torch.tensor, torch.as_tensor, torch.asarray}
+#: Factories that make a tensor where their ``device`` argument says (the host without one).
+_FACTORIES = {
+    torch.zeros,
+    torch.ones,
+    torch.empty,
+    torch.full,
+    torch.arange,
+    torch.linspace,
+    torch.logspace,
+    torch.eye,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+    torch.randperm,
+    torch.empty_strided,
+    torch.scalar_tensor,
+}
+_NEW = {torch.Tensor.new_tensor, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_full}
+_MOVES = {torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu}
+
+
+def _names_host(device: Any) -> bool:
+    """Whether a ``device`` argument names the host: a string ``"cpu..."``. A ``torch.device`` (or an index) is the
+    engine's own device, which is the CPU only in this proxy run."""
+    return isinstance(device, str) and device.startswith("cpu")
+
+
+def _pinned(tensor: torch.Tensor) -> bool:
+    """Whether a host tensor is pinned, or stands for a pinned one: without CUDA nothing can be pinned."""
+    return not torch.cuda.is_available() or tensor.is_pinned()
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a call's arguments (inside lists, tuples and dicts too)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value if isinstance(v, (torch.Tensor, list, tuple, dict)) for t in _tensors(v)]
+    if isinstance(value, dict):
+        return _tensors(list(value.values()))
+    return []
+
+
+def _host_index(index: Any, is_host: Callable[[torch.Tensor], bool]) -> bool:
+    """Whether an index holds indices that live on the host: a host tensor, a numpy array or a list."""
+    import numpy as np
+
+    items = index if isinstance(index, tuple) else (index,)
+    return any(
+        (isinstance(i, torch.Tensor) and i.ndim > 0 and is_host(i)) or isinstance(i, (np.ndarray, list)) for i in items
+    )
+
+
+def _move_target(func: Any, args: tuple, kwargs: dict) -> tuple[bool, Any]:
+    """``(moves, target)`` of ``.to`` / ``.cuda`` / ``.cpu`` / ``as_tensor(tensor)``: whether the call names a
+    device, and which (a device argument, or a tensor whose placement is the target)."""
+    if func is torch.Tensor.cpu:
+        return True, "cpu"
+    if func is torch.Tensor.cuda:
+        return True, torch.device("cuda")
+    for a in (kwargs.get("device"), *args[1:]):
+        if isinstance(a, (str, torch.device, int, torch.Tensor)) and not isinstance(a, bool):
+            return True, a
+    return False, None
+
+
 class SyncCounter(TorchFunctionMode):
     """Counts calls that would make the host wait for a CUDA device (see the module docstring), by kind and by
-    call site (:func:`call_site`: the line that made the call)."""
+    call site (:func:`call_site`: the line that made the call).
+
+    Host-to-device copies: on CUDA a copy from pageable host memory blocks the host until it is done. The proxy
+    runs on a CPU, where the engine's device is the CPU too, so the counter keeps the placement a CUDA run would
+    have. A tensor is on the *host* when the counted code made it there -- ``torch.from_numpy`` / ``frombuffer``,
+    ``torch.tensor`` / ``as_tensor`` / ``asarray`` of Python or numpy data without a device, a factory (``zeros``,
+    ``arange``...) without a device, a ``"cpu"`` string as the device, ``.cpu()`` / ``.to("cpu")`` -- or computed
+    from host tensors only. Every other tensor is on the *device*: the models' weights, tensors made before the
+    count began, whatever was made with a ``torch.device`` (the engine's device) or computed with a device tensor.
+    Counted kinds (on top of the syncs of the module docstring, which count whatever the tensor's placement):
+
+    * ``h2d_data``: a device tensor made from Python or numpy data (``torch.tensor`` / ``as_tensor`` /
+      ``asarray`` with a device; ``Tensor.new_tensor`` of a device tensor);
+    * ``h2d_copy``: a host tensor moved to the device (``.to(device)``, ``.cuda()``, ``as_tensor(t, device=)``,
+      ``device_tensor.copy_(host)``, ``device_tensor[...] = host`` of at least one dimension), unless the copy is
+      ``non_blocking`` from pinned memory. Without CUDA nothing can be pinned (``pin_memory()`` raises), so there
+      a ``non_blocking`` copy is taken for the pinned one the code makes on CUDA (``tensor.pin_memory()`` when
+      the device is CUDA, then ``.to(device, non_blocking=True)`` on every device, which on a CPU returns the
+      tensor itself);
+    * ``h2d_index``: a device tensor indexed (read or assigned) with host indices (a host tensor of at least one
+      dimension, a numpy array, a list);
+    * ``d2h_copy``: ``host_tensor.copy_(device_tensor)`` without ``non_blocking``.
+
+    Limits: a host tensor made before the count began is taken for a device tensor (its copies are missed).
+    ``torch.from_numpy`` and ``torch.frombuffer`` do not reach a ``TorchFunctionMode``: they are wrapped while
+    counting. ``.to(device)`` of a host tensor returns a view of it here (on a CPU it would return the tensor
+    itself), so that the copy is a device tensor while its source stays a host one.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
         self.sites: Counter[str] = Counter()
+        self._host: dict[int, weakref.ref] = {}
+
+    def __enter__(self) -> "SyncCounter":
+        # torch.from_numpy / frombuffer do not reach a TorchFunctionMode: wrapped while counting, to mark their tensors
+        self._wrapped = {name: getattr(torch, name) for name in ("from_numpy", "frombuffer")}
+        for name, original in self._wrapped.items():
+            setattr(torch, name, self._host_maker(original))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for name, original in self._wrapped.items():
+            setattr(torch, name, original)
+
+    def _host_maker(self, original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def make(*args: Any, **kwargs: Any) -> torch.Tensor:
+            tensor = original(*args, **kwargs)
+            self._mark(tensor, True)
+            return tensor
+
+        return make
+
+    def is_host(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is on the host in the CUDA run this counter stands for (see the class docstring)."""
+        ref = self._host.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+    def _mark(self, value: Any, host: bool) -> None:
+        for tensor in _tensors(value):
+            key = id(tensor)
+            if host:
+                self._host[key] = weakref.ref(tensor, lambda ref, key=key: self._forget(key, ref))
+            else:
+                self._host.pop(key, None)
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        if self._host.get(key) is ref:
+            del self._host[key]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        kinds = [self._sync_kind(func, args, kwargs), self._copy_kind(func, args, kwargs)]
+        result = func(*args, **kwargs)
+        result = self._place(func, args, kwargs, result)
+        for kind in kinds:
+            if kind:
+                self.counts[kind] += 1
+                self.sites[f"{kind} at {call_site()}"] += 1
+        return result
+
+    @staticmethod
+    def _sync_kind(func, args: tuple, kwargs: dict) -> str | None:
+        """The kind of a device-to-host sync (module docstring), or None."""
         kind = _SYNC_METHODS.get(func)
         if func is torch.nonzero and kwargs.get("as_tuple"):
             kind = "nonzero"
@@ -101,16 +242,68 @@ class SyncCounter(TorchFunctionMode):
             and kwargs.get("output_size") is None  # with the output size given, CUDA needs no sync
         ):
             kind = "repeat_interleave"
-        elif func in (torch.Tensor.to,) and any(
-            (isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu")
-            for a in (*args[1:], kwargs.get("device"))
-            if a is not None and not isinstance(a, torch.dtype)
-        ):
+        elif func is torch.Tensor.to and _names_host(_move_target(func, args, kwargs)[1]):
             kind = "to_cpu"
-        if kind:
-            self.counts[kind] += 1
-            self.sites[f"{kind} at {call_site()}"] += 1
-        return func(*args, **kwargs)
+        return kind
+
+    def _copy_kind(self, func, args: tuple, kwargs: dict) -> str | None:
+        """The kind of a blocking copy between host and device (class docstring), or None."""
+        source = args[0] if args else kwargs.get("data", kwargs.get("obj"))
+        non_blocking = bool(kwargs.get("non_blocking")) or any(a is True for a in args[2:])
+        if func in _FROM_DATA or func is torch.Tensor.new_tensor:
+            data = args[1] if func is torch.Tensor.new_tensor else source
+            device = kwargs.get("device")
+            if func is torch.Tensor.new_tensor and device is None:
+                device = "cpu" if self.is_host(args[0]) else torch.device("cuda")
+            if device is None or _names_host(device):
+                return None
+            if not isinstance(data, torch.Tensor):
+                return "h2d_data"
+            source, func = data, torch.Tensor.to
+        if func in _MOVES or func is torch.Tensor.to:
+            moves, target = _move_target(func, args, kwargs)
+            if isinstance(target, torch.Tensor):
+                target = "cpu" if self.is_host(target) else torch.device("cuda")
+            if moves and not _names_host(target) and self.is_host(source):
+                return None if (non_blocking and _pinned(source)) else "h2d_copy"
+        elif func is torch.Tensor.copy_:
+            dst, src = args[0], args[1]
+            if not self.is_host(dst) and self.is_host(src) and not (non_blocking and _pinned(src)):
+                return "h2d_copy"
+            if self.is_host(dst) and not self.is_host(src) and not non_blocking:
+                return "d2h_copy"
+        elif func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and not self.is_host(args[0]):
+            if func is torch.Tensor.__setitem__ and isinstance(args[2], torch.Tensor):
+                if args[2].ndim > 0 and self.is_host(args[2]):
+                    return "h2d_copy"
+            if _host_index(args[1], self.is_host):
+                return "h2d_index"
+        return None
+
+    def _place(self, func, args: tuple, kwargs: dict, result: Any) -> Any:
+        """Mark ``result`` host or device (class docstring); returns it (a view of it for a host tensor moved to the
+        device in place)."""
+        device = kwargs.get("device")
+        if func in _FACTORIES or (func in _FROM_DATA and not isinstance(args[0] if args else None, torch.Tensor)):
+            host = device is None or _names_host(device)
+        elif func in _MOVES or func in _FROM_DATA or func in _NEW:
+            moves, target = _move_target(func, args, kwargs) if func in _MOVES else (device is not None, device)
+            source = args[0]
+            if not moves:  # a new dtype, or a tensor like ``source``: where the source is
+                host = self.is_host(source)
+            elif isinstance(target, torch.Tensor):
+                host = self.is_host(target)
+            else:
+                host = _names_host(target)
+            if not host and result is source and self.is_host(source):
+                result = result.view_as(result)  # the device's copy; the host tensor stays one
+        else:
+            inputs = _tensors(args) + _tensors(kwargs)
+            host = bool(inputs) and all(self.is_host(t) for t in inputs) and (device is None or _names_host(device))
+            if not host:
+                return result
+        self._mark(result, host)
+        return result
 
     @property
     def total(self) -> int:

@@ -22,7 +22,8 @@ The JSON object::
     images      per image, in shard order: ImageStatus
     rejects     the images (or input files: image_id null) not mined, and why: Reject
     warnings    images mined with a correction (stage "warning"): Reject
-    stage_s     seconds per stage (decode, nouns, proposals, crops, clip), summed over the shard's images
+    stage_s     seconds per stage (decode, nouns, proposals, crops, clip), summed over the shard's images (on a
+                GPU, proposals/crops/clip are host time unless engine.profile_steps: engine.StepTimer)
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ class DoneRecord:
         images: per image, in shard order.
         rejects: images (or input files) not mined.
         warnings: images mined with a correction.
-        stage_s: seconds per stage, summed over the shard's images.
+        stage_s: seconds per stage, summed over the shard's images (see the module docstring).
     """
 
     file: str | None = None

@@ -53,9 +53,10 @@ def mask_runs(masks: Sequence["torch.Tensor"]) -> list[list[np.ndarray]]:
     """Uncompressed COCO run lengths of bool masks that live on a device, with one host sync for all of them.
 
     COCO RLE reads a mask column by column (Fortran order) and alternates runs of 0s and 1s, starting with 0s
-    (a mask whose first pixel is set starts with a run of length 0). The change points of every mask are found
-    on the device in one ``nonzero``; only they travel to the host, where the run lengths are their
-    differences. :func:`from_runs` turns runs into the compressed RLE pycocotools writes.
+    (a mask whose first pixel is set starts with a run of length 0). The change points of every mask (each pixel
+    compared with the one before it in its own mask, the first with a 0) are found on the device in one
+    ``nonzero``, with no host data sent to the device; only they travel to the host, where the run lengths are
+    their differences. :func:`from_runs` turns runs into the compressed RLE pycocotools writes.
 
     Args:
         masks: bool tensors ``[k_i, H_i, W_i]`` (any device; sizes may differ between tensors).
@@ -65,15 +66,16 @@ def mask_runs(masks: Sequence["torch.Tensor"]) -> list[list[np.ndarray]]:
     """
     import torch
 
-    flats = [m.transpose(1, 2).reshape(-1) for m in masks if m.numel()]
     lengths = [m.shape[1] * m.shape[2] for m in masks for _ in range(m.shape[0])]
-    if not flats:
+    flips = []
+    for m in masks:
+        if m.numel():  # [k, 1 + H*W]: each mask column-major after a 0, so that it starts with a run of 0s
+            padded = torch.cat([m.new_zeros((m.shape[0], 1)), m.transpose(1, 2).reshape(m.shape[0], -1)], dim=1)
+            flips.append((padded[:, 1:] != padded[:, :-1]).reshape(-1))
+    if not flips:
         return [[] for _ in masks]
-    values = torch.cat(flats)
     starts = np.cumsum([0] + lengths)
-    previous = torch.cat([values.new_zeros(1), values[:-1]])
-    previous[torch.as_tensor(starts[:-1], device=values.device)] = False  # each mask starts with a run of 0s
-    changes = torch.nonzero(values != previous).squeeze(1).cpu().numpy()  # the one host sync
+    changes = torch.nonzero(torch.cat(flips)).squeeze(1).cpu().numpy()  # the one host sync
     bounds = np.searchsorted(changes, starts)
     runs = [
         np.diff(np.concatenate([[0], changes[lo:hi] - start, [end - start]])).astype(np.uint32)

@@ -55,6 +55,16 @@ def test_nouns_per_call_batches_the_text_tower_without_changing_the_embeddings()
     assert (counting.calls, counting.sequences) == (3, 5 * 14)
 
 
+def test_a_nouns_embedding_does_not_depend_on_the_nouns_tokenized_with_it():
+    """Mining embeds a batch's new nouns together, one noun per text-tower call: each is bit-identical to the noun
+    embedded alone, whatever came with it."""
+    model, tokenizer, _ = load_clip("ovseg-tiny-vit", "random")
+    names = ["person", "fire hydrant", "cat", "dog", "teddy bear"]
+    together = NounEmbeddings(model, tokenizer, "cpu", nouns_per_call=1).embed(names)
+    for name, row in zip(names, together, strict=True):
+        assert torch.equal(NounEmbeddings(model, tokenizer, "cpu", nouns_per_call=1).embed([name])[0], row)
+
+
 def test_bad_templates_and_batch_sizes_are_refused():
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     with pytest.raises(ValueError, match="exactly one"):

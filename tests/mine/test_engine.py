@@ -58,6 +58,15 @@ def test_a_batch_gives_what_each_image_gives_alone(images, encoder_batch):
         assert set(outcome.seconds) == {"proposals", "crops", "clip"}
 
 
+def test_a_pooled_batch_gives_what_each_image_gives_alone(images):
+    """A GPU's batching on the CPU: crops rendered in one gather op, CLIP over the batch's crops in the calls of
+    matching.pooled_calls (64 halved to 32 here: each image's 16 crops in a call of 32, alone or pooled)."""
+    engine = _engine("engine.batching='pooled'", "clip.batch_size=64", "engine.profile_steps=true")
+    jobs = _jobs(engine, images)
+    for job, outcome in zip(jobs, engine.mine(jobs), strict=True):
+        _same(engine.mine([job])[0], outcome)
+
+
 def test_matches_are_the_single_image_proposals_and_per_mask_crops(images):
     from ovseg_mine.crops import normalize, render_masked_crops
     from ovseg_mine.mine.algorithms.matching import encode_crops, match_nouns

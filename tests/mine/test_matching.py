@@ -72,3 +72,42 @@ def test_bf16_clip_gives_float32_embeddings_close_to_fp32():
     text_a = NounEmbeddings(fp32, tokenizer, "cpu").embed(["dog", "fire hydrant"])
     text_b = NounEmbeddings(bf16, tokenizer, "cpu", precision="pure_bf16").embed(["dog", "fire hydrant"])
     assert text_b.dtype == torch.float32 and (text_a * text_b).sum(dim=1).min() > 0.99
+
+
+def test_pooled_calls_pad_a_batch_by_less_than_the_smallest_call_in_a_few_shapes():
+    from ovseg_mine.mine.algorithms.matching import call_sizes, pooled_calls
+
+    assert call_sizes(256) == (256, 128, 64, 32) and call_sizes(8) == (8,) and call_sizes(100, 32) == (100, 50)
+    counts = [100] * 8  # the issue's batch: 8 images of 100 crops, which padding to 256 made 1,024
+    calls = pooled_calls(counts, 256)
+    assert sum(size for size, _ in calls) == 800 and {size for size, _ in calls} == {64, 32}
+    for counts in ([100] * 8, [300, 5, 0, 77, 256, 31], [1], []):
+        calls = pooled_calls(counts, 256)
+        covered = sorted(r for _, ranges in calls for r in ranges)
+        assert [i for a, b in covered for i in range(a, b)] == list(range(sum(counts)))  # each crop once
+        assert all(sum(b - a for a, b in ranges) <= size for size, ranges in calls)
+        assert 0 <= sum(size for size, _ in calls) - sum(counts) < 32
+        assert [size for size, ranges in calls if sum(b - a for a, b in ranges) < size] in ([], [32])
+    with pytest.raises(ValueError, match="at least 1"):
+        call_sizes(0)
+
+
+def test_pooled_crops_embed_as_each_image_alone_and_as_the_padded_calls():
+    """The determinism contract: an image's crops go through calls of the shapes its own count decides, so its
+    embeddings are bit-identical in any batch; and equal to encode_crops' calls padded to batch_size."""
+    from ovseg_mine.mine.algorithms.matching import encode_crops, encode_crops_pooled
+    from ovseg_mine.models import clip_input_size, load_clip
+
+    model, _, _ = load_clip("ovseg-tiny-vit", "random", seed=0)
+    side = clip_input_size(model)
+    counts = [23, 5, 0, 9, 16]
+    crops = torch.randn(sum(counts), 3, side, side, generator=torch.Generator().manual_seed(0))
+    pooled = encode_crops_pooled(model, crops, counts, batch_size=16, smallest=4)
+    assert pooled.shape[0] == sum(counts)
+    start = 0
+    for count in counts:
+        alone = encode_crops_pooled(model, crops[start : start + count], [count], batch_size=16, smallest=4)
+        assert torch.equal(alone, pooled[start : start + count]) if count else alone.numel() == 0
+        start += count
+    padded = encode_crops(model, crops, batch_size=16)
+    torch.testing.assert_close(pooled, padded, rtol=0, atol=1e-6)

@@ -2,9 +2,11 @@
 run lengths of the matched masks, with a handful of host syncs per image and memory bounded whatever the
 image size.
 
-For a batch of decoded images (original pixels and SAM's resized input, both already on the device) and their
-nouns, :meth:`MiningEngine.mine`:
+For a batch of decoded images (original pixels and SAM's resized input, both already on the device:
+:meth:`MiningEngine.to_device_many`) and their nouns, :meth:`MiningEngine.mine`:
 
+0. embeds the batch's nouns not embedded yet (:class:`~ovseg_mine.text.NounEmbeddings`, one noun per text-tower
+   call, their tokens sent in one copy), so that no text-tower call and no copy happens between the images;
 1. encodes the images with SAM's image encoder in fixed-size batches
 (:class:`~ovseg_mine.mine.algorithms.sam_batch.BatchedSam`);
 2. per image, decodes every grid point and selects the proposals (:func:`~ovseg_mine.mine.algorithms.amg.select_masks`:
@@ -13,18 +15,31 @@ nouns, :meth:`MiningEngine.mine`:
    :meth:`MiningEngine.given_masks`) skips 1 and 2: its masks are kept as run lengths and decoded on the device;
 3. renders the masked crops of all kept masks (OVSeg's crop: tight box, CLIP's mean pixel, bicubic), chunk by
    chunk, upsampling the kept masks again for that;
-4. embeds the crops with CLIP, and each image's nouns (cached per noun). ``engine.batching='pooled'`` (a GPU's
-   default) renders each chunk's crops in one gather op and runs CLIP over the crops of the whole batch in calls
-   padded to ``clip.batch_size``; ``per_image`` (a CPU's default) renders one crop at a time and runs CLIP per
-   image without padding. Either way the kernels an image's crops see depend on that image alone;
+4. embeds the crops with CLIP. ``engine.batching='pooled'`` (a GPU's default) renders each chunk's crops in one
+   gather op and runs CLIP over the crops of the whole batch in calls of a few fixed sizes
+   (:func:`~ovseg_mine.mine.algorithms.matching.pooled_calls`: ``clip.batch_size`` halved down to 32, fewer than
+   32 padding crops per batch, each crop in a call whose shape its own image decides); ``per_image`` (a CPU's
+   default) renders one crop at a time and runs CLIP per image without padding. Either way the kernels an image's
+   crops see depend on that image alone;
 5. per image, picks each noun's best mask on the device (:func:`~ovseg_mine.mine.algorithms.matching.best_masks`),
    applies the matching thresholds, upsamples the chosen masks and takes their column-major run lengths
    (:func:`ovseg_mine.rle.mask_runs`, one ``nonzero`` for the batch);
 6. brings the per-noun numbers of the batch to the host in one transfer (a float64 table whose columns
    :class:`NounColumn` names).
 
-The per-image host syncs are the three of the proposal selection; the batch adds three more (crops' run
-lengths: ``nonzero`` and its copy; the results' copy), plus one ``torch.cuda.synchronize`` per timed step.
+Host syncs on CUDA (what ``benchmarks/proxies.py`` counts, blocking host-to-device copies included): per image
+the three of the proposal selection (:func:`~ovseg_mine.mine.algorithms.amg.select_masks`); per batch the matched
+masks' run lengths (one ``nonzero`` and the copy of its result) and the per-noun table's copy to the host. The
+engine's own code makes no blocking host-to-device copy: the images come in one non-blocking copy from pinned
+memory (:meth:`MiningEngine.to_device_many`), the new nouns' tokens likewise, CLIP's mean and std are device
+constants made once, the run lengths' mask starts are found on the device; the crops' fill colour is
+:mod:`ovseg_mine.crops`' to make once. ``torch.cuda.synchronize`` runs only with ``engine.profile_steps``
+(:class:`StepTimer`: two per step and batch); without it the per-step seconds are host time. One-off syncs
+outside the steady state: the constants at start-up, and SAM's point grid for a new image size (made once per
+size by :class:`~ovseg_mine.mine.algorithms.sam_batch.BatchedSam`). With fp32 SAM weights, segment-anything's own
+attention (``get_rel_pos``) indexes its tables with host indices (two blocking copies per attention block and
+encoder call); bf16/fp16 weights take :mod:`~ovseg_mine.mine.algorithms.sam_attention`, whose tables are made once.
+
 Failures stay per image (:meth:`MiningEngine.mine_each`): a batch that raises is mined again one image at a
 time, so only the image that raises is reported; an out-of-memory error on a single image is reported, not
 retried (the same image would fail the same way).
@@ -46,7 +61,8 @@ if TYPE_CHECKING:
     from ovseg_mine.config import MineConfig
     from ovseg_mine.mine.algorithms.amg import MaskSet
 
-#: Step names timed per batch (seconds, summed over the batch's images by :class:`StepTimer`).
+#: Step names timed per batch (seconds, summed over the batch's images by :class:`StepTimer`; host time unless
+#: ``engine.profile_steps``).
 STEPS = ("proposals", "crops", "clip")
 
 
@@ -112,7 +128,9 @@ class ImageOutcome:
         num_generated: masks left after NMS, before the empty-mask drop and the cap.
         num_matches: nouns that got a mask (before the thresholds).
         matches: the nouns' matches that passed the thresholds, in noun order.
-        seconds: per step (:data:`STEPS`), this image's share of the batch's time.
+        seconds: per step (:data:`STEPS`), this image's share of the batch's time: the host's time issuing the
+            step (a GPU may still be running its kernels) unless ``engine.profile_steps``, which drains the
+            device's queue at both ends of each step (:class:`StepTimer`).
     """
 
     num_proposals: int
@@ -212,17 +230,27 @@ def image_outcome(part: np.ndarray, num_generated: int, runs: list[np.ndarray]) 
 
 
 class StepTimer:
-    """Wall time per step, with ``torch.cuda.synchronize`` at both ends on a GPU (queued kernels would otherwise
-    be billed to whichever step syncs next)."""
+    """Wall time per step (seconds, summed over the batch in :attr:`seconds`).
 
-    def __init__(self, device: "torch.device") -> None:
+    With ``profile`` (``engine.profile_steps``) each step is framed by ``torch.cuda.synchronize`` on a GPU, so a
+    step is billed its own kernels: two host syncs per step and batch, which stall the GPU's queue. Without it
+    (the default) nothing syncs and a step's seconds are the host's time issuing it: on a GPU, queued kernels are
+    billed to whichever step waits for them (the one that copies results to the host). On a CPU both are the same.
+
+    Args:
+        device: the engine's device.
+        profile: synchronize the device at both ends of each step.
+    """
+
+    def __init__(self, device: "torch.device", profile: bool = False) -> None:
         self.device = device
+        self.profile = profile
         self.seconds: dict[str, float] = dict.fromkeys(STEPS, 0.0)
 
     def _sync(self) -> None:
         import torch
 
-        if self.device.type == "cuda":
+        if self.profile and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     @contextmanager
@@ -280,6 +308,9 @@ class MiningEngine:
         self.input_size = clip_input_size(self.clip)
         self.mean, self.std = clip_mean_std(self.clip)
         self.fill = [255.0 * m for m in self.mean]
+        # CLIP's normalization as device constants, made once (a tensor from a list is a blocking copy on CUDA)
+        self._mean = torch.tensor(list(self.mean), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(list(self.std), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         # One noun per encode_text call: a noun's embedding does not depend on which nouns this actor met first.
         self.text = NounEmbeddings(clip, tokenizer, self.device, nouns_per_call=1, precision=self.clip_precision)
         self.pooled = cfg.engine.batching == "pooled" or (cfg.engine.batching == "auto" and cuda)
@@ -288,18 +319,33 @@ class MiningEngine:
     # ----------------------------------------------------------------------------------------------- inputs
 
     def to_device(self, pixels: np.ndarray) -> "torch.Tensor":
-        """uint8 ``[H, W, 3]`` host pixels -> uint8 ``[3, H, W]`` on the device: a view of the same memory on a CPU
-        (the engine only reads it), an asynchronous copy from pinned memory on a GPU."""
+        """One image's :meth:`to_device_many`."""
+        return self.to_device_many([pixels])[0]
+
+    def to_device_many(self, images: Sequence[np.ndarray]) -> list["torch.Tensor"]:
+        """uint8 ``[H_i, W_i, 3]`` host pixels -> uint8 ``[3, H_i, W_i]`` on the device, in order.
+
+        On a CPU each is a view of the same memory (the engine only reads it). On a GPU all are staged through one
+        pinned host buffer (one allocation from PyTorch's pinned-memory cache, which keeps the block until the
+        copy has run) and sent in one ``non_blocking`` copy, which does not block the host; each image is a view
+        of the one device buffer.
+        """
         import warnings
 
         import torch
 
         with warnings.catch_warnings():  # Arrow's buffers are read-only; nothing writes into the pixels
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            tensor = torch.from_numpy(np.ascontiguousarray(pixels))
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.permute(2, 0, 1)
+            tensors = [torch.from_numpy(np.ascontiguousarray(pixels)) for pixels in images]
+        if self.device.type == "cuda" and tensors:
+            sizes = [t.numel() for t in tensors]
+            staging = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+            torch.cat([t.reshape(-1) for t in tensors], out=staging)
+            flat = staging.to(self.device, non_blocking=True)
+            tensors = [part.view(t.shape) for part, t in zip(flat.split(sizes), tensors, strict=True)]
+        else:  # on a CPU the tensors themselves (what benchmarks/proxies.py takes for a pinned copy)
+            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+        return [t.permute(2, 0, 1) for t in tensors]
 
     def resize_for_sam(self, image: np.ndarray) -> np.ndarray:
         """SAM's resize (longest side = SAM's input size), uint8 ``[h, w, 3]``; what the decode stage runs."""
@@ -348,8 +394,10 @@ class MiningEngine:
         """Mine a batch of images (see the module docstring); raises on any failure."""
         import torch
 
-        timer = StepTimer(self.device)
+        timer = StepTimer(self.device, self.cfg.engine.profile_steps)
         with torch.inference_mode():
+            with timer("clip"):  # the batch's vocabulary, before the images: no text-tower call between them
+                self.text.embed([noun for job in jobs for noun in job.nouns])
             with timer("proposals"):
                 sam_jobs = [job for job in jobs if job.given is None]
                 features = self.sam.embed([job.sam_image for job in sam_jobs]) if sam_jobs else None
@@ -388,7 +436,7 @@ class MiningEngine:
         """CLIP-normalized masked crops of every kept mask of the batch, ``[sum K, 3, S, S]`` float32."""
         import torch
 
-        from ovseg_mine.crops import normalize, render_masked_crops, render_masked_crops_batched
+        from ovseg_mine.crops import render_masked_crops, render_masked_crops_batched
 
         render = render_masked_crops_batched if self.pooled else render_masked_crops
         side = self.input_size
@@ -404,17 +452,18 @@ class MiningEngine:
                     boxes = torch.cat([boxes[:, :2], boxes[:, 2:].clamp(min=1)], dim=1)
                 out.append(render(job.image, masks.masks(index), boxes, size=side, fill=self.fill))
         crops = torch.cat(out) if out else torch.zeros((0, 3, side, side), device=self.device)
-        return normalize(crops, self.mean, self.std)
+        return (crops / 255.0 - self._mean) / self._std  # crops.normalize, with the constants made once
 
     def _embed_crops(self, crops: "torch.Tensor", counts: list[int]) -> "torch.Tensor":
-        """CLIP embeddings of the batch's crops: pooled in padded calls, or per image (``counts`` crops each)."""
+        """CLIP embeddings of the batch's crops (``counts`` per image): pooled in the calls of
+        :func:`~ovseg_mine.mine.algorithms.matching.pooled_calls`, or per image without padding."""
         import torch
 
-        from ovseg_mine.mine.algorithms.matching import encode_crops
+        from ovseg_mine.mine.algorithms.matching import encode_crops, encode_crops_pooled
 
         size, precision = self.cfg.clip.batch_size, self.clip_precision
         if self.pooled:
-            return encode_crops(self.clip, crops, batch_size=size, precision=precision)
+            return encode_crops_pooled(self.clip, crops, counts, batch_size=size, precision=precision)
         parts = [
             encode_crops(self.clip, part, batch_size=size, precision=precision, pad=False)
             for part in torch.split(crops, counts)

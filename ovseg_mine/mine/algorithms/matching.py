@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +54,114 @@ def encode_crops(
                 chunk = torch.cat([chunk, chunk.new_zeros((batch_size - count, *chunk.shape[1:]))])
             chunks.append(model.encode_image(chunk)[:count].float())
     feats = torch.cat(chunks) if chunks else crops.new_zeros((0, 0))
+    return feats / feats.norm(dim=-1, keepdim=True)
+
+
+#: The smallest CLIP call of the pooled plan (:func:`pooled_calls`): a batch's crops are padded by fewer than this.
+SMALLEST_CALL = 32
+
+
+def call_sizes(batch_size: int, smallest: int = SMALLEST_CALL) -> tuple[int, ...]:
+    """The CLIP call sizes of the pooled plan: ``batch_size`` halved while at least ``smallest`` (256, 128, 64, 32
+    for 256 and 32); just ``batch_size`` when it is below ``smallest``.
+
+    Raises:
+        ValueError: ``batch_size`` or ``smallest`` below 1.
+    """
+    if batch_size < 1 or smallest < 1:
+        raise ValueError(f"batch_size and smallest must be at least 1, got {batch_size} and {smallest}")
+    sizes = [batch_size]
+    while sizes[-1] // 2 >= smallest:
+        sizes.append(sizes[-1] // 2)
+    return tuple(sizes)
+
+
+def pooled_calls(
+    counts: Sequence[int], batch_size: int, smallest: int = SMALLEST_CALL
+) -> list[tuple[int, list[tuple[int, int]]]]:
+    """How the crops of several images go through CLIP: few calls, little padding, and each crop in a call of a
+    shape that depends on its own image only (the determinism contract of the mining engine).
+
+    Each image's crops (``counts[i]`` of them, images one after the other) are cut by its own count: greedily
+    into blocks of the :func:`call_sizes` (largest first), the rest (fewer than the smallest size) joining the
+    smallest size's block. The blocks of one size, from all images, fill calls of that size: every call but the
+    last of the smallest size is full, so a batch pads fewer than ``smallest`` crops, and a crop's call has the
+    shape its image alone would give it.
+
+    Returns:
+        ``(size, ranges)`` per call, in order: the call's shape and the ``(start, stop)`` crop ranges (indices into
+        the concatenated crops) it holds, at most ``size`` crops in all (fewer: the rest of the call is padding).
+    """
+    sizes = call_sizes(batch_size, smallest)
+    blocks: dict[int, list[tuple[int, int]]] = {size: [] for size in sizes}
+    offset = 0
+    for count in counts:
+        start, rest = offset, count
+        for size in sizes:
+            take = rest if size == sizes[-1] else rest // size * size
+            if take:
+                blocks[size].append((start, start + take))
+                start, rest = start + take, rest - take
+        offset += count
+    calls = []
+    for size in sizes:
+        ranges: list[tuple[int, int]] = []
+        filled = 0
+        for start, stop in blocks[size]:
+            while start < stop:
+                take = min(stop - start, size - filled)
+                ranges.append((start, start + take))
+                start, filled = start + take, filled + take
+                if filled == size:
+                    calls.append((size, ranges))
+                    ranges, filled = [], 0
+        if ranges:
+            calls.append((size, ranges))
+    return calls
+
+
+def encode_crops_pooled(
+    model: "torch.nn.Module",
+    crops: "torch.Tensor",
+    counts: Sequence[int],
+    *,
+    batch_size: int,
+    precision: str = "fp32",
+    smallest: int = SMALLEST_CALL,
+) -> "torch.Tensor":
+    """:func:`encode_crops` of the crops of several images in the calls of :func:`pooled_calls` (a call's missing
+    crops are zero crops): an image's embeddings are what it gives alone, given kernels whose rows do not depend
+    on their position in a call of one shape (the assumption :func:`encode_crops`' padding makes too).
+
+    Args:
+        model, precision: as :func:`encode_crops`.
+        crops: float ``[sum(counts), 3, S, S]``, CLIP-normalized, image after image.
+        counts: crops per image.
+        batch_size, smallest: the largest and smallest calls (:func:`call_sizes`).
+
+    Returns:
+        float32 ``[sum(counts), D]`` unit-norm embeddings in the crops' order (``[0, 0]`` without a crop).
+    """
+    import torch
+
+    from ovseg_mine.precision import autocast
+
+    dtype = next(model.parameters()).dtype
+    pieces = []
+    with torch.inference_mode(), autocast(precision, crops.device):
+        for size, ranges in pooled_calls(counts, batch_size, smallest):
+            parts = [crops[start:stop] for start, stop in ranges]
+            count = sum(len(part) for part in parts)
+            if count < size:
+                parts.append(crops.new_zeros((size - count, *crops.shape[1:])))
+            feats = model.encode_image((torch.cat(parts) if len(parts) > 1 else parts[0]).to(dtype)).float()
+            at = 0
+            for start, stop in ranges:
+                pieces.append((start, feats[at : at + stop - start]))
+                at += stop - start
+    if not pieces:
+        return crops.new_zeros((0, 0))
+    feats = torch.cat([rows for _, rows in sorted(pieces, key=lambda piece: piece[0])])
     return feats / feats.norm(dim=-1, keepdim=True)
 
 

@@ -59,7 +59,9 @@ class ImageResult:
         width, height: its size in pixels: the decoded size once decoded, else the source's (0: unknown).
         num_nouns: nouns parsed from its captions.
         num_proposals: non-empty mask proposals it was matched against.
-        decode_s, nouns_s, proposals_s, crops_s, clip_s: seconds spent on it per step (:data:`TIMED_STEPS`).
+        decode_s, nouns_s, proposals_s, crops_s, clip_s: seconds spent on it per step (:data:`TIMED_STEPS`); the
+            GPU stage's three are its share of its batch's time, the host's time issuing the step on a GPU unless
+            ``engine.profile_steps`` (:class:`~ovseg_mine.mine.algorithms.engine.StepTimer`).
         notes: what happened on the way (a caption skipped or cut, a size that differs from the source).
         error_type: the exception's class name when mining it raised (status ``error``), else "".
         traceback: that exception's formatted traceback, which the driver writes to the run's log, else "".

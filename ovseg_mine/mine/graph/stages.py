@@ -220,51 +220,62 @@ class MaskMatchStage:
 
     def _mine(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], todo: list[int]) -> None:
         """Mine rows ``todo`` as one batch (failures stay per image) and fill in their results (``rows``: each
-        row's changes)."""
+        row's changes). The batch's pixels go to the device together (:meth:`MiningEngine.to_device_many`)."""
         from ovseg_mine.faults import failpoint
         from ovseg_mine.mine.algorithms.given_proposals import GivenMaskError
 
-        jobs, where = [], []
+        staged, where = [], []
         for i in todo:
-            record = records[i]
             try:
-                failpoint("image", record["image_id"])  # kill: the worker dies on this image; raise: mining it raises
-                jobs.append(self._job(record))
+                failpoint("image", records[i]["image_id"])  # kill: the worker dies on this image; raise: it raises
+                staged.append(self._pixels(records[i]))
                 where.append(i)
+            except Exception as exc:
+                rows[i].update(error_row(exc))
+        on_device = iter(self.engine.to_device_many([pixels for images in staged for pixels in images]))
+        jobs, kept = [], []
+        for i, images in zip(where, staged, strict=True):
+            image, sam_image = next(on_device), next(on_device) if len(images) == 2 else None
+            try:
+                jobs.append(self._job(records[i], image, sam_image))
+                kept.append(i)
             except GivenMaskError as exc:
                 rows[i].update(status="proposals", reason=str(exc))
             except Exception as exc:
                 rows[i].update(error_row(exc))
-        for i, job, outcome in zip(where, jobs, self.engine.mine_each(jobs), strict=True):
+        for i, job, outcome in zip(kept, jobs, self.engine.mine_each(jobs), strict=True):
             if isinstance(outcome, BaseException):
                 rows[i].update(error_row(outcome))
             else:
                 rows[i].update(self._result(outcome))
                 rows[i]["proposals_s"] += job.given_s
 
-    def _job(self, record: dict[str, Any]) -> Any:
-        """The engine's job for a decoded record; given masks (the record's, or none when SAM is not built) become
-        the job's proposals here, so a mask that does not fit its image is refused before the batch runs.
+    def _pixels(self, record: dict[str, Any]) -> tuple[Any, ...]:
+        """A decoded record's uint8 ``[H, W, 3]`` host pixels: the image, and SAM's resize of it when SAM runs on
+        it (no given masks)."""
+        import numpy as np
+
+        image = np.frombuffer(record["pixels"], np.uint8).reshape(record["height"], record["width"], 3)
+        if record.get("proposals") is not None or self.engine.sam is None:
+            return (image,)
+        sam = np.frombuffer(record["sam_pixels"], np.uint8).reshape(record["sam_height"], record["sam_width"], 3)
+        return image, sam
+
+    def _job(self, record: dict[str, Any], image: Any, sam_image: Any) -> Any:
+        """The engine's job for a decoded record whose pixels are on the device (``sam_image`` None: the record's
+        given masks, or none when SAM is not built, are the job's proposals, made here, so a mask that does not
+        fit its image is refused before the batch runs).
 
         Raises:
             GivenMaskError: a given mask's size differs from the decoded image's.
         """
-        import numpy as np
-
         from ovseg_mine.mine.algorithms.engine import ImageJob
 
-        image = np.frombuffer(record["pixels"], np.uint8).reshape(record["height"], record["width"], 3)
-        job = ImageJob(record["image_id"], self.engine.to_device(image), None, list(record["nouns"]))
-        given = record.get("proposals")
-        if given is None and self.engine.sam is None:
-            given = []  # a run without SAM: an image without given masks has no proposal
-        if given is not None:
+        job = ImageJob(record["image_id"], image, sam_image, list(record["nouns"]))
+        if sam_image is None:
             start = time.perf_counter()
-            job.given = self.engine.given_masks(given, job.size)
+            job.given = self.engine.given_masks(record.get("proposals") or [], job.size)
             job.given_s = time.perf_counter() - start
-        else:
-            sam = np.frombuffer(record["sam_pixels"], np.uint8).reshape(record["sam_height"], record["sam_width"], 3)
-            job.sam_image = self.engine.to_device(sam)
         return job
 
     @staticmethod
