@@ -72,12 +72,16 @@ def test_off_is_the_function_itself_and_a_bad_mode_a_clear_error():
         CompiledParts("max-autotune", "cpu")
 
 
-@pytest.mark.parametrize("rules", ["auto", "cuda"])
+GPU_RULES = ["engine.device_rules='cuda'", "sam.precision='bf16'", "clip.precision='bf16'"]
+
+
+@pytest.mark.parametrize("rules", [[], GPU_RULES], ids=["cpu-rules", "gpu-rules"])
 def test_each_part_is_one_graph_without_a_break(images, rules):
     """``torch._dynamo.explain`` of the encoder, the decoder step and CLIP's image tower, with the inputs mining
     gives them, under a CPU's rules (fp32) and a GPU's (bf16 weights, SDPA attention, pooled CLIP calls)."""
-    engine = _engine("off", f"engine.device_rules='{rules}'")
+    engine = _engine("off", *rules)
     sam, size = engine.sam, images[0].shape[:2]
+    assert sam.dtype == (torch.bfloat16 if rules else torch.float32)
     with torch.inference_mode():
         x = torch.zeros((sam.encoder_batch_size, 3, sam.img_size, sam.img_size), dtype=sam.dtype)
         encoder = sam.sam.prompt_encoder
