@@ -105,10 +105,17 @@ def test_a_new_shape_is_a_new_graph_counted_and_logged(caplog):
         for n in (3, 3, 4, 3):
             assert torch.equal(affine(torch.ones(n)), torch.full((n,), 3.0))
     stats = parts.stats()["affine"]
-    assert (stats["mode"], stats["compiles"], stats["calls"]) == ("default", 2, 4)
+    assert (stats["mode"], stats["compiles"], stats["calls"], stats["eager_calls"]) == ("default", 2, 4, 0)
     assert stats["seconds"] > 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled affine")]
     assert len(lines) == 2 and "[3] float32" in lines[0] and "[4] float32" in lines[1]
+    # past Dynamo's recompile limit (fullgraph=True raises there) a new shape runs eagerly, warned once, counted
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level(logging.INFO, logger="ovseg_mine"):
+        for n in (5, 6, 3):
+            assert torch.equal(affine(torch.ones(n)), torch.full((n,), 3.0))
+    stats = parts.stats()["affine"]
+    assert (stats["compiles"], stats["calls"], stats["eager_calls"]) == (2, 7, 2)
+    assert sum("recompile limit" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_reduce_overhead_on_a_cpu_tells_once_and_runs_as_default(monkeypatch, caplog):

@@ -39,8 +39,10 @@ shapes made by the wrapper would miss. The seconds are the wall time of the call
 tracing, Inductor's code generation and C++/Triton compiles, and that call's own run, queued on a GPU).
 
 Dynamo caches graphs per code object, for the whole process: a second engine in one process reuses the first
-one's graphs when its guards pass (counted 0), and a code object compiled more than
-``torch._dynamo.config.recompile_limit`` (8) times raises under ``fullgraph=True``.
+one's graphs when its guards pass (counted 0). A code object compiled ``torch._dynamo.config.recompile_limit``
+(8) times raises under ``fullgraph=True`` at its next new shape; a part then runs that call eagerly (the same
+result up to rounding), warns once and counts it (``eager_calls``): a part over its bound is a bucketing bug to
+fix, not a reason to fail an image.
 """
 
 from __future__ import annotations
@@ -94,12 +96,14 @@ class PartStats:
         compiles: graphs compiled (the first one included; 0 when ``off`` or when every call hit Dynamo's cache).
         seconds: wall seconds of the calls that compiled.
         calls: calls so far.
+        eager_calls: calls run eagerly because Dynamo's recompile limit was reached (see the module docstring).
     """
 
     mode: str
     compiles: int = 0
     seconds: float = 0.0
     calls: int = 0
+    eager_calls: int = 0
 
 
 class CompiledPart:
@@ -119,13 +123,20 @@ class CompiledPart:
         self.compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=None if mode == "default" else mode)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from torch._dynamo.exc import FailOnRecompileLimitHit
         from torch._dynamo.utils import counters
 
         graphs = counters["stats"]["unique_graphs"]
         start = time.perf_counter()
-        out = self.compiled(*args, **kwargs)
-        new = counters["stats"]["unique_graphs"] - graphs
         self.stats.calls += 1
+        try:
+            out = self.compiled(*args, **kwargs)
+        except FailOnRecompileLimitHit:
+            if not self.stats.eager_calls:
+                log.warning("%s: Dynamo's recompile limit reached; new input shapes run eagerly", self.name)
+            self.stats.eager_calls += 1
+            return self.fn(*args, **kwargs)
+        new = counters["stats"]["unique_graphs"] - graphs
         if new:
             seconds = time.perf_counter() - start
             self.stats.compiles += new
@@ -168,7 +179,8 @@ class CompiledParts:
         return self.parts[name]
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per part: ``{"mode", "compiles", "seconds", "calls"}`` (empty when the mode is ``off``)."""
+        """Per part: ``{"mode", "compiles", "seconds", "calls", "eager_calls"}`` (:class:`PartStats`; empty when the
+        mode is ``off``)."""
         return {name: dict(vars(part.stats)) for name, part in self.parts.items()}
 
 
