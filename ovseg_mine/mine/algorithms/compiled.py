@@ -28,8 +28,9 @@ part               what its inputs are padded to                                
                                                                                  one per crop-count bucket
 =================  ============================================================  ==================================
 
-Selection and crop chunk bodies take a name here when they are fixed-shape functions (one line each:
-``parts.wrap("select_chunk", fn)``).
+(Per-image CLIP calls unpadded, as ``encode_crops(pad=False)`` makes them, compile once per distinct crop count
+until their sizes are bucketed.) Selection and crop chunk bodies take a name here when they are fixed-shape
+functions (one line each: ``parts.wrap("select_chunk", fn)``).
 
 Counting: a compile is a graph Dynamo hands to the backend. The count is the change of Dynamo's own graph counter
 (``torch._dynamo.utils.counters["stats"]["unique_graphs"]``, incremented once per compiled graph) across one call
