@@ -280,6 +280,7 @@ class MiningEngine:
         import torch
 
         from ovseg_mine import precision as precision_mod
+        from ovseg_mine.mine.algorithms.compiled import CompiledPart, CompiledParts
         from ovseg_mine.mine.algorithms.sam_batch import BatchedSam
         from ovseg_mine.models import clip_input_size, clip_mean_std
         from ovseg_mine.text import NounEmbeddings
@@ -288,6 +289,7 @@ class MiningEngine:
         self.device = torch.device(device)
         rules = "cuda" if cfg.engine.device_rules == "cuda" else self.device.type  # whose defaults apply
         cuda = rules == "cuda"
+        self.parts = CompiledParts(cfg.engine.compile, self.device)  # engine.compile: the parts below, counted
         self.sam = (
             None
             if sam is None
@@ -298,13 +300,14 @@ class MiningEngine:
                 precision=precision_mod.for_inference(cfg.sam.precision, rules),
                 encoder_batch_size=cfg.sam.encoder_batch_size or (8 if cuda else 1),
                 low_precision_decoder=cuda,
-                compile=cfg.engine.compile != "off",
+                compile=self.parts,
             )
         )
         self.clip_precision = precision_mod.for_inference(cfg.clip.precision, rules)
         self.clip = precision_mod.cast_model(clip, self.clip_precision)
-        if cfg.engine.compile != "off" and self.device.type == "cuda":
-            self.clip.encode_image = torch.compile(self.clip.encode_image, dynamic=False)
+        encode_image = self.clip.encode_image  # (a model another engine compiled: its own function again)
+        encode_image = encode_image.fn if isinstance(encode_image, CompiledPart) else encode_image
+        self.clip.encode_image = self.parts.wrap("clip_image", encode_image)
         self.input_size = clip_input_size(self.clip)
         self.mean, self.std = clip_mean_std(self.clip)
         self.fill = [255.0 * m for m in self.mean]
@@ -315,6 +318,12 @@ class MiningEngine:
         self.text = NounEmbeddings(clip, tokenizer, self.device, nouns_per_call=1, precision=self.clip_precision)
         self.pooled = cfg.engine.batching == "pooled" or (cfg.engine.batching == "auto" and cuda)
         self.chunk_bytes = cfg.ray.chunk_mib * 2**20
+
+    def compile_stats(self) -> dict[str, dict[str, Any]]:
+        """Per compiled part (``sam_encoder``, ``sam_decoder``, ``clip_image``): its mode, graphs compiled, compile
+        seconds and calls so far (:meth:`~ovseg_mine.mine.algorithms.compiled.CompiledParts.stats`; empty when
+        ``engine.compile='off'``)."""
+        return self.parts.stats()
 
     # ----------------------------------------------------------------------------------------------- inputs
 

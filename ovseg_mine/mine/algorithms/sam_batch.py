@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from ovseg_mine.config import SamConfig
     from ovseg_mine.mine.algorithms.amg import MaskSet
+    from ovseg_mine.mine.algorithms.compiled import CompiledParts
 
 
 class BatchedSam:
@@ -51,10 +52,12 @@ class BatchedSam:
         encoder_batch_size: images per image-encoder call (short batches are padded to it).
         low_precision_decoder: with a ``pure_*`` precision, cast the decoder's weights too (None: on CUDA only;
             a CPU runs the decoder under autocast, see the module docstring).
-        compile: ``torch.compile`` the encoder and the decoder (CUDA only; ignored on a CPU).
+        compile: ``engine.compile``'s mode for the encoder and the decoder step (any device), or the engine's
+            :class:`~ovseg_mine.mine.algorithms.compiled.CompiledParts` to add them to. Compiled, each image's
+            last prompt batch is padded to the others' size (:mod:`~ovseg_mine.mine.algorithms.compiled`).
 
     Raises:
-        ValueError: unknown precision, or a size below 1.
+        ValueError: unknown precision or compile mode, or a size below 1.
     """
 
     def __init__(
@@ -66,13 +69,14 @@ class BatchedSam:
         precision: str = "fp32",
         encoder_batch_size: int = 1,
         low_precision_decoder: bool | None = None,
-        compile: bool = False,
+        compile: "str | CompiledParts" = "off",
     ) -> None:
         import torch
         from segment_anything.utils.amg import build_point_grid
         from segment_anything.utils.transforms import ResizeLongestSide
 
         from ovseg_mine import precision as precision_mod
+        from ovseg_mine.mine.algorithms.compiled import CompiledParts
         from ovseg_mine.mine.algorithms.sam_attention import use_sdpa
 
         if precision not in ("fp32", "pure_bf16", "pure_fp16"):
@@ -108,10 +112,11 @@ class BatchedSam:
             self._no_mask = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *emb)
             self._no_mask = self._no_mask.to(self.decoder_dtype)
         self._sparse: dict[tuple[int, int], torch.Tensor] = {}
-        self._encoder, self._decoder = sam.image_encoder, sam.mask_decoder
-        if compile and self.device.type == "cuda":
-            self._encoder = torch.compile(sam.image_encoder, dynamic=False)
-            self._decoder = torch.compile(sam.mask_decoder, dynamic=False)
+        self.parts = compile if isinstance(compile, CompiledParts) else CompiledParts(compile, self.device)
+        self._encoder = self.parts.wrap("sam_encoder", sam.image_encoder)
+        self._step = self.parts.wrap("sam_decoder", self._stock_step)
+        # compiled: every decoder call takes the same number of prompts (one graph; the padding's outputs dropped)
+        self._prompt_batch = min(points_per_batch, len(self.point_grid)) if self.parts.mode != "off" else None
 
     def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """``(h, w)`` of the encoder input (before padding) for an original image of ``size`` ``(H, W)``."""
@@ -192,17 +197,26 @@ class BatchedSam:
         with torch.inference_mode(), autocast(self.decoder_precision, self.device):
             for start in range(0, len(sparse), self.points_per_batch):
                 prompts = sparse[start : start + self.points_per_batch]
-                low, iou = self._decoder(
-                    image_embeddings=features,
-                    image_pe=self._dense_pe,
-                    sparse_prompt_embeddings=prompts,
-                    dense_prompt_embeddings=self._no_mask.expand(len(prompts), -1, -1, -1),
-                    multimask_output=True,
-                )
-                lows.append(low)
-                ious.append(iou)
+                count, pad = len(prompts), (self._prompt_batch or 0) - len(prompts)
+                if pad > 0:
+                    prompts = torch.cat([prompts, prompts.new_zeros((pad, *prompts.shape[1:]))])
+                low, iou = self._step(features, prompts)
+                lows.append(low[:count])
+                ious.append(iou[:count])
         low, iou = torch.cat(lows), torch.cat(ious)
         return low.flatten(0, 1), iou.flatten(0, 1).float()
+
+    def _stock_step(self, features: "torch.Tensor", prompts: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """One decoder call: segment-anything's ``MaskDecoder`` (``multimask_output=True``) on ``[B, 2, C]`` sparse
+        prompts and one image's ``[1, C, h', w']`` features; returns logits ``[B, 3, 4h', 4w']`` and IoUs
+        ``[B, 3]``. The part compiled as ``sam_decoder``."""
+        return self.sam.mask_decoder(
+            image_embeddings=features,
+            image_pe=self._dense_pe,
+            sparse_prompt_embeddings=prompts,
+            dense_prompt_embeddings=self._no_mask.expand(len(prompts), -1, -1, -1),
+            multimask_output=True,
+        )
 
     def propose(self, features: "torch.Tensor", size: tuple[int, int], cfg: "SamConfig", chunk_bytes: int) -> "MaskSet":
         """SAM's kept proposals of one image: :meth:`decode` over the point grid, then the automatic mask
