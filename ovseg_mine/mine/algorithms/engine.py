@@ -351,15 +351,7 @@ class MiningEngine:
         timer = StepTimer(self.device)
         with torch.inference_mode():
             with timer("proposals"):
-                sam_jobs = [job for job in jobs if job.given is None]
-                features = self.sam.embed([job.sam_image for job in sam_jobs]) if sam_jobs else None
-                sets, j = [], 0
-                for job in jobs:
-                    if job.given is None:
-                        sets.append(self.propose(job, features[j : j + 1]))
-                        j += 1
-                    else:
-                        sets.append(job.given)
+                sets = self._proposals(jobs)
             with timer("crops"):
                 crops = self._crops(jobs, sets)
             with timer("clip"):
@@ -369,6 +361,37 @@ class MiningEngine:
         for outcome in outcomes:
             outcome.seconds = dict(share)
         return outcomes
+
+    @property
+    def fused(self) -> bool:
+        """Whether ``engine.kernels`` resolves to the fused selection and crops (``auto``: under a GPU's rules)."""
+        kernels, rules = self.cfg.engine.kernels, self.cfg.engine.device_rules
+        return kernels == "fused" or (kernels == "auto" and (rules == "cuda" or self.device.type == "cuda"))
+
+    def _proposals(self, jobs: Sequence[ImageJob]) -> list["MaskSet"]:
+        """Every job's proposals: its given masks, or SAM's (the encoder over the batch's images at once, then per
+        image :meth:`propose`; with fused kernels every image is decoded first and the selection runs for all of
+        them at once, :func:`~ovseg_mine.mine.algorithms.fused_amg.select_masks_fused`)."""
+        from ovseg_mine.mine.algorithms.fused_amg import DecodedImage, postprocess_operator, select_masks_fused
+
+        sam_jobs = [job for job in jobs if job.given is None]
+        features = self.sam.embed([job.sam_image for job in sam_jobs]) if sam_jobs else None
+        if not (self.fused and self.cfg.sam.min_mask_region_area == 0):  # stock; and small regions need opencv
+            found = iter([self.propose(job, features[j : j + 1]) for j, job in enumerate(sam_jobs)])
+            return [next(found) if job.given is None else job.given for job in jobs]
+        sam, decoded = self.sam, []
+        for j, job in enumerate(sam_jobs):
+            low, iou = sam.decode(features[j : j + 1], job.size)
+            op = postprocess_operator(
+                tuple(low.shape[1:]), sam.input_size(job.size), job.size, sam.img_size, low.device
+            )
+            decoded.append(DecodedImage(low, iou, op))
+        found = iter(
+            select_masks_fused(
+                decoded, cfg=self.cfg.sam, mask_threshold=sam.mask_threshold, chunk_bytes=self.chunk_bytes
+            )
+        )
+        return [next(found) if job.given is None else job.given for job in jobs]
 
     def propose(self, job: ImageJob, features: "torch.Tensor") -> "MaskSet":
         """SAM's kept proposals of one image: the decoder over the point grid, then the automatic mask generator's
@@ -396,6 +419,9 @@ class MiningEngine:
         out = []
         for job, masks in zip(jobs, sets, strict=True):
             k = len(masks)
+            if self.fused and masks.operator is not None and masks.full_res is None:
+                out.extend(self._fused_crops(job, masks))
+                continue
             step = max(1, min(masks.chunk, self.chunk_bytes // max(1, per_crop)))
             for start in range(0, k, step):
                 index = torch.arange(start, min(k, start + step), device=self.device)
@@ -405,6 +431,28 @@ class MiningEngine:
                 out.append(render(job.image, masks.masks(index), boxes, size=side, fill=self.fill))
         crops = torch.cat(out) if out else torch.zeros((0, 3, side, side), device=self.device)
         return normalize(crops, self.mean, self.std)
+
+    def _fused_crops(self, job: ImageJob, masks: "MaskSet") -> list["torch.Tensor"]:
+        """The crops of a fused selection's masks (:func:`~ovseg_mine.crops.render_crops_from_logits`: from the
+        low-resolution logits, no full-resolution mask), ``[len(masks), 3, S, S]`` float32 in [0, 255], in chunks of
+        a fixed number of crops for the run (``max_masks_per_image``, or fewer to fit the chunk budget; the last
+        chunk padded and cut), so a compiled chunk sees one shape per image size."""
+        import torch
+
+        from ovseg_mine.crops import device_constant, render_crops_from_logits
+
+        k, side = len(masks), self.input_size
+        step = max(1, min(self.chunk_bytes // (33 * 16 * side * side), self.cfg.sam.max_masks_per_image))
+        fill = device_constant(self.fill, self.device, torch.float32)
+        ay, ax, out = masks.operator.ay, masks.operator.ax, []
+        for start in range(0, k, step):
+            index = torch.arange(start, start + step, device=self.device).clamp(max=k - 1)  # padded: repeats the last
+            low, boxes = masks.low_res.index_select(0, index), masks.boxes.index_select(0, index)
+            crops = render_crops_from_logits(
+                job.image, low, ay, ax, boxes, size=side, fill=fill, mask_threshold=masks.mask_threshold
+            )
+            out.append(crops[: min(step, k - start)])
+        return out
 
     def _embed_crops(self, crops: "torch.Tensor", counts: list[int]) -> "torch.Tensor":
         """CLIP embeddings of the batch's crops: pooled in padded calls, or per image (``counts`` crops each)."""
