@@ -41,6 +41,14 @@ def device_constant(
     return _CONSTANTS[key]
 
 
+def even_chunk(total: int, fits: int) -> int:
+    """The size of the fewest equal chunks of at most ``fits`` items that cover ``total`` items (at least 1): the
+    fixed chunk of a compiled body that pads its last chunk, with the least padding."""
+    total, fits = max(1, total), max(1, fits)
+    chunks = -(-total // fits)
+    return -(-total // chunks)
+
+
 def mask_bboxes(masks: "torch.Tensor") -> "torch.Tensor":
     """Tight boxes of binary masks.
 
@@ -245,13 +253,31 @@ def render_crops_from_logits(
     taps, weights = _cubic_taps(
         boxes[:, :2].flip(1).T.reshape(-1), boxes[:, 2:].clamp(min=1).flip(1).T.reshape(-1), size
     )
-    (rows, cols), (wy, wx) = taps.view(2, n, 4 * size), weights.view(2, n, size, 4)
-    at_rows = ay.index_select(0, rows.reshape(-1)).view(n, 4 * size, -1)  # [N, 4S, h]
-    at_cols = ax.index_select(0, cols.reshape(-1)).view(n, 4 * size, -1)  # [N, 4S, w]
-    logits = torch.bmm(torch.bmm(at_rows, low.to(torch.float32)), at_cols.transpose(1, 2))  # [N, 4S, 4S]
-    pixels = image[:, rows[:, :, None], cols[:, None, :]]  # [3, N, 4S, 4S]
-    values = torch.where(logits > mask_threshold, pixels.to(torch.float32), fill.view(3, 1, 1, 1))
-    return _bicubic_sum(values.view(3, n, size, 4, size, 4), wy, wx)
+    (rows, cols), (wy, wx) = taps.view(2, n, size, 4), weights.view(2, n, size, 4)
+    logits = _logits_at_taps(low, ay, ax, rows.view(n, 4 * size), cols.view(n, 4 * size))  # [N, 4S, 4S]
+    keep = (logits > mask_threshold).view(n, size, 4, size, 4).permute(0, 1, 3, 2, 4)  # [N, S, S, 4, 4]
+    pixels = image[:, rows[:, :, None, :, None], cols[:, None, :, None, :]]  # [3, N, S, S, 4, 4]
+    values = torch.where(keep, pixels.to(torch.float32), fill.view(3, 1, 1, 1, 1, 1))
+    taps_weight = wy[:, :, None, :, None] * wx[:, None, :, None, :]  # [N, S, S, 4, 4]
+    return (values * taps_weight).sum(dim=(-2, -1)).permute(1, 0, 2, 3).contiguous()
+
+
+def _logits_at_taps(
+    low: "torch.Tensor", ay: "torch.Tensor", ax: "torch.Tensor", rows: "torch.Tensor", cols: "torch.Tensor"
+) -> "torch.Tensor":
+    """``(Ay @ low[i] @ Ax^T)[rows[i]][:, cols[i]]``, float32 ``[N, R, Q]``: two batched matrix products eagerly;
+    under ``torch.compile`` the banded gathers (:mod:`ovseg_mine.banded`), which fuse into the crop kernel."""
+    import torch
+
+    from ovseg_mine.banded import band, banded_resample
+
+    n = low.shape[0]
+    if torch.compiler.is_compiling():
+        (yi, yw), (xi, xw) = band(ay), band(ax)
+        return banded_resample(low, (yi[rows], yw[rows]), (xi[cols], xw[cols]))
+    at_rows = ay.index_select(0, rows.reshape(-1)).view(n, rows.shape[1], -1)  # [N, R, h]
+    at_cols = ax.index_select(0, cols.reshape(-1)).view(n, cols.shape[1], -1)  # [N, Q, w]
+    return torch.bmm(torch.bmm(at_rows, low.to(torch.float32)), at_cols.transpose(1, 2))
 
 
 def normalize(crops: "torch.Tensor", mean: Sequence[float], std: Sequence[float]) -> "torch.Tensor":

@@ -435,14 +435,15 @@ class MiningEngine:
     def _fused_crops(self, job: ImageJob, masks: "MaskSet") -> list["torch.Tensor"]:
         """The crops of a fused selection's masks (:func:`~ovseg_mine.crops.render_crops_from_logits`: from the
         low-resolution logits, no full-resolution mask), ``[len(masks), 3, S, S]`` float32 in [0, 255], in chunks of
-        a fixed number of crops for the run (``max_masks_per_image``, or fewer to fit the chunk budget; the last
-        chunk padded and cut), so a compiled chunk sees one shape per image size."""
+        a fixed number of crops for the run (``max_masks_per_image`` split evenly into the fewest chunks that fit the
+        chunk budget, :func:`~ovseg_mine.crops.even_chunk`; the last chunk padded and cut), so a compiled chunk sees
+        one shape per image size."""
         import torch
 
-        from ovseg_mine.crops import device_constant, render_crops_from_logits
+        from ovseg_mine.crops import device_constant, even_chunk, render_crops_from_logits
 
         k, side = len(masks), self.input_size
-        step = max(1, min(self.chunk_bytes // (33 * 16 * side * side), self.cfg.sam.max_masks_per_image))
+        step = even_chunk(self.cfg.sam.max_masks_per_image, self.chunk_bytes // (33 * 16 * side * side))
         fill = device_constant(self.fill, self.device, torch.float32)
         ay, ax, out = masks.operator.ay, masks.operator.ax, []
         for start in range(0, k, step):
