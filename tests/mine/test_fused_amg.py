@@ -153,3 +153,31 @@ def test_the_chunk_bodies_have_no_graph_break(decoded):
         image, low[:2], op.ay, op.ax, boxes, size=8, fill=fill, mask_threshold=0.0
     )
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_the_band_is_the_matrix_and_the_banded_resample_the_product(decoded):
+    from ovseg_mine.banded import band, banded_resample
+    from ovseg_mine.mine.algorithms.fused_amg import upsample_logits
+
+    _, _, low, _, _, op = decoded[2]
+    for matrix in (op.ay, op.ax):
+        index, weight = band(matrix)
+        dense = torch.zeros_like(matrix).scatter_add_(1, index, weight)
+        assert torch.equal(dense, matrix)  # every non-zero entry lies in the band of 3
+    banded = banded_resample(low[:4], band(op.ay), band(op.ax))
+    torch.testing.assert_close(banded, upsample_logits(low[:4], op.ay, op.ax).permute(1, 0, 2), atol=1e-4, rtol=1e-5)
+
+
+def test_traced_crops_take_the_banded_path_and_agree(decoded):
+    """Under torch.compile the crop body evaluates the mask from the bands (fused by Inductor); run through Dynamo
+    with the eager backend, it renders what the eager body renders."""
+    from ovseg_mine.crops import device_constant, render_crops_from_logits
+
+    image, _, low, _, _, op = decoded[0]
+    image = torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous()
+    boxes = torch.tensor([[0, 0, 640, 426], [100, 50, 20, 9], [600, 400, 40, 26]])
+    fill = device_constant([1.0, 2.0, 3.0], torch.device("cpu"), torch.float32)
+    args = (image, low[:3], op.ay, op.ax, boxes)
+    eager = render_crops_from_logits(*args, size=16, fill=fill)
+    traced = torch.compile(render_crops_from_logits, backend="eager", fullgraph=True)(*args, size=16, fill=fill)
+    torch.testing.assert_close(traced, eager, atol=1e-3, rtol=0)

@@ -6,6 +6,8 @@
 * :mod:`~ovseg_mine.mine.algorithms.sam_batch` -- SAM's encoder and decoder over batches of images and prompts.
 * :mod:`~ovseg_mine.mine.algorithms.amg` -- the automatic mask generator's selection (IoU and stability
   thresholds, box NMS) on the device: a :class:`~ovseg_mine.mine.algorithms.amg.MaskSet` per image.
+* :mod:`~ovseg_mine.mine.algorithms.fused_amg` -- the same selection for several images at once, upsampling as two
+  matrices per image size and fixed-shape chunk bodies (``engine.kernels = "fused"``).
 * :mod:`~ovseg_mine.mine.algorithms.proposals` -- class-agnostic mask proposals of one image
   (:class:`~ovseg_mine.mine.algorithms.proposals.SamMaskGenerator`, the single-image API).
 * :mod:`~ovseg_mine.mine.algorithms.given_proposals` -- masks the user gave (a record's COCO RLEs) as the proposals,

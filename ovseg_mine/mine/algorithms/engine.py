@@ -11,8 +11,13 @@ nouns, :meth:`MiningEngine.mine`:
    predicted-IoU and stability filters, box NMS, empty masks last, the best ``max_masks_per_image``), kept as
    low-resolution logits. An image whose masks the user gave (:attr:`ImageJob.given`, built by
    :meth:`MiningEngine.given_masks`) skips 1 and 2: its masks are kept as run lengths and decoded on the device;
+   With ``engine.kernels`` resolving to ``fused`` (``auto``: under a GPU's rules), every image of the batch is
+   decoded first and the selection runs for all of them at once
+   (:func:`~ovseg_mine.mine.algorithms.fused_amg.select_masks_fused`: three host syncs per batch, upsampling as two
+   matrices per image size, fixed-shape chunks); ``min_mask_region_area > 0`` keeps the stock per-image selection;
 3. renders the masked crops of all kept masks (OVSeg's crop: tight box, CLIP's mean pixel, bicubic), chunk by
-   chunk, upsampling the kept masks again for that;
+   chunk, upsampling the kept masks again for that (fused: straight from the low-resolution logits at the bicubic
+   taps, :func:`~ovseg_mine.crops.render_crops_from_logits`, in chunks of a fixed size);
 4. embeds the crops with CLIP, and each image's nouns (cached per noun). ``engine.batching='pooled'`` (a GPU's
    default) renders each chunk's crops in one gather op and runs CLIP over the crops of the whole batch in calls
    padded to ``clip.batch_size``; ``per_image`` (a CPU's default) renders one crop at a time and runs CLIP per
@@ -23,8 +28,9 @@ nouns, :meth:`MiningEngine.mine`:
 6. brings the per-noun numbers of the batch to the host in one transfer (a float64 table whose columns
    :class:`NounColumn` names).
 
-The per-image host syncs are the three of the proposal selection; the batch adds three more (crops' run
-lengths: ``nonzero`` and its copy; the results' copy), plus one ``torch.cuda.synchronize`` per timed step.
+The per-image host syncs are the three of the proposal selection (fused: three for the whole batch); the batch
+adds three more (crops' run lengths: ``nonzero`` and its copy; the results' copy), plus one
+``torch.cuda.synchronize`` per timed step.
 Failures stay per image (:meth:`MiningEngine.mine_each`): a batch that raises is mined again one image at a
 time, so only the image that raises is reported; an out-of-memory error on a single image is reported, not
 retried (the same image would fail the same way).
