@@ -181,3 +181,13 @@ def test_traced_crops_take_the_banded_path_and_agree(decoded):
     eager = render_crops_from_logits(*args, size=16, fill=fill)
     traced = torch.compile(render_crops_from_logits, backend="eager", fullgraph=True)(*args, size=16, fill=fill)
     torch.testing.assert_close(traced, eager, atol=1e-3, rtol=0)
+
+
+def test_the_traced_selection_chunk_takes_the_banded_form_and_agrees(decoded):
+    """Under torch.compile the selection body counts from the bands (one int8 map of thresholds passed); run
+    through Dynamo with the eager backend, its statistics agree with the eager body's up to rounding."""
+    _, _, low, _, _, op = decoded[1]
+    eager = selection_chunk(low[:8], op.ay, op.ax, 0.0)
+    traced = torch.compile(selection_chunk, backend="eager", fullgraph=True)(low[:8], op.ay, op.ax, 0.0)
+    torch.testing.assert_close(traced[0], eager[0], atol=1e-3, rtol=0, equal_nan=True)
+    assert (traced[1] - eager[1]).abs().max() <= 40 and (traced[2] - eager[2]).abs().max() <= 1

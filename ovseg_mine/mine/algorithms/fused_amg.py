@@ -14,11 +14,13 @@ order and cap). What changes is how:
   within ~1e-6 of a threshold may fall on the other side: stability scores, areas and boxes agree to a few
   pixels, and a candidate whose score sits on a threshold may be kept by one path and not the other.
 * **Fixed-shape chunk bodies.** :func:`selection_chunk` maps a chunk of ``C`` candidates' logits to their
-  stability score, area and box with pure tensor ops (no host value, no data-dependent shape). Two plain matrix
-  products write the chunk's full-resolution logits once (float32 ``[H, C, W]``); every count then runs along the
-  rows, so under ``torch.compile`` Inductor computes them all in one kernel after the two products (its estimate:
-  about 5.5 MB per candidate at 640x480, against 12 MB eagerly and 16 MB for the stock path;
-  ``benchmarks/selection_bytes.py``; compiled equalled eager bit for bit there). The last chunk of an image is padded to
+  stability score, area and box with pure tensor ops (no host value, no data-dependent shape). Eagerly, two plain
+  matrix products write the chunk's full-resolution logits once (float32 ``[H, C, W]``) and every count reads
+  them. Under ``torch.compile`` the body takes the banded form (:mod:`ovseg_mine.banded`: gathers of the three
+  taps per axis, which Inductor fuses into one comparison with the three thresholds): the only full-resolution
+  tensor written is an int8 map of how many thresholds each pixel exceeds. Bytes per candidate at 640x480
+  (``benchmarks/selection_bytes.py``): 16 MB stock, 12 MB fused eagerly, about 2.3 MB compiled (Inductor's
+  estimate). The two forms agree up to float32 rounding of the logits. The last chunk of an image is padded to
   ``C`` (its padding's results are dropped), and ``C`` is a power of two, so an image size compiles a few times.
 * **Several images, three host syncs.** :func:`select_masks_fused` takes every decoded image of a batch: the
   predicted-IoU filter of all images is one host read (the survivors' counts), the stability filter needs none
@@ -36,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from ovseg_mine.banded import band, banded_resample
 from ovseg_mine.mine.algorithms.amg import MaskSet, boxes_from_projections
 
 if TYPE_CHECKING:
@@ -157,6 +160,8 @@ def selection_chunk(
     """
     import torch
 
+    if torch.compiler.is_compiling():
+        return _banded_selection_chunk(low, ay, ax, mask_threshold)
     full = upsample_logits(low, ay, ax)  # [H, C, W]
     fg = full > mask_threshold
     row_area = fg.sum(dim=2, dtype=torch.int32)  # [H, C]: every count runs along a row
@@ -165,6 +170,27 @@ def selection_chunk(
     stability = inter.to(torch.float32) / union.to(torch.float32)
     boxes = boxes_from_projections(row_area.T > 0, fg.any(dim=0))
     return stability, row_area.sum(dim=0, dtype=torch.int64), boxes
+
+
+def _banded_selection_chunk(
+    low: "torch.Tensor", ay: "torch.Tensor", ax: "torch.Tensor", mask_threshold: float
+) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """:func:`selection_chunk` as Inductor fuses it best: the logits from the bands of ``Ay`` and ``Ax``
+    (:mod:`ovseg_mine.banded`) feed one comparison with the three thresholds, whose int8 count (thresholds below each
+    logit) is the only full-resolution tensor written; every statistic is read from it. Equal to the eager body up to
+    float32 rounding of the logits."""
+    import torch
+
+    full = banded_resample(low, band(ay), band(ax))  # [C, H, W], inlined into the comparison
+    bounds = torch.tensor([mask_threshold - 1.0, mask_threshold, mask_threshold + 1.0], device=low.device)
+    code = (full[..., None] > bounds).sum(dim=-1, dtype=torch.int8)  # one use of the logits
+    fg = code >= 2
+    row_area = fg.sum(dim=2, dtype=torch.int32)  # [C, H]
+    inter = (code == 3).sum(dim=2, dtype=torch.int32).sum(dim=1)
+    union = (code >= 1).sum(dim=2, dtype=torch.int32).sum(dim=1)
+    stability = inter.to(torch.float32) / union.to(torch.float32)
+    boxes = boxes_from_projections(row_area > 0, fg.any(dim=1))
+    return stability, row_area.sum(dim=1, dtype=torch.int64), boxes
 
 
 @dataclass
