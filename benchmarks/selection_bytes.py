@@ -170,8 +170,8 @@ def fused_bytes(
     fused_regions=False,
 ) -> dict[str, ByteCounter]:
     """The fused path's counters: ``fused_amg.select_masks_fused`` on one image, then the crops as
-    ``MiningEngine._fused_crops`` renders them (``render_crops_from_logits`` in :func:`~ovseg_mine.crops.even_chunk`
-    chunks)
+    ``MiningEngine._fused_crops`` renders them (``render_crops_from_logits``, normalized in the body, in
+    :func:`~ovseg_mine.crops.even_chunk` chunks)
     and ``normalize``. ``fused_regions``: each chunk body counted as one kernel."""
     from ovseg_mine import crops as crops_mod
     from ovseg_mine.mine.algorithms import fused_amg
@@ -200,8 +200,12 @@ def fused_bytes(
         for start in range(0, plan.kept, step):
             index = torch.arange(start, start + step, device="meta").clamp(max=plan.kept - 1)
             low_k, boxes = masks.low_res.index_select(0, index), masks.boxes.index_select(0, index)
-            out.append(render(image, low_k, op.ay, op.ax, boxes, size=crop, fill=fill, mask_threshold=0.0))
-        crops_mod.normalize(torch.cat(out)[: plan.kept], [0.5] * 3, [0.25] * 3)
+            out.append(
+                render(image, low_k, op.ay, op.ax, boxes, size=crop, fill=fill, mean=fill, std=fill)[
+                    : plan.kept - start
+                ]
+            )
+        torch.cat(out)
     return {"selection": select, "crops": counter}
 
 
@@ -272,8 +276,9 @@ def inductor_bytes(
             torch.compile(selection_chunk, dynamic=False)(logits[:chunk], op.ay, op.ax, 0.0)
             out["selection_chunk_mb_per_candidate"] = metrics.num_bytes_accessed / chunk / 1e6
             metrics.reset()
+            ones = torch.ones(3)
             torch.compile(render_crops_from_logits, dynamic=False)(
-                image, logits[:crops], op.ay, op.ax, boxes, size=crop, fill=torch.ones(3), mask_threshold=0.0
+                image, logits[:crops], op.ay, op.ax, boxes, size=crop, fill=ones, mean=ones, std=ones
             )
             out["crop_mb_per_crop"] = metrics.num_bytes_accessed / crops / 1e6
     finally:

@@ -226,6 +226,8 @@ def render_crops_from_logits(
     size: int,
     fill: "torch.Tensor",
     mask_threshold: float = 0.0,
+    mean: "torch.Tensor | None" = None,
+    std: "torch.Tensor | None" = None,
 ) -> "torch.Tensor":
     """:func:`render_masked_crops_batched` of masks given as low-resolution logits and a separable upsampling
     (``mask = Ay @ low @ Ax^T > mask_threshold``, e.g. ``Sam.postprocess_masks`` as
@@ -242,9 +244,11 @@ def render_crops_from_logits(
         size: output side in pixels.
         fill: float32 ``[3]`` RGB background in [0, 255] on the device (:func:`device_constant`).
         mask_threshold: logit above which a pixel is in the mask.
+        mean, std: float32 ``[3]`` on the device: when given, the crops come CLIP-normalized (:func:`normalize`'s
+            formula, in the same body, so a compiled body writes the crops once).
 
     Returns:
-        float32 ``[N, 3, size, size]`` in the [0, 255] pixel scale.
+        float32 ``[N, 3, size, size]`` in the [0, 255] pixel scale, or normalized.
     """
     import torch
 
@@ -259,7 +263,10 @@ def render_crops_from_logits(
     pixels = image[:, rows[:, :, None, :, None], cols[:, None, :, None, :]]  # [3, N, S, S, 4, 4]
     values = torch.where(keep, pixels.to(torch.float32), fill.view(3, 1, 1, 1, 1, 1))
     taps_weight = wy[:, :, None, :, None] * wx[:, None, :, None, :]  # [N, S, S, 4, 4]
-    return (values * taps_weight).sum(dim=(-2, -1)).permute(1, 0, 2, 3).contiguous()
+    crops = (values * taps_weight).sum(dim=(-2, -1)).permute(1, 0, 2, 3)
+    if mean is not None and std is not None:
+        crops = (crops / 255.0 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    return crops.contiguous()
 
 
 def _logits_at_taps(

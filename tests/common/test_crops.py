@@ -135,6 +135,9 @@ def test_crops_from_logits_equal_the_batched_crops_of_the_upsampled_masks(sample
     stock = F.interpolate(stock[..., : input_size[0], : input_size[1]], (h, w), mode="bilinear", align_corners=False)
     assert torch.equal(stock[:, 0] > 0, masks)
     assert device_constant(FILL, image.device, torch.float32) is fill  # made once
+    mean, std = (device_constant(v, image.device, torch.float32) for v in (MEAN, STD))
+    normalized = render_crops_from_logits(image, low, op.ay, op.ax, boxes, size=32, fill=fill, mean=mean, std=std)
+    torch.testing.assert_close(normalized, normalize(fused, MEAN, STD), atol=1e-6, rtol=0)
 
 
 def test_even_chunks():

@@ -434,13 +434,14 @@ class MiningEngine:
                 boxes = masks.boxes.index_select(0, index)
                 if not self.pooled:  # the per-mask loop refuses empty boxes; empty masks are flagged
                     boxes = torch.cat([boxes[:, :2], boxes[:, 2:].clamp(min=1)], dim=1)
-                out.append(render(job.image, masks.masks(index), boxes, size=side, fill=self.fill))
-        crops = torch.cat(out) if out else torch.zeros((0, 3, side, side), device=self.device)
-        return normalize(crops, self.mean, self.std)
+                crops = render(job.image, masks.masks(index), boxes, size=side, fill=self.fill)
+                out.append(normalize(crops, self.mean, self.std))
+        return torch.cat(out) if out else torch.zeros((0, 3, side, side), device=self.device)
 
     def _fused_crops(self, job: ImageJob, masks: "MaskSet") -> list["torch.Tensor"]:
         """The crops of a fused selection's masks (:func:`~ovseg_mine.crops.render_crops_from_logits`: from the
-        low-resolution logits, no full-resolution mask), ``[len(masks), 3, S, S]`` float32 in [0, 255], in chunks of
+        low-resolution logits, no full-resolution mask; CLIP-normalized in the same body), ``[len(masks), 3, S, S]``
+        float32, in chunks of
         a fixed number of crops for the run (``max_masks_per_image`` split evenly into the fewest chunks that fit the
         chunk budget, :func:`~ovseg_mine.crops.even_chunk`; the last chunk padded and cut), so a compiled chunk sees
         one shape per image size."""
@@ -450,13 +451,22 @@ class MiningEngine:
 
         k, side = len(masks), self.input_size
         step = even_chunk(self.cfg.sam.max_masks_per_image, self.chunk_bytes // (33 * 16 * side * side))
-        fill = device_constant(self.fill, self.device, torch.float32)
+        fill, mean, std = (device_constant(v, self.device, torch.float32) for v in (self.fill, self.mean, self.std))
         ay, ax, out = masks.operator.ay, masks.operator.ax, []
         for start in range(0, k, step):
             index = torch.arange(start, start + step, device=self.device).clamp(max=k - 1)  # padded: repeats the last
             low, boxes = masks.low_res.index_select(0, index), masks.boxes.index_select(0, index)
             crops = render_crops_from_logits(
-                job.image, low, ay, ax, boxes, size=side, fill=fill, mask_threshold=masks.mask_threshold
+                job.image,
+                low,
+                ay,
+                ax,
+                boxes,
+                size=side,
+                fill=fill,
+                mask_threshold=masks.mask_threshold,
+                mean=mean,
+                std=std,
             )
             out.append(crops[: min(step, k - start)])
         return out
