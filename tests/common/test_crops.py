@@ -102,3 +102,46 @@ def test_batched_crops_equal_the_per_mask_loop(sample):
     nothing = torch.zeros((1, 4), dtype=torch.int64)
     empty = render_masked_crops_batched(image, masks[:1] & False, nothing, size=8, fill=FILL)
     assert empty.shape == (1, 3, 8, 8) and torch.isfinite(empty).all()
+
+
+def test_crops_from_logits_equal_the_batched_crops_of_the_upsampled_masks(sample):
+    """Crops rendered straight from low-resolution logits (mask evaluated at the bicubic taps through SAM's
+    upsampling as two matrices) equal the gather-op crops of the full-resolution masks: with the same matrices up to
+    float32 rounding of the 16-tap sum; against SAM's own postprocess_masks, up to the few pixels whose logit is
+    within rounding of 0 (none in this image)."""
+    from PIL import Image
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from ovseg_mine.crops import device_constant, render_crops_from_logits, render_masked_crops_batched
+    from ovseg_mine.mine.algorithms.fused_amg import postprocess_operator
+
+    path = sorted((sample / "images").glob("*.jpg"))[1]
+    image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).contiguous()
+    h, w = image.shape[1:]
+    input_size = ResizeLongestSide.get_preprocess_shape(h, w, 256)
+    op = postprocess_operator((64, 64), input_size, (h, w), 256, torch.device("cpu"))
+    low = torch.randn((5, 64, 64), generator=torch.Generator().manual_seed(0)) * 4 - 2
+    low[1] = -5.0
+    low[1, 30, 20] = 5.0  # a small mask: its box is smaller than the output (upsampling)
+    low[2] = -5.0  # empty: its zero box renders without error
+    masks = op.upsample(low) > 0
+    boxes = mask_bboxes(masks)
+    fill = device_constant(FILL, image.device, torch.float32)
+    fused = render_crops_from_logits(image, low, op.ay, op.ax, boxes, size=32, fill=fill)
+    batched = render_masked_crops_batched(image, masks, boxes, size=32, fill=FILL)
+    assert fused.shape == (5, 3, 32, 32) and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, batched, atol=1e-3, rtol=0)
+    stock = F.interpolate(low[:, None], (256, 256), mode="bilinear", align_corners=False)
+    stock = F.interpolate(stock[..., : input_size[0], : input_size[1]], (h, w), mode="bilinear", align_corners=False)
+    assert torch.equal(stock[:, 0] > 0, masks)
+    assert device_constant(FILL, image.device, torch.float32) is fill  # made once
+    mean, std = (device_constant(v, image.device, torch.float32) for v in (MEAN, STD))
+    normalized = render_crops_from_logits(image, low, op.ay, op.ax, boxes, size=32, fill=fill, mean=mean, std=std)
+    torch.testing.assert_close(normalized, normalize(fused, MEAN, STD), atol=1e-6, rtol=0)
+
+
+def test_even_chunks():
+    from ovseg_mine.crops import even_chunk
+
+    assert even_chunk(100, 81) == 50 and even_chunk(100, 100) == 100 and even_chunk(100, 1000) == 100
+    assert even_chunk(7, 2) == 2 and even_chunk(0, 5) == 1 and even_chunk(5, 0) == 1

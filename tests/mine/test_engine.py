@@ -135,3 +135,22 @@ def test_given_masks_run_through_the_same_crops_and_matching_as_sams_own(images)
     chosen = len(props) - 1 - outcome.matches[0].mask_index  # unscored masks keep the file's (reversed) order
     assert rle.from_runs(outcome.matches[0].runs, *given.size) == props.rles[chosen]
     assert outcome.matches[0].bbox == props.bboxes[chosen].tolist()
+
+
+def test_fused_kernels_give_the_stock_pairs_and_a_batch_what_each_image_gives(images):
+    """engine.kernels='fused' (several images selected at once, crops from low-resolution logits) against 'stock'
+    (today's per-image selection and crops of full-resolution masks): the same matches and masks, similarities
+    within float rounding; and a fused batch gives what each of its images gives alone."""
+    stock, fused = _engine("engine.kernels='stock'", "engine.batching='pooled'"), _engine("engine.kernels='fused'")
+    assert fused.fused and not stock.fused and _engine("engine.device_rules='cuda'").fused
+    fused_jobs = _jobs(fused, images)
+    together = fused.mine(fused_jobs)
+    for a, b in zip(stock.mine(_jobs(stock, images)), together, strict=True):
+        assert (a.num_proposals, a.num_generated) == (b.num_proposals, b.num_generated)
+        assert [(m.noun_index, m.mask_index, m.area, m.bbox) for m in a.matches] == [
+            (m.noun_index, m.mask_index, m.area, m.bbox) for m in b.matches
+        ]
+        for x, y in zip(a.matches, b.matches, strict=True):
+            assert np.array_equal(x.runs, y.runs) and abs(x.similarity - y.similarity) < 1e-4
+    for job, outcome in zip(fused_jobs, together, strict=True):
+        _same(fused.mine([job])[0], outcome)

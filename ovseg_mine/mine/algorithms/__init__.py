@@ -8,6 +8,8 @@
   each a bounded number of fixed-shape graphs, their compiles counted and timed.
 * :mod:`~ovseg_mine.mine.algorithms.amg` -- the automatic mask generator's selection (IoU and stability
   thresholds, box NMS) on the device: a :class:`~ovseg_mine.mine.algorithms.amg.MaskSet` per image.
+* :mod:`~ovseg_mine.mine.algorithms.fused_amg` -- the same selection for several images at once, upsampling as two
+  matrices per image size and fixed-shape chunk bodies (``engine.kernels = "fused"``).
 * :mod:`~ovseg_mine.mine.algorithms.proposals` -- class-agnostic mask proposals of one image
   (:class:`~ovseg_mine.mine.algorithms.proposals.SamMaskGenerator`, the single-image API).
 * :mod:`~ovseg_mine.mine.algorithms.given_proposals` -- masks the user gave (a record's COCO RLEs) as the proposals,

@@ -23,7 +23,7 @@ How it stays cheap and bounded, with the same result:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +59,10 @@ class MaskSet:
             the upsampled logits); None otherwise.
         counts: int64 ``[K, L]`` given masks' column-major run lengths, zero-padded (:func:`ovseg_mine.rle.counts_of`),
             decoded on the device by :meth:`masks`; None for SAM's masks.
+        operator: the image size's upsampling matrices
+            (:class:`~ovseg_mine.mine.algorithms.fused_amg.PostprocessOperator`) when the fused selection made the
+            set (``upsample`` is then its product, and crops are rendered from ``low_res`` through it); None
+            otherwise.
     """
 
     low_res: "torch.Tensor | None"
@@ -74,6 +78,7 @@ class MaskSet:
     chunk: int
     full_res: "torch.Tensor | None" = None
     counts: "torch.Tensor | None" = None
+    operator: Any = None
 
     def __len__(self) -> int:
         return int(self.predicted_iou.shape[0])
@@ -93,10 +98,15 @@ class MaskSet:
 def mask_boxes(masks: "torch.Tensor") -> "torch.Tensor":
     """Tight boxes of bool masks ``[N, H, W]`` as int64 ``[N, 4]`` XYXY with inclusive right/bottom pixel (what
     segment_anything's ``batched_mask_to_box`` returns, with fewer ops); ``[0, 0, 0, 0]`` for an empty mask."""
+    return boxes_from_projections(masks.any(dim=2), masks.any(dim=1))
+
+
+def boxes_from_projections(rows: "torch.Tensor", cols: "torch.Tensor") -> "torch.Tensor":
+    """:func:`mask_boxes` from the masks' projections: bool ``rows`` ``[N, H]`` (a row has a foreground pixel)
+    and ``cols`` ``[N, W]``; int64 ``[N, 4]`` XYXY, ``[0, 0, 0, 0]`` for an empty mask. No host sync."""
     import torch
 
-    h, w = masks.shape[-2:]
-    rows, cols = masks.any(dim=2), masks.any(dim=1)  # [N, H], [N, W]
+    h, w = rows.shape[1], cols.shape[1]
     top = rows.to(torch.uint8).argmax(dim=1)  # first maximum: first True row
     bottom = h - 1 - rows.flip(1).to(torch.uint8).argmax(dim=1)
     left = cols.to(torch.uint8).argmax(dim=1)

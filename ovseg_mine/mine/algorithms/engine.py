@@ -13,8 +13,13 @@ For a batch of decoded images (original pixels and SAM's resized input, both alr
    predicted-IoU and stability filters, box NMS, empty masks last, the best ``max_masks_per_image``), kept as
    low-resolution logits. An image whose masks the user gave (:attr:`ImageJob.given`, built by
    :meth:`MiningEngine.given_masks`) skips 1 and 2: its masks are kept as run lengths and decoded on the device;
+   With ``engine.kernels`` resolving to ``fused`` (``auto``: under a GPU's rules), every image of the batch is
+   decoded first and the selection runs for all of them at once
+   (:func:`~ovseg_mine.mine.algorithms.fused_amg.select_masks_fused`: three host syncs per batch, upsampling as two
+   matrices per image size, fixed-shape chunks); ``min_mask_region_area > 0`` keeps the stock per-image selection;
 3. renders the masked crops of all kept masks (OVSeg's crop: tight box, CLIP's mean pixel, bicubic), chunk by
-   chunk, upsampling the kept masks again for that;
+   chunk, upsampling the kept masks again for that (fused: straight from the low-resolution logits at the bicubic
+   taps, :func:`~ovseg_mine.crops.render_crops_from_logits`, in chunks of a fixed size);
 4. embeds the crops with CLIP. ``engine.batching='pooled'`` (a GPU's default) renders each chunk's crops in one
    gather op and runs CLIP over the crops of the whole batch in calls of a few fixed sizes
    (:func:`~ovseg_mine.mine.algorithms.matching.pooled_calls`: ``clip.batch_size`` halved down to 32, fewer than
@@ -28,7 +33,8 @@ For a batch of decoded images (original pixels and SAM's resized input, both alr
    :class:`NounColumn` names).
 
 Host syncs on CUDA (what ``benchmarks/proxies.py`` counts, blocking host-to-device copies included): per image
-the three of the proposal selection (:func:`~ovseg_mine.mine.algorithms.amg.select_masks`); per batch the matched
+the three of the proposal selection (:func:`~ovseg_mine.mine.algorithms.amg.select_masks`; fused kernels: three for
+the whole batch); per batch the matched
 masks' run lengths (one ``nonzero`` and the copy of its result) and the per-noun table's copy to the host. The
 engine's own code makes no blocking host-to-device copy: the images come in one non-blocking copy from pinned
 memory (:meth:`MiningEngine.to_device_many`), the new nouns' tokens likewise, CLIP's mean and std are device
@@ -408,15 +414,7 @@ class MiningEngine:
             with timer("clip"):  # the batch's vocabulary, before the images: no text-tower call between them
                 self.text.embed([noun for job in jobs for noun in job.nouns])
             with timer("proposals"):
-                sam_jobs = [job for job in jobs if job.given is None]
-                features = self.sam.embed([job.sam_image for job in sam_jobs]) if sam_jobs else None
-                sets, j = [], 0
-                for job in jobs:
-                    if job.given is None:
-                        sets.append(self.propose(job, features[j : j + 1]))
-                        j += 1
-                    else:
-                        sets.append(job.given)
+                sets = self._proposals(jobs)
             with timer("crops"):
                 crops = self._crops(jobs, sets)
             with timer("clip"):
@@ -426,6 +424,37 @@ class MiningEngine:
         for outcome in outcomes:
             outcome.seconds = dict(share)
         return outcomes
+
+    @property
+    def fused(self) -> bool:
+        """Whether ``engine.kernels`` resolves to the fused selection and crops (``auto``: under a GPU's rules)."""
+        kernels, rules = self.cfg.engine.kernels, self.cfg.engine.device_rules
+        return kernels == "fused" or (kernels == "auto" and (rules == "cuda" or self.device.type == "cuda"))
+
+    def _proposals(self, jobs: Sequence[ImageJob]) -> list["MaskSet"]:
+        """Every job's proposals: its given masks, or SAM's (the encoder over the batch's images at once, then per
+        image :meth:`propose`; with fused kernels every image is decoded first and the selection runs for all of
+        them at once, :func:`~ovseg_mine.mine.algorithms.fused_amg.select_masks_fused`)."""
+        from ovseg_mine.mine.algorithms.fused_amg import DecodedImage, postprocess_operator, select_masks_fused
+
+        sam_jobs = [job for job in jobs if job.given is None]
+        features = self.sam.embed([job.sam_image for job in sam_jobs]) if sam_jobs else None
+        if not (self.fused and self.cfg.sam.min_mask_region_area == 0):  # stock; and small regions need opencv
+            found = iter([self.propose(job, features[j : j + 1]) for j, job in enumerate(sam_jobs)])
+            return [next(found) if job.given is None else job.given for job in jobs]
+        sam, decoded = self.sam, []
+        for j, job in enumerate(sam_jobs):
+            low, iou = sam.decode(features[j : j + 1], job.size)
+            op = postprocess_operator(
+                tuple(low.shape[1:]), sam.input_size(job.size), job.size, sam.img_size, low.device
+            )
+            decoded.append(DecodedImage(low, iou, op))
+        found = iter(
+            select_masks_fused(
+                decoded, cfg=self.cfg.sam, mask_threshold=sam.mask_threshold, chunk_bytes=self.chunk_bytes
+            )
+        )
+        return [next(found) if job.given is None else job.given for job in jobs]
 
     def propose(self, job: ImageJob, features: "torch.Tensor") -> "MaskSet":
         """SAM's kept proposals of one image: the decoder over the point grid, then the automatic mask generator's
@@ -453,15 +482,51 @@ class MiningEngine:
         out = []
         for job, masks in zip(jobs, sets, strict=True):
             k = len(masks)
+            if self.fused and masks.operator is not None and masks.full_res is None:
+                out.extend(self._fused_crops(job, masks))
+                continue
             step = max(1, min(masks.chunk, self.chunk_bytes // max(1, per_crop)))
             for start in range(0, k, step):
                 index = torch.arange(start, min(k, start + step), device=self.device)
                 boxes = masks.boxes.index_select(0, index)
                 if not self.pooled:  # the per-mask loop refuses empty boxes; empty masks are flagged
                     boxes = torch.cat([boxes[:, :2], boxes[:, 2:].clamp(min=1)], dim=1)
-                out.append(render(job.image, masks.masks(index), boxes, size=side, fill=self.fill))
-        crops = torch.cat(out) if out else torch.zeros((0, 3, side, side), device=self.device)
-        return (crops / 255.0 - self._mean) / self._std  # crops.normalize, with the constants made once
+                crops = render(job.image, masks.masks(index), boxes, size=side, fill=self.fill)
+                out.append((crops / 255.0 - self._mean) / self._std)  # crops.normalize, constants made once
+        return torch.cat(out) if out else torch.zeros((0, 3, side, side), device=self.device)
+
+    def _fused_crops(self, job: ImageJob, masks: "MaskSet") -> list["torch.Tensor"]:
+        """The crops of a fused selection's masks (:func:`~ovseg_mine.crops.render_crops_from_logits`: from the
+        low-resolution logits, no full-resolution mask; CLIP-normalized in the same body), ``[len(masks), 3, S, S]``
+        float32, in chunks of
+        a fixed number of crops for the run (``max_masks_per_image`` split evenly into the fewest chunks that fit the
+        chunk budget, :func:`~ovseg_mine.crops.even_chunk`; the last chunk padded and cut), so a compiled chunk sees
+        one shape per image size."""
+        import torch
+
+        from ovseg_mine.crops import device_constant, even_chunk, render_crops_from_logits
+
+        k, side = len(masks), self.input_size
+        step = even_chunk(self.cfg.sam.max_masks_per_image, self.chunk_bytes // (33 * 16 * side * side))
+        fill, mean, std = (device_constant(v, self.device, torch.float32) for v in (self.fill, self.mean, self.std))
+        ay, ax, out = masks.operator.ay, masks.operator.ax, []
+        for start in range(0, k, step):
+            index = torch.arange(start, start + step, device=self.device).clamp(max=k - 1)  # padded: repeats the last
+            low, boxes = masks.low_res.index_select(0, index), masks.boxes.index_select(0, index)
+            crops = render_crops_from_logits(
+                job.image,
+                low,
+                ay,
+                ax,
+                boxes,
+                size=side,
+                fill=fill,
+                mask_threshold=masks.mask_threshold,
+                mean=mean,
+                std=std,
+            )
+            out.append(crops[: min(step, k - start)])
+        return out
 
     def _embed_crops(self, crops: "torch.Tensor", counts: list[int]) -> "torch.Tensor":
         """CLIP embeddings of the batch's crops (``counts`` per image): pooled in the calls of
