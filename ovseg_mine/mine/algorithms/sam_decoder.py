@@ -1,0 +1,298 @@
+"""SAM's mask decoder for one image and a batch of point prompts, rewritten to move far fewer bytes per prompt.
+
+It computes what segment-anything's ``MaskDecoder.predict_masks`` with its ``TwoWayTransformer``
+(``modeling/mask_decoder.py``, ``modeling/transformer.py``: ``TwoWayAttentionBlock``, ``Attention``,
+``final_attn_token_to_image``, ``output_upscaling``, ``output_hypernetworks_mlps``, ``iou_prediction_head``)
+computes for ``multimask_output=True``, equal up to float rounding, with these changes of order (exact in real
+arithmetic):
+
+* **Per image, once** (:meth:`FusedDecoder.context`): the dense input (image embedding + the "no mask" embedding;
+  no ``repeat_interleave`` per prompt), the first layer's token->image keys and values and its image->token
+  queries; the batched products broadcast them instead of copying them per prompt. The dense positional encoding
+  depends on nothing: prepared at construction.
+* **Heads without reshuffles.** Per-head products are dense products with the other heads' channels zeroed
+  (a block-diagonal operand, built on the small token side), so the large attention matrices come out in the
+  layout the next product reads, and the value and output projections are folded into one matrix per head
+  (``out_proj(attn @ v_proj(x)) = sum_h attn_h @ x @ (W_o,h W_v,h)^T + W_o b_v + b_o``, attention rows summing
+  to 1). Where the keys are per prompt the key projection is folded into the queries
+  (``q_h . W_k,h (x + pe) = (W_k,h^T q_h) . x + (W_k,h^T q_h) . pe``; the ``q_h . b_k,h`` term is constant
+  along the softmax and dropped) and the position-embedding add goes into the product's added term (``baddbmm``),
+  so ``keys + key_pe`` is never written. The softmax scale is folded into the query weights.
+* **Only what the multimask output reads**: the final token->image attention for the IoU token and mask tokens
+  ``1..`` only, the hypernetwork product for those masks only.
+* **Upscaling on channels-last tokens**: each ``ConvTranspose2d(kernel 2, stride 2)`` is one ``addmm`` (weights
+  reshaped once), ``LayerNorm2d`` one ``layer_norm`` over the last dimension, then the activation and the
+  hypernetwork product as one ``bmm`` whose output is only the masks; no ``[32, 4h, 4w]`` channels-first tensor.
+* The IoU head runs in float32 whatever the decoder's dtype (as :mod:`ovseg_mine.mine.algorithms.sam_batch`).
+
+:meth:`FusedDecoder.step` is a pure tensor function of fixed shapes (no host sync, no branch on values), so it
+compiles with ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class DecoderContext(NamedTuple):
+    """The prompt-independent part of one image's decoding (:meth:`FusedDecoder.context`), in the decoder's dtype.
+
+    ``N = h*w`` image tokens, ``C`` channels, ``I`` the first layer's cross-attention width:
+
+    * ``src_bias``: ``[N, C]`` image embedding + "no mask" embedding + the first image->token attention's output
+      bias (the first layer's residual).
+    * ``keys_t``: ``[I, N]`` the first token->image attention's keys of ``src + pe``, transposed.
+    * ``values``: ``[H*N, C]`` the first token->image attention's values times its output projection, per head.
+    * ``queries``: ``[N, I]`` the first image->token attention's queries of ``src + pe`` (softmax scale folded in).
+    """
+
+    src_bias: Tensor
+    keys_t: Tensor
+    values: Tensor
+    queries: Tensor
+
+
+def _heads(attn: Any) -> tuple[int, int]:
+    """``(heads, channels per head)`` of a segment-anything ``Attention``."""
+    return attn.num_heads, attn.internal_dim // attn.num_heads
+
+
+def _block_diagonal(x: Tensor, heads: int, head_first: bool) -> Tensor:
+    """``[B, T, H*d]`` -> ``[B, H*T, H*d]`` (``head_first``, rows ``(h, t)``) or ``[B, T*H, H*d]`` (rows
+    ``(t, h)``): row ``(h, t)`` is ``x[b, t]`` with every channel outside head ``h`` zeroed."""
+    b, t, width = x.shape
+    eye = torch.eye(heads, dtype=x.dtype, device=x.device)
+    if head_first:
+        out = x.view(b, 1, t, heads, width // heads) * eye.view(1, heads, 1, heads, 1)
+    else:
+        out = x.view(b, t, 1, heads, width // heads) * eye.view(1, 1, heads, heads, 1)
+    return out.reshape(b, t * heads, width)
+
+
+class _Folded(NamedTuple):
+    """One ``Attention``'s weights folded for the per-prompt-keys forms (float32 until cast)."""
+
+    wq: Tensor  # [I, C] query weight times the softmax scale
+    bq: Tensor  # [I]
+    wk: Tensor  # [I, C]
+    bk: Tensor  # [I]
+    wv: Tensor  # [I, C]
+    bv: Tensor  # [I]
+    wo_heads: Tensor  # [H, d, C]: out_proj's columns of head h, as [d, C]
+    bo: Tensor  # [C]
+    wov: Tensor  # [H*C, C]: row block h = (W_o,h W_v,h)^T
+    bov: Tensor  # [C]: W_o b_v + b_o
+
+
+def _fold(attn: Any, dtype: torch.dtype) -> _Folded:
+    """Fold a segment-anything ``Attention``'s projections (see the module docstring), cast to ``dtype``."""
+    heads, d = _heads(attn)
+    scale = d**-0.5
+    wq, bq = attn.q_proj.weight.float() * scale, attn.q_proj.bias.float() * scale
+    wv, bv = attn.v_proj.weight.float(), attn.v_proj.bias.float()
+    wo, bo = attn.out_proj.weight.float(), attn.out_proj.bias.float()
+    c = wo.shape[0]
+    wo_heads = wo.view(c, heads, d).permute(1, 2, 0)  # [H, d, C]
+    wov = torch.einsum("hdi,hdo->hio", wv.view(heads, d, -1), wo_heads).reshape(heads * wv.shape[1], c)
+    folded = _Folded(
+        wq, bq, attn.k_proj.weight.float(), attn.k_proj.bias.float(), wv, bv, wo_heads, bo, wov, wo @ bv + bo
+    )
+    return _Folded(*(t.to(dtype).contiguous() for t in folded))
+
+
+class FusedDecoder(nn.Module):
+    """A segment-anything ``Sam``'s mask decoder for one image and a batch of point prompts, multimask output only,
+    moving far fewer bytes per prompt than ``MaskDecoder`` (module docstring); equal to
+    ``MaskDecoder(..., multimask_output=True)`` up to float rounding.
+
+    Args:
+        sam: a segment-anything ``Sam``. Its ``mask_decoder``'s dtype (that of ``mask_tokens``) is the dtype this
+            decoder runs in (cast the decoder first, e.g. to bfloat16); the IoU head runs in float32 either way.
+            The transformer's modules are shared, not copied; the other weights are folded into new tensors at
+            construction (change the ``Sam``'s weights afterwards and this decoder does not follow).
+
+    Raises:
+        ValueError: an ``output_upscaling`` other than two ``ConvTranspose2d(kernel_size=2, stride=2)``, or a
+            decoder with fewer than two mask tokens.
+    """
+
+    def __init__(self, sam: Any) -> None:
+        super().__init__()
+        decoder, encoder = sam.mask_decoder, sam.prompt_encoder
+        transformer = decoder.transformer
+        dtype = decoder.mask_tokens.weight.dtype
+        conv1, norm, act1, conv2, act2 = decoder.output_upscaling
+        for conv in (conv1, conv2):
+            if tuple(conv.kernel_size) != (2, 2) or tuple(conv.stride) != (2, 2) or tuple(conv.padding) != (0, 0):
+                raise ValueError(f"FusedDecoder needs ConvTranspose2d(kernel_size=2, stride=2), got {conv}")
+        if decoder.num_mask_tokens < 2:
+            raise ValueError("FusedDecoder needs a multimask decoder (at least two mask tokens)")
+        self.dtype, self.num_mask_tokens = dtype, decoder.num_mask_tokens
+        self.layers, self.norm_final = transformer.layers, transformer.norm_final_attn
+        self.act1, self.act2, self.up_norm_eps = act1, act2, norm.eps
+        self.grid = tuple(encoder.image_embedding_size)
+        self.heads, self.head_dim = _heads(transformer.layers[0].cross_attn_token_to_image)
+        with torch.no_grad():
+            pe = encoder.get_dense_pe()[0].flatten(1).to(dtype)  # [C, N]
+            self.pe_t, self.pe = pe.contiguous(), pe.T.contiguous()
+            self.no_mask = encoder.no_mask_embed.weight[0].to(dtype)
+            self.tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).to(dtype)  # [1+M, C]
+            self.to_image = [_fold(layer.cross_attn_token_to_image, dtype) for layer in transformer.layers]
+            self.to_tokens = [_fold(layer.cross_attn_image_to_token, dtype) for layer in transformer.layers]
+            self.final = _fold(transformer.final_attn_token_to_image, dtype)
+            channels = conv1.in_channels
+            self.up1 = (
+                conv1.bias.repeat(4).to(dtype),
+                conv1.weight.permute(0, 2, 3, 1).reshape(channels, -1).to(dtype),
+            )
+            self.up_norm = (norm.weight.to(dtype), norm.bias.to(dtype))
+            self.up2 = (
+                conv2.bias.repeat(4).to(dtype),
+                conv2.weight.permute(0, 2, 3, 1).reshape(conv1.out_channels, -1).to(dtype),
+            )
+            mlps = decoder.output_hypernetworks_mlps[1:]  # the multimask outputs' token MLPs
+            self.hyper = [
+                (torch.stack([m.layers[j].bias for m in mlps])[:, None].to(dtype),
+                 torch.stack([m.layers[j].weight.T for m in mlps]).to(dtype).contiguous())
+                for j in range(mlps[0].num_layers)
+            ]  # fmt: skip
+            self.iou_head = [(lin.weight.detach().float().clone(), lin.bias.detach().float().clone())
+                             for lin in decoder.iou_prediction_head.layers]  # fmt: skip
+
+    def context(self, features: Tensor) -> DecoderContext:
+        """The prompt-independent part of decoding one image.
+
+        Args:
+            features: ``[1, C, h, w]`` image embedding (a row of ``Sam.image_encoder``'s output), any float dtype.
+
+        Returns:
+            A :class:`DecoderContext` in the decoder's dtype.
+
+        Raises:
+            ValueError: ``features`` is not ``[1, C, h, w]`` with this decoder's ``C, h, w``.
+        """
+        channels, n = self.pe_t.shape
+        if features.dim() != 4 or features.shape[0] != 1 or tuple(features.shape[1:]) != (channels, *self.grid):
+            raise ValueError(
+                f"features must be [1, {channels}, {self.grid[0]}, {self.grid[1]}], got {tuple(features.shape)}"
+            )
+        src = features[0].flatten(1).T.to(self.dtype) + self.no_mask  # [N, C]
+        src_pe = src + self.pe
+        first, back = self.to_image[0], self.to_tokens[0]
+        keys_t = F.linear(src_pe, first.wk, first.bk).T.contiguous()
+        v = F.linear(src, first.wv, first.bv).view(n, self.heads, self.head_dim)
+        values = torch.einsum("nhd,hdc->hnc", v, first.wo_heads).reshape(self.heads * n, channels)
+        return DecoderContext(src + back.bo, keys_t, values, F.linear(src_pe, back.wq, back.bq))
+
+    def step(self, context: DecoderContext, sparse: Tensor) -> tuple[Tensor, Tensor]:
+        """Masks and IoUs of a batch of prompts of one image, as ``MaskDecoder(..., multimask_output=True)``.
+
+        A pure tensor function of fixed shapes (no host sync, no branch on values): compiles with
+        ``torch.compile(fullgraph=True)``.
+
+        Args:
+            context: the image's :meth:`context`.
+            sparse: ``[B, S, C]`` sparse prompt embeddings (``PromptEncoder``'s first output; ``S = 2`` for one
+                point and its padding point).
+
+        Returns:
+            Low-resolution mask logits ``[B, M-1, 4h, 4w]`` in the decoder's dtype (``M-1 = 3`` multimask outputs)
+            and their predicted IoUs, float32 ``[B, M-1]``.
+        """
+        b = sparse.shape[0]
+        tokens = torch.cat([self.tokens.expand(b, -1, -1), sparse.to(self.dtype)], dim=1)  # [B, T, C]
+        layer = self.layers[0]  # segment-anything's TwoWayAttentionBlock with skip_first_layer_pe
+        queries = layer.norm1(layer.self_attn(q=tokens, k=tokens, v=tokens))
+        queries = layer.norm2(queries + self._to_shared_image(context, queries + tokens))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        keys = layer.norm4(self._to_tokens_shared(context, queries, tokens))
+        for i in range(1, len(self.layers)):
+            layer = self.layers[i]
+            q = queries + tokens
+            queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
+            queries = layer.norm2(queries + self._to_image(self.to_image[i], queries + tokens, keys))
+            queries = layer.norm3(queries + layer.mlp(queries))
+            keys = layer.norm4(self._to_tokens(self.to_tokens[i], keys, queries, tokens))
+        m = self.num_mask_tokens
+        kept = torch.cat([queries[:, :1], queries[:, 2 : m + 1]], dim=1)  # IoU token, multimask tokens
+        kept_pe = torch.cat([tokens[:, :1], tokens[:, 2 : m + 1]], dim=1)
+        kept = self.norm_final(kept + self._to_image(self.final, kept + kept_pe, keys))
+        return self._masks(keys, kept[:, 1:]), self._iou(kept[:, 0])[:, 1:]
+
+    def _to_shared_image(self, context: DecoderContext, q_in: Tensor) -> Tensor:
+        """The first layer's token->image attention ``[B, T, C]`` on the image's shared keys and values."""
+        b, t, _ = q_in.shape
+        fold, width = self.to_image[0], context.keys_t.shape[0]
+        q = _block_diagonal(F.linear(q_in, fold.wq, fold.bq), self.heads, head_first=False)  # rows (t, h)
+        attn = torch.mm(q.view(-1, width), context.keys_t).softmax(-1)  # [(b, t, h), N]
+        return torch.addmm(fold.bo, attn.view(b * t, -1), context.values).view(b, t, -1)
+
+    def _to_tokens_shared(self, context: DecoderContext, queries: Tensor, tokens: Tensor) -> Tensor:
+        """The first layer's image->token attention added to the image's keys: ``[B, N, C]`` before ``norm4``."""
+        b, t, _ = queries.shape
+        fold, n = self.to_tokens[0], context.queries.shape[0]
+        k = _block_diagonal(F.linear(queries + tokens, fold.wk, fold.bk), self.heads, head_first=True)  # (h, t)
+        attn = torch.mm(context.queries, k.view(b * t * self.heads, -1).T).view(n, b * self.heads, t).softmax(-1)
+        values = self._values(fold, queries)
+        return torch.baddbmm(context.src_bias, attn.view(n, b, -1).transpose(0, 1), values)
+
+    def _values(self, fold: _Folded, queries: Tensor) -> Tensor:
+        """Per-prompt values times the output projection, ``[B, H*T, C]`` rows ``(h, t)``."""
+        b, t, _ = queries.shape
+        v = F.linear(queries, fold.wv, fold.bv).view(b, t, self.heads, self.head_dim)
+        return torch.einsum("bthd,hdc->bhtc", v, fold.wo_heads).reshape(b, self.heads * t, -1)
+
+    def _to_image(self, fold: _Folded, q_in: Tensor, keys: Tensor) -> Tensor:
+        """Token->image attention ``[B, T, C]`` on per-prompt ``keys [B, N, C]`` (their positional encoding
+        added inside the product), key projection folded into the queries, value and output projections into
+        one matrix per head."""
+        b, t, _ = q_in.shape
+        channels = keys.shape[-1]
+        q = _block_diagonal(F.linear(q_in, fold.wq, fold.bq), self.heads, head_first=False)  # rows (t, h)
+        qk = torch.mm(q.view(b * t * self.heads, -1), fold.wk)  # [(b, t, h), C]
+        pe_term = torch.mm(qk, self.pe_t).view(b, t * self.heads, -1)
+        attn = torch.baddbmm(pe_term, qk.view(b, t * self.heads, channels), keys.transpose(1, 2)).softmax(-1)
+        mixed = torch.bmm(attn, keys)  # [B, (t, h), C]
+        return torch.addmm(fold.bov, mixed.view(b * t, -1), fold.wov).view(b, t, channels)
+
+    def _to_tokens(self, fold: _Folded, keys: Tensor, queries: Tensor, tokens: Tensor) -> Tensor:
+        """Image->token attention added to per-prompt ``keys [B, N, C]``: ``[B, N, C]`` before the norm; the
+        query projection folded into the tokens' keys, the positional encoding into the product's added term."""
+        b, t, _ = queries.shape
+        n, channels = keys.shape[1:]
+        k = _block_diagonal(F.linear(queries + tokens, fold.wk, fold.bk), self.heads, head_first=True)  # (h, t)
+        k2 = k.view(b * self.heads * t, -1)
+        kq = torch.mm(k2, fold.wq)  # [(b, h, t), C]
+        pe_term = torch.addmm(torch.mv(k2, fold.bq)[None], self.pe, kq.T).view(n, b, -1).transpose(0, 1)
+        logits = torch.baddbmm(pe_term, keys, kq.view(b, -1, channels).transpose(1, 2))  # [B, N, (h, t)]
+        attn = logits.view(b, n, self.heads, t).softmax(-1).view(b, n, -1)
+        return torch.baddbmm(keys, attn, self._values(fold, queries) + fold.bo / self.heads)
+
+    def _masks(self, keys: Tensor, mask_tokens: Tensor) -> Tensor:
+        """``output_upscaling`` on channels-last ``keys [B, N, C]`` and the hypernetwork product with
+        ``mask_tokens [B, K, C]``: mask logits ``[B, K, 4h, 4w]``."""
+        b, n, channels = keys.shape
+        (b1, w1), (b2, w2), (h, w) = self.up1, self.up2, self.grid
+        x = torch.addmm(b1, keys.reshape(b * n, channels), w1)  # rows (b, y, x), columns (i, j, c/4)
+        x = self.act1(F.layer_norm(x.view(b * n * 4, -1), (w2.shape[0],), *self.up_norm, self.up_norm_eps))
+        x = self.act2(torch.addmm(b2, x, w2))  # rows (b, y, x, i, j), columns (k, l, c/8)
+        hyper = mask_tokens.transpose(0, 1)  # [K, B, C]
+        for j, (bias, weight) in enumerate(self.hyper):
+            hyper = torch.baddbmm(bias, hyper, weight)
+            hyper = F.relu(hyper) if j < len(self.hyper) - 1 else hyper
+        masks = torch.bmm(hyper.transpose(0, 1), x.view(b, n * 16, -1).transpose(1, 2))  # [B, K, (y,x,i,j,k,l)]
+        k = masks.shape[1]  # output pixel (4y + 2i + k, 4x + 2j + l)
+        return masks.view(b, k, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, k, 4 * h, 4 * w)
+
+    def _iou(self, token: Tensor) -> Tensor:
+        """``iou_prediction_head`` in float32 (autocast off) on the IoU token ``[B, C]``: ``[B, M]``."""
+        with torch.autocast(token.device.type, enabled=False):
+            x = token.float()
+            for j, (weight, bias) in enumerate(self.iou_head):
+                x = F.linear(x, weight, bias)
+                x = F.relu(x) if j < len(self.iou_head) - 1 else x
+        return x
