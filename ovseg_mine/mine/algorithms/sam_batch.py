@@ -52,9 +52,13 @@ class BatchedSam:
         low_precision_decoder: with a ``pure_*`` precision, cast the decoder's weights too (None: on CUDA only;
             a CPU runs the decoder under autocast, see the module docstring).
         compile: ``torch.compile`` the encoder and the decoder (CUDA only; ignored on a CPU).
+        kernels: ``stock``: segment-anything's ``MaskDecoder`` (proposals identical to its AMG); ``fused``:
+            :class:`~ovseg_mine.mine.algorithms.sam_decoder.FusedDecoder` (far fewer bytes per prompt, equal up to
+            float rounding), in the same dtype (bfloat16 weights on a GPU, autocast on a CPU: see the module
+            docstring) with the IoU head in float32.
 
     Raises:
-        ValueError: unknown precision, or a size below 1.
+        ValueError: unknown precision or kernels, or a size below 1.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class BatchedSam:
         encoder_batch_size: int = 1,
         low_precision_decoder: bool | None = None,
         compile: bool = False,
+        kernels: str = "stock",
     ) -> None:
         import torch
         from segment_anything.utils.amg import build_point_grid
@@ -74,9 +79,12 @@ class BatchedSam:
 
         from ovseg_mine import precision as precision_mod
         from ovseg_mine.mine.algorithms.sam_attention import use_sdpa
+        from ovseg_mine.mine.algorithms.sam_decoder import FusedDecoder
 
         if precision not in ("fp32", "pure_bf16", "pure_fp16"):
             raise ValueError(f"precision must be one of fp32, pure_bf16, pure_fp16, got {precision!r}")
+        if kernels not in ("stock", "fused"):
+            raise ValueError(f"kernels must be stock or fused, got {kernels!r}")
         if min(points_per_side, points_per_batch, encoder_batch_size) < 1:
             raise ValueError("points_per_side, points_per_batch and encoder_batch_size must be at least 1")
         self.sam = sam
@@ -109,6 +117,9 @@ class BatchedSam:
             self._no_mask = self._no_mask.to(self.decoder_dtype)
         self._sparse: dict[tuple[int, int], torch.Tensor] = {}
         self._encoder, self._decoder = sam.image_encoder, sam.mask_decoder
+        self.kernels = kernels
+        self._fused = FusedDecoder(sam) if kernels == "fused" else None
+        self._fused_step = None if self._fused is None else self._fused.step
         if compile and self.device.type == "cuda":
             self._encoder = torch.compile(sam.image_encoder, dynamic=False)
             self._decoder = torch.compile(sam.mask_decoder, dynamic=False)
@@ -188,6 +199,8 @@ class BatchedSam:
 
         sparse = self._sparse_prompts(size)
         features = features.to(self.decoder_dtype)
+        if self._fused is not None:
+            return self._decode_fused(features, sparse)
         lows, ious = [], []
         with torch.inference_mode(), autocast(self.decoder_precision, self.device):
             for start in range(0, len(sparse), self.points_per_batch):
@@ -203,6 +216,22 @@ class BatchedSam:
                 ious.append(iou)
         low, iou = torch.cat(lows), torch.cat(ious)
         return low.flatten(0, 1), iou.flatten(0, 1).float()
+
+    def _decode_fused(self, features: "torch.Tensor", sparse: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """:meth:`decode` with :class:`~ovseg_mine.mine.algorithms.sam_decoder.FusedDecoder`: its per-image context
+        once, then its ``step`` per batch of ``points_per_batch`` prompts (``_fused_step``: compiled or not)."""
+        import torch
+
+        from ovseg_mine.precision import autocast
+
+        lows, ious = [], []
+        with torch.inference_mode(), autocast(self.decoder_precision, self.device):
+            context = self._fused.context(features)
+            for start in range(0, len(sparse), self.points_per_batch):
+                low, iou = self._fused_step(context, sparse[start : start + self.points_per_batch])
+                lows.append(low)
+                ious.append(iou)
+        return torch.cat(lows).flatten(0, 1), torch.cat(ious).flatten(0, 1)
 
     def propose(self, features: "torch.Tensor", size: tuple[int, int], cfg: "SamConfig", chunk_bytes: int) -> "MaskSet":
         """SAM's kept proposals of one image: :meth:`decode` over the point grid, then the automatic mask

@@ -31,6 +31,7 @@ compiles with ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import torch
@@ -71,6 +72,13 @@ def _block_diagonal(x: Tensor, heads: int, head_first: bool) -> Tensor:
     else:
         out = x.view(b, t, 1, heads, width // heads) * eye.view(1, 1, heads, heads, 1)
     return out.reshape(b, t * heads, width)
+
+
+def _activate(act: nn.Module, x: Tensor) -> Tensor:
+    """``act(x)``, in place on ``x`` (a fresh tensor) for an exact ``nn.GELU``."""
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return torch.ops.aten.gelu_(x)
+    return act(x)
 
 
 class _Folded(NamedTuple):
@@ -135,6 +143,8 @@ class FusedDecoder(nn.Module):
         self.layers, self.norm_final = transformer.layers, transformer.norm_final_attn
         self.act1, self.act2, self.up_norm_eps = act1, act2, norm.eps
         self.grid = tuple(encoder.image_embedding_size)
+        device_type = decoder.mask_tokens.weight.device.type  # autocast is turned off for the IoU head on it
+        self.autocast_type = device_type if torch.amp.is_autocast_available(device_type) else None  # None: meta
         self.heads, self.head_dim = _heads(transformer.layers[0].cross_attn_token_to_image)
         with torch.no_grad():
             pe = encoder.get_dense_pe()[0].flatten(1).to(dtype)  # [C, N]
@@ -270,7 +280,7 @@ class FusedDecoder(nn.Module):
         pe_term = torch.addmm(torch.mv(k2, fold.bq)[None], self.pe, kq.T).view(n, b, -1).transpose(0, 1)
         logits = torch.baddbmm(pe_term, keys, kq.view(b, -1, channels).transpose(1, 2))  # [B, N, (h, t)]
         attn = logits.view(b, n, self.heads, t).softmax(-1).view(b, n, -1)
-        return torch.baddbmm(keys, attn, self._values(fold, queries) + fold.bo / self.heads)
+        return keys.baddbmm_(attn, self._values(fold, queries) + fold.bo / self.heads)  # keys: a fresh norm's
 
     def _masks(self, keys: Tensor, mask_tokens: Tensor) -> Tensor:
         """``output_upscaling`` on channels-last ``keys [B, N, C]`` and the hypernetwork product with
@@ -278,8 +288,8 @@ class FusedDecoder(nn.Module):
         b, n, channels = keys.shape
         (b1, w1), (b2, w2), (h, w) = self.up1, self.up2, self.grid
         x = torch.addmm(b1, keys.reshape(b * n, channels), w1)  # rows (b, y, x), columns (i, j, c/4)
-        x = self.act1(F.layer_norm(x.view(b * n * 4, -1), (w2.shape[0],), *self.up_norm, self.up_norm_eps))
-        x = self.act2(torch.addmm(b2, x, w2))  # rows (b, y, x, i, j), columns (k, l, c/8)
+        x = _activate(self.act1, F.layer_norm(x.view(b * n * 4, -1), (w2.shape[0],), *self.up_norm, self.up_norm_eps))
+        x = _activate(self.act2, torch.addmm(b2, x, w2))  # rows (b, y, x, i, j), columns (k, l, c/8)
         hyper = mask_tokens.transpose(0, 1)  # [K, B, C]
         for j, (bias, weight) in enumerate(self.hyper):
             hyper = torch.baddbmm(bias, hyper, weight)
@@ -290,7 +300,12 @@ class FusedDecoder(nn.Module):
 
     def _iou(self, token: Tensor) -> Tensor:
         """``iou_prediction_head`` in float32 (autocast off) on the IoU token ``[B, C]``: ``[B, M]``."""
-        with torch.autocast(token.device.type, enabled=False):
+        off = (
+            contextlib.nullcontext()
+            if self.autocast_type is None
+            else torch.autocast(self.autocast_type, enabled=False)
+        )
+        with off:
             x = token.float()
             for j, (weight, bias) in enumerate(self.iou_head):
                 x = F.linear(x, weight, bias)
