@@ -271,6 +271,7 @@ class MiningEngine:
                 encoder_batch_size=cfg.sam.encoder_batch_size or (8 if cuda else 1),
                 low_precision_decoder=cuda,
                 compile=cfg.engine.compile != "off",
+                kernels=cfg.engine.kernels if cfg.engine.kernels != "auto" else ("fused" if cuda else "stock"),
             )
         )
         self.clip_precision = precision_mod.for_inference(cfg.clip.precision, rules)
