@@ -150,3 +150,26 @@ def test_proposals_of_a_real_image_match_stock(tiny, sample):
     iou = (a & b).flatten(1).sum(1) / (a | b).flatten(1).sum(1).clamp(min=1)
     print(f"{len(stock)} masks, IoU with stock: min {iou.min():.5f}, mean {iou.mean():.5f}")
     assert iou.min() >= 0.99, iou.min()
+
+
+def test_batched_sam_fused_under_cpu_autocast_is_as_close_as_stock(tiny):
+    """``pure_bf16`` on a CPU runs the decoder under bfloat16 autocast (float32 weights), fused as stock; each
+    one's error against float32 stock is of the same size (measured: masks 7.4e-3 fused, 6.7e-3 stock; IoUs 1.3e-2
+    both)."""
+    features = torch.randn((1, 32, 16, 16), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for precision in ("fp32", "pure_bf16"):
+        for kernels in ("stock", "fused"):
+            batched = BatchedSam(
+                copy.deepcopy(tiny), points_per_side=4, points_per_batch=8, precision=precision, kernels=kernels
+            )
+            out[precision, kernels] = batched.decode(features, (480, 640))
+    ref_low, ref_iou = out["fp32", "stock"]
+    low, iou = out["fp32", "fused"]
+    assert low.shape == ref_low.shape == (48, 64, 64) and iou.dtype == torch.float32
+    torch.testing.assert_close(low, ref_low, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-5)
+    (stock_low, stock_iou), (low, iou) = out["pure_bf16", "stock"], out["pure_bf16", "fused"]
+    assert low.dtype == stock_low.dtype == torch.bfloat16 and iou.dtype == torch.float32
+    assert (low.float() - ref_low).abs().max() <= 1.5 * (stock_low.float() - ref_low).abs().max()
+    assert (iou - ref_iou).abs().max() <= 1.5 * (stock_iou - ref_iou).abs().max()

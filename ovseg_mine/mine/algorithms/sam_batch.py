@@ -24,6 +24,10 @@ What changes, and why it keeps the result:
   distinct predicted IoUs above 0.88, so the NMS order and the top-N cap would be decided by ties). In ``fp32``
   SAM's code and kernels run unchanged. (A bf16 recipe runs in fp32 on a CPU without bf16 hardware:
   :func:`ovseg_mine.precision.for_inference`.)
+* **Fused decoder** (``kernels="fused"``, :mod:`ovseg_mine.mine.algorithms.sam_decoder`): the same masks up to float
+  rounding with about a third of the bytes moved per prompt; it runs in the decoder's dtype like the stock one
+  (bfloat16 weights on a GPU; on a CPU with a ``pure_*`` precision, float32 weights under the same autocast) with
+  its IoU head in float32.
 """
 
 from __future__ import annotations

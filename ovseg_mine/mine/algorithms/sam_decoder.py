@@ -277,10 +277,12 @@ class FusedDecoder(nn.Module):
         k = _block_diagonal(F.linear(queries + tokens, fold.wk, fold.bk), self.heads, head_first=True)  # (h, t)
         k2 = k.view(b * self.heads * t, -1)
         kq = torch.mm(k2, fold.wq)  # [(b, h, t), C]
-        pe_term = torch.addmm(torch.mv(k2, fold.bq)[None], self.pe, kq.T).view(n, b, -1).transpose(0, 1)
+        pe_term = torch.addmm(torch.mv(k2, fold.bq.to(k2.dtype))[None], self.pe, kq.T).view(n, b, -1).transpose(0, 1)
         logits = torch.baddbmm(pe_term, keys, kq.view(b, -1, channels).transpose(1, 2))  # [B, N, (h, t)]
         attn = logits.view(b, n, self.heads, t).softmax(-1).view(b, n, -1)
-        return keys.baddbmm_(attn, self._values(fold, queries) + fold.bo / self.heads)  # keys: a fresh norm's
+        values = self._values(fold, queries) + fold.bo / self.heads
+        # in place on keys (a fresh norm's output); .to: a no-op unless autocast gave them other dtypes
+        return keys.baddbmm_(attn.to(keys.dtype), values.to(keys.dtype))
 
     def _masks(self, keys: Tensor, mask_tokens: Tensor) -> Tensor:
         """``output_upscaling`` on channels-last ``keys [B, N, C]`` and the hypernetwork product with
