@@ -126,3 +126,12 @@ def test_given_masks_run_through_the_same_crops_and_matching_as_sams_own(images)
     chosen = len(props) - 1 - outcome.matches[0].mask_index  # unscored masks keep the file's (reversed) order
     assert rle.from_runs(outcome.matches[0].runs, *given.size) == props.rles[chosen]
     assert outcome.matches[0].bbox == props.bboxes[chosen].tolist()
+
+
+def test_engine_kernels_pick_the_decoder():
+    """``engine.kernels``: ``auto`` is the fused decoder under a GPU's rules, stock otherwise; an explicit choice
+    wins."""
+    assert _engine().sam.kernels == "stock"
+    assert _engine("engine.device_rules=cuda").sam.kernels == "fused"
+    assert _engine("engine.kernels=fused").sam.kernels == "fused"
+    assert _engine("engine.device_rules=cuda", "engine.kernels=stock").sam.kernels == "stock"

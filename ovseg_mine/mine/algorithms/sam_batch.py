@@ -127,6 +127,8 @@ class BatchedSam:
         if compile and self.device.type == "cuda":
             self._encoder = torch.compile(sam.image_encoder, dynamic=False)
             self._decoder = torch.compile(sam.mask_decoder, dynamic=False)
+            if self._fused is not None:  # one graph (tests/mine/test_sam_decoder.py)
+                self._fused_step = torch.compile(self._fused.step, dynamic=False, fullgraph=True)
 
     def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """``(h, w)`` of the encoder input (before padding) for an original image of ``size`` ``(H, W)``."""
