@@ -8,7 +8,9 @@ arithmetic):
 
 * **Per image, once** (:meth:`FusedDecoder.context`): the dense input (image embedding + the "no mask" embedding;
   no ``repeat_interleave`` per prompt), the first layer's token->image keys and values and its image->token
-  queries; the batched products broadcast them instead of copying them per prompt. The dense positional encoding
+  queries; the batched products broadcast them instead of copying them per prompt. The first token->image
+  attention, whose keys and values are the image's, is one ``scaled_dot_product_attention`` over all the prompts'
+  tokens (a fused kernel: no attention matrix written). The dense positional encoding
   depends on nothing: prepared at construction.
 * **Heads without reshuffles.** Per-head products are dense products with the other heads' channels zeroed
   (a block-diagonal operand, built on the small token side), so the large attention matrices come out in the
@@ -46,13 +48,13 @@ class DecoderContext(NamedTuple):
 
     * ``src_bias``: ``[N, C]`` image embedding + "no mask" embedding + the first image->token attention's output
       bias (the first layer's residual).
-    * ``keys_t``: ``[I, N]`` the first token->image attention's keys of ``src + pe``, transposed.
-    * ``values``: ``[H*N, C]`` the first token->image attention's values times its output projection, per head.
+    * ``keys``: ``[1, H, N, d]`` the first token->image attention's keys of ``src + pe``, per head (``d = I/H``).
+    * ``values``: ``[1, H, N, d]`` its values of ``src``, per head.
     * ``queries``: ``[N, I]`` the first image->token attention's queries of ``src + pe`` (softmax scale folded in).
     """
 
     src_bias: Tensor
-    keys_t: Tensor
+    keys: Tensor
     values: Tensor
     queries: Tensor
 
@@ -193,10 +195,10 @@ class FusedDecoder(nn.Module):
         src = features[0].flatten(1).T.to(self.dtype) + self.no_mask  # [N, C]
         src_pe = src + self.pe
         first, back = self.to_image[0], self.to_tokens[0]
-        keys_t = F.linear(src_pe, first.wk, first.bk).T.contiguous()
-        v = F.linear(src, first.wv, first.bv).view(n, self.heads, self.head_dim)
-        values = torch.einsum("nhd,hdc->hnc", v, first.wo_heads).reshape(self.heads * n, channels)
-        return DecoderContext(src + back.bo, keys_t, values, F.linear(src_pe, back.wq, back.bq))
+        shape = (1, n, self.heads, self.head_dim)
+        keys = F.linear(src_pe, first.wk, first.bk).view(shape).transpose(1, 2).contiguous()
+        values = F.linear(src, first.wv, first.bv).view(shape).transpose(1, 2).contiguous()
+        return DecoderContext(src + back.bo, keys, values, F.linear(src_pe, back.wq, back.bq))
 
     def step(self, context: DecoderContext, sparse: Tensor) -> tuple[Tensor, Tensor]:
         """Masks and IoUs of a batch of prompts of one image, as ``MaskDecoder(..., multimask_output=True)``.
@@ -234,12 +236,16 @@ class FusedDecoder(nn.Module):
         return self._masks(keys, kept[:, 1:]), self._iou(kept[:, 0])[:, 1:]
 
     def _to_shared_image(self, context: DecoderContext, q_in: Tensor) -> Tensor:
-        """The first layer's token->image attention ``[B, T, C]`` on the image's shared keys and values."""
+        """The first layer's token->image attention ``[B, T, C]`` on the image's shared keys and values: one
+        ``scaled_dot_product_attention`` with the prompts' tokens as the queries of one batch (a fused kernel on a
+        GPU and on a CPU writes no attention matrix)."""
         b, t, _ = q_in.shape
-        fold, width = self.to_image[0], context.keys_t.shape[0]
-        q = _block_diagonal(F.linear(q_in, fold.wq, fold.bq), self.heads, head_first=False)  # rows (t, h)
-        attn = torch.mm(q.view(-1, width), context.keys_t).softmax(-1)  # [(b, t, h), N]
-        return torch.addmm(fold.bo, attn.view(b * t, -1), context.values).view(b, t, -1)
+        fold = self.to_image[0]
+        q = F.linear(q_in, fold.wq, fold.bq).view(1, b * t, self.heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, context.keys, context.values, scale=1.0)  # scale is in wq
+        return torch.addmm(
+            fold.bo, out.transpose(1, 2).reshape(b * t, -1), fold.wo_heads.view(-1, fold.bo.shape[0])
+        ).view(b, t, -1)
 
     def _to_tokens_shared(self, context: DecoderContext, queries: Tensor, tokens: Tensor) -> Tensor:
         """The first layer's image->token attention added to the image's keys: ``[B, N, C]`` before ``norm4``."""
