@@ -120,14 +120,17 @@ class FusedDecoder(nn.Module):
     ``MaskDecoder(..., multimask_output=True)`` up to float rounding.
 
     Args:
-        sam: a segment-anything ``Sam``. Its ``mask_decoder``'s dtype (that of ``mask_tokens``) is the dtype this
-            decoder runs in (cast the decoder first, e.g. to bfloat16); the IoU head runs in float32 either way.
-            The transformer's modules are shared, not copied; the other weights are folded into new tensors at
+        sam: a segment-anything ``Sam`` (only its ``mask_decoder`` and ``prompt_encoder`` are read), on the device
+            it will run on. Its ``mask_decoder``'s dtype (that of ``mask_tokens``) is the dtype this decoder runs
+            in (cast the decoder first, e.g. to bfloat16; float32 weights under ``torch.autocast`` also work, as
+            ``BatchedSam`` runs them on a CPU); the IoU head runs in float32 either way, autocast off. The
+            transformer's modules are shared, not copied; the other weights are folded into new tensors at
             construction (change the ``Sam``'s weights afterwards and this decoder does not follow).
 
     Raises:
-        ValueError: an ``output_upscaling`` other than two ``ConvTranspose2d(kernel_size=2, stride=2)``, or a
-            decoder with fewer than two mask tokens.
+        ValueError: an ``output_upscaling`` other than two ``ConvTranspose2d(kernel_size=2, stride=2)``, a
+            decoder with fewer than two mask tokens, or sigmoid outputs on its MLPs (not in segment-anything's
+            SAM).
     """
 
     def __init__(self, sam: Any) -> None:
@@ -141,6 +144,8 @@ class FusedDecoder(nn.Module):
                 raise ValueError(f"FusedDecoder needs ConvTranspose2d(kernel_size=2, stride=2), got {conv}")
         if decoder.num_mask_tokens < 2:
             raise ValueError("FusedDecoder needs a multimask decoder (at least two mask tokens)")
+        if any(m.sigmoid_output for m in [*decoder.output_hypernetworks_mlps, decoder.iou_prediction_head]):
+            raise ValueError("FusedDecoder does not support MLPs with sigmoid_output")
         self.dtype, self.num_mask_tokens = dtype, decoder.num_mask_tokens
         self.layers, self.norm_final = transformer.layers, transformer.norm_final_attn
         self.act1, self.act2, self.up_norm_eps = act1, act2, norm.eps
