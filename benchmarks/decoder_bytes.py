@@ -29,9 +29,10 @@ _NO_KERNEL |= {"aten.empty_like", "aten.set_", "aten._reshape_alias", "aten.resi
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 
 
-def _moved(func: Any, args: tuple, kwargs: dict, out: Any) -> tuple[int, int]:
-    """``(bytes, in-place bytes)`` of one op by the byte rule (0 for a view or an allocation)."""
-    if func.is_view or str(func.overloadpacket) in _NO_KERNEL:
+def _moved(func: Any, args: tuple, kwargs: dict, out: Any, copies: bool = False) -> tuple[int, int]:
+    """``(bytes, in-place bytes)`` of one op by the byte rule (0 for a view or an allocation, unless ``copies``:
+    a composite view op such as ``reshape`` whose decomposition copied)."""
+    if (func.is_view and not copies) or str(func.overloadpacket) in _NO_KERNEL:
         return 0, 0
     inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
     outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -43,9 +44,9 @@ def _moved(func: Any, args: tuple, kwargs: dict, out: Any) -> tuple[int, int]:
 
 class _Counter(TorchDispatchMode):
     """Bytes per op name by the byte rule (``by_op``: top-level ops, a composite op such as ``linear`` or
-    ``reshape`` as one op) and by the kernels eager runs (``kernel_by_op``: a composite op through its
-    decomposition, so a ``reshape`` that copies counts its copy); ``inplace``: bytes of tensors an op both reads
-    and returns (top level)."""
+    ``reshape`` as one op, a view op only when it copied) and by the kernels eager runs (``kernel_by_op``: a
+    composite op through its decomposition); ``inplace``: bytes of tensors an op both reads and returns (top
+    level)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -57,6 +58,7 @@ class _Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func.overloadpacket)
+        before = sum(self.kernel_by_op.values())
         if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
             self._depth += 1
             try:
@@ -68,7 +70,8 @@ class _Counter(TorchDispatchMode):
             out = func(*args, **kwargs)
             self.kernel_by_op[name] += _moved(func, args, kwargs, out)[0]
         if self._depth == 0:
-            moved, inplace = _moved(func, args, kwargs, out)
+            copied = sum(self.kernel_by_op.values()) > before
+            moved, inplace = _moved(func, args, kwargs, out, copies=copied)
             self.by_op[name] += moved
             self.inplace += inplace
         return out

@@ -116,8 +116,11 @@ def test_step_is_one_graph_under_dynamo(tiny):
     features = torch.randn((1, 32, 16, 16), generator=torch.Generator().manual_seed(1))
     sparse = _prompts(tiny.prompt_encoder, 4, seed=2)
     with torch.inference_mode():
-        explanation = torch._dynamo.explain(decoder.step)(decoder.context(features), sparse)
+        context = decoder.context(features)
+        explanation = torch._dynamo.explain(decoder.step)(context, sparse)
+        into = torch._dynamo.explain(decoder.step)(context, sparse, out=torch.empty((4, 3, 64, 64)))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    assert into.graph_break_count == 0 and into.graph_count == 1, into.break_reasons
 
 
 def test_bad_features_are_refused(tiny):

@@ -225,19 +225,22 @@ class BatchedSam:
 
     def _decode_fused(self, features: "torch.Tensor", sparse: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
         """:meth:`decode` with :class:`~ovseg_mine.mine.algorithms.sam_decoder.FusedDecoder`: its per-image context
-        once, then its ``step`` per batch of ``points_per_batch`` prompts (``_fused_step``: compiled or not)."""
+        once, then its ``step`` per batch of ``points_per_batch`` prompts (``_fused_step``: compiled or not), each
+        writing its logits into its slice of the result."""
         import torch
 
         from ovseg_mine.precision import autocast
 
-        lows, ious = [], []
+        fused, ious = self._fused, []
+        dtype = self.dtype if self.decoder_precision.startswith("amp_") else self.decoder_dtype  # the step's output
+        grid = 4 * np.array(fused.grid)
         with torch.inference_mode(), autocast(self.decoder_precision, self.device):
-            context = self._fused.context(features)
+            low = torch.empty((len(sparse), fused.num_mask_tokens - 1, *grid), dtype=dtype, device=self.device)
+            context = fused.context(features)
             for start in range(0, len(sparse), self.points_per_batch):
-                low, iou = self._fused_step(context, sparse[start : start + self.points_per_batch])
-                lows.append(low)
-                ious.append(iou)
-        return torch.cat(lows).flatten(0, 1), torch.cat(ious).flatten(0, 1)
+                end = start + self.points_per_batch  # written in place: no concatenation of the batches' logits
+                ious.append(self._fused_step(context, sparse[start:end], out=low[start:end])[1])
+        return low.flatten(0, 1), torch.cat(ious).flatten(0, 1)
 
     def propose(self, features: "torch.Tensor", size: tuple[int, int], cfg: "SamConfig", chunk_bytes: int) -> "MaskSet":
         """SAM's kept proposals of one image: :meth:`decode` over the point grid, then the automatic mask

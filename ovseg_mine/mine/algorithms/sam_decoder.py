@@ -64,16 +64,12 @@ def _heads(attn: Any) -> tuple[int, int]:
     return attn.num_heads, attn.internal_dim // attn.num_heads
 
 
-def _block_diagonal(x: Tensor, heads: int, head_first: bool) -> Tensor:
-    """``[B, T, H*d]`` -> ``[B, H*T, H*d]`` (``head_first``, rows ``(h, t)``) or ``[B, T*H, H*d]`` (rows
-    ``(t, h)``): row ``(h, t)`` is ``x[b, t]`` with every channel outside head ``h`` zeroed."""
+def _block_diagonal(x: Tensor, heads: int) -> Tensor:
+    """``[B, T, H*d]`` -> ``[B, T*H, H*d]``: row ``(t, h)`` is ``x[b, t]`` with every channel outside head ``h``
+    zeroed (a product with it is the per-head product, heads laid out along the rows)."""
     b, t, width = x.shape
     eye = torch.eye(heads, dtype=x.dtype, device=x.device)
-    if head_first:
-        out = x.view(b, 1, t, heads, width // heads) * eye.view(1, heads, 1, heads, 1)
-    else:
-        out = x.view(b, t, 1, heads, width // heads) * eye.view(1, 1, heads, heads, 1)
-    return out.reshape(b, t * heads, width)
+    return (x.view(b, t, 1, heads, width // heads) * eye.view(1, 1, heads, heads, 1)).view(b, t * heads, width)
 
 
 def _activate(act: nn.Module, x: Tensor) -> Tensor:
@@ -205,7 +201,7 @@ class FusedDecoder(nn.Module):
         values = F.linear(src, first.wv, first.bv).view(shape).transpose(1, 2).contiguous()
         return DecoderContext(src + back.bo, keys, values, F.linear(src_pe, back.wq, back.bq))
 
-    def step(self, context: DecoderContext, sparse: Tensor) -> tuple[Tensor, Tensor]:
+    def step(self, context: DecoderContext, sparse: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Masks and IoUs of a batch of prompts of one image, as ``MaskDecoder(..., multimask_output=True)``.
 
         A pure tensor function of fixed shapes (no host sync, no branch on values): compiles with
@@ -215,10 +211,12 @@ class FusedDecoder(nn.Module):
             context: the image's :meth:`context`.
             sparse: ``[B, S, C]`` sparse prompt embeddings (``PromptEncoder``'s first output; ``S = 2`` for one
                 point and its padding point).
+            out: where to write the mask logits (``[B, M-1, 4h, 4w]``, contiguous; e.g. a slice of all the image's
+                prompts' logits, which spares a concatenation); None: a new tensor.
 
         Returns:
-            Low-resolution mask logits ``[B, M-1, 4h, 4w]`` in the decoder's dtype (``M-1 = 3`` multimask outputs)
-            and their predicted IoUs, float32 ``[B, M-1]``.
+            Low-resolution mask logits ``[B, M-1, 4h, 4w]`` in the decoder's dtype (``M-1 = 3`` multimask outputs;
+            ``out`` when given) and their predicted IoUs, float32 ``[B, M-1]``.
         """
         b = sparse.shape[0]
         tokens = torch.cat([self.tokens.expand(b, -1, -1), sparse.to(self.dtype)], dim=1)  # [B, T, C]
@@ -238,7 +236,7 @@ class FusedDecoder(nn.Module):
         kept = torch.cat([queries[:, :1], queries[:, 2 : m + 1]], dim=1)  # IoU token, multimask tokens
         kept_pe = torch.cat([tokens[:, :1], tokens[:, 2 : m + 1]], dim=1)
         kept = self.norm_final(kept + self._to_image(self.final, kept + kept_pe, keys))
-        return self._masks(keys, kept[:, 1:]), self._iou(kept[:, 0])[:, 1:]
+        return self._masks(keys, kept[:, 1:], out), self._iou(kept[:, 0])[:, 1:]
 
     def _to_shared_image(self, context: DecoderContext, q_in: Tensor) -> Tensor:
         """The first layer's token->image attention ``[B, T, C]`` on the image's shared keys and values: one
@@ -256,16 +254,18 @@ class FusedDecoder(nn.Module):
         """The first layer's image->token attention added to the image's keys: ``[B, N, C]`` before ``norm4``."""
         b, t, _ = queries.shape
         fold, n = self.to_tokens[0], context.queries.shape[0]
-        k = _block_diagonal(F.linear(queries + tokens, fold.wk, fold.bk), self.heads, head_first=True)  # (h, t)
-        attn = torch.mm(context.queries, k.view(b * t * self.heads, -1).T).view(n, b * self.heads, t).softmax(-1)
-        values = self._values(fold, queries)
-        return torch.baddbmm(context.src_bias, attn.view(n, b, -1).transpose(0, 1), values)
+        k = _block_diagonal(F.linear(queries + tokens, fold.wk, fold.bk), self.heads)  # rows (t, h)
+        logits = torch.mm(context.queries, k.view(b * t * self.heads, -1).T)  # [N, (b, t, h)]
+        attn = logits.view(n, b, t, self.heads).softmax(2).view(n, b, -1)  # softmax over the tokens of a head
+        return torch.baddbmm(context.src_bias, attn.transpose(0, 1), self._values(fold, queries))
 
-    def _values(self, fold: _Folded, queries: Tensor) -> Tensor:
-        """Per-prompt values times the output projection, ``[B, H*T, C]`` rows ``(h, t)``."""
+    def _values(self, fold: _Folded, queries: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Per-prompt values times the output projection (plus ``bias [C]``), ``[B, T*H, C]`` rows ``(t, h)``."""
         b, t, _ = queries.shape
-        v = F.linear(queries, fold.wv, fold.bv).view(b, t, self.heads, self.head_dim)
-        return torch.einsum("bthd,hdc->bhtc", v, fold.wo_heads).reshape(b, self.heads * t, -1)
+        v = _block_diagonal(F.linear(queries, fold.wv, fold.bv), self.heads).view(b * t * self.heads, -1)
+        wo = fold.wo_heads.view(-1, fold.wo_heads.shape[-1])  # [I, C]: out_proj's weight, transposed
+        out = torch.mm(v, wo) if bias is None else torch.addmm(bias, v, wo)
+        return out.view(b, t * self.heads, -1)
 
     def _to_image(self, fold: _Folded, q_in: Tensor, keys: Tensor) -> Tensor:
         """Token->image attention ``[B, T, C]`` on per-prompt ``keys [B, N, C]`` (their positional encoding
@@ -273,7 +273,7 @@ class FusedDecoder(nn.Module):
         one matrix per head."""
         b, t, _ = q_in.shape
         channels = keys.shape[-1]
-        q = _block_diagonal(F.linear(q_in, fold.wq, fold.bq), self.heads, head_first=False)  # rows (t, h)
+        q = _block_diagonal(F.linear(q_in, fold.wq, fold.bq), self.heads)  # rows (t, h)
         qk = torch.mm(q.view(b * t * self.heads, -1), fold.wk)  # [(b, t, h), C]
         pe_term = torch.mm(qk, self.pe_t).view(b, t * self.heads, -1)
         attn = torch.baddbmm(pe_term, qk.view(b, t * self.heads, channels), keys.transpose(1, 2)).softmax(-1)
@@ -285,17 +285,17 @@ class FusedDecoder(nn.Module):
         query projection folded into the tokens' keys, the positional encoding into the product's added term."""
         b, t, _ = queries.shape
         n, channels = keys.shape[1:]
-        k = _block_diagonal(F.linear(queries + tokens, fold.wk, fold.bk), self.heads, head_first=True)  # (h, t)
-        k2 = k.view(b * self.heads * t, -1)
-        kq = torch.mm(k2, fold.wq)  # [(b, h, t), C]
+        k = _block_diagonal(F.linear(queries + tokens, fold.wk, fold.bk), self.heads)  # rows (t, h)
+        k2 = k.view(b * t * self.heads, -1)
+        kq = torch.mm(k2, fold.wq)  # [(b, t, h), C]
         pe_term = torch.addmm(torch.mv(k2, fold.bq.to(k2.dtype))[None], self.pe, kq.T).view(n, b, -1).transpose(0, 1)
-        logits = torch.baddbmm(pe_term, keys, kq.view(b, -1, channels).transpose(1, 2))  # [B, N, (h, t)]
-        attn = logits.view(b, n, self.heads, t).softmax(-1).view(b, n, -1)
-        values = self._values(fold, queries) + fold.bo / self.heads
+        logits = torch.baddbmm(pe_term, keys, kq.view(b, -1, channels).transpose(1, 2))  # [B, N, (t, h)]
+        attn = logits.view(b, n, t, self.heads).softmax(2).view(b, n, -1)
+        values = self._values(fold, queries, fold.bo / self.heads)  # the heads' rows of attn sum to H
         # in place on keys (a fresh norm's output); .to: a no-op unless autocast gave them other dtypes
         return keys.baddbmm_(attn.to(keys.dtype), values.to(keys.dtype))
 
-    def _masks(self, keys: Tensor, mask_tokens: Tensor) -> Tensor:
+    def _masks(self, keys: Tensor, mask_tokens: Tensor, out: Tensor | None) -> Tensor:
         """``output_upscaling`` on channels-last ``keys [B, N, C]`` and the hypernetwork product with
         ``mask_tokens [B, K, C]``: mask logits ``[B, K, 4h, 4w]``."""
         b, n, channels = keys.shape
@@ -309,7 +309,11 @@ class FusedDecoder(nn.Module):
             hyper = F.relu(hyper) if j < len(self.hyper) - 1 else hyper
         masks = torch.bmm(hyper.transpose(0, 1), x.view(b, n * 16, -1).transpose(1, 2))  # [B, K, (y,x,i,j,k,l)]
         k = masks.shape[1]  # output pixel (4y + 2i + k, 4x + 2j + l)
-        return masks.view(b, k, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, k, 4 * h, 4 * w)
+        masks = masks.view(b, k, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+        if out is None:
+            return masks.reshape(b, k, 4 * h, 4 * w)
+        out.view(b, k, h, 2, 2, w, 2, 2).copy_(masks)
+        return out
 
     def _iou(self, token: Tensor) -> Tensor:
         """``iou_prediction_head`` in float32 (autocast off) on the IoU token ``[B, C]``: ``[B, M]``."""
