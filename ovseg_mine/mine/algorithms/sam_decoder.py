@@ -25,7 +25,12 @@ arithmetic):
 * **Upscaling on channels-last tokens**: each ``ConvTranspose2d(kernel 2, stride 2)`` is one ``addmm`` (weights
   reshaped once), ``LayerNorm2d`` one ``layer_norm`` over the last dimension, then the activation and the
   hypernetwork product as one ``bmm`` whose output is only the masks; no ``[32, 4h, 4w]`` channels-first tensor.
+* **In place** where the input is a fresh intermediate nobody else reads: the upscaling's two exact GELUs
+  (``gelu_``) and the residual of the layers after the first (``baddbmm_`` into the previous ``norm4``'s output).
 * The IoU head runs in float32 whatever the decoder's dtype (as :mod:`ovseg_mine.mine.algorithms.sam_batch`).
+
+Bytes moved per prompt (SAM vit_b, bf16, ``benchmarks/decoder_bytes.py``): 59.6 MB against segment-anything's
+181.7 MB.
 
 :meth:`FusedDecoder.step` is a pure tensor function of fixed shapes (no host sync, no branch on values), so it
 compiles with ``torch.compile(fullgraph=True)``.
