@@ -29,36 +29,58 @@ _NO_KERNEL |= {"aten.empty_like", "aten.set_", "aten._reshape_alias", "aten.resi
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 
 
+_OVERWRITES = {"aten.copy_", "aten.fill_", "aten.zero_"}  # ops whose mutated ``self`` is written, not read
+
+
+def _mutated(func: Any, args: tuple, kwargs: dict) -> dict[int, bool]:
+    """``id -> read`` of the tensors ``func`` mutates (its schema's ``alias_info.is_write`` arguments): ``read``
+    False for a pure overwrite (an ``out=`` argument, ``copy_``'s or ``fill_``'s or ``zero_``'s ``self``) unless the
+    same tensor is also passed as an input the op reads."""
+    schema = func._schema.arguments
+    named = {a.name: v for a, v in zip(schema, args, strict=False)} | kwargs
+    overwrite = str(func.overloadpacket) in _OVERWRITES
+    written, read_ids = {}, set()
+    for arg in schema:
+        tensors = [t for t in tree_flatten(named.get(arg.name))[0] if isinstance(t, torch.Tensor)]
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            pure = arg.is_out or (overwrite and arg.name == "self")
+            written.update({id(t): not pure for t in tensors})
+        else:
+            read_ids.update(id(t) for t in tensors)
+    return {i: read or i in read_ids for i, read in written.items()}
+
+
 def _moved(func: Any, args: tuple, kwargs: dict, out: Any, copies: bool = False) -> tuple[int, int]:
-    """``(bytes, in-place bytes)`` of one op by the byte rule (0 for a view or an allocation, unless ``copies``:
-    a composite view op such as ``reshape`` whose decomposition copied)."""
+    """``(bytes by the corrected rule, bytes by the rule as first written)`` of one op (0 for a view or an
+    allocation, unless ``copies``: a composite view op such as ``reshape`` whose decomposition copied).
+
+    As first written: each distinct tensor object among the inputs and outputs once. Corrected: a tensor the op
+    mutates and also reads (an in-place op's ``self``, ``baddbmm_``'s, ``gelu_``'s) counts twice, read and
+    written; a pure overwrite (``out=``, ``copy_``'s destination, ``fill_``, ``zero_``) once."""
     if (func.is_view and not copies) or str(func.overloadpacket) in _NO_KERNEL:
         return 0, 0
-    inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-    outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-    seen = {id(t): t for t in inputs + outputs}
-    input_ids = {id(t) for t in inputs}
-    inplace = sum(t.numel() * t.element_size() for t in outputs if id(t) in input_ids)
-    return sum(t.numel() * t.element_size() for t in seen.values()), inplace
+    tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+    seen = {id(t): t for t in tensors}
+    as_written = sum(t.numel() * t.element_size() for t in seen.values())
+    twice = [seen[i] for i, read in _mutated(func, args, kwargs).items() if read]
+    return as_written + sum(t.numel() * t.element_size() for t in twice), as_written
 
 
 class _Counter(TorchDispatchMode):
-    """Bytes per op name by the byte rule (``by_op``: top-level ops, a composite op such as ``linear`` or
-    ``reshape`` as one op, a view op only when it copied) and by the kernels eager runs (``kernel_by_op``: a
-    composite op through its decomposition); ``inplace``: bytes of tensors an op both reads and returns (top
-    level)."""
+    """Bytes per op name (``by_op``: top-level ops, a composite op such as ``linear`` or ``reshape`` as one op, a
+    view op only when it copied; ``kernel_by_op``: the kernels eager runs, a composite op through its
+    decomposition), each ``[corrected rule, rule as first written]``."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.by_op: dict[str, int] = defaultdict(int)
-        self.kernel_by_op: dict[str, int] = defaultdict(int)
-        self.inplace = 0
+        self.by_op: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        self.kernel_by_op: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         self._depth = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func.overloadpacket)
-        before = sum(self.kernel_by_op.values())
+        before = sum(v[1] for v in self.kernel_by_op.values())
         if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
             self._depth += 1
             try:
@@ -68,23 +90,26 @@ class _Counter(TorchDispatchMode):
                 self._depth -= 1
         else:
             out = func(*args, **kwargs)
-            self.kernel_by_op[name] += _moved(func, args, kwargs, out)[0]
+            _add(self.kernel_by_op[name], _moved(func, args, kwargs, out))
         if self._depth == 0:
-            copied = sum(self.kernel_by_op.values()) > before
-            moved, inplace = _moved(func, args, kwargs, out, copies=copied)
-            self.by_op[name] += moved
-            self.inplace += inplace
+            copied = sum(v[1] for v in self.kernel_by_op.values()) > before
+            _add(self.by_op[name], _moved(func, args, kwargs, out, copies=copied))
         return out
 
 
-def count_bytes(fn: Callable[[], Any]) -> tuple[dict[str, int], dict[str, int], int]:
-    """Run ``fn()`` under ``torch.inference_mode`` and the byte rule: ``(bytes per top-level aten op name,
-    bytes per kernel-level op name, in-place bytes left out)``, each dict largest first."""
+def _add(total: list[int], moved: tuple[int, int]) -> None:
+    total[0] += moved[0]
+    total[1] += moved[1]
+
+
+def count_bytes(fn: Callable[[], Any]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Run ``fn()`` under ``torch.inference_mode`` and the byte rule: ``(bytes per top-level aten op name, bytes
+    per kernel-level op name)``, each value ``[corrected rule, rule as first written]``, largest first."""
     counter = _Counter()
     with torch.inference_mode(), counter:
         fn()
-    order = lambda d: dict(sorted(d.items(), key=lambda kv: -kv[1]))  # noqa: E731
-    return order(counter.by_op), order(counter.kernel_by_op), counter.inplace
+    order = lambda d: dict(sorted(d.items(), key=lambda kv: -kv[1][0]))  # noqa: E731
+    return order(counter.by_op), order(counter.kernel_by_op)
 
 
 def decoder_bytes(model: str = "vit_b", kernels: str = "fused", prompts: int = 1024, batch: int = 512) -> dict:
@@ -127,13 +152,15 @@ def decoder_bytes(model: str = "vit_b", kernels: str = "fused", prompts: int = 1
     features = torch.empty((1, channels, *grid), dtype=torch.bfloat16, device="meta")
     size = (480, 640)
     batched._sparse_prompts(size)  # cached per image size: not per image
-    by_op, kernel_by_op, inplace = count_bytes(lambda: batched.decode(features, size))
+    by_op, kernel_by_op = count_bytes(lambda: batched.decode(features, size))
+    total = lambda d, rule: round(sum(v[rule] for v in d.values()) / prompts)  # noqa: E731
     return {
-        "bytes_per_prompt": round(sum(by_op.values()) / prompts),
-        "kernel_bytes_per_prompt": round(sum(kernel_by_op.values()) / prompts),
-        "inplace_bytes_per_prompt": round(inplace / prompts),
-        "top_ops": {name: round(b / prompts) for name, b in list(by_op.items())[:10]},
-        "top_kernel_ops": {name: round(b / prompts) for name, b in list(kernel_by_op.items())[:10]},
+        "bytes_per_prompt": total(by_op, 0),
+        "bytes_per_prompt_as_first_written": total(by_op, 1),
+        "kernel_bytes_per_prompt": total(kernel_by_op, 0),
+        "kernel_bytes_per_prompt_as_first_written": total(kernel_by_op, 1),
+        "top_ops": {name: round(b[0] / prompts) for name, b in list(by_op.items())[:10]},
+        "top_kernel_ops": {name: round(b[0] / prompts) for name, b in list(kernel_by_op.items())[:10]},
     }
 
 

@@ -273,16 +273,19 @@ class FusedDecoder(nn.Module):
         return out.view(b, t * self.heads, -1)
 
     def _to_image(self, fold: _Folded, q_in: Tensor, keys: Tensor) -> Tensor:
-        """Token->image attention ``[B, T, C]`` on per-prompt ``keys [B, N, C]`` (their positional encoding
-        added inside the product), key projection folded into the queries, value and output projections into
-        one matrix per head."""
+        """Token->image attention ``[B, T, C]`` on per-prompt ``keys [B, N, C]``: one single-head
+        ``scaled_dot_product_attention`` per prompt whose queries are the rows ``(t, h)`` with the key projection
+        folded in (``W_k,h^T q_h``, ``C`` wide), whose keys and values are both ``keys`` (one tensor: a fused
+        kernel reads it once) and whose additive mask is the positional term ``(W_k,h^T q_h) . pe``; the value and
+        output projections are one matrix per head applied after."""
         b, t, _ = q_in.shape
         channels = keys.shape[-1]
         q = _block_diagonal(F.linear(q_in, fold.wq, fold.bq), self.heads)  # rows (t, h)
         qk = torch.mm(q.view(b * t * self.heads, -1), fold.wk)  # [(b, t, h), C]
-        pe_term = torch.mm(qk, self.pe_t).view(b, t * self.heads, -1)
-        attn = torch.baddbmm(pe_term, qk.view(b, t * self.heads, channels), keys.transpose(1, 2)).softmax(-1)
-        mixed = torch.bmm(attn, keys)  # [B, (t, h), C]
+        pe_term = torch.mm(qk, self.pe_t).view(b, 1, t * self.heads, -1)
+        kv = keys.unsqueeze(1)
+        qk = qk.view(b, 1, t * self.heads, channels).to(kv.dtype)
+        mixed = F.scaled_dot_product_attention(qk, kv, kv, attn_mask=pe_term.to(kv.dtype), scale=1.0)
         return torch.addmm(fold.bov, mixed.view(b * t, -1), fold.wov).view(b, t, channels)
 
     def _to_tokens(self, fold: _Folded, keys: Tensor, queries: Tensor, tokens: Tensor) -> Tensor:
