@@ -4,8 +4,10 @@ The byte rule of issue 23 (``benchmarks/traffic.py`` is its official implementat
 counter of the same rule so it runs on its own): for each aten op reaching the dispatcher, the sum over its distinct
 tensor inputs and outputs of ``numel * element_size``; view ops, allocations and 0-element tensors count 0. Run
 under ``torch.inference_mode`` (composite ops such as ``linear`` or ``layer_norm`` reach the dispatcher as one op).
-An in-place op counts its tensor once (the rule's "each distinct tensor object once"): ``inplace_bytes`` is what
-that leaves out (the write of each in-place op), reported beside.
+Corrected rule (the figures without a suffix): a tensor an op mutates (its schema's ``alias_info.is_write``: an
+in-place op's ``self``, an ``out=`` argument, ``copy_``'s destination) counts twice, read and written, unless the op
+only writes it (``out=``, ``copy_``, ``fill_``, ``zero_``, when not also passed as an input): then once. The rule
+as first written (``_as_first_written``) counted every distinct tensor once, which leaves out an in-place op's write.
 
 Usage: ``python benchmarks/decoder_bytes.py [--model vit_b] [--prompts 1024] [--batch 512]`` prints a JSON object
 with ``stock`` and ``fused`` (:func:`decoder_bytes`).
@@ -23,7 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 _NO_KERNEL = {"aten._unsafe_view", "aten.alias", "aten.detach", "aten.lift_fresh", "aten.empty", "aten.empty_strided"}
-_NO_KERNEL |= {"aten.empty_like", "aten.set_", "aten._reshape_alias", "aten.resize_"}
+_NO_KERNEL |= {"aten.empty_like", "aten.new_empty", "aten.new_empty_strided", "aten.set_", "aten._reshape_alias"}
+_NO_KERNEL |= {"aten.resize_"}
 
 
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd

@@ -12,25 +12,39 @@ arithmetic):
   attention, whose keys and values are the image's, is one ``scaled_dot_product_attention`` over all the prompts'
   tokens (a fused kernel: no attention matrix written). The dense positional encoding
   depends on nothing: prepared at construction.
-* **Heads without reshuffles.** Per-head products are dense products with the other heads' channels zeroed
-  (a block-diagonal operand, built on the small token side), so the large attention matrices come out in the
-  layout the next product reads, and the value and output projections are folded into one matrix per head
+* **Heads without reshuffles.** Heads are laid out along the rows: a token's per-head vectors are rows ``(t, h)``,
+  so the large attention matrices come out in the layout the next product reads. Where a per-head product meets a
+  token-side projection, the two are folded at construction into one ``C x C`` block per head (head-row weights
+  ``[H*C, C]``: one ``linear`` of the tokens gives all heads' rows, e.g. ``W_k,h^T (W_q,h x + b_q,h)``); with the
+  image's own queries (the first layer) the per-head product is a dense one against a block-diagonal operand built
+  on the small token side. The value and output projections are folded into one matrix per head
   (``out_proj(attn @ v_proj(x)) = sum_h attn_h @ x @ (W_o,h W_v,h)^T + W_o b_v + b_o``, attention rows summing
   to 1). Where the keys are per prompt the key projection is folded into the queries
   (``q_h . W_k,h (x + pe) = (W_k,h^T q_h) . x + (W_k,h^T q_h) . pe``; the ``q_h . b_k,h`` term is constant
-  along the softmax and dropped) and the position-embedding add goes into the product's added term (``baddbmm``),
-  so ``keys + key_pe`` is never written. The softmax scale is folded into the query weights.
+  along the softmax and dropped), so ``keys + key_pe`` is never written. The softmax scale is folded into the
+  query weights.
+* **Token->image attention on per-prompt keys** (the later layers' and the final one): one single-head
+  ``scaled_dot_product_attention`` per prompt, queries the rows ``(t, h)`` (``C`` wide), keys and values both the
+  ``[N, C]`` keys (one tensor), the positional term ``(W_k,h^T q_h) . pe`` its additive mask: the keys read
+  once, no attention matrix written. Image->token attention on per-prompt keys: one ``baddbmm`` whose added term
+  is the positional term, a softmax over each head's tokens, and the residual as ``baddbmm_`` into the keys.
 * **Only what the multimask output reads**: the final token->image attention for the IoU token and mask tokens
   ``1..`` only, the hypernetwork product for those masks only.
 * **Upscaling on channels-last tokens**: each ``ConvTranspose2d(kernel 2, stride 2)`` is one ``addmm`` (weights
-  reshaped once), ``LayerNorm2d`` one ``layer_norm`` over the last dimension, then the activation and the
-  hypernetwork product as one ``bmm`` whose output is only the masks; no ``[32, 4h, 4w]`` channels-first tensor.
-* **In place** where the input is a fresh intermediate nobody else reads: the upscaling's two exact GELUs
-  (``gelu_``) and the residual of the layers after the first (``baddbmm_`` into the previous ``norm4``'s output).
+  reshaped once), ``LayerNorm2d`` one ``layer_norm`` over the last dimension, each exact GELU one ``gelu`` that
+  reads its input through a permuted view and writes it in the pixel order the next product needs, so the
+  hypernetwork product (one ``bmm`` whose output is only the masks) writes the masks in their final layout, into
+  the caller's ``out``: no ``[32, 4h, 4w]`` channels-first tensor, no permuting copy.
+* The token MLPs' ReLU runs in the first layer's product (``_addmm_activation``: exact, not an approximation).
 * The IoU head runs in float32 whatever the decoder's dtype (as :mod:`ovseg_mine.mine.algorithms.sam_batch`).
 
-Bytes moved per prompt (SAM vit_b, bf16, ``benchmarks/decoder_bytes.py``): 59.6 MB against segment-anything's
-181.7 MB.
+Bytes moved per prompt (SAM vit_b, bf16, 1,024 prompts, ``python benchmarks/decoder_bytes.py``; the byte rule with
+an op's mutated-and-read tensor counted twice): 59.9 MB against segment-anything's 181.7 MB. Where they go (MB):
+upscaling and masks 31.9 (GELUs 12.6, the two transposed convolutions 10.5, ``layer_norm`` 4.2, the hypernetwork
+``bmm`` 4.6: reads the ``[16*N, 32]`` upscaled tokens once); the later layers' image->token attention with its
+residual and ``norm4`` 13.3 (the ``[N, C]`` keys read three times, written twice); the first layer's 8.2
+(keys written twice, read once); the later layers' token->image attention 3.1 and the final one 2.7 (keys read
+once, mask written and read); the token side (self-attention, MLPs, norms, IoU head) 0.8.
 
 :meth:`FusedDecoder.step` is a pure tensor function of fixed shapes (no host sync, no branch on values), so it
 compiles with ``torch.compile(fullgraph=True)``.
@@ -51,14 +65,13 @@ class DecoderContext(NamedTuple):
 
     ``N = h*w`` image tokens, ``C`` channels, ``I`` the first layer's cross-attention width:
 
-    * ``src_bias``: ``[N, C]`` image embedding + "no mask" embedding + the first image->token attention's output
-      bias (the first layer's residual).
+    * ``src``: ``[N, C]`` image embedding + "no mask" embedding (the first layer's residual).
     * ``keys``: ``[1, H, N, d]`` the first token->image attention's keys of ``src + pe``, per head (``d = I/H``).
     * ``values``: ``[1, H, N, d]`` its values of ``src``, per head.
     * ``queries``: ``[N, I]`` the first image->token attention's queries of ``src + pe`` (softmax scale folded in).
     """
 
-    src_bias: Tensor
+    src: Tensor
     keys: Tensor
     values: Tensor
     queries: Tensor
@@ -77,15 +90,29 @@ def _block_diagonal(x: Tensor, heads: int) -> Tensor:
     return (x.view(b, t, 1, heads, width // heads) * eye.view(1, 1, heads, heads, 1)).view(b, t * heads, width)
 
 
-def _activate(act: nn.Module, x: Tensor) -> Tensor:
-    """``act(x)``, in place on ``x`` (a fresh tensor) for an exact ``nn.GELU``."""
+def _activate_into(act: nn.Module, x: Tensor, dest: Tensor) -> Tensor:
+    """``act(x)`` written into the contiguous ``dest`` (``x``'s shape and dtype; ``x`` may be any view): ``gelu``'s
+    ``out=`` for an exact ``nn.GELU`` (one element-wise kernel, strided reads), else a copy. (Not the other way
+    round: torch 2.14's CPU ``gelu`` with a strided ``out=`` leaves it unwritten.)"""
     if isinstance(act, nn.GELU) and act.approximate == "none":
-        return torch.ops.aten.gelu_(x)
-    return act(x)
+        return torch.ops.aten.gelu.out(x, out=dest)
+    return dest.copy_(act(x))
+
+
+def _mlp(mlp: Any, x: Tensor) -> Tensor:
+    """segment-anything's ``MLPBlock`` (``lin2(act(lin1(x)))``) on ``x [B, T, C]``; with a ReLU, the first layer
+    and the ReLU as one ``_addmm_activation`` (the activation in the product's epilogue: its input not written)."""
+    if not isinstance(mlp.act, nn.ReLU):
+        return mlp(x)
+    weight = mlp.lin1.weight
+    hidden = torch._addmm_activation(mlp.lin1.bias, x.reshape(-1, x.shape[-1]).to(weight.dtype), weight.T)
+    return F.linear(hidden, mlp.lin2.weight, mlp.lin2.bias).view(*x.shape[:-1], -1)
 
 
 class _Folded(NamedTuple):
-    """One ``Attention``'s weights folded for the per-prompt-keys forms (float32 until cast)."""
+    """One ``Attention``'s weights folded (float32 until cast). Head-row weights ``[H*C, C]`` give, by one
+    ``linear`` of the tokens ``[B, T, C]``, an output ``[B, T, H*C]`` that is ``[B, T*H, C]`` with rows ``(t, h)``:
+    each head's product folded into one ``C x C`` block (no block-diagonal operand, no second product)."""
 
     wq: Tensor  # [I, C] query weight times the softmax scale
     bq: Tensor  # [I]
@@ -97,6 +124,18 @@ class _Folded(NamedTuple):
     bo: Tensor  # [C]
     wov: Tensor  # [H*C, C]: row block h = (W_o,h W_v,h)^T
     bov: Tensor  # [C]: W_o b_v + b_o
+    qk: tuple[Tensor, Tensor]  # head rows: W_k,h^T (W_q,h x + b_q,h), a token query with the key projection in
+    kq: tuple[Tensor, Tensor]  # head rows: W_q,h^T (W_k,h x + b_k,h), a token key with the query projection in
+    kb: tuple[Tensor, Tensor]  # [H, C], [H]: b_q,h . (W_k,h x + b_k,h), the query bias's term of a token key
+    vo: tuple[Tensor, Tensor]  # head rows: W_o,h (W_v,h x + b_v,h) + b_o / H, a token value with out_proj in
+
+
+def _head_rows(w_out: Tensor, w_in: Tensor, b_in: Tensor) -> tuple[Tensor, Tensor]:
+    """``x -> W_out,h^T (W_in,h x + b_in,h)`` per head as one ``linear``: weight ``[H*C, C]``, bias ``[H*C]``
+    (``w_out, w_in``: ``[H, d, C]``, ``b_in``: ``[H, d]``)."""
+    heads, _, c = w_out.shape
+    weight = torch.einsum("hdo,hdi->hoi", w_out, w_in).reshape(heads * c, -1)
+    return weight, torch.einsum("hdo,hd->ho", w_out, b_in).reshape(-1)
 
 
 def _fold(attn: Any, dtype: torch.dtype) -> _Folded:
@@ -104,15 +143,21 @@ def _fold(attn: Any, dtype: torch.dtype) -> _Folded:
     heads, d = _heads(attn)
     scale = d**-0.5
     wq, bq = attn.q_proj.weight.float() * scale, attn.q_proj.bias.float() * scale
+    wk, bk = attn.k_proj.weight.float(), attn.k_proj.bias.float()
     wv, bv = attn.v_proj.weight.float(), attn.v_proj.bias.float()
     wo, bo = attn.out_proj.weight.float(), attn.out_proj.bias.float()
     c = wo.shape[0]
     wo_heads = wo.view(c, heads, d).permute(1, 2, 0)  # [H, d, C]
     wov = torch.einsum("hdi,hdo->hio", wv.view(heads, d, -1), wo_heads).reshape(heads * wv.shape[1], c)
-    folded = _Folded(
-        wq, bq, attn.k_proj.weight.float(), attn.k_proj.bias.float(), wv, bv, wo_heads, bo, wov, wo @ bv + bo
-    )
-    return _Folded(*(t.to(dtype).contiguous() for t in folded))
+    split = lambda w: w.reshape(heads, d, -1)  # noqa: E731  [I, C] -> [H, d, C]; [I] -> [H, d, 1]
+    qk = _head_rows(split(wk), split(wq), split(bq)[..., 0])
+    kq = _head_rows(split(wq), split(wk), split(bk)[..., 0])
+    kb = torch.einsum("hdc,hd->hc", split(wk), split(bq)[..., 0]), (split(bq) * split(bk))[..., 0].sum(-1)
+    vw, vb = _head_rows(wo_heads, split(wv), split(bv)[..., 0])
+    vo = vw, vb + (bo / heads).repeat(heads)
+    folded = _Folded(wq, bq, wk, bk, wv, bv, wo_heads, bo, wov, wo @ bv + bo, qk, kq, kb, vo)
+    cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
+    return _Folded(*(tuple(map(cast, t)) if isinstance(t, tuple) else cast(t) for t in folded))
 
 
 class FusedDecoder(nn.Module):
@@ -204,7 +249,7 @@ class FusedDecoder(nn.Module):
         shape = (1, n, self.heads, self.head_dim)
         keys = F.linear(src_pe, first.wk, first.bk).view(shape).transpose(1, 2).contiguous()
         values = F.linear(src, first.wv, first.bv).view(shape).transpose(1, 2).contiguous()
-        return DecoderContext(src + back.bo, keys, values, F.linear(src_pe, back.wq, back.bq))
+        return DecoderContext(src, keys, values, F.linear(src_pe, back.wq, back.bq))
 
     def step(self, context: DecoderContext, sparse: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Masks and IoUs of a batch of prompts of one image, as ``MaskDecoder(..., multimask_output=True)``.
@@ -228,14 +273,14 @@ class FusedDecoder(nn.Module):
         layer = self.layers[0]  # segment-anything's TwoWayAttentionBlock with skip_first_layer_pe
         queries = layer.norm1(layer.self_attn(q=tokens, k=tokens, v=tokens))
         queries = layer.norm2(queries + self._to_shared_image(context, queries + tokens))
-        queries = layer.norm3(queries + layer.mlp(queries))
+        queries = layer.norm3(queries + _mlp(layer.mlp, queries))
         keys = layer.norm4(self._to_tokens_shared(context, queries, tokens))
         for i in range(1, len(self.layers)):
             layer = self.layers[i]
             q = queries + tokens
             queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
             queries = layer.norm2(queries + self._to_image(self.to_image[i], queries + tokens, keys))
-            queries = layer.norm3(queries + layer.mlp(queries))
+            queries = layer.norm3(queries + _mlp(layer.mlp, queries))
             keys = layer.norm4(self._to_tokens(self.to_tokens[i], keys, queries, tokens))
         m = self.num_mask_tokens
         kept = torch.cat([queries[:, :1], queries[:, 2 : m + 1]], dim=1)  # IoU token, multimask tokens
@@ -262,15 +307,13 @@ class FusedDecoder(nn.Module):
         k = _block_diagonal(F.linear(queries + tokens, fold.wk, fold.bk), self.heads)  # rows (t, h)
         logits = torch.mm(context.queries, k.view(b * t * self.heads, -1).T)  # [N, (b, t, h)]
         attn = logits.view(n, b, t, self.heads).softmax(2).view(n, b, -1)  # softmax over the tokens of a head
-        return torch.baddbmm(context.src_bias, attn.transpose(0, 1), self._values(fold, queries))
+        return torch.baddbmm(context.src, attn.transpose(0, 1), self._values(fold, queries))
 
-    def _values(self, fold: _Folded, queries: Tensor, bias: Tensor | None = None) -> Tensor:
-        """Per-prompt values times the output projection (plus ``bias [C]``), ``[B, T*H, C]`` rows ``(t, h)``."""
+    def _values(self, fold: _Folded, queries: Tensor) -> Tensor:
+        """Per-prompt values times the output projection, plus ``b_o / H``: ``[B, T*H, C]``, rows ``(t, h)`` (an
+        image row's attention sums to 1 per head: ``b_o`` once)."""
         b, t, _ = queries.shape
-        v = _block_diagonal(F.linear(queries, fold.wv, fold.bv), self.heads).view(b * t * self.heads, -1)
-        wo = fold.wo_heads.view(-1, fold.wo_heads.shape[-1])  # [I, C]: out_proj's weight, transposed
-        out = torch.mm(v, wo) if bias is None else torch.addmm(bias, v, wo)
-        return out.view(b, t * self.heads, -1)
+        return F.linear(queries, *fold.vo).view(b, t * self.heads, -1)
 
     def _to_image(self, fold: _Folded, q_in: Tensor, keys: Tensor) -> Tensor:
         """Token->image attention ``[B, T, C]`` on per-prompt ``keys [B, N, C]``: one single-head
@@ -280,8 +323,7 @@ class FusedDecoder(nn.Module):
         output projections are one matrix per head applied after."""
         b, t, _ = q_in.shape
         channels = keys.shape[-1]
-        q = _block_diagonal(F.linear(q_in, fold.wq, fold.bq), self.heads)  # rows (t, h)
-        qk = torch.mm(q.view(b * t * self.heads, -1), fold.wk)  # [(b, t, h), C]
+        qk = F.linear(q_in, *fold.qk).view(b * t * self.heads, channels)  # [(b, t, h), C]
         pe_term = torch.mm(qk, self.pe_t).view(b, 1, t * self.heads, -1)
         kv = keys.unsqueeze(1)
         qk = qk.view(b, 1, t * self.heads, channels).to(kv.dtype)
@@ -293,34 +335,45 @@ class FusedDecoder(nn.Module):
         query projection folded into the tokens' keys, the positional encoding into the product's added term."""
         b, t, _ = queries.shape
         n, channels = keys.shape[1:]
-        k = _block_diagonal(F.linear(queries + tokens, fold.wk, fold.bk), self.heads)  # rows (t, h)
-        k2 = k.view(b * t * self.heads, -1)
-        kq = torch.mm(k2, fold.wq)  # [(b, t, h), C]
-        pe_term = torch.addmm(torch.mv(k2, fold.bq.to(k2.dtype))[None], self.pe, kq.T).view(n, b, -1).transpose(0, 1)
+        x = queries + tokens
+        kq = F.linear(x, *fold.kq).view(b * t * self.heads, channels)  # [(b, t, h), C]
+        pe_term = torch.addmm(F.linear(x, *fold.kb).view(1, -1), self.pe, kq.T).view(n, b, -1).transpose(0, 1)
         logits = torch.baddbmm(pe_term, keys, kq.view(b, -1, channels).transpose(1, 2))  # [B, N, (t, h)]
         attn = logits.view(b, n, t, self.heads).softmax(2).view(b, n, -1)
-        values = self._values(fold, queries, fold.bo / self.heads)  # the heads' rows of attn sum to H
+        values = self._values(fold, queries)
         # in place on keys (a fresh norm's output); .to: a no-op unless autocast gave them other dtypes
         return keys.baddbmm_(attn.to(keys.dtype), values.to(keys.dtype))
 
     def _masks(self, keys: Tensor, mask_tokens: Tensor, out: Tensor | None) -> Tensor:
         """``output_upscaling`` on channels-last ``keys [B, N, C]`` and the hypernetwork product with
-        ``mask_tokens [B, K, C]``: mask logits ``[B, K, 4h, 4w]``."""
+        ``mask_tokens [B, K, C]``: mask logits ``[B, K, 4h, 4w]``.
+
+        Output pixel ``(4y + 2i + k, 4x + 2j + l)`` comes from token ``(y, x)``, the first transposed convolution's
+        offset ``(i, j)`` and the second's ``(k, l)``. Each GELU reads its input through a permuted view (strided
+        reads in runs of 128 bytes) and writes its result contiguous in the row order the next product needs: the
+        first in order ``(y, i, x, j)``, the second ``(y, i, k, x, j, l)``, so the hypernetwork product writes the
+        masks in their final layout (into ``out`` when it has the product's dtype): no permuting copy."""
         b, n, channels = keys.shape
         (b1, w1), (b2, w2), (h, w) = self.up1, self.up2, self.grid
         x = torch.addmm(b1, keys.reshape(b * n, channels), w1)  # rows (b, y, x), columns (i, j, c/4)
-        x = _activate(self.act1, F.layer_norm(x.view(b * n * 4, -1), (w2.shape[0],), *self.up_norm, self.up_norm_eps))
-        x = _activate(self.act2, torch.addmm(b2, x, w2))  # rows (b, y, x, i, j), columns (k, l, c/8)
+        x = F.layer_norm(x.view(b * n * 4, -1), (w2.shape[0],), *self.up_norm, self.up_norm_eps)
+        up = torch.empty((b, h, 2, w, 2, w2.shape[0]), dtype=x.dtype, device=x.device)  # (b, y, i, x, j, c/4)
+        _activate_into(self.act1, x.view(b, h, w, 2, 2, -1).permute(0, 1, 3, 2, 4, 5), up)
+        x = torch.addmm(b2, up.view(b * n * 4, -1), w2)  # rows (b, y, i, x, j), columns (k, l, c/8)
+        up = torch.empty((b, h, 2, 2, w, 2, 2, w2.shape[1] // 4), dtype=x.dtype, device=x.device)
+        _activate_into(self.act2, x.view(b, h, 2, w, 2, 2, 2, -1).permute(0, 1, 2, 5, 3, 4, 6, 7), up)
         hyper = mask_tokens.transpose(0, 1)  # [K, B, C]
         for j, (bias, weight) in enumerate(self.hyper):
             hyper = torch.baddbmm(bias, hyper, weight)
             hyper = F.relu(hyper) if j < len(self.hyper) - 1 else hyper
-        masks = torch.bmm(hyper.transpose(0, 1), x.view(b, n * 16, -1).transpose(1, 2))  # [B, K, (y,x,i,j,k,l)]
-        k = masks.shape[1]  # output pixel (4y + 2i + k, 4x + 2j + l)
-        masks = masks.view(b, k, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+        hyper, pixels = hyper.transpose(0, 1), up.view(b, n * 16, -1).transpose(1, 2)
+        k = hyper.shape[1]
         if out is None:
-            return masks.reshape(b, k, 4 * h, 4 * w)
-        out.view(b, k, h, 2, 2, w, 2, 2).copy_(masks)
+            return torch.bmm(hyper, pixels).view(b, k, 4 * h, 4 * w)
+        if out.dtype == pixels.dtype == hyper.dtype:
+            torch.bmm(hyper, pixels, out=out.view(b, k, -1))
+        else:  # autocast gave the product another dtype than out's
+            out.view(b, k, -1).copy_(torch.bmm(hyper, pixels))
         return out
 
     def _iou(self, token: Tensor) -> Tensor:
