@@ -123,6 +123,23 @@ def test_step_is_one_graph_under_dynamo(tiny):
     assert into.graph_break_count == 0 and into.graph_count == 1, into.break_reasons
 
 
+def test_compiled_step_equals_eager(tiny):
+    """The step under ``torch.compile(fullgraph=True)`` (inductor, as ``BatchedSam(compile=True)`` runs it on a
+    GPU) gives the eager masks, written into ``out`` (an ``out=`` into a fresh tensor once broke inductor's
+    functionalization: the eager GELUs now take another form when compiling)."""
+    decoder = FusedDecoder(tiny)
+    features = torch.randn((1, 32, 16, 16), generator=torch.Generator().manual_seed(1))
+    sparse = _prompts(tiny.prompt_encoder, 4, seed=2)
+    with torch.inference_mode():
+        context = decoder.context(features)
+        ref_low, ref_iou = decoder.step(context, sparse)
+        out = torch.empty((4, 3, 64, 64))
+        low, iou = torch.compile(decoder.step, fullgraph=True)(context, sparse, out=out)
+    assert low.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(low, ref_low, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_features_are_refused(tiny):
     with pytest.raises(ValueError, match="features must be"):
         FusedDecoder(tiny).context(torch.zeros((2, 32, 16, 16)))

@@ -90,13 +90,15 @@ def _block_diagonal(x: Tensor, heads: int) -> Tensor:
     return (x.view(b, t, 1, heads, width // heads) * eye.view(1, 1, heads, heads, 1)).view(b, t * heads, width)
 
 
-def _activate_into(act: nn.Module, x: Tensor, dest: Tensor) -> Tensor:
-    """``act(x)`` written into the contiguous ``dest`` (``x``'s shape and dtype; ``x`` may be any view): ``gelu``'s
-    ``out=`` for an exact ``nn.GELU`` (one element-wise kernel, strided reads), else a copy. (Not the other way
-    round: torch 2.14's CPU ``gelu`` with a strided ``out=`` leaves it unwritten.)"""
-    if isinstance(act, nn.GELU) and act.approximate == "none":
-        return torch.ops.aten.gelu.out(x, out=dest)
-    return dest.copy_(act(x))
+def _activate_contiguous(act: nn.Module, x: Tensor) -> Tensor:
+    """``act(x)`` as a new contiguous tensor of ``x``'s shape (``x`` may be a permuted view): eagerly, for an exact
+    ``nn.GELU``, one ``gelu`` with ``out=`` a fresh contiguous tensor (strided reads, no copy after). (Not the
+    other way round: torch 2.14's CPU ``gelu`` with a strided ``out=`` leaves it unwritten.) Under
+    ``torch.compile`` the plain form (its functionalization gives an ``out=`` result the input's strides; the
+    compiler fuses the layout change into the GELU's kernel itself)."""
+    if isinstance(act, nn.GELU) and act.approximate == "none" and not torch.compiler.is_compiling():
+        return torch.ops.aten.gelu.out(x, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    return act(x).contiguous()
 
 
 def _mlp(mlp: Any, x: Tensor) -> Tensor:
@@ -357,16 +359,14 @@ class FusedDecoder(nn.Module):
         (b1, w1), (b2, w2), (h, w) = self.up1, self.up2, self.grid
         x = torch.addmm(b1, keys.reshape(b * n, channels), w1)  # rows (b, y, x), columns (i, j, c/4)
         x = F.layer_norm(x.view(b * n * 4, -1), (w2.shape[0],), *self.up_norm, self.up_norm_eps)
-        up = torch.empty((b, h, 2, w, 2, w2.shape[0]), dtype=x.dtype, device=x.device)  # (b, y, i, x, j, c/4)
-        _activate_into(self.act1, x.view(b, h, w, 2, 2, -1).permute(0, 1, 3, 2, 4, 5), up)
+        up = _activate_contiguous(self.act1, x.view(b, h, w, 2, 2, -1).permute(0, 1, 3, 2, 4, 5))  # (b, y, i, x, j)
         x = torch.addmm(b2, up.view(b * n * 4, -1), w2)  # rows (b, y, i, x, j), columns (k, l, c/8)
-        up = torch.empty((b, h, 2, 2, w, 2, 2, w2.shape[1] // 4), dtype=x.dtype, device=x.device)
-        _activate_into(self.act2, x.view(b, h, 2, w, 2, 2, 2, -1).permute(0, 1, 2, 5, 3, 4, 6, 7), up)
+        up = _activate_contiguous(self.act2, x.view(b, h, 2, w, 2, 2, 2, -1).permute(0, 1, 2, 5, 3, 4, 6, 7))
         hyper = mask_tokens.transpose(0, 1)  # [K, B, C]
         for j, (bias, weight) in enumerate(self.hyper):
             hyper = torch.baddbmm(bias, hyper, weight)
             hyper = F.relu(hyper) if j < len(self.hyper) - 1 else hyper
-        hyper, pixels = hyper.transpose(0, 1), up.view(b, n * 16, -1).transpose(1, 2)
+        hyper, pixels = hyper.transpose(0, 1), up.view(b, n * 16, -1).transpose(1, 2)  # rows (y, i, k, x, j, l)
         k = hyper.shape[1]
         if out is None:
             return torch.bmm(hyper, pixels).view(b, k, 4 * h, 4 * w)
