@@ -154,3 +154,12 @@ def test_fused_kernels_give_the_stock_pairs_and_a_batch_what_each_image_gives(im
             assert np.array_equal(x.runs, y.runs) and abs(x.similarity - y.similarity) < 1e-4
     for job, outcome in zip(fused_jobs, together, strict=True):
         _same(fused.mine([job])[0], outcome)
+
+
+def test_engine_kernels_pick_the_decoder():
+    """``engine.kernels``: ``auto`` is the fused decoder under a GPU's rules, stock otherwise; an explicit choice
+    wins."""
+    assert _engine().sam.kernels == "stock"
+    assert _engine("engine.device_rules=cuda").sam.kernels == "fused"
+    assert _engine("engine.kernels=fused").sam.kernels == "fused"
+    assert _engine("engine.device_rules=cuda", "engine.kernels=stock").sam.kernels == "stock"

@@ -3,6 +3,8 @@
 
 * :mod:`~ovseg_mine.mine.algorithms.nouns` -- nouns of the captions (spaCy noun chunks, lemmas, stop nouns).
 * :mod:`~ovseg_mine.mine.algorithms.sam_attention` -- SAM's attention on ``scaled_dot_product_attention``.
+* :mod:`~ovseg_mine.mine.algorithms.sam_decoder` -- SAM's mask decoder for one image and a batch of point prompts,
+  moving far fewer bytes per prompt (``engine.kernels = "fused"``).
 * :mod:`~ovseg_mine.mine.algorithms.sam_batch` -- SAM's encoder and decoder over batches of images and prompts.
 * :mod:`~ovseg_mine.mine.algorithms.compiled` -- the GPU stage's parts under ``torch.compile`` (``engine.compile``),
   each a bounded number of fixed-shape graphs, their compiles counted and timed.

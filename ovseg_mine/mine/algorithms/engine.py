@@ -296,6 +296,7 @@ class MiningEngine:
         rules = "cuda" if cfg.engine.device_rules == "cuda" else self.device.type  # whose defaults apply
         cuda = rules == "cuda"
         self.parts = CompiledParts(cfg.engine.compile, self.device)  # engine.compile: the parts below, counted
+        self.kernels = cfg.engine.kernels if cfg.engine.kernels != "auto" else ("fused" if cuda else "stock")
         self.sam = (
             None
             if sam is None
@@ -307,6 +308,7 @@ class MiningEngine:
                 encoder_batch_size=cfg.sam.encoder_batch_size or (8 if cuda else 1),
                 low_precision_decoder=cuda,
                 compile=self.parts,
+                kernels=self.kernels,
             )
         )
         self.clip_precision = precision_mod.for_inference(cfg.clip.precision, rules)
@@ -427,9 +429,9 @@ class MiningEngine:
 
     @property
     def fused(self) -> bool:
-        """Whether ``engine.kernels`` resolves to the fused selection and crops (``auto``: under a GPU's rules)."""
-        kernels, rules = self.cfg.engine.kernels, self.cfg.engine.device_rules
-        return kernels == "fused" or (kernels == "auto" and (rules == "cuda" or self.device.type == "cuda"))
+        """Whether ``engine.kernels`` resolves to the fused decoder, selection and crops (``auto``: under a GPU's
+        rules)."""
+        return self.kernels == "fused"
 
     def _proposals(self, jobs: Sequence[ImageJob]) -> list["MaskSet"]:
         """Every job's proposals: its given masks, or SAM's (the encoder over the batch's images at once, then per

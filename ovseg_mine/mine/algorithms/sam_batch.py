@@ -24,6 +24,10 @@ What changes, and why it keeps the result:
   distinct predicted IoUs above 0.88, so the NMS order and the top-N cap would be decided by ties). In ``fp32``
   SAM's code and kernels run unchanged. (A bf16 recipe runs in fp32 on a CPU without bf16 hardware:
   :func:`ovseg_mine.precision.for_inference`.)
+* **Fused decoder** (``kernels="fused"``, :mod:`ovseg_mine.mine.algorithms.sam_decoder`): the same masks up to float
+  rounding with about a third of the bytes moved per prompt; it runs in the decoder's dtype like the stock one
+  (bfloat16 weights on a GPU; on a CPU with a ``pure_*`` precision, float32 weights under the same autocast) with
+  its IoU head in float32.
 """
 
 from __future__ import annotations
@@ -55,9 +59,13 @@ class BatchedSam:
         compile: ``engine.compile``'s mode for the encoder and the decoder step (any device), or the engine's
             :class:`~ovseg_mine.mine.algorithms.compiled.CompiledParts` to add them to. Compiled, each image's
             last prompt batch is padded to the others' size (:mod:`~ovseg_mine.mine.algorithms.compiled`).
+        kernels: ``stock``: segment-anything's ``MaskDecoder`` (proposals identical to its AMG); ``fused``:
+            :class:`~ovseg_mine.mine.algorithms.sam_decoder.FusedDecoder` (far fewer bytes per prompt, equal up to
+            float rounding), in the same dtype (bfloat16 weights on a GPU, autocast on a CPU: see the module
+            docstring) with the IoU head in float32.
 
     Raises:
-        ValueError: unknown precision or compile mode, or a size below 1.
+        ValueError: unknown precision, compile mode or kernels, or a size below 1.
     """
 
     def __init__(
@@ -70,6 +78,7 @@ class BatchedSam:
         encoder_batch_size: int = 1,
         low_precision_decoder: bool | None = None,
         compile: "str | CompiledParts" = "off",
+        kernels: str = "stock",
     ) -> None:
         import torch
         from segment_anything.utils.amg import build_point_grid
@@ -78,9 +87,12 @@ class BatchedSam:
         from ovseg_mine import precision as precision_mod
         from ovseg_mine.mine.algorithms.compiled import CompiledParts
         from ovseg_mine.mine.algorithms.sam_attention import use_sdpa
+        from ovseg_mine.mine.algorithms.sam_decoder import FusedDecoder
 
         if precision not in ("fp32", "pure_bf16", "pure_fp16"):
             raise ValueError(f"precision must be one of fp32, pure_bf16, pure_fp16, got {precision!r}")
+        if kernels not in ("stock", "fused"):
+            raise ValueError(f"kernels must be stock or fused, got {kernels!r}")
         if min(points_per_side, points_per_batch, encoder_batch_size) < 1:
             raise ValueError("points_per_side, points_per_batch and encoder_batch_size must be at least 1")
         self.sam = sam
@@ -114,7 +126,9 @@ class BatchedSam:
         self._sparse: dict[tuple[int, int], torch.Tensor] = {}
         self.parts = compile if isinstance(compile, CompiledParts) else CompiledParts(compile, self.device)
         self._encoder = self.parts.wrap("sam_encoder", sam.image_encoder)
-        self._step = self.parts.wrap("sam_decoder", self._stock_step)
+        self.kernels = kernels
+        self._fused = FusedDecoder(sam) if kernels == "fused" else None
+        self._step = self.parts.wrap("sam_decoder", self._stock_step if self._fused is None else self._fused.step)
         # compiled: every decoder call takes the same number of prompts (one graph; the padding's outputs dropped)
         self._prompt_batch = min(points_per_batch, len(self.point_grid)) if self.parts.mode != "off" else None
 
@@ -193,6 +207,8 @@ class BatchedSam:
 
         sparse = self._sparse_prompts(size)
         features = features.to(self.decoder_dtype)
+        if self._fused is not None:
+            return self._decode_fused(features, sparse)
         lows, ious = [], []
         with torch.inference_mode(), autocast(self.decoder_precision, self.device):
             for start in range(0, len(sparse), self.points_per_batch):
@@ -217,6 +233,33 @@ class BatchedSam:
             dense_prompt_embeddings=self._no_mask.expand(len(prompts), -1, -1, -1),
             multimask_output=True,
         )
+
+    def _decode_fused(self, features: "torch.Tensor", sparse: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """:meth:`decode` with :class:`~ovseg_mine.mine.algorithms.sam_decoder.FusedDecoder`: its per-image context
+        once, then its ``step`` per batch of ``points_per_batch`` prompts (compiled: the last batch padded to that
+        size), each writing its logits into its slice of the result."""
+        import torch
+
+        from ovseg_mine.precision import autocast
+
+        fused, ious, batch = self._fused, [], self._prompt_batch
+        count = len(sparse)
+        if batch:  # compiled: whole batches only (one graph); the padding's outputs are dropped
+            sparse = torch.cat([sparse, sparse.new_zeros((-count % batch, *sparse.shape[1:]))])
+        dtype = self.dtype if self.decoder_precision.startswith("amp_") else self.decoder_dtype  # the step's output
+        grid = 4 * np.array(fused.grid)
+        with torch.inference_mode(), autocast(self.decoder_precision, self.device):
+            low = torch.empty((len(sparse), fused.num_mask_tokens - 1, *grid), dtype=dtype, device=self.device)
+            context = fused.context(features)
+            for start in range(0, len(sparse), self.points_per_batch):
+                end = start + self.points_per_batch  # written in place: no concatenation of the batches' logits
+                if batch:  # a compiled step returns its own outputs (CUDA graphs do not write into inputs)
+                    step_low, iou = self._step(context, sparse[start:end])
+                    low[start:end] = step_low
+                else:
+                    iou = self._step(context, sparse[start:end], out=low[start:end])[1]
+                ious.append(iou)
+        return low[:count].flatten(0, 1), torch.cat(ious)[:count].flatten(0, 1)
 
     def propose(self, features: "torch.Tensor", size: tuple[int, int], cfg: "SamConfig", chunk_bytes: int) -> "MaskSet":
         """SAM's kept proposals of one image: :meth:`decode` over the point grid, then the automatic mask
