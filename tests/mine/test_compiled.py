@@ -16,6 +16,7 @@ from ovseg_mine.config import build_config
 from ovseg_mine.mine.algorithms import compiled as compiled_module
 from ovseg_mine.mine.algorithms.compiled import CompiledParts, compile_part
 from ovseg_mine.mine.algorithms.engine import ImageJob, MiningEngine
+from ovseg_mine.mine.algorithms.matching import call_sizes
 from ovseg_mine.models import load_clip, load_sam
 
 NOUNS = [["dog", "bed"], ["man", "snowboard", "slope"], ["player"]]
@@ -135,12 +136,14 @@ def test_reduce_overhead_on_a_cpu_tells_once_and_runs_as_default(monkeypatch, ca
     assert "runs as 'default'" in notices[0].getMessage()
 
 
-@pytest.fixture(scope="module")
-def mined(images):
-    """The three images mined one at a time by an eager and a compiled engine (pooled CLIP calls), then the first
-    two as one batch by the compiled engine; the compiled engine's compile counts after the first image and after
-    all runs."""
-    eager, compiled = _engine("off", "engine.batching='pooled'"), _engine("default", "engine.batching='pooled'")
+@pytest.fixture(scope="module", params=["stock", "fused"])
+def mined(images, request):
+    """The three images mined one at a time by an eager and a compiled engine (pooled CLIP calls; stock kernels,
+    then fused ones: the fused decoder, selection and crop chunks), then the first two as one batch by the compiled
+    engine; the compiled engine's compile counts after the first image and after all runs."""
+    kernels = f"engine.kernels='{request.param}'"
+    eager = _engine("off", "engine.batching='pooled'", kernels)
+    compiled = _engine("default", "engine.batching='pooled'", kernels)
     torch.compiler.reset()
     expected = [eager.mine([job])[0] for job in _jobs(eager, images)]
     got, counts, jobs = [], [], _jobs(compiled, images)
@@ -155,7 +158,13 @@ def mined(images):
 
 @pytest.mark.slow
 def test_three_image_sizes_compile_each_part_once(mined):
-    *_, counts = mined
+    _, engine, *_, counts = mined
+    if engine.fused:  # the chunk bodies: the image size is dynamic, so sizes add no graph (compiled.py's bounds)
+        stats = engine.compile_stats()
+        assert stats["crop_chunk"]["buckets"] == 1 and 1 <= counts[-1].pop("crop_chunk") <= 2
+        assert 1 <= counts[-1].pop("select_chunk") <= stats["select_chunk"]["buckets"] + 1
+        for count in counts[:-1]:
+            count.pop("crop_chunk", None), count.pop("select_chunk", None)
     assert counts[0] == BOUNDS  # the first image compiles every part
     assert counts[-1] == BOUNDS  # the other sizes, and a batch of two, reuse its graphs
 
@@ -188,10 +197,11 @@ def test_compiled_parts_equal_eager_ones(mined, images):
         x[0, :, : job.sam_image.shape[1], : job.sam_image.shape[2]] = (job.sam_image - 114.0) / 58.0
         features = sam._encoder.fn(x)  # noqa: SLF001
         prompts = sam._sparse_prompts(size)[: sam.points_per_batch]  # noqa: SLF001
-        crops = torch.randn((engine.cfg.clip.batch_size, 3, engine.input_size, engine.input_size))
+        # a call size the run used: 16 crops per image go in calls of the smallest pooled size (matching.call_sizes)
+        crops = torch.randn((call_sizes(engine.cfg.clip.batch_size)[-1], 3, engine.input_size, engine.input_size))
         for part, args in [
             (sam._encoder, (x,)),  # noqa: SLF001
-            (sam._step, (features[:1], prompts)),  # noqa: SLF001
+            (sam._step, (sam._fused.context(features[:1]) if engine.fused else features[:1], prompts)),  # noqa: SLF001
             (engine.clip.encode_image, (crops,)),
         ]:
             torch.testing.assert_close(part(*args), part.fn(*args), atol=1e-5, rtol=1e-5)

@@ -12,25 +12,27 @@
   ``torch.compiler.cudagraph_mark_step_begin``), so the outputs are cloned before they are returned. On a device
   other than CUDA it runs as ``default``, with one notice per process.
 
-The parts, and how many graphs each compiles in a run (its bound; a new input shape is a new graph):
+The parts, what their inputs are padded to, and how many graphs each compiles in a run (its bound; a new input
+shape is a new graph):
 
-=================  ============================================================  ==================================
-part               what its inputs are padded to                                 graphs per run
-=================  ============================================================  ==================================
-``sam_encoder``    ``[encoder_batch_size, 3, S, S]`` (short batches get zero      1
-                   images: :meth:`~ovseg_mine.mine.algorithms.sam_batch.BatchedSam.embed`)
-``sam_decoder``    one image's features ``[1, C, h, w]`` and                      1
-                   ``[min(points_per_batch, grid points), 2, C]`` prompts (the
-                   last batch of an image padded with zero prompts, outputs
-                   dropped: :meth:`~ovseg_mine.mine.algorithms.sam_batch.BatchedSam.decode`)
-``clip_image``     ``[n, 3, S, S]`` crops per ``encode_image`` call               distinct call sizes: 1 pooled
-                                                                                 (``clip.batch_size``); per image,
-                                                                                 one per crop-count bucket
-=================  ============================================================  ==================================
+* ``sam_encoder``: ``[encoder_batch_size, 3, S, S]`` (short batches get zero images:
+  :meth:`~ovseg_mine.mine.algorithms.sam_batch.BatchedSam.embed`). 1 graph.
+* ``sam_decoder``: one image's features ``[1, C, h, w]`` (or the fused decoder's per-image context) and
+  ``[min(points_per_batch, grid points), 2, C]`` prompts (the last batch of an image padded with zero prompts, its
+  outputs dropped: :meth:`~ovseg_mine.mine.algorithms.sam_batch.BatchedSam.decode`). 1 graph.
+* ``clip_image``: ``[n, 3, S, S]`` crops per ``encode_image`` call. Pooled: one graph per call size of
+  :func:`~ovseg_mine.mine.algorithms.matching.pooled_calls` (``clip.batch_size`` halved down to 32: 4 at 256).
+  Per image (a CPU's default), unpadded: one per distinct crop count, up to Dynamo's limit (below).
+* ``select_chunk`` (fused kernels): ``[C, h, w]`` candidates' logits with ``C`` a power of two, the last chunk
+  padded (:func:`~ovseg_mine.mine.algorithms.fused_amg.select_masks_fused`); the image size (the first dimension
+  of the ``[H, h]`` and ``[W, w]`` upsampling matrices) is a dynamic dimension. One graph per chunk size ``C`` (a
+  few powers of two), plus at most one when Dynamo first turns the size dynamic.
+* ``crop_chunk`` (fused kernels): a fixed number of masks per chunk for the run, the last chunk padded
+  (:meth:`~ovseg_mine.mine.algorithms.engine.MiningEngine._fused_crops`); the image's ``H``, ``W`` and the matrices'
+  first dimensions dynamic. 1-2 graphs.
 
-(Per-image CLIP calls unpadded, as ``encode_crops(pad=False)`` makes them, compile once per distinct crop count
-until their sizes are bucketed.) Selection and crop chunk bodies take a name here when they are fixed-shape
-functions (one line each: ``parts.wrap("select_chunk", fn)``).
+The two chunk bodies take the image size as a dynamic dimension rather than a padded one: padded rows of the
+upsampling matrices would give logits of 0, which the stability score's ``> -1`` count would take in.
 
 Counting: a compile is a graph Dynamo hands to the backend. The count is the change of Dynamo's own graph counter
 (``torch._dynamo.utils.counters["stats"]["unique_graphs"]``, incremented once per compiled graph) across one call
@@ -98,6 +100,9 @@ class PartStats:
         seconds: wall seconds of the calls that compiled.
         calls: calls so far.
         eager_calls: calls run eagerly because Dynamo's recompile limit was reached (see the module docstring).
+        buckets: distinct input signatures seen (tensor arguments' shapes, the dynamic dimensions left out, and
+            dtypes): the graphs the part should need; more compiles than this means guards other than shapes
+            failed, or dynamic dimensions were specialised.
     """
 
     mode: str
@@ -105,6 +110,7 @@ class PartStats:
     seconds: float = 0.0
     calls: int = 0
     eager_calls: int = 0
+    buckets: int = 0
 
 
 class CompiledPart:
@@ -114,19 +120,33 @@ class CompiledPart:
         name: the part's name in logs and :meth:`CompiledParts.stats`.
         fn: a function or ``torch.nn.Module`` whose body Dynamo can capture whole.
         mode: ``default`` or ``reduce-overhead`` (already resolved by :func:`effective_mode`).
+        dynamic: positional argument index -> its dimensions that vary with the image size (e.g. ``{1: (0,)}``):
+            those are marked dynamic before each call (``torch._dynamo.maybe_mark_dynamic``), so one graph serves
+            every image size; None: every shape static (``dynamic=False``).
     """
 
-    def __init__(self, name: str, fn: Callable[..., Any], mode: str) -> None:
+    def __init__(
+        self, name: str, fn: Callable[..., Any], mode: str, dynamic: dict[int, tuple[int, ...]] | None = None
+    ) -> None:
         import torch
 
-        self.name, self.fn = name, fn
+        self.name, self.fn, self.dynamic = name, fn, dynamic or {}
         self.stats = PartStats(mode)
-        self.compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=None if mode == "default" else mode)
+        self._signatures: set[tuple] = set()
+        self.compiled = torch.compile(
+            fn, fullgraph=True, dynamic=None if self.dynamic else False, mode=None if mode == "default" else mode
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from torch._dynamo import maybe_mark_dynamic
         from torch._dynamo.exc import FailOnRecompileLimitHit
         from torch._dynamo.utils import counters
 
+        for index, dims in self.dynamic.items():
+            for dim in dims:
+                maybe_mark_dynamic(args[index], dim)
+        self._signatures.add(_signature(args, kwargs, self.dynamic))
+        self.stats.buckets = len(self._signatures)
         graphs = counters["stats"]["unique_graphs"]
         start = time.perf_counter()
         self.stats.calls += 1
@@ -171,17 +191,19 @@ class CompiledParts:
         self.mode = effective_mode(mode, device)
         self.parts: dict[str, CompiledPart] = {}
 
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(
+        self, name: str, fn: Callable[..., Any], dynamic: dict[int, tuple[int, ...]] | None = None
+    ) -> Callable[..., Any]:
         """``fn`` compiled as the part ``name`` (``fn`` itself when the mode is ``off``); a name already taken
-        is replaced (its counts start again)."""
+        is replaced (its counts start again). ``dynamic``: as :class:`CompiledPart`'s."""
         if self.mode == "off":
             return fn
-        self.parts[name] = CompiledPart(name, fn, self.mode)
+        self.parts[name] = CompiledPart(name, fn, self.mode, dynamic)
         return self.parts[name]
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per part: ``{"mode", "compiles", "seconds", "calls", "eager_calls"}`` (:class:`PartStats`; empty when the
-        mode is ``off``)."""
+        """Per part: ``{"mode", "compiles", "seconds", "calls", "eager_calls", "buckets"}`` (:class:`PartStats`; empty
+        when the mode is ``off``)."""
         return {name: dict(vars(part.stats)) for name, part in self.parts.items()}
 
 
@@ -208,6 +230,22 @@ def _shapes(args: tuple, kwargs: dict) -> str:
     values = [*args, *kwargs.values()]
     return ", ".join(
         f"{list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for v in values if isinstance(v, torch.Tensor)
+    )
+
+
+def _signature(args: tuple, kwargs: dict, dynamic: dict[int, tuple[int, ...]]) -> tuple:
+    """The tensor arguments' shapes (dynamic dimensions as None) and dtypes, in order."""
+    import torch
+
+    values = [(i, v) for i, v in enumerate(args)] + [(k, v) for k, v in sorted(kwargs.items())]
+    return tuple(
+        (
+            key,
+            tuple(None if d in dynamic.get(key, ()) else n for d, n in enumerate(v.shape)),  # type: ignore[call-overload]
+            v.dtype,
+        )
+        for key, v in values
+        if isinstance(v, torch.Tensor)
     )
 
 

@@ -286,7 +286,9 @@ class MiningEngine:
         import torch
 
         from ovseg_mine import precision as precision_mod
+        from ovseg_mine.crops import render_crops_from_logits
         from ovseg_mine.mine.algorithms.compiled import CompiledPart, CompiledParts
+        from ovseg_mine.mine.algorithms.fused_amg import selection_chunk
         from ovseg_mine.mine.algorithms.sam_batch import BatchedSam
         from ovseg_mine.models import clip_input_size, clip_mean_std
         from ovseg_mine.text import NounEmbeddings
@@ -325,6 +327,11 @@ class MiningEngine:
         # One noun per encode_text call: a noun's embedding does not depend on which nouns this actor met first.
         self.text = NounEmbeddings(clip, tokenizer, self.device, nouns_per_call=1, precision=self.clip_precision)
         self.pooled = cfg.engine.batching == "pooled" or (cfg.engine.batching == "auto" and cuda)
+        # the fused selection's and crops' chunk bodies (image-size dimensions dynamic: compiled.py)
+        self._select_chunk = self.parts.wrap("select_chunk", selection_chunk, dynamic={1: (0,), 2: (0,)})
+        self._crop_chunk = self.parts.wrap(
+            "crop_chunk", render_crops_from_logits, dynamic={0: (1, 2), 2: (0,), 3: (0,)}
+        )
         self.chunk_bytes = cfg.ray.chunk_mib * 2**20
 
     def compile_stats(self) -> dict[str, dict[str, Any]]:
@@ -453,7 +460,11 @@ class MiningEngine:
             decoded.append(DecodedImage(low, iou, op))
         found = iter(
             select_masks_fused(
-                decoded, cfg=self.cfg.sam, mask_threshold=sam.mask_threshold, chunk_bytes=self.chunk_bytes
+                decoded,
+                cfg=self.cfg.sam,
+                mask_threshold=sam.mask_threshold,
+                chunk_bytes=self.chunk_bytes,
+                chunk_fn=self._select_chunk,
             )
         )
         return [next(found) if job.given is None else job.given for job in jobs]
@@ -506,7 +517,7 @@ class MiningEngine:
         one shape per image size."""
         import torch
 
-        from ovseg_mine.crops import device_constant, even_chunk, render_crops_from_logits
+        from ovseg_mine.crops import device_constant, even_chunk
 
         k, side = len(masks), self.input_size
         step = even_chunk(self.cfg.sam.max_masks_per_image, self.chunk_bytes // (33 * 16 * side * side))
@@ -515,7 +526,7 @@ class MiningEngine:
         for start in range(0, k, step):
             index = torch.arange(start, start + step, device=self.device).clamp(max=k - 1)  # padded: repeats the last
             low, boxes = masks.low_res.index_select(0, index), masks.boxes.index_select(0, index)
-            crops = render_crops_from_logits(
+            crops = self._crop_chunk(
                 job.image,
                 low,
                 ay,

@@ -36,7 +36,7 @@ Not covered (the caller falls back to the stock :func:`~ovseg_mine.mine.algorith
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ovseg_mine.banded import band, banded_resample
 from ovseg_mine.mine.algorithms.amg import MaskSet, boxes_from_projections
@@ -220,7 +220,12 @@ def fused_chunk(size: tuple[int, int], low_size: tuple[int, int], chunk_bytes: i
 
 
 def select_masks_fused(
-    images: Sequence[DecodedImage], *, cfg: "SamConfig", mask_threshold: float, chunk_bytes: int
+    images: Sequence[DecodedImage],
+    *,
+    cfg: "SamConfig",
+    mask_threshold: float,
+    chunk_bytes: int,
+    chunk_fn: Callable[..., Any] | None = None,
 ) -> list[MaskSet]:
     """The stock selection's result for each image (see the module docstring), with three host syncs for all.
 
@@ -231,6 +236,8 @@ def select_masks_fused(
         mask_threshold: SAM's ``mask_threshold`` (0.0).
         chunk_bytes: working memory of a chunk: an image's chunk is its :func:`fused_chunk`, or the power of two
             at or above its survivors' count if smaller; the last chunk of an image is padded to it.
+        chunk_fn: the chunk body, :func:`selection_chunk` or that compiled (the engine's ``select_chunk`` part,
+            :mod:`~ovseg_mine.mine.algorithms.compiled`); None: :func:`selection_chunk`.
 
     Returns:
         One :class:`~ovseg_mine.mine.algorithms.amg.MaskSet` per image, its ``operator`` set and its ``chunk`` the
@@ -251,7 +258,7 @@ def select_masks_fused(
         low = image.low_res.index_select(0, keep)
         budget = fused_chunk(image.operator.size, tuple(low.shape[1:]), chunk_bytes)
         chunks.append(min(budget, 1 << max(0, len(keep) - 1).bit_length()))  # powers of two: few chunk shapes
-        stats = _chunked_stats(low, image.operator, mask_threshold, chunks[-1])
+        stats = _chunked_stats(low, image.operator, mask_threshold, chunks[-1], chunk_fn or selection_chunk)
         pools.append((low, image.predicted_iou.index_select(0, keep), *stats))
     device = images[0].low_res.device
     iou = torch.cat([p[1] for p in pools])
@@ -280,10 +287,10 @@ def _iou_survivors(images: Sequence[DecodedImage], thresh: float) -> list["torch
 
 
 def _chunked_stats(
-    low: "torch.Tensor", operator: PostprocessOperator, mask_threshold: float, chunk: int
+    low: "torch.Tensor", operator: PostprocessOperator, mask_threshold: float, chunk: int, fn: Callable[..., Any]
 ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
-    """:func:`selection_chunk` over ``low`` in chunks of exactly ``chunk`` candidates (the last one padded by
-    repeating its first candidate), results cut back to ``len(low)``."""
+    """The chunk body ``fn`` (:func:`selection_chunk`) over ``low`` in chunks of exactly ``chunk`` candidates (the last
+    one padded by repeating its first candidate), results cut back to ``len(low)``."""
     import torch
 
     n = low.shape[0]
@@ -292,7 +299,7 @@ def _chunked_stats(
         part = low[start : start + chunk]
         if part.shape[0] < chunk:
             part = torch.cat([part, part[:1].expand(chunk - part.shape[0], *part.shape[1:])])
-        parts.append(selection_chunk(part, operator.ay, operator.ax, mask_threshold))
+        parts.append(fn(part, operator.ay, operator.ax, mask_threshold))
     if not parts:
         device = low.device
         return (
