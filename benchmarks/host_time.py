@@ -79,10 +79,13 @@ def mode_cost_per_op(calls: int = 3000) -> float:
 def non_torch_time(
     work: Callable[[], Any], *, sync: Callable[[], None] = lambda: None, repeats: int = 3
 ) -> dict[str, float]:
-    """Time outside torch ops of one call of ``work`` (see the module docstring). ``work`` runs ``2 * repeats``
-    times, without then with the mode, and should be warm; the least of each is kept (a shared machine only adds
-    time). Returns seconds: ``non_torch_s`` (``W - O - n*c``), ``non_torch_s_unobserved`` (``W0 - O``),
-    ``op_s`` (``O``), ``wall_s`` (``W0``), ``wall_s_with_timer`` (``W``), and ``ops`` (``n``),
+    """Time outside torch ops of one call of ``work`` (see the module docstring).
+
+    ``work`` runs ``2 * repeats`` times, without then with the mode, and should be warm; the least of each is kept
+    (a shared machine only adds time). ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each timed call, not
+    inside it: waiting for the device at the end is not host work (a blocking copy inside ``work`` is an op,
+    counted in ``O``). Returns seconds: ``non_torch_s`` (``W - O - n*c``), ``non_torch_s_unobserved``
+    (``W0 - O``), ``op_s`` (``O``), ``wall_s`` (``W0``), ``wall_s_with_timer`` (``W``); and ``ops`` (``n``),
     ``mode_cost_us_per_op`` (``c``)."""
     cost = mode_cost_per_op()
     plain, observed, op_s, ops = float("inf"), float("inf"), float("inf"), 0
@@ -90,14 +93,14 @@ def non_torch_time(
         sync()
         start = time.perf_counter()
         work()
-        sync()
         plain = min(plain, time.perf_counter() - start)
+        sync()
         timer = OpTimer()
         start = time.perf_counter()
         with timer:
             work()
-            sync()
         wall = time.perf_counter() - start
+        sync()
         if ops == 0 or wall - timer.op_s < observed - op_s:
             observed, op_s, ops = wall, timer.op_s, timer.ops
     return {
