@@ -366,7 +366,7 @@ def agreement(ckpt: str, rows: list[dict], ours: list[dict], runner32: Any, cfg:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--device", choices=["auto", "cuda", "cpu"], default="auto", help="cpu: dry run with tiny models (CUDA hidden)"
@@ -383,7 +383,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--budget-s", type=float, default=None, help="skip parts that would start after this (480 s; CPU: 3600 s)"
     )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu.json")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _arguments(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
     tiny = (args.models or ("tiny" if args.device == "cpu" else "real")) == "tiny"
