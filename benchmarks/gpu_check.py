@@ -3,16 +3,16 @@ writes ``benchmarks/results/gpu.json``.
 
     python benchmarks/gpu_check.py                       # on the GPU machine (see benchmarks/README.md: wheels)
     python benchmarks/gpu_check.py --images 2            # anywhere: on a CPU it runs small and says what it skipped
-    python benchmarks/gpu_check.py --device cpu --out /tmp/gpu.json   # dry run, tiny models, every part (~1 min)
+    python benchmarks/gpu_check.py --device cpu --out /tmp/gpu.json   # dry run, tiny models, every part (1-3 min)
 
 It runs the stages after nouns in this process, without Ray and without spaCy (nouns of the bundled sample come
 from ``benchmarks/data/coco_sample_nouns.json``), on the bundled 16 COCO images repeated under new ids, with SAM
 ``vit_b`` and CLIP ``ViT-B-16`` random weights (SAM calibrated: ``calibration.py``) at the ``coco-ovseg``
 settings (32x32 points, 100 masks per image, bf16) and the GPU stage's batch settings. ``--device cpu`` is a dry run
-on a CPU (CUDA hidden) with the test suite's tiny random models (``harness.TINY_MODELS``), 4x4 points and 2 images:
-every part runs, compiled ones included (TorchInductor), in about a minute; ``tests/common/test_gpu_check.py``
-runs it. Parts, each recorded (or its error) in the JSON as soon as it ends, so a run cut short keeps what it
-measured:
+on a CPU (CUDA hidden) with the test suite's tiny random models (``harness.TINY_MODELS``) in fp32, 4x4 points and
+2 images: every part runs, compiled ones included (TorchInductor), in 1-3 minutes on 2 cores (most of it the first
+compilation of the parts); ``tests/common/test_gpu_check.py`` runs it. Parts, each recorded (or its error) in
+the JSON as soon as it ends, so a run cut short keeps what it measured:
 
 1. ``environment``: Python, torch, device; the modules it needs and which are missing (then it stops there);
 2. ``throughput``: images/s of the GPU stage alone (eager, ``engine.compile='off'``) and end to end in-process
@@ -427,8 +427,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         extra.append("clip.batch_size=32")  # a CPU run only checks the plumbing: small padded CLIP calls
     if tiny:
         extra += TINY_MODELS
-    cfg = bench_config(points, "bf16", ckpt, [*extra, "engine.compile='off'"])
-    check.report["settings"] = {"images": n, "points_per_side": points, "batch": batch, "overrides": extra}
+    precision = "fp32" if tiny else "bf16"  # the dry run's pairs must not depend on the CPU's bf16 support
+    cfg = bench_config(points, precision, ckpt, [*extra, "engine.compile='off'"])
+    check.report["settings"] = dict(images=n, points_per_side=points, batch=batch, precision=precision, overrides=extra)
     rows = with_nouns(sample_records(n), load_nouns_json(SAMPLE_NOUNS))
     runner = check.part("load", lambda: ({}, StageRunner(cfg)))
     if runner is None:
@@ -442,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif not ours:
             check.skip(part, "no eager throughput results to compare with")
         else:
-            cfgc = bench_config(points, "bf16", ckpt, [*extra, f"engine.compile={mode!r}"])
+            cfgc = bench_config(points, precision, ckpt, [*extra, f"engine.compile={mode!r}"])
             check.part(part, lambda cfgc=cfgc, mode=mode: compiled(cfgc, mode, rows, ours, batch, workers))
     check.part("proxies", lambda: proxies(runner, rows[:batch]))
     if cuda:

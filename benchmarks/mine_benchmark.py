@@ -263,6 +263,7 @@ def compile_check(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     points = args.points_per_side or (4 if args.tiny else 16)
     n = args.images
     extra = [*GPU_SETTINGS, f"sam.encoder_batch_size={n}", f"ray.batch_size={n}", *(TINY_MODELS if args.tiny else [])]
+    extra += args.set
     cfg = bench_config(points, args.precision, ckpt, [*extra, "engine.compile='off'"])
     cfgc = bench_config(points, args.precision, ckpt, [*extra, f"engine.compile={args.mode!r}"])
     records = _records(args, max(n, 16))
@@ -436,6 +437,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tiny", action="store_true", help="compile: the tiny random SAM and CLIP (a quick run)")
     parser.add_argument("--mode", default="default", choices=["default", "reduce-overhead"], help="compile: mode")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="compile: SAM and CLIP")
+    parser.add_argument("--set", action="append", default=[], help="compile: a config override (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu.json"))
     args = parser.parse_args(argv)
 
