@@ -265,7 +265,7 @@ def proxies(runner: Any, rows: list[dict]) -> dict[str, Any]:
     out["non_torch_ms_per_image_around_ops"] = 1000 * timing["non_torch_around_ops_s"] / n
     host = non_torch_time(lambda: runner.stage(decoded), sync=_sync)
     out["non_torch_ms_per_image_unprofiled"] = 1000 * host["non_torch_s"] / n
-    out["non_torch_ms_per_image_unprofiled_lower"] = 1000 * host["non_torch_s_unobserved"] / n
+    out["non_torch_ms_per_image_unprofiled_lower"] = 1000 * host["non_torch_s_lower"] / n
     out["non_torch_unprofiled"] = host
     if torch.cuda.is_available():
         from torch.profiler import ProfilerActivity, profile
