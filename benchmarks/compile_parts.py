@@ -3,18 +3,17 @@ inputs captured from a real run, its graph breaks (``torch._dynamo.explain``), a
 compiled in a run (``torch._dynamo.utils.get_compilation_metrics``).
 
 Nothing here depends on how the engine applies ``engine.compile`` beyond the config value: a part is found by
-its attribute path on the engine (:data:`PARTS`), unwrapped if it is a compiled wrapper (``_orig_mod``,
-``_torchdynamo_orig_callable``, ``__wrapped__``), and a compilation is attributed to the part whose source file
-holds the compiled frame's code (dynamo's resumed frames after a graph break keep their function's file).
+its attribute path on the engine (:data:`PARTS`), unwrapped for ``explain`` if it is a compiled wrapper
+(``_orig_mod``, ``_torchdynamo_orig_callable``, ``__wrapped__``), and a compilation belongs to the part during
+whose call dynamo made it (the part's attribute is wrapped for the run).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 @dataclass(frozen=True)
@@ -66,23 +65,9 @@ def unwrap(fn: Any) -> Any:
     return fn
 
 
-def source_file(fn: Any) -> str | None:
-    """The file of the code a call of ``fn`` runs first (a module's ``forward``, a method's function)."""
-    import torch
-
-    fn = unwrap(fn)
-    target = type(fn).forward if isinstance(fn, torch.nn.Module) else getattr(fn, "__func__", fn)
-    try:
-        return inspect.getsourcefile(target)
-    except TypeError:
-        return None
-
-
 @contextlib.contextmanager
-def capture_inputs(engine: Any, parts: list[Part] = PARTS) -> Iterator[dict[str, tuple[tuple, dict]]]:
-    """While the ``with`` block runs the engine, record each part's first call ``(args, kwargs)`` by part name
-    (the tensors themselves, not copies); the engine's attributes are restored on exit."""
-    captured: dict[str, tuple[tuple, dict]] = {}
+def _wrapped(engine: Any, parts: list[Part], wrap: Callable[[str, Any], Any]) -> Iterator[None]:
+    """Replace each present part's callable on ``engine`` by ``wrap(name, callable)`` for the ``with`` block."""
     restore = []
     for part in parts:
         found = _owner_and_attr(engine, part.path)
@@ -90,21 +75,65 @@ def capture_inputs(engine: Any, parts: list[Part] = PARTS) -> Iterator[dict[str,
             continue
         owner, attr = found
         original, had_own = getattr(owner, attr), attr in vars(owner)
-
-        def recorder(*args: Any, _name: str = part.name, _fn: Any = original, **kwargs: Any) -> Any:
-            captured.setdefault(_name, (args, kwargs))
-            return _fn(*args, **kwargs)
-
-        setattr(owner, attr, recorder)  # an instance attribute: shadows a method, replaces a stored callable
+        setattr(owner, attr, wrap(part.name, original))  # an instance attribute: shadows a method
         restore.append((owner, attr, original, had_own))
     try:
-        yield captured
+        yield
     finally:
         for owner, attr, original, had_own in restore:
             if had_own:
                 setattr(owner, attr, original)
             else:
                 delattr(owner, attr)
+
+
+@contextlib.contextmanager
+def capture_inputs(engine: Any, parts: list[Part] = PARTS) -> Iterator[dict[str, tuple[tuple, dict]]]:
+    """While the ``with`` block runs the engine, record each part's first call ``(args, kwargs)`` by part name
+    (the tensors themselves, not copies); the engine's attributes are restored on exit."""
+    captured: dict[str, tuple[tuple, dict]] = {}
+
+    def wrap(name: str, fn: Any) -> Any:
+        def recorder(*args: Any, **kwargs: Any) -> Any:
+            captured.setdefault(name, (args, kwargs))
+            return fn(*args, **kwargs)
+
+        return recorder
+
+    with _wrapped(engine, parts, wrap):
+        yield captured
+
+
+@contextlib.contextmanager
+def attribute_compilations(engine: Any, parts: list[Part] = PARTS) -> Iterator[dict[str, list[Any]]]:
+    """While the ``with`` block runs the engine, give each compilation record dynamo makes
+    (``get_compilation_metrics``) to the part during whose call it was made; records made outside every part's
+    calls go under ``other`` when the block ends. Yields ``{name: [CompilationMetrics, ...]}``. Attribution by
+    call, not by code, so it holds whatever wrapper the engine compiles a part through."""
+    from torch._dynamo.utils import get_compilation_metrics, set_compilation_metrics_limit
+
+    set_compilation_metrics_limit(100_000)  # the default keeps 64: counts by position need them all
+    start = len(get_compilation_metrics())
+    owned: dict[str, list[Any]] = defaultdict(list)
+    claimed: set[int] = set()
+
+    def wrap(name: str, fn: Any) -> Any:
+        def attributed(*args: Any, **kwargs: Any) -> Any:
+            before = len(get_compilation_metrics())
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                new = [m for m in get_compilation_metrics()[before:] if id(m) not in claimed]
+                claimed.update(id(m) for m in new)
+                owned[name].extend(new)
+
+        return attributed
+
+    with _wrapped(engine, parts, wrap):
+        for part in parts:
+            owned.setdefault(part.name, [])
+        yield owned
+    owned["other"] = [m for m in get_compilation_metrics()[start:] if id(m) not in claimed]
 
 
 def graph_breaks(engine: Any, inputs: dict[str, tuple[tuple, dict]], parts: list[Part] = PARTS) -> dict[str, Any]:
@@ -144,19 +173,12 @@ def graph_breaks(engine: Any, inputs: dict[str, tuple[tuple, dict]], parts: list
     return out
 
 
-def compilations(engine: Any, metrics: list[Any], parts: list[Part] = PARTS) -> dict[str, Any]:
-    """dynamo's compilation records (``get_compilation_metrics()`` after a run) grouped by part: per part the
-    frames compiled (``graphs``), ``recompiles`` (compilations of a frame already compiled once: a new shape or
-    a failed guard), ``compile_s`` (dynamo + backend, ``entire_frame_compile_time_s``) and the failures; records
-    of no known part are listed under ``other`` by function and file."""
-    files = {part.name: source_file(fn) for part in parts if (fn := resolve(engine, part)) is not None}
-    by_part: dict[str, list[Any]] = defaultdict(list)
-    for m in metrics:
-        name = next((n for n, f in files.items() if f and m.co_filename == f), "other")
-        by_part[name].append(m)
+def summarize(owned: dict[str, list[Any]]) -> dict[str, Any]:
+    """Per part of :func:`attribute_compilations`'s records: the frames compiled (``graphs``), ``recompiles``
+    (compilations of a frame already compiled once: a new shape or a failed guard), ``compile_s`` (dynamo +
+    backend, ``entire_frame_compile_time_s``) and the failures; ``other`` (if any) also lists its frames."""
     out: dict[str, Any] = {}
-    for name in [*files, "other"]:
-        records = by_part.get(name, [])
+    for name, records in owned.items():
         if name == "other" and not records:
             continue
         frames = [(m.co_filename, m.co_firstlineno, m.co_name) for m in records]

@@ -207,15 +207,16 @@ def compiled(cfg: Any, mode: str, rows: list[dict], eager: list[dict], batch: in
     its pairs compared to the eager run's (``eager``: :func:`throughput`'s result rows) and dynamo's compilations
     of the run (graphs, recompiles, compile seconds; in all and per part, ``compile_parts.py``)."""
     import torch
-    from compile_parts import clear_compilation_metrics, compilation_metrics, compilations
+    from compile_parts import attribute_compilations, clear_compilation_metrics, summarize
     from harness import StageRunner
     from mine_benchmark import agreement
 
     clear_compilation_metrics()
     runner = StageRunner(cfg)
-    summary, results = throughput(runner, rows, batch, workers)
-    records = compilation_metrics()
-    per_part = compilations(runner.engine, records)
+    with attribute_compilations(runner.engine) as owned:
+        summary, results = throughput(runner, rows, batch, workers)
+    records = [m for part in owned.values() for m in part]
+    per_part = summarize(owned)
     by_id = {r["image_id"]: r["pairs"] for r in results}
     same = agreement([r["pairs"] for r in eager], [by_id[r["image_id"]] for r in eager])
     cuda = torch.cuda.is_available()

@@ -253,10 +253,10 @@ def compile_check(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     """Eager against compiled (``engine.compile=args.mode``) on images of mixed sizes, with a GPU's rules: pairs
     identical, graph breaks per part (``torch._dynamo.explain`` of each part's eager callable on the inputs the
     eager run gave it), graphs compiled and recompiles per part and their compile seconds (dynamo's compilation
-    records of the compiled runs: the batch twice, then each image alone), and the time outside torch ops per
-    image of the eager run measured without the profiler (``host_time.py``). The parts are listed in
-    ``compile_parts.PARTS``."""
-    from compile_parts import capture_inputs, clear_compilation_metrics, compilation_metrics, compilations, graph_breaks
+    records of the compiled runs, the batch twice then each image alone, each given to the part during whose call
+    it was made), and the time outside torch ops per image of the eager run measured without the profiler
+    (``host_time.py``). The parts are listed in ``compile_parts.PARTS``."""
+    from compile_parts import attribute_compilations, capture_inputs, clear_compilation_metrics, graph_breaks, summarize
     from host_time import keep_freed_memory, non_torch_time
 
     kept = keep_freed_memory()  # before the models load: no munmap of freed blocks between ops
@@ -279,12 +279,13 @@ def compile_check(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     breaks = graph_breaks(eager.engine, inputs)
     clear_compilation_metrics()
     compiled = StageRunner(cfgc)
-    first, first_s = compiled.run(rows)
-    theirs, steady = compiled.run(rows)
-    for row in rows:
-        compiled.run([row])
-    records_c = compilation_metrics()
-    per_part = compilations(compiled.engine, records_c)
+    with attribute_compilations(compiled.engine) as owned:
+        first, first_s = compiled.run(rows)
+        theirs, steady = compiled.run(rows)
+        for row in rows:
+            compiled.run([row])
+    records_c = [m for records in owned.values() for m in records]
+    per_part = summarize(owned)
     pairs = lambda results: [r["pairs"] for r in results]  # noqa: E731
     same = agreement(pairs(ours), pairs(theirs))
     return {
