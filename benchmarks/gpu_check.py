@@ -3,22 +3,31 @@ writes ``benchmarks/results/gpu.json``.
 
     python benchmarks/gpu_check.py                       # on the GPU machine (see benchmarks/README.md: wheels)
     python benchmarks/gpu_check.py --images 2            # anywhere: on a CPU it runs small and says what it skipped
+    python benchmarks/gpu_check.py --device cpu --out /tmp/gpu.json   # dry run, tiny models, every part (1-3 min)
 
 It runs the stages after nouns in this process, without Ray and without spaCy (nouns of the bundled sample come
 from ``benchmarks/data/coco_sample_nouns.json``), on the bundled 16 COCO images repeated under new ids, with SAM
 ``vit_b`` and CLIP ``ViT-B-16`` random weights (SAM calibrated: ``calibration.py``) at the ``coco-ovseg``
-settings (32x32 points, 100 masks per image, bf16) and the GPU stage's batch settings. Parts, each recorded (or its
-error) in the JSON as soon as it ends, so a run cut short keeps what it measured:
+settings (32x32 points, 100 masks per image, bf16) and the GPU stage's batch settings. ``--device cpu`` is a dry run
+on a CPU (CUDA hidden) with the test suite's tiny random models (``harness.TINY_MODELS``) in fp32, 4x4 points and
+2 images: every part runs, compiled ones included (TorchInductor), in 1-3 minutes on 2 cores (most of it the first
+compilation of the parts); ``tests/common/test_gpu_check.py`` runs it. Parts, each recorded (or its error) in
+the JSON as soon as it ends, so a run cut short keeps what it measured:
 
 1. ``environment``: Python, torch, device; the modules it needs and which are missing (then it stops there);
-2. ``throughput``: images/s of the GPU stage alone and end to end in-process (decode threads overlapping the GPU
-   stage, then finalize), seconds per step, peak GPU memory;
-3. ``proxies``: host syncs per image (``torch.cuda.set_sync_debug_mode``, and the CPU counters of ``proxies.py``),
-   aten ops and CUDA kernels per image, time outside torch ops;
-4. ``memory_64mp``: peak GPU memory for a batch of 64 MP images at the default batch size (must stay <= 16 GiB);
-5. ``agreement``: the hand-written baseline (``reference.py``: stock AMG fp32, one CLIP call per crop) on a few
-   images, against ovseg-mine in bf16 and in fp32: pairs identical, speed-up;
-6. ``compile`` (``--compile``): the same throughput with ``engine.compile=true``.
+2. ``throughput``: images/s of the GPU stage alone (eager, ``engine.compile='off'``) and end to end in-process
+   (decode threads overlapping the GPU stage, then finalize), seconds per step, peak GPU memory;
+3. ``compile_default`` and ``compile_reduce_overhead`` (unless ``--no-compile``): the same throughput with
+   ``engine.compile`` = ``'default'`` and ``'reduce-overhead'`` (CUDA graphs; the engine falls back to
+   ``'default'`` on a CPU), each in a fresh engine after dynamo's caches are cleared: images/s, pairs identical
+   to the eager run's, compile seconds (dynamo's records, and the warm-up call's wall time), graphs compiled and
+   recompiles, in all and per part (``compile_parts.py``);
+4. ``proxies``: host syncs per image (``torch.cuda.set_sync_debug_mode``, and the CPU counters of ``proxies.py``),
+   aten ops and CUDA kernels per image, time outside torch ops (under the profiler, and without it:
+   ``host_time.py``);
+5. ``memory_64mp``: peak GPU memory for a batch of 64 MP images at the default batch size (must stay <= 16 GiB);
+6. ``agreement``: the hand-written baseline (``reference.py``: stock AMG fp32, one CLIP call per crop) on a few
+   images, against ovseg-mine in bf16 and in fp32: pairs identical, speed-up.
 
 Everything not run (no GPU, time budget, a missing module) is listed under ``not_run`` with the reason.
 """
@@ -60,6 +69,8 @@ NOT_NEEDED = {
     "spacy": "spaCy (nouns come from benchmarks/data/coco_sample_nouns.json)",
 }
 GPU_SETTINGS = ["sam.points_per_batch=512", "engine.batching='pooled'"]
+#: The parts after ``load``, in the order they run.
+PARTS = ["throughput", "compile_default", "compile_reduce_overhead", "proxies", "memory_64mp", "agreement"]
 
 
 def environment() -> tuple[dict[str, Any], list[str]]:
@@ -153,8 +164,10 @@ def throughput(runner: Any, rows: list[dict], batch: int, workers: int) -> tuple
     with ThreadPoolExecutor(workers) as pool:
         decoded = list(pool.map(runner.decode, batches))
     decode_s = time.perf_counter() - start
-    runner.stage(decoded[0])  # warm-up: kernels, the noun cache of these images
+    start = time.perf_counter()
+    runner.stage(decoded[0])  # warm-up: kernels (compilation), the noun cache of these images
     _sync()
+    warmup_s = time.perf_counter() - start
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -175,6 +188,7 @@ def throughput(runner: Any, rows: list[dict], batch: int, workers: int) -> tuple
         "images": n,
         "batch": batch,
         "decode_threads": workers,
+        "warmup_batch_s": warmup_s,
         "gpu_stage_images_per_s": n / gpu_s,
         "end_to_end_images_per_s": n / e2e_s,
         "decode_images_per_s_all_threads": n / decode_s,
@@ -188,11 +202,50 @@ def throughput(runner: Any, rows: list[dict], batch: int, workers: int) -> tuple
     }, results
 
 
+def compiled(cfg: Any, mode: str, rows: list[dict], eager: list[dict], batch: int, workers: int) -> dict[str, Any]:
+    """:func:`throughput` of a fresh engine with ``engine.compile=mode`` after dynamo's caches are cleared, with
+    its pairs compared to the eager run's (``eager``: :func:`throughput`'s result rows) and dynamo's compilations
+    of the run (graphs, recompiles, compile seconds; in all and per part, ``compile_parts.py``)."""
+    import torch
+    from compile_parts import attribute_compilations, clear_compilation_metrics, summarize
+    from harness import StageRunner
+    from mine_benchmark import agreement
+
+    clear_compilation_metrics()
+    runner = StageRunner(cfg)
+    with attribute_compilations(runner.engine) as owned:
+        summary, results = throughput(runner, rows, batch, workers)
+    records = [m for part in owned.values() for m in part]
+    per_part = summarize(owned)
+    by_id = {r["image_id"]: r["pairs"] for r in results}
+    same = agreement([r["pairs"] for r in eager], [by_id[r["image_id"]] for r in eager])
+    cuda = torch.cuda.is_available()
+    summary.update(
+        {
+            "mode": mode,
+            "cuda_graphs": cuda and mode == "reduce-overhead",
+            "images_per_s": summary["gpu_stage_images_per_s"],
+            "pairs_compared": same["pairs"],
+            "pairs_identical_vs_eager": same["pairs_identical"],
+            "differences_vs_eager": same["difference_list"][:20],
+            "similarity_abs_diff_max_vs_eager": same["similarity_abs_diff_max"],
+            "compile_s": round(sum(m.entire_frame_compile_time_s or 0.0 for m in records), 3),
+            "graphs_compiled": len(records),
+            "recompiles": sum(part["recompiles"] for part in per_part.values()),
+            "by_part": per_part,
+        }
+    )
+    if not records:
+        summary["note"] = "dynamo compiled nothing: the engine did not apply engine.compile on this device"
+    return summary
+
+
 def proxies(runner: Any, rows: list[dict]) -> dict[str, Any]:
     """Syncs, ops, kernels and non-torch time per image of one GPU-stage batch."""
     import warnings
 
     import torch
+    from host_time import non_torch_time
     from proxies import count, profile_time
 
     decoded = runner.decode(rows)
@@ -211,6 +264,10 @@ def proxies(runner: Any, rows: list[dict]) -> dict[str, Any]:
     out["non_torch_ms_per_image"] = 1000 * timing["non_torch_s"] / n
     out["non_torch_ms_per_image_between_ops"] = 1000 * timing["non_torch_between_ops_s"] / n
     out["non_torch_ms_per_image_around_ops"] = 1000 * timing["non_torch_around_ops_s"] / n
+    host = non_torch_time(lambda: runner.stage(decoded), sync=_sync)
+    out["non_torch_ms_per_image_unprofiled"] = 1000 * host["non_torch_s"] / n
+    out["non_torch_ms_per_image_unprofiled_lower"] = 1000 * host["non_torch_s_lower"] / n
+    out["non_torch_unprofiled"] = host
     if torch.cuda.is_available():
         from torch.profiler import ProfilerActivity, profile
 
@@ -283,7 +340,7 @@ def agreement(ckpt: str, rows: list[dict], ours: list[dict], runner32: Any, cfg:
     from ovseg_mine.models import clip_input_size, clip_mean_std, load_clip, load_sam
 
     device = runner32.engine.device
-    sam, _ = load_sam("vit_b", ckpt, device=device)
+    sam, _ = load_sam(cfg.sam.model_type, ckpt, device=device)
     clip, tokenizer, _ = load_clip(cfg.clip.arch, "random", device=device, seed=cfg.seed)
     ref = ReferenceMiner(cfg, sam, clip, tokenizer, None, clip_input_size(clip), *clip_mean_std(clip))
     ref_pairs, ref_s = [], 0.0
@@ -310,64 +367,96 @@ def agreement(ckpt: str, rows: list[dict], ours: list[dict], runner32: Any, cfg:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=None, help="images timed (default 64 on a GPU, 2 on a CPU)")
-    parser.add_argument("--points-per-side", type=int, default=None, help="default 32 on a GPU, 8 on a CPU")
-    parser.add_argument("--batch", type=int, default=8, help="images per GPU-stage call (ray.batch_size)")
-    parser.add_argument("--reference-images", type=int, default=None, help="default 8 on a GPU, 1 on a CPU")
-    parser.add_argument("--compile", action="store_true", help="also measure engine.compile=true")
     parser.add_argument(
-        "--budget-s", type=float, default=None, help="skip parts that would start after this (420 s; CPU: 3600 s)"
+        "--device", choices=["auto", "cuda", "cpu"], default="auto", help="cpu: dry run with tiny models (CUDA hidden)"
+    )
+    parser.add_argument("--models", choices=["real", "tiny"], default=None, help="default: tiny with --device cpu")
+    parser.add_argument("--images", type=int, default=None, help="images timed (default 64 on a GPU, 2 on a CPU)")
+    parser.add_argument("--points-per-side", type=int, default=None, help="default 32 on a GPU, 8 on a CPU, 4 tiny")
+    parser.add_argument("--batch", type=int, default=None, help="images per GPU-stage call (8; 2 with tiny models)")
+    parser.add_argument("--reference-images", type=int, default=None, help="default 8 on a GPU, 1 on a CPU")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="measure engine.compile's modes"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="skip parts that would start after this (480 s; CPU: 3600 s)"
     )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu.json")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _arguments(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
+    tiny = (args.models or ("tiny" if args.device == "cpu" else "real")) == "tiny"
 
     env, missing = environment()
     cuda = bool(env.get("cuda"))
-    check = Check(args.out, args.budget_s or (420.0 if cuda else 3600.0))
+    check = Check(args.out, args.budget_s or (480.0 if cuda else 3600.0))
     check.report["environment"] = env
+    if args.device == "cuda" and not cuda and not missing:
+        missing = ["a CUDA device (--device cuda)"]
     if missing:
         check.report["status"] = "missing modules"
-        for part in ("throughput", "proxies", "memory_64mp", "agreement", "compile"):
-            check.skip(part, "missing modules: " + ", ".join(missing))
+        for part in PARTS:
+            check.skip(part, "missing: " + ", ".join(missing))
         return check.report
     from calibration import calibrated_checkpoint
-    from harness import SAMPLE_NOUNS, StageRunner, bench_config, load_nouns_json, sample_records, with_nouns
+    from harness import (
+        SAMPLE_NOUNS,
+        TINY_MODELS,
+        StageRunner,
+        bench_config,
+        load_nouns_json,
+        sample_records,
+        with_nouns,
+    )
 
     n = args.images or (64 if cuda else 2)
-    points = args.points_per_side or (32 if cuda else 8)
+    points = args.points_per_side or (4 if tiny else 32 if cuda else 8)
+    batch = args.batch or (2 if tiny else 8)
     if not cuda:
         check.report["note"] = "no CUDA device: small CPU run (plumbing only); GPU figures are not measured"
     tmp = tempfile.TemporaryDirectory()
-    ckpt = calibrated_checkpoint("vit_b", str(Path(tmp.name) / "sam_vit_b_calibrated.pth"))
-    extra = [*GPU_SETTINGS, f"ray.batch_size={args.batch}", f"sam.encoder_batch_size={args.batch}"]
+    model_type = "tiny" if tiny else "vit_b"
+    ckpt = calibrated_checkpoint(model_type, str(Path(tmp.name) / f"sam_{model_type}_calibrated.pth"))
+    extra = [*GPU_SETTINGS, f"ray.batch_size={batch}", f"sam.encoder_batch_size={batch}"]
     if not cuda:
         extra.append("clip.batch_size=32")  # a CPU run only checks the plumbing: small padded CLIP calls
-    cfg = bench_config(points, "bf16", ckpt, extra)
-    check.report["settings"] = {"images": n, "points_per_side": points, "batch": args.batch, "overrides": extra}
+    if tiny:
+        extra += TINY_MODELS
+    precision = "fp32" if tiny else "bf16"  # the dry run's pairs must not depend on the CPU's bf16 support
+    cfg = bench_config(points, precision, ckpt, [*extra, "engine.compile='off'"])
+    check.report["settings"] = dict(images=n, points_per_side=points, batch=batch, precision=precision, overrides=extra)
     rows = with_nouns(sample_records(n), load_nouns_json(SAMPLE_NOUNS))
     runner = check.part("load", lambda: ({}, StageRunner(cfg)))
     if runner is None:
         return check.report
     workers = max(1, min(8, (os.cpu_count() or 2) - 1))
-    ours = check.part("throughput", lambda: throughput(runner, rows, args.batch, workers)) or []
-    check.part("proxies", lambda: proxies(runner, rows[: args.batch]))
+    ours = check.part("throughput", lambda: throughput(runner, rows, batch, workers)) or []
+    for mode in ("default", "reduce-overhead"):
+        part = "compile_" + mode.replace("-", "_")
+        if not args.compile:
+            check.skip(part, "not asked (--no-compile)")
+        elif not ours:
+            check.skip(part, "no eager throughput results to compare with")
+        else:
+            cfgc = bench_config(points, precision, ckpt, [*extra, f"engine.compile={mode!r}"])
+            check.part(part, lambda cfgc=cfgc, mode=mode: compiled(cfgc, mode, rows, ours, batch, workers))
+    check.part("proxies", lambda: proxies(runner, rows[:batch]))
     if cuda:
-        check.part("memory_64mp", lambda: memory_64mp(runner, args.batch, rows[0]["nouns"]))
+        check.part("memory_64mp", lambda: memory_64mp(runner, batch, rows[0]["nouns"]))
     else:
         check.skip("memory_64mp", "no CUDA device (the CPU bound is measured by mine_benchmark.py big-image)")
     k = args.reference_images or (8 if cuda else 1)
-    cfg32 = bench_config(points, "fp32", ckpt, extra)
+    cfg32 = bench_config(points, "fp32", ckpt, [*extra, "engine.compile='off'"])
     if ours:
         check.part("agreement", lambda: agreement(ckpt, rows[:k], ours, StageRunner(cfg32), cfg32))
     else:
         check.skip("agreement", "no throughput results to compare")
-    if args.compile and cuda:
-        cfgc = bench_config(points, "bf16", ckpt, [*extra, "engine.compile='default'"])
-        check.part("compile", lambda: throughput(StageRunner(cfgc), rows, args.batch, workers)[0])
-    else:
-        check.skip("compile", "no CUDA device" if not cuda else "not asked (--compile)")
     check.report["status"] = "complete" if not (check.report["errors"] or check.report["not_run"]) else "partial"
     check.report["seconds"] = round(time.perf_counter() - check.start, 1)
     check.write()

@@ -18,6 +18,17 @@ COCO_MINI = Path(os.environ.get("OVSEG_MINE_COCO_MINI", REPO.parent / "shared" /
 SAMPLE = REPO / "ovseg_mine" / "data" / "coco-sample"
 SAMPLE_NOUNS = Path(__file__).resolve().parent / "data" / "coco_sample_nouns.json"
 ID_STRIDE = 10_000_000  # copy k of image i gets id i + k * ID_STRIDE
+#: Overrides for a quick run with the test suite's tiny random models (SAM ``tiny``: 256 px input; CLIP
+#: ``ovseg-tiny-vit``): random tiny masks pass no score filter, so the filters are off (as the ``smoke`` recipe),
+#: with at most 16 masks per image and CLIP calls of 16 crops.
+TINY_MODELS = [
+    "sam.model_type='tiny'",
+    "clip.arch='ovseg-tiny-vit'",
+    "sam.pred_iou_thresh=0.0",
+    "sam.stability_score_thresh=0.0",
+    "sam.max_masks_per_image=16",
+    "clip.batch_size=16",
+]
 
 
 def coco_records(captions: Path, images: Path, n: int, *, captions_per_image: int = 1) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ Ray pipeline end to end, noun extraction. Each part writes its section of one JS
 
     python benchmarks/mine_benchmark.py speed --images 2              # baseline vs ovseg-mine, agreement
     python benchmarks/mine_benchmark.py proxies --images 8            # syncs, aten ops, non-torch time per image
+    python benchmarks/mine_benchmark.py compile --images 2 [--tiny]   # eager vs compiled: pairs, breaks, recompiles
     python benchmarks/mine_benchmark.py ray --images 8                # the real Ray pipeline, end to end
     python benchmarks/mine_benchmark.py big-image --images 0          # host memory: COCO vs 64 MP images
     python benchmarks/mine_benchmark.py nouns                         # captions/s of the noun stage
@@ -32,7 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from calibration import calibrated_checkpoint  # noqa: E402
-from harness import COCO_MINI, StageRunner, bench_config, coco_records, nouns_with_spacy, with_nouns  # noqa: E402
+from harness import (  # noqa: E402
+    COCO_MINI,
+    TINY_MODELS,
+    StageRunner,
+    bench_config,
+    coco_records,
+    nouns_with_spacy,
+    with_nouns,
+)
 
 from ovseg_mine import rle  # noqa: E402
 
@@ -359,6 +368,97 @@ def decoder_traffic(points_per_side: int, *, prompts_per_call: int, size: tuple[
     }
 
 
+def compile_check(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
+    """Eager against compiled (``engine.compile=args.mode``) on images of mixed sizes, with a GPU's rules: pairs
+    identical, graph breaks per part (``torch._dynamo.explain`` of each part's eager callable on the inputs the
+    eager run gave it), graphs compiled and recompiles per part and their compile seconds (dynamo's compilation
+    records of the compiled runs, the batch twice then each image alone, each given to the part during whose call
+    it was made), and the time outside torch ops per image of the eager run measured without the profiler
+    (``host_time.py``). The parts are listed in ``compile_parts.PARTS``."""
+    from compile_parts import attribute_compilations, capture_inputs, clear_compilation_metrics, graph_breaks, summarize
+    from host_time import keep_freed_memory, non_torch_time
+
+    kept = keep_freed_memory()  # before the models load: no munmap of freed blocks between ops
+    points = args.points_per_side or (4 if args.tiny else 16)
+    n = args.images
+    extra = [*GPU_SETTINGS, f"sam.encoder_batch_size={n}", f"ray.batch_size={n}", *(TINY_MODELS if args.tiny else [])]
+    extra += args.set
+    cfg = bench_config(points, args.precision, ckpt, [*extra, "engine.compile='off'"])
+    cfgc = bench_config(points, args.precision, ckpt, [*extra, f"engine.compile={args.mode!r}"])
+    records = _records(args, max(n, 16))
+    records = _mixed_sizes(records, n)
+    rows = with_nouns(records, nouns_with_spacy(records))
+    eager = StageRunner(cfg)
+    decoded = eager.decode(rows)
+    with capture_inputs(eager.engine) as inputs:
+        eager.stage(decoded)  # warm-up, and each part's inputs
+    ours, seconds = eager.run(rows)
+    seconds["gpu"] = min(seconds["gpu"], eager.run(rows)[1]["gpu"])
+    host = non_torch_time(lambda: eager.stage(decoded))
+    breaks = graph_breaks(eager.engine, inputs)
+    clear_compilation_metrics()
+    compiled = StageRunner(cfgc)
+    with attribute_compilations(compiled.engine) as owned:
+        first, first_s = compiled.run(rows)
+        theirs, steady = compiled.run(rows)
+        for row in rows:
+            compiled.run([row])
+    records_c = [m for records in owned.values() for m in records]
+    per_part = summarize(owned)
+    pairs = lambda results: [r["pairs"] for r in results]  # noqa: E731
+    same = agreement(pairs(ours), pairs(theirs))
+    return {
+        "machine": machine(),
+        "settings": {
+            "images": n,
+            "sizes_hw": [[r["height"], r["width"]] for r in rows],
+            "points_per_side": points,
+            "models": {"sam": cfg.sam.model_type, "clip": cfg.clip.arch},
+            "precision": {"sam": eager.engine.sam.precision, "clip": eager.engine.clip_precision},
+            "mode": args.mode,
+            "overrides": extra,
+            "glibc_keeps_freed_memory": kept,
+        },
+        "pairs_identical": same["pairs_identical"],
+        "pairs_identical_first_compiled_call": agreement(pairs(ours), pairs(first))["pairs_identical"],
+        "agreement": same,
+        "pairs": sum(len(r["pairs"]) for r in ours),
+        "graph_breaks": {name: part.get("graph_breaks", part) for name, part in breaks.items()},
+        "graph_breaks_detail": breaks,
+        "recompiles": {name: part["recompiles"] for name, part in per_part.items()},
+        "compile_s": {name: part["compile_s"] for name, part in per_part.items()},
+        "compilations": per_part,
+        "compiled_graphs_total": len(records_c),
+        "compile_s_total": round(sum(m.entire_frame_compile_time_s or 0.0 for m in records_c), 3),
+        "eager_gpu_stage_s_per_image": seconds["gpu"] / n,
+        "compiled_first_call_s": first_s["gpu"],
+        "compiled_gpu_stage_s_per_image": steady["gpu"] / n,
+        "non_torch_ms_per_image": 1000 * host["non_torch_s"] / n,
+        "non_torch_ms_per_image_lower_estimate": 1000 * host["non_torch_s_lower"] / n,
+        "non_torch_wall_ms_per_image": 1000 * host["non_torch_wall_s"] / n,
+        "torch_ops_per_image": host["ops"] / n,
+        "non_torch_us_per_op": 1e6 * host["non_torch_s"] / max(1, host["ops"]),
+        "host_time": host,
+        "note": "non_torch_ms_per_image is of the eager run (host_time.py: compiled kernels bypass the dispatcher)"
+        + ("" if records_c else "; the engine compiled nothing: engine.compile is not applied on this device"),
+    }
+
+
+def _mixed_sizes(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The first ``n`` records with pairwise different ``(height, width)`` (images of mixed sizes).
+
+    Raises:
+        ValueError: fewer than ``n`` distinct sizes among ``records``."""
+    out, seen = [], set()
+    for record in records:
+        if (record["height"], record["width"]) not in seen:
+            seen.add((record["height"], record["width"]))
+            out.append(record)
+        if len(out) == n:
+            return out
+    raise ValueError(f"fewer than {n} distinct image sizes in the first {len(records)} images")
+
+
 def big_image(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     """Peak host memory of the GPU stage (on this CPU) for a default-size batch of COCO images, of 64 MP images,
     and the memory the models take: what a 64 MP image costs beyond a small one is its pixels, not its masks."""
@@ -442,16 +542,25 @@ def nouns_speed(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["speed", "proxies", "ray", "big-image", "nouns", "nouns-json"])
+    parser.add_argument("part", choices=["speed", "proxies", "compile", "ray", "big-image", "nouns", "nouns-json"])
     parser.add_argument("--data", default=str(COCO_MINI), help="COCO layout: annotations/, val2017/")
     parser.add_argument("--images", type=int, default=2, help="images timed")
     parser.add_argument("--warmup", type=int, default=1, help="speed: images run first by everyone, not timed")
-    parser.add_argument("--points-per-side", type=int, default=None, help="default: 8 (speed, ray), 32 (proxies)")
+    parser.add_argument(
+        "--points-per-side",
+        type=int,
+        default=None,
+        help="default: 8 (speed, ray), 32 (proxies), 16 (compile; 4 --tiny)",
+    )
     parser.add_argument("--batch", type=int, default=4, help="ray: images per GPU-stage call")
     parser.add_argument("--check-fp32", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--nouns-captions", type=int, default=20000)
     parser.add_argument("--traffic-only", action="store_true", help="proxies: only bytes, FLOPs and the roofline")
     parser.add_argument("--decoder-prompts", type=int, default=1024, help="proxies: prompts per meta decoder call")
+    parser.add_argument("--tiny", action="store_true", help="compile: the tiny random SAM and CLIP (a quick run)")
+    parser.add_argument("--mode", default="default", choices=["default", "reduce-overhead"], help="compile: mode")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="compile: SAM and CLIP")
+    parser.add_argument("--set", action="append", default=[], help="compile: a config override (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu.json"))
     args = parser.parse_args(argv)
 
@@ -464,20 +573,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"nouns of {len(table)} images: {args.out}")
         return table
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = calibrated_checkpoint("vit_b", str(Path(tmp) / "sam_vit_b_calibrated.pth"))
+        model_type = "tiny" if args.tiny else "vit_b"
+        ckpt = calibrated_checkpoint(model_type, str(Path(tmp) / f"sam_{model_type}_calibrated.pth"))
         section = {
             "speed": lambda: speed(args, ckpt),
             "proxies": lambda: proxies(args, ckpt),
+            "compile": lambda: compile_check(args, ckpt),
             "ray": lambda: ray_end_to_end(args, ckpt),
             "big-image": lambda: big_image(args, ckpt),
             "nouns": lambda: nouns_speed(args),
         }[args.part]()
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    report[args.part] = section
+    key = f"{args.part}_tiny" if args.tiny else args.part
+    report[key] = section
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in section.items() if k not in ("machine", "top_ops")}, indent=1)[:4000])
-    print(f"\nJSON: {args.out} [{args.part}]")
+    print(f"\nJSON: {args.out} [{key}]")
     return section
 
 

@@ -328,10 +328,12 @@ class MiningEngine:
         self.text = NounEmbeddings(clip, tokenizer, self.device, nouns_per_call=1, precision=self.clip_precision)
         self.pooled = cfg.engine.batching == "pooled" or (cfg.engine.batching == "auto" and cuda)
         # the fused selection's and crops' chunk bodies (image-size dimensions dynamic: compiled.py)
-        self._select_chunk = self.parts.wrap("select_chunk", selection_chunk, dynamic={1: (0,), 2: (0,)})
-        self._crop_chunk = self.parts.wrap(
-            "crop_chunk", render_crops_from_logits, dynamic={0: (1, 2), 2: (0,), 3: (0,)}
-        )
+        self._select_chunk, self._crop_chunk = selection_chunk, render_crops_from_logits
+        if self.kernels == "fused":
+            self._select_chunk = self.parts.wrap("select_chunk", selection_chunk, dynamic={1: (0,), 2: (0,)})
+            self._crop_chunk = self.parts.wrap(
+                "crop_chunk", render_crops_from_logits, dynamic={0: (1, 2), 2: (0,), 3: (0,)}
+            )
         self.chunk_bytes = cfg.ray.chunk_mib * 2**20
 
     def compile_stats(self) -> dict[str, dict[str, Any]]:
