@@ -426,6 +426,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     extra = [*GPU_SETTINGS, f"ray.batch_size={batch}", f"sam.encoder_batch_size={batch}"]
     if not cuda:
         extra.append("clip.batch_size=32")  # a CPU run only checks the plumbing: small padded CLIP calls
+        extra.append("engine.kernels='fused'")  # the path a GPU takes (auto: fused there), chunk bodies included
     if tiny:
         extra += TINY_MODELS
     precision = "fp32" if tiny else "bf16"  # the dry run's pairs must not depend on the CPU's bf16 support
