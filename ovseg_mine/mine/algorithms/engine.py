@@ -459,7 +459,7 @@ class MiningEngine:
             op = postprocess_operator(
                 tuple(low.shape[1:]), sam.input_size(job.size), job.size, sam.img_size, low.device
             )
-            decoded.append(DecodedImage(low, iou, op))
+            decoded.append(DecodedImage(low, iou, op, upsample=sam.upsampler(job.size)))  # masks out: stock pixels
         found = iter(
             select_masks_fused(
                 decoded,

@@ -201,11 +201,15 @@ class DecodedImage:
         low_res: ``[M, h, w]`` logits of every candidate (3 per point, point-major), the decoder's dtype.
         predicted_iou: float32 ``[M]``.
         operator: the image size's :class:`PostprocessOperator`.
+        upsample: the masks handed out (:meth:`MaskSet.masks`: the matched masks' run lengths) upsampled with this
+            (``Sam.postprocess_masks``'s own two ``F.interpolate`` calls, so that a mask the fused selection keeps is
+            the stock one pixel for pixel); None: the operator's matrices.
     """
 
     low_res: "torch.Tensor"
     predicted_iou: "torch.Tensor"
     operator: PostprocessOperator
+    upsample: Callable[["torch.Tensor"], "torch.Tensor"] | None = None
 
 
 def fused_chunk(size: tuple[int, int], low_size: tuple[int, int], chunk_bytes: int) -> int:
@@ -270,7 +274,7 @@ def select_masks_fused(
     for i, (image, pool) in enumerate(zip(images, pools, strict=True)):
         index = order[start : start + min(generated[i], cfg.max_masks_per_image)] - offset
         start, offset = start + groups[i], offset + len(pool[1])
-        sets.append(_mask_set(pool, index, generated[i], image.operator, mask_threshold, chunks[i]))
+        sets.append(_mask_set(pool, index, generated[i], image, mask_threshold, chunks[i]))
     return sets
 
 
@@ -341,11 +345,12 @@ def _nms_and_rank(
 
 
 def _mask_set(
-    pool: tuple, index: "torch.Tensor", generated: int, operator: PostprocessOperator, threshold: float, chunk: int
+    pool: tuple, index: "torch.Tensor", generated: int, image: DecodedImage, threshold: float, chunk: int
 ) -> MaskSet:
     """The :class:`MaskSet` of one image's ranked, capped pool ``index``."""
     import torch
 
+    operator = image.operator
     low, iou, stability, areas, xyxy = pool
     xyxy = xyxy[index]
     xywh = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2] + 1], dim=1)
@@ -359,7 +364,7 @@ def _mask_set(
         valid=valid,
         size=operator.size,
         num_generated=generated,
-        upsample=operator.upsample,
+        upsample=image.upsample or operator.upsample,
         mask_threshold=threshold,
         chunk=chunk,
         operator=operator,

@@ -32,7 +32,7 @@ What changes, and why it keeps the result:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -261,6 +261,13 @@ class BatchedSam:
                 ious.append(iou)
         return low[:count].flatten(0, 1), torch.cat(ious)[:count].flatten(0, 1)
 
+    def upsampler(self, size: tuple[int, int]) -> "Callable[[torch.Tensor], torch.Tensor]":
+        """segment-anything's ``Sam.postprocess_masks`` for an original image of ``size`` ``(H, W)``: low-resolution
+        logits ``[k, h, w]`` float32 -> full-resolution logits ``[k, H, W]`` (bilinear to the encoder's input size,
+        the padding cropped, bilinear to ``size``)."""
+        input_size, postprocess = self.input_size(size), self.sam.postprocess_masks
+        return lambda low: postprocess(low[:, None], input_size, size)[:, 0]
+
     def propose(self, features: "torch.Tensor", size: tuple[int, int], cfg: "SamConfig", chunk_bytes: int) -> "MaskSet":
         """SAM's kept proposals of one image: :meth:`decode` over the point grid, then the automatic mask
         generator's selection (:func:`ovseg_mine.mine.algorithms.amg.select_masks`), on the device. The one
@@ -279,14 +286,12 @@ class BatchedSam:
         from ovseg_mine.mine.algorithms.amg import chunk_size, select_masks
 
         low_res, iou = self.decode(features, size)
-        input_size = self.input_size(size)
-        postprocess = self.sam.postprocess_masks
         return select_masks(
             low_res,
             iou,
             cfg=cfg,
             size=size,
-            upsample=lambda low: postprocess(low[:, None], input_size, size)[:, 0],
+            upsample=self.upsampler(size),
             mask_threshold=self.mask_threshold,
             chunk=chunk_size(size, self.img_size, chunk_bytes),
             min_region_area=cfg.min_mask_region_area,

@@ -308,7 +308,8 @@ def finalize_stage(batch: "pa.Table") -> "pa.Table":
 def pair_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """The pair rows (schemas/pairs-v1.json) of one image of the GPU stage: ``record`` holds its ``image_id``,
     ``file_name``, ``width``, ``height``, ``num_proposals``, ``captions``, ``nouns``, ``noun_caption_index`` and
-    ``matches`` (:func:`~ovseg_mine.mine.graph.rows.match_struct`: run lengths, XYWH ``bbox``)."""
+    ``matches`` (:func:`~ovseg_mine.mine.graph.rows.match_struct`: run lengths, XYWH ``bbox``). A pair's ``bbox``
+    and ``area`` are the mask's own (pycocotools), equal to the match's for stock kernels."""
     from ovseg_mine import rle
 
     nouns, pairs = record["nouns"], []
@@ -316,6 +317,7 @@ def pair_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     for match in record["matches"] or []:
         k = match["noun_index"]
         caption_index = record["noun_caption_index"][k]
+        mask = rle.from_runs(match["runs"], height, width)
         pairs.append(
             {
                 "pair_id": f"{record['image_id']}:{nouns[k]}",
@@ -326,9 +328,10 @@ def pair_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
                 "caption_index": caption_index,
                 "caption": record["captions"][caption_index],
                 "noun": nouns[k],
-                "mask": rle.from_runs(match["runs"], height, width),
-                "bbox": match["bbox"],
-                "area": match["area"],
+                "mask": mask,
+                # from the mask itself, so that they agree with it pixel for pixel whichever kernels selected it
+                "bbox": [int(v) for v in rle.bbox(mask)],
+                "area": rle.area(mask),
                 "proposal_index": match["mask_index"],
                 "num_proposals": record["num_proposals"],
                 "similarity": match["similarity"],
