@@ -59,6 +59,7 @@ RULES: tuple[tuple[str, str | None, str], ...] = (
     ("ovseg_mine/mine/algorithms/sam_batch.py", "_sparse_prompts", "decoder"),
     ("ovseg_mine/mine/algorithms/sam_batch.py", "float32_forward", "decoder"),
     ("ovseg_mine/mine/algorithms/amg.py", None, "selection"),
+    ("ovseg_mine/mine/algorithms/fused_amg.py", None, "selection"),
     ("segment_anything/utils/amg.py", None, "selection"),
     ("ovseg_mine/mine/algorithms/sam_batch.py", "propose", "selection"),
     ("ovseg_mine/crops.py", None, "crops"),
