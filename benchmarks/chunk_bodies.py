@@ -7,7 +7,10 @@
 candidates or crops it took (its padded chunk: what a compiled body also processes), and the image size. Then
 :func:`compiled_records` gives the records of the same run with each body call replaced by one record of the bytes
 Inductor's kernels move for it (``selection_bytes.inductor_bytes``: ``GraphLowering.count_bytes`` of the body
-compiled on this CPU, per candidate or per crop, for that image size) and the FLOPs of the eager ops it replaces.
+compiled on this CPU, per candidate or per crop, for that image size) and the FLOPs of the code the compiled body
+runs (:func:`compiled_body_flops`: under ``torch.compile`` both bodies take the banded gathers of
+``ovseg_mine.banded`` instead of the dense upsampling products, element-wise work with no FLOP formula, so a
+compiled body is bound by its bytes).
 The glue between the bodies (``index_select``, ``cat``, ``sort``, NMS, normalization outside a body) stays as
 counted eagerly.
 """
@@ -83,12 +86,48 @@ class BodyTally:
         return sorted({c.size for c in self.calls})
 
 
+def compiled_body_flops(size: tuple[int, int], items: int = 4, low: int = 256, img_size: int = 1024) -> dict:
+    """FLOPs per item (``{"selection": per candidate, "crops": per crop}``) of the code the two bodies run under
+    ``torch.compile`` (their ``torch.compiler.is_compiling()`` branch, run eagerly here under
+    :class:`traffic.ByteCounter`, ``items`` random candidates of an image of ``size`` ``(H, W)``; 224-pixel
+    crops). The FLOP formulas are those of ``traffic.op_flops`` (matrix products; element-wise work counts 0)."""
+    import torch
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from ovseg_mine.crops import render_crops_from_logits
+    from ovseg_mine.mine.algorithms.fused_amg import postprocess_operator, selection_chunk
+
+    input_size = tuple(ResizeLongestSide.get_preprocess_shape(size[0], size[1], img_size))
+    op = postprocess_operator((low, low), input_size, size, img_size, torch.device("cpu"))
+    logits = torch.randn((items, low, low)).to(torch.bfloat16)
+    image = torch.zeros((3, *size), dtype=torch.uint8)
+    boxes = torch.tensor([[0, 0, size[1], size[0]]] * items)
+    ones = torch.ones(3)
+    flops = {}
+    saved = torch.compiler.is_compiling
+    torch.compiler.is_compiling = lambda: True
+    try:
+        for kind, run in (
+            ("selection", lambda: selection_chunk(logits, op.ay, op.ax, 0.0)),
+            ("crops", lambda: render_crops_from_logits(image, logits, op.ay, op.ax, boxes, size=224, fill=ones)),
+        ):
+            with torch.inference_mode(), ByteCounter() as counter:
+                run()
+            flops[kind] = counter.total_flops / items
+    finally:
+        torch.compiler.is_compiling = saved
+    return flops
+
+
 def compiled_records(
-    records: list[OpRecord], calls: list[BodyCall], per_item: dict[tuple[str, tuple[int, int]], float]
+    records: list[OpRecord],
+    calls: list[BodyCall],
+    per_item: dict[tuple[str, tuple[int, int]], float],
+    flops_per_item: dict[tuple[str, tuple[int, int]], float] | None = None,
 ) -> list[OpRecord]:
     """``records`` with each body call's slice replaced by one record: ``per_item[(kind, size)] * items`` bytes
-    (also its ``kernel_bytes``), the slice's FLOPs, the dtype of its op with the most FLOPs, in the body's part
-    (``selection`` / ``crops``)."""
+    (also its ``kernel_bytes``), ``flops_per_item[(kind, size)] * items`` FLOPs (default: the slice's own, the
+    eager code's), the dtype of its op with the most FLOPs, in the body's part (``selection`` / ``crops``)."""
     inside: dict[int, BodyCall] = {}
     for call in calls:
         inside[call.start] = call
@@ -110,7 +149,9 @@ def compiled_records(
                 name=name,
                 part=call.kind,
                 bytes=moved,
-                flops=sum(r.flops for r in ops),
+                flops=sum(r.flops for r in ops)
+                if flops_per_item is None
+                else round(flops_per_item[(call.kind, call.size)] * call.items),
                 kernel_bytes=moved,
                 bytes_as_first_written=moved,
                 kernel_bytes_as_first_written=moved,

@@ -348,28 +348,35 @@ def traffic_section(runner: StageRunner, decoded: Any, n: int) -> dict[str, Any]
     return report
 
 
+KINDS = ("selection", "crops")  # the chunk bodies (chunk_bodies.BODIES)
+
+
 def compiled_section(counter: Any, tally: Any, n: int, crops: int, encoded: int) -> dict[str, Any]:
     """The traffic and roofline of the counted run with the fused selection's and crops' chunk bodies compiled
     (``chunk_bodies.compiled_records``): each body call's eager ops replaced by Inductor's bytes for it
-    (``selection_bytes.inductor_bytes``, compiled on this CPU for 8 candidates and 4 crops at each image size of
-    the run, per candidate and per crop, times the candidates and crops of the call, padding included: a larger
-    chunk reads the upsampling matrices once for more candidates, so this is an upper bound), its FLOPs kept.
+    (``selection_bytes.inductor_bytes``, compiled on this CPU for the run's chunk of candidates and of crops at
+    each image size of the run, per candidate and per crop, times the candidates and crops of the call, padding
+    included), its FLOPs those of
+    the compiled body's code (``chunk_bodies.compiled_body_flops``: the banded gathers, no matrix product).
     Everything else (encoder, decoder, CLIP, the glue between the bodies) keeps its eager count: no credit is
     taken for what Inductor would fuse there. Empty when the run used no chunk body (``engine.kernels=stock``)."""
-    from chunk_bodies import compiled_records
+    from chunk_bodies import compiled_body_flops, compiled_records
     from roofline import DEVICES, estimate
     from selection_bytes import inductor_bytes
 
-    if not tally.calls:
+    if {c.kind for c in tally.calls} != set(KINDS):
         return {}
-    per_item, inductor = {}, {}
+    per_item, inductor, flops = {}, {}, {}
     for size in tally.sizes():
-        figures = inductor_bytes(size)  # (its selection_gb / crops_gb scale to selection_bytes' Plan: not kept)
+        body_flops = compiled_body_flops(size)
+        flops |= {(kind, size): f for kind, f in body_flops.items()}
+        chunk, crops_chunk = (max(c.items for c in tally.calls if c.size == size and c.kind == k) for k in KINDS)
+        figures = inductor_bytes(size, chunk=chunk, crops=crops_chunk)  # (its *_gb scale to a Plan: not kept)
         figures = {k: v for k, v in figures.items() if k.endswith(("_per_candidate", "_per_crop"))}
-        inductor[f"{size[0]}x{size[1]}"] = figures
+        inductor[f"{size[0]}x{size[1]}"] = figures | {f"{k}_flops_per_item": f for k, f in body_flops.items()}
         per_item[("selection", size)] = figures["selection_chunk_mb_per_candidate"] * 1e6
         per_item[("crops", size)] = figures["crop_mb_per_crop"] * 1e6
-    records = compiled_records(counter.records, tally.calls, per_item)
+    records = compiled_records(counter.records, tally.calls, per_item, flops)
     by_part = dict.fromkeys(counter.bytes_by_part(), 0)
     for r in records:
         by_part[r.part] += r.bytes

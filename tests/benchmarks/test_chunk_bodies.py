@@ -50,3 +50,19 @@ def test_compiled_records_replace_each_call_by_one_record():
     assert records[0].name == "compiled selection chunk body" and records[0].bytes == 4000
     assert records[0].flops == sum(r.flops for r in body) > 0  # the upsampling's matrix products
     assert records[1:] == counter.records[len(body) :]
+
+
+def test_compiled_bodies_run_no_matrix_product():
+    from chunk_bodies import compiled_body_flops
+
+    assert compiled_body_flops((24, 32), items=2, low=8, img_size=32) == {"selection": 0.0, "crops": 0.0}
+
+
+def test_compiled_records_take_the_given_flops():
+    counter = ByteCounter()
+    call = _selection_call()
+    with BodyTally(counter) as tally, counter:
+        call()
+    key = ("selection", (12, 16))
+    [record] = compiled_records(counter.records, tally.calls, {key: 10.0}, {key: 0.0})
+    assert record.flops == 0 and record.bytes == 40
