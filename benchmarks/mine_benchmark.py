@@ -191,7 +191,8 @@ def speed(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
 def proxies(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     """Syncs, aten ops and non-torch time per image of the GPU stage, with the GPU's settings, on this CPU; bytes
     moved and FLOPs per part and a roofline estimate of GPU images/s (:func:`traffic_section`,
-    :func:`decoder_traffic`). ``--traffic-only`` skips the three passes of syncs, ops and time."""
+    :func:`decoder_traffic`) and issue 23's :func:`bars`. ``--traffic-only`` skips the three passes of syncs, ops
+    and time; ``--no-traffic`` the pass of bytes."""
     from proxies import count, profile_time
 
     n = args.images
