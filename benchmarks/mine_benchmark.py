@@ -200,7 +200,8 @@ def speed(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
 def proxies(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     """Syncs, aten ops and non-torch time per image of the GPU stage, with the GPU's settings, on this CPU; bytes
     moved and FLOPs per part and a roofline estimate of GPU images/s (:func:`traffic_section`,
-    :func:`decoder_traffic`). ``--traffic-only`` skips the three passes of syncs, ops and time."""
+    :func:`decoder_traffic`) and issue 23's :func:`bars`. ``--traffic-only`` skips the three passes of syncs, ops
+    and time; ``--no-traffic`` the pass of bytes."""
     from proxies import count, profile_time
 
     n = args.images
@@ -231,10 +232,43 @@ def proxies(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
         report["text_encoder_per_new_noun"] = {
             k: text_ops[k] for k in ("syncs", "aten_ops", "aten_ops_excluding_views")
         }
+    if args.no_traffic:
+        return report
     report |= traffic_section(runner, decoded, n)
-    report["decoder_traffic"] = decoder_traffic(32, prompts_per_call=args.decoder_prompts)
-    report["decoder_bytes_per_prompt"] = report["decoder_traffic"]["bytes_per_prompt"]
+    per_call = args.decoder_prompts or runner.engine.sam.points_per_batch
+    used = runner.engine.kernels
+    report["decoder_traffic"] = {
+        k: decoder_traffic(points, prompts_per_call=per_call, kernels=k) for k in dict.fromkeys([used, "stock"])
+    }
+    report["decoder_kernels"] = used
+    report["decoder_bytes_per_prompt"] = report["decoder_traffic"][used]["bytes_per_prompt"]
+    report["decoder_bytes_per_prompt_stock"] = report["decoder_traffic"]["stock"]["bytes_per_prompt"]
+    report["bars"] = bars(report)
     return report
+
+
+def bars(report: dict[str, Any]) -> dict[str, Any]:
+    """Issue 23's bars, each ``{"value", "bar", "met"}``: decoder bytes per prompt (the kernels the run uses),
+    upsampling + selection + crops GB per image (eager, and with the chunk bodies compiled), host syncs per image
+    (blocking copies included; absent with ``--traffic-only``), roofline images/s on an H100 at 60 % (eager and
+    compiled, CLIP padded as the run pads)."""
+    compiled = report.get("compiled") or {}
+    checks = {
+        "decoder_mb_per_prompt": (report["decoder_bytes_per_prompt"] / 1e6, 60.0, "<="),
+        "selection_and_crops_gb_per_image_eager": (report["selection_and_crops_gb_per_image"], 5.0, "<="),
+        "selection_and_crops_gb_per_image_compiled": (compiled.get("selection_and_crops_gb_per_image"), 5.0, "<="),
+        "syncs_per_image": (report.get("syncs_per_image"), 10.0, "<="),
+        "h100_images_per_s_eager": (report["roofline_images_per_s"]["H100 SXM"], 20.0, ">="),
+        "h100_images_per_s_compiled": (compiled.get("roofline_images_per_s", {}).get("H100 SXM"), 20.0, ">="),
+    }
+    return {
+        name: {
+            "value": value,
+            "bar": f"{op} {bar}",
+            "met": None if value is None else value <= bar if op == "<=" else value >= bar,
+        }
+        for name, (value, bar, op) in checks.items()
+    }
 
 
 def _sync_op_time_proxies(runner: StageRunner, decoded: Any, n: int, count: Any, profile_time: Any) -> dict[str, Any]:
@@ -267,37 +301,46 @@ def _sync_op_time_proxies(runner: StageRunner, decoded: Any, n: int, count: Any,
 
 def traffic_section(runner: StageRunner, decoded: Any, n: int) -> dict[str, Any]:
     """Bytes moved and FLOPs per image by part (``traffic.py``), and the roofline's GPU time (``roofline.py``), of
-    one pass of the GPU stage through ``MiningEngine.mine`` on this CPU.
+    one pass of the GPU stage through ``MiningEngine.mine`` on this CPU, eager and with the selection's and crops'
+    chunk bodies compiled (:func:`compiled_section`).
 
     Method: the pass runs for real on the CPU, with a GPU's rules (``engine.device_rules='cuda'``: bf16 weights
-    in SAM's encoder and decoder, the IoU head in float32, CLIP in bf16), under :class:`traffic.ByteCounter`.
-    Bytes and FLOPs of an op depend only on its shapes and dtypes, not on the device, so this is what the same
-    ops would move on a GPU. A meta-device run is impossible through ``mine()``: its data-dependent steps (the
-    score filters' ``nonzero``, NMS, the cap, the matched masks' run lengths) need real values, and the
-    calibrated random weights (``calibration.py``) give the realistic ~100 masks per image that set the work of
-    crops and CLIP. What differs from a GPU: the host-to-device copies of the pixels (a view on a CPU; a GPU
-    moves the uint8 image once, ~1 MB), and the CPU's choice of attention kernel (``sam_attention.py``'s SDPA
-    with a bias: ``_scaled_dot_product_flash_attention_for_cpu`` here, a fused kernel of the same inputs and
-    outputs on a GPU).
+    in SAM's encoder and decoder, the IoU head in float32, CLIP in bf16, ``engine.kernels`` auto = fused), under
+    :class:`traffic.ByteCounter`. Bytes and FLOPs of an op depend only on its shapes and dtypes, not on the
+    device, so this is what the same ops would move on a GPU. A meta-device run is impossible through ``mine()``:
+    its data-dependent steps (the score filters, NMS, the cap, the matched masks' run lengths) need real values,
+    and the calibrated random weights (``calibration.py``) give the realistic ~100 masks per image that set the
+    work of crops and CLIP. CLIP is counted as the run pads it: the engine's pooled calls of 256/128/64/32 crops
+    (``matching.pooled_calls``); ``roofline_images_per_s_unpadded_clip`` scales CLIP's time to the crops kept.
+    What differs from a GPU: the host-to-device copies of the pixels (a view on a CPU; a GPU moves the uint8
+    image once, ~1 MB), and the CPU's choice of attention kernel (``sam_attention.py``'s SDPA with a bias:
+    ``_scaled_dot_product_flash_attention_for_cpu`` here, a fused kernel of the same inputs and outputs on a GPU).
     """
+    from chunk_bodies import BodyTally
     from roofline import DEVICES, estimate
     from traffic import PARTS, ByteCounter
 
+    from ovseg_mine.mine.algorithms.matching import pooled_calls
+
     counter = ByteCounter()
     start = time.perf_counter()
-    with counter:
+    with BodyTally(counter, runner.engine) as tally, counter:
         results = runner.stage(decoded).to_pylist()
     seconds = time.perf_counter() - start
-    masks = sum(r["num_proposals"] for r in results)
-    clip_batch = runner.cfg.clip.batch_size
-    encoded = -(-masks // clip_batch) * clip_batch
+    counts = [r["num_proposals"] for r in results]
+    if os.environ.get("OVSEG_BENCH_RECORDS"):  # the counted pass kept, to redo the figures from it
+        import pickle
+
+        with open(os.environ["OVSEG_BENCH_RECORDS"], "wb") as f:
+            pickle.dump({"records": counter.records, "calls": tally.calls, "counts": counts, "n": n}, f)
+    encoded = sum(size for size, _ in pooled_calls(counts, runner.cfg.clip.batch_size))
     gb = {part: b / n / 1e9 for part, b in counter.bytes_by_part().items()}
     roof = {d.name: estimate(counter.records, d, images=n) for d in DEVICES}
     kernel_roof = {d.name: estimate(counter.records, d, images=n, bytes_field="kernel_bytes") for d in DEVICES}
-    return {
-        "masks_per_image": float(np.mean([r["num_proposals"] for r in results])),
+    report = {
+        "masks_per_image": float(np.mean(counts)),
         "traffic_wall_s_per_image": seconds / n,
-        "clip_crops_encoded_per_image": encoded / n,  # padded to clip.batch_size
+        "clip_crops_encoded_per_image": encoded / n,  # padded as the run pads: matching.pooled_calls
         "bytes_per_image": {part: b / n for part, b in counter.bytes_by_part().items()},
         "gb_per_image": gb | {"total": sum(gb.values())},
         "kernel_gb_per_image": {p: b / n / 1e9 for p, b in counter.bytes_by_part("kernel_bytes").items()},
@@ -309,61 +352,90 @@ def traffic_section(runner: StageRunner, decoded: Any, n: int) -> dict[str, Any]
         "roofline": roof,
         "roofline_images_per_s": {name: r["images_per_s"] for name, r in roof.items()},
         "roofline_kernel_bytes_images_per_s": {name: r["images_per_s"] for name, r in kernel_roof.items()},
-        "roofline_images_per_s_unpadded_clip": {name: _unpadded(r, masks, encoded) for name, r in roof.items()},
+        "roofline_images_per_s_unpadded_clip": {name: _unpadded(r, sum(counts), encoded) for name, r in roof.items()},
+    }
+    report["compiled"] = compiled_section(counter, tally, n, sum(counts), encoded)
+    return report
+
+
+KINDS = ("selection", "crops")  # the chunk bodies (chunk_bodies.BODIES)
+
+
+def compiled_section(counter: Any, tally: Any, n: int, crops: int, encoded: int) -> dict[str, Any]:
+    """The traffic and roofline of the counted run with the fused selection's and crops' chunk bodies compiled
+    (``chunk_bodies.compiled_records``): each body call's eager ops replaced by Inductor's bytes for it
+    (``selection_bytes.inductor_bytes``, compiled on this CPU for the run's chunk of candidates and of crops at
+    each image size of the run, per candidate and per crop, times the candidates and crops of the call, padding
+    included), its FLOPs those of
+    the compiled body's code (``chunk_bodies.compiled_body_flops``: the banded gathers, no matrix product).
+    Everything else (encoder, decoder, CLIP, the glue between the bodies) keeps its eager count: no credit is
+    taken for what Inductor would fuse there. Empty when the run used no chunk body (``engine.kernels=stock``)."""
+    from chunk_bodies import compiled_body_flops, compiled_records
+    from roofline import DEVICES, estimate
+    from selection_bytes import inductor_bytes
+
+    if {c.kind for c in tally.calls} != set(KINDS):
+        return {}
+    per_item, inductor, flops = {}, {}, {}
+    for size in tally.sizes():
+        body_flops = compiled_body_flops(size)
+        flops |= {(kind, size): f for kind, f in body_flops.items()}
+        chunk, crops_chunk = (max(c.items for c in tally.calls if c.size == size and c.kind == k) for k in KINDS)
+        figures = inductor_bytes(size, chunk=chunk, crops=crops_chunk)  # (its *_gb scale to a Plan: not kept)
+        figures = {k: v for k, v in figures.items() if k.endswith(("_per_candidate", "_per_crop"))}
+        inductor[f"{size[0]}x{size[1]}"] = figures | {f"{k}_flops_per_item": f for k, f in body_flops.items()}
+        per_item[("selection", size)] = figures["selection_chunk_mb_per_candidate"] * 1e6
+        per_item[("crops", size)] = figures["crop_mb_per_crop"] * 1e6
+    records = compiled_records(counter.records, tally.calls, per_item, flops)
+    by_part = dict.fromkeys(counter.bytes_by_part(), 0)
+    for r in records:
+        by_part[r.part] += r.bytes
+    gb = {part: b / n / 1e9 for part, b in by_part.items()}
+    roof = {d.name: estimate(records, d, images=n) for d in DEVICES}
+    return {
+        "inductor_mb_per_item_by_image_size": inductor,
+        "candidates_per_image_in_chunk_bodies": tally.items("selection") / n,
+        "crops_per_image_in_chunk_bodies": tally.items("crops") / n,
+        "gb_per_image": gb | {"total": sum(gb.values())},
+        "selection_and_crops_gb_per_image": gb["selection"] + gb["crops"],
+        "roofline": roof,
+        "roofline_images_per_s": {name: r["images_per_s"] for name, r in roof.items()},
+        "roofline_images_per_s_unpadded_clip": {name: _unpadded(r, crops, encoded) for name, r in roof.items()},
     }
 
 
 def _unpadded(roof: dict[str, Any], crops: int, encoded: int) -> float:
-    """Images/s of a roofline estimate with CLIP's time scaled from the ``encoded`` crops (padded to
-    ``clip.batch_size``) to the ``crops`` kept: what a batch that fills CLIP's calls pays per image."""
+    """Images/s of a roofline estimate with CLIP's time scaled from the ``encoded`` crops (padded as the run pads,
+    ``matching.pooled_calls``) to the ``crops`` kept: what a batch that fills CLIP's calls pays per image."""
     by_part = roof["ms_per_image_by_part"]
     ms = roof["ms_per_image"] - by_part.get("clip", 0.0) * (1 - crops / max(1, encoded))
     return 1000 / ms
 
 
-def decoder_traffic(points_per_side: int, *, prompts_per_call: int, size: tuple[int, int] = (480, 640)) -> dict:
+def decoder_traffic(
+    points_per_side: int, *, prompts_per_call: int, kernels: str, size: tuple[int, int] = (480, 640)
+) -> dict:
     """Bytes and FLOPs of SAM ``vit_b``'s decoder per point prompt, counted on the meta device (no computation)
-    through the engine's own decoding path, ``BatchedSam.decode``, under a GPU's rules: bf16 decoder weights and
-    features, the IoU head in float32, ``prompts_per_call`` prompts per decoder call, ``points_per_side**2``
-    prompts of a COCO-size image (``size`` ``(H, W)``; the decoder's shapes do not depend on it).
-
-    The IoU head's float32 wrapper (``sam_batch._float32_iou_head``) turns autocast off for the model's device
-    type, which ``torch.autocast`` refuses for ``meta``: it is built with the CPU's type (autocast is off on
-    the CPU anyway)."""
+    through the engine's own decoding path, ``BatchedSam.decode`` with ``kernels`` (``stock`` or ``fused``), under
+    a GPU's rules: bf16 decoder weights and features, the IoU head in float32, ``prompts_per_call`` prompts per
+    decoder call, ``points_per_side**2`` prompts of a COCO-size image (``size`` ``(H, W)``; the decoder's shapes
+    do not depend on it). Counted by ``decoder_bytes.decoder_counter`` (the figures of ``decoder_bytes.py``)."""
+    from decoder_bytes import decoder_counter
     from roofline import DEVICES, estimate
-    from segment_anything import sam_model_registry
-    from traffic import ByteCounter
 
-    from ovseg_mine.mine.algorithms import sam_batch
-
-    with torch.device("meta"):
-        sam = sam_model_registry["vit_b"](checkpoint=None)
-    wrap = sam_batch._float32_iou_head
-    sam_batch._float32_iou_head = lambda decoder, device: wrap(decoder, torch.device("cpu"))
-    try:
-        batched = sam_batch.BatchedSam(
-            sam,
-            points_per_side=points_per_side,
-            points_per_batch=prompts_per_call,
-            precision="pure_bf16",
-            low_precision_decoder=True,
-        )
-    finally:
-        sam_batch._float32_iou_head = wrap
-    features = torch.empty((1, 256, 64, 64), dtype=torch.bfloat16, device="meta")
-    counter = ByteCounter()
-    with counter:
-        batched.decode(features, size)
     prompts = points_per_side**2
+    counter = decoder_counter("vit_b", kernels, prompts, prompts_per_call, size)
+    moved = lambda field: sum(getattr(r, field) for r in counter.records)  # noqa: E731
     roof = {d.name: estimate(counter.records, d, images=1)["ms_per_image"] for d in DEVICES}
     return {
+        "kernels": kernels,
         "prompts": prompts,
         "prompts_per_call": prompts_per_call,
-        "bytes_per_prompt": counter.bytes_by_part()["decoder"] / prompts,
-        "kernel_bytes_per_prompt": counter.bytes_by_part("kernel_bytes")["decoder"] / prompts,
-        "gb_per_image": counter.bytes_by_part()["decoder"] / 1e9,
-        "gflop_per_image": counter.flops_by_part()["decoder"] / 1e9,
-        "top_byte_ops": counter.top_ops("decoder", 12),
+        "bytes_per_prompt": moved("bytes") / prompts,
+        "kernel_bytes_per_prompt": moved("kernel_bytes") / prompts,
+        "gb_per_image": moved("bytes") / 1e9,
+        "gflop_per_image": counter.total_flops / 1e9,
+        "top_byte_ops": dict(list(counter.bytes_by_op().items())[:12]),
         "roofline_ms_per_image": roof,
     }
 
@@ -556,7 +628,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--check-fp32", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--nouns-captions", type=int, default=20000)
     parser.add_argument("--traffic-only", action="store_true", help="proxies: only bytes, FLOPs and the roofline")
-    parser.add_argument("--decoder-prompts", type=int, default=1024, help="proxies: prompts per meta decoder call")
+    parser.add_argument("--no-traffic", action="store_true", help="proxies: only syncs, ops and time (no bytes)")
+    parser.add_argument(
+        "--decoder-prompts", type=int, default=None, help="proxies: prompts per meta decoder call (default: the run's)"
+    )
     parser.add_argument("--tiny", action="store_true", help="compile: the tiny random SAM and CLIP (a quick run)")
     parser.add_argument("--mode", default="default", choices=["default", "reduce-overhead"], help="compile: mode")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="compile: SAM and CLIP")

@@ -1,11 +1,11 @@
 """Bytes moved per image by the upsampling + selection and by the crops, stock vs fused (``engine.kernels``), at any
 image size and candidate counts, counted on the meta device (no computation, no memory).
 
-The rule (issue 23, ``benchmarks/traffic.py`` when it exists): for every non-view aten op reaching the dispatcher,
-the sum over its distinct tensor inputs and outputs of ``numel * element_size`` (0-element tensors count 0). It is
-what an unfused kernel reads and writes. The selection's data-dependent steps (the filters' ``nonzero``, NMS, the
-host reads of counts) have no meta kernel; :class:`ByteCounter` answers them from a plan: the number of survivors
-of each step, the same for both paths, so both count the same work.
+The rule (issue 23) is counted by ``benchmarks/traffic.py``'s :class:`~traffic.ByteCounter`, the project's one
+counter (its module docstring states the rule: each non-view aten op's distinct tensor inputs and outputs, a
+tensor an op mutates and reads counted twice, a pure overwrite once). The selection's data-dependent steps (the
+filters' ``nonzero``, NMS, the host reads of counts) have no meta kernel; the counter answers them from a plan
+(:class:`Plan`: the number of survivors of each step, the same for both paths, so both count the same work).
 
 ``fused_regions=True`` adds the figure a compiled chunk body would reach if it were one kernel: each chunk body
 (:func:`~ovseg_mine.mine.algorithms.fused_amg.selection_chunk`, :func:`~ovseg_mine.crops.render_crops_from_logits`)
@@ -21,14 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_leaves
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from traffic import ByteCounter, tensor_bytes  # noqa: E402
 
 
 @dataclass
@@ -50,60 +55,13 @@ class Plan:
     kept: int = 100
 
 
-def _nbytes(tensors: list[torch.Tensor]) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if id(t) not in seen and t.numel():
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
-class ByteCounter(TorchDispatchMode):
-    """Counts bytes moved (the rule above) by op name; answers data-dependent ops on meta tensors from a plan.
-
-    Args:
-        nonzero: sizes to return, in order, for ``aten.nonzero`` on meta tensors.
-        nms: sizes to return, in order, for ``torchvision.nms`` on meta tensors.
-        host: values to return, in order, for copies of meta tensors to the host (``.tolist()``, ``.cpu()``).
-    """
-
-    def __init__(self, nonzero: list[int] = (), nms: list[int] = (), host: list[Any] = ()) -> None:
-        super().__init__()
-        self.nonzero, self.nms, self.host = list(nonzero), list(nms), list(host)
-        self.bytes: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        meta = any(t.device.type == "meta" for t in inputs)
-        name = str(func.overloadpacket)
-        if meta and name == "aten.nonzero":
-            out = torch.empty((self.nonzero.pop(0), inputs[0].dim()), dtype=torch.int64, device="meta")
-        elif meta and name == "torchvision.nms":
-            out = torch.empty(self.nms.pop(0), dtype=torch.int64, device="meta")
-        elif meta and name == "aten._to_copy" and torch.device(kwargs.get("device", "meta")).type == "cpu":
-            out = torch.tensor(self.host.pop(0), dtype=kwargs.get("dtype") or inputs[0].dtype).reshape(inputs[0].shape)
-        else:
-            out = func(*args, **kwargs)
-        if not func.is_view:
-            outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            self.bytes[name] += _nbytes(inputs + outputs)
-        return out
-
-    @property
-    def total(self) -> int:
-        return sum(self.bytes.values())
-
-
 def as_one_kernel(counter: ByteCounter, fn: Callable, name: str) -> Callable:
     """``fn`` counted as one fused kernel under ``counter``: its tensor inputs and outputs only."""
 
     def wrapped(*args, **kwargs):
         with _disable_current_modes():
             out = fn(*args, **kwargs)
-        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-        counter.bytes[name] += _nbytes(tensors)
+        counter.add(name, tensor_bytes(tree_leaves((args, kwargs, out))))
         return out
 
     return wrapped
@@ -232,10 +190,10 @@ def selection_bytes(size=(480, 640), plan: Plan | None = None, *, max_masks=100,
     }
     report: dict[str, Any] = {"size": list(size), "plan": vars(plan), "max_masks_per_image": max_masks}
     for path, parts in runs.items():
-        report[path] = {part: round(c.total / 1e9, 3) for part, c in parts.items()}
-        report[path]["total"] = round(sum(c.total for c in parts.values()) / 1e9, 3)
+        report[path] = {part: round(c.total_bytes / 1e9, 3) for part, c in parts.items()}
+        report[path]["total"] = round(sum(c.total_bytes for c in parts.values()) / 1e9, 3)
         report[path]["top_ops_gb"] = {
-            part: {op: round(b / 1e9, 3) for op, b in c.bytes.most_common(top)} for part, c in parts.items()
+            part: {op: round(b / 1e9, 3) for op, b in list(c.bytes_by_op().items())[:top]} for part, c in parts.items()
         }
     return report
 

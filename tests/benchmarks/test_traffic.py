@@ -61,8 +61,48 @@ def test_linear_in_inference_mode_counts_as_one_op_with_its_kernels_flops():
 def test_each_tensor_once_per_op_and_empty_tensors_count_zero():
     a, b = torch.ones(10), torch.ones(10)
     counter = counted(lambda x, y: (x.add_(y), x + x, torch.ones(0) + 1), a, b)
-    assert [r.bytes for r in counter.records[:2]] == [2 * 10 * 4, 2 * 10 * 4]  # in place: a once; a + a: a, out
-    assert counter.total_bytes == 160
+    assert [r.bytes for r in counter.records[:2]] == [3 * 10 * 4, 2 * 10 * 4]  # in place: a read and written, b
+    assert [r.bytes_as_first_written for r in counter.records[:2]] == [2 * 10 * 4, 2 * 10 * 4]  # a once
+    assert counter.total_bytes == 200
+
+
+KB4 = 1024  # float32 elements in 4 kB
+
+
+@pytest.mark.parametrize(
+    ("name", "fn", "kilobytes"),
+    [
+        ("aten.add_", lambda a, b, o: a.add_(b), 12),  # a read and written, b read
+        ("aten.add", lambda a, b, o: torch.add(a, b, out=o), 12),  # a, b read, o only written
+        ("aten.add", lambda a, b, o: torch.add(a, b, out=a), 12),  # out= also an input: read and written, b
+        ("aten.copy_", lambda a, b, o: o.copy_(a), 8),  # a read, o only written
+        ("aten.zero_", lambda a, b, o: o.zero_(), 4),  # only written
+        ("aten.fill_", lambda a, b, o: o.fill_(2.0), 4),
+        ("aten.gelu_", lambda a, b, o: torch.ops.aten.gelu_(a), 8),  # read and written
+        ("aten.mul", lambda a, b, o: a * b, 12),  # not in place: each tensor once
+    ],
+)
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_in_place_writes_count_as_writes(name, fn, kilobytes, device):
+    a, b, o = (torch.ones(KB4, device=device) for _ in range(3))
+    with torch.inference_mode(), ByteCounter() as counter:
+        fn(a, b, o)
+    [record] = counter.records
+    assert record.name == name
+    assert record.bytes == record.kernel_bytes == kilobytes * 1024
+
+
+def test_a_plan_answers_data_dependent_ops_on_meta():
+    x = torch.ones((6, 2), device="meta")
+    with ByteCounter(nonzero=[4], host=[[1, 2, 3]]) as counter:
+        rows = torch.nonzero(x)
+        values = torch.ones(3, device="meta").tolist()
+    assert rows.shape == (4, 2) and values == [1.0, 2.0, 3.0]
+    assert counter.bytes_by_op()["aten.nonzero"] == 6 * 2 * 4 + 4 * 2 * 8
+    assert counter.bytes_by_op()["aten._to_copy"] == 2 * 3 * 4  # the planned answer counted like any copy
+    total = counter.total_bytes
+    counter.add("one kernel", 100)
+    assert counter.records[-1].bytes == 100 and counter.total_bytes == total + 100
 
 
 def test_bf16_halves_the_bytes():
