@@ -66,3 +66,19 @@ def test_compiled_records_take_the_given_flops():
     key = ("selection", (12, 16))
     [record] = compiled_records(counter.records, tally.calls, {key: 10.0}, {key: 0.0})
     assert record.flops == 0 and record.bytes == 40
+
+
+def test_tally_wraps_the_bodies_an_engine_keeps():
+    """A ``MiningEngine`` keeps its bodies as attributes (compiled or not); with ``engine`` the tally wraps those."""
+    from types import SimpleNamespace
+
+    from ovseg_mine.crops import render_crops_from_logits
+    from ovseg_mine.mine.algorithms import fused_amg
+
+    engine = SimpleNamespace(_select_chunk=fused_amg.selection_chunk, _crop_chunk=render_crops_from_logits)
+    op = fused_amg.postprocess_operator((8, 8), (12, 16), (12, 16), 16, torch.device("cpu"))
+    counter = ByteCounter()
+    with BodyTally(counter, engine) as tally, counter:
+        engine._select_chunk(torch.randn((4, 8, 8)), op.ay, op.ax, 0.0)
+    assert [(c.kind, c.size, c.items) for c in tally.calls] == [("selection", (12, 16), 4)]
+    assert engine._select_chunk is fused_amg.selection_chunk  # restored on exit
