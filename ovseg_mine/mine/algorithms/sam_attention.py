@@ -36,9 +36,11 @@ def _sdpa_forward(attn: Any, x: "torch.Tensor") -> "torch.Tensor":
         if rh.shape[0] != h or rw.shape[0] != w:  # an input size other than the one the tables were made for
             rh, rw = _rel_pos_tables(attn, h, w)
         r_q = q.reshape(b * heads, h, w, -1)
-        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)  # [B*heads, H, W, k_h]
-        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)  # [B*heads, H, W, k_w]
-        bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(b, heads, h * w, h * w)
+        # einsum returns these permuted: made contiguous (a few MB), the bias comes out contiguous and its reshape
+        # is a view, not a copy of the [B, heads, N, N] bias (400 MB per global block of ViT-B in bf16)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh).contiguous()  # [B*heads, H, W, k_h]
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw).contiguous()  # [B*heads, H, W, k_w]
+        bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(b, heads, h * w, h * w)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
     out = out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
     return attn.proj(out)
