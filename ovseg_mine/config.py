@@ -124,8 +124,9 @@ class ClipConfig(_Section):
     batch_size: int = Field(
         128,
         ge=1,
-        description="crops per image-encoder call (with engine.batching='pooled' the crops of a batch of images, "
-        "the last call padded to this size so that an embedding does not depend on the other crops)",
+        description="crops per image-encoder call at most; with engine.batching='pooled' the crops of a batch of "
+        "images go in calls of this size halved down to 32 (matching.pooled_calls), each crop in a call whose shape "
+        "its own image decides, so that an embedding does not depend on the other images' crops",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
@@ -165,7 +166,7 @@ class EngineConfig(_Section):
     batching: Literal["auto", "pooled", "per_image"] = Field(
         "auto",
         description="crops and CLIP: 'pooled' renders all masks in one gather op and runs CLIP over the crops of "
-        "the whole batch in calls padded to clip.batch_size (the GPU path: few, large kernels); 'per_image' one "
+        "the whole batch in calls of a few fixed sizes (the GPU path: few, large kernels); 'per_image' one "
         "F.interpolate per mask and CLIP per image, unpadded (cheaper on a CPU); 'auto': pooled on a GPU, "
         "per_image on a CPU. Either way an image's pairs do not depend on the other images of its batch",
     )
