@@ -3,6 +3,7 @@ Ray pipeline end to end, noun extraction. Each part writes its section of one JS
 
     python benchmarks/mine_benchmark.py speed --images 2              # baseline vs ovseg-mine, agreement
     python benchmarks/mine_benchmark.py proxies --images 8            # syncs, aten ops, non-torch time per image
+    python benchmarks/mine_benchmark.py proxies-compiled --records R.pkl  # compiled figures from a saved pass
     python benchmarks/mine_benchmark.py compile --images 2 [--tiny]   # eager vs compiled: pairs, breaks, recompiles
     python benchmarks/mine_benchmark.py ray --images 8                # the real Ray pipeline, end to end
     python benchmarks/mine_benchmark.py big-image --images 0          # host memory: COCO vs 64 MP images
@@ -404,6 +405,32 @@ def compiled_section(counter: Any, tally: Any, n: int, crops: int, encoded: int)
     }
 
 
+def recompute_compiled(path: Path, proxies_report: dict[str, Any]) -> dict[str, Any]:
+    """``proxies_report`` (a ``proxies`` section) with its ``compiled`` section and ``bars`` recomputed from the
+    counted pass that run saved (``OVSEG_BENCH_RECORDS=path``: its records, chunk body calls and masks per image),
+    with today's chunk bodies compiled (:func:`compiled_section`: Inductor's bytes per candidate and per crop,
+    compiled again on this CPU). The eager figures are kept. CLIP's pooled calls are those of the report's
+    ``clip.batch_size``."""
+    import pickle
+
+    from chunk_bodies import BodyTally
+    from traffic import ByteCounter
+
+    from ovseg_mine.mine.algorithms.matching import pooled_calls
+
+    with open(path, "rb") as f:
+        saved = pickle.load(f)
+    counter = ByteCounter()
+    counter.records = saved["records"]
+    tally = BodyTally(counter, calls=saved["calls"])
+    counts = saved["counts"]
+    encoded = sum(size for size, _ in pooled_calls(counts, proxies_report["settings"]["clip"]["batch_size"]))
+    report = dict(proxies_report)
+    report["compiled"] = compiled_section(counter, tally, saved["n"], sum(counts), encoded)
+    report["bars"] = bars(report)
+    return report
+
+
 def _unpadded(roof: dict[str, Any], crops: int, encoded: int) -> float:
     """Images/s of a roofline estimate with CLIP's time scaled from the ``encoded`` crops (padded as the run pads,
     ``matching.pooled_calls``) to the ``crops`` kept: what a batch that fills CLIP's calls pays per image."""
@@ -614,7 +641,10 @@ def nouns_speed(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["speed", "proxies", "compile", "ray", "big-image", "nouns", "nouns-json"])
+    parser.add_argument(
+        "part",
+        choices=["speed", "proxies", "proxies-compiled", "compile", "ray", "big-image", "nouns", "nouns-json"],
+    )
     parser.add_argument("--data", default=str(COCO_MINI), help="COCO layout: annotations/, val2017/")
     parser.add_argument("--images", type=int, default=2, help="images timed")
     parser.add_argument("--warmup", type=int, default=1, help="speed: images run first by everyone, not timed")
@@ -637,7 +667,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="compile: SAM and CLIP")
     parser.add_argument("--set", action="append", default=[], help="compile: a config override (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu.json"))
+    parser.add_argument(
+        "--records", type=Path, default=None, help="proxies-compiled: a counted pass saved with OVSEG_BENCH_RECORDS"
+    )
     args = parser.parse_args(argv)
+
+    if args.part == "proxies-compiled":  # --out's proxies section, its compiled figures and bars redone
+        if args.records is None:
+            parser.error("proxies-compiled needs --records")
+        report = json.loads(args.out.read_text())
+        report["proxies"] = recompute_compiled(args.records, report["proxies"])
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps({k: report["proxies"][k] for k in ("bars",)} | {"compiled": report["proxies"]["compiled"]}))
+        return report["proxies"]
 
     if args.part == "nouns-json":
         from harness import sample_records

@@ -203,12 +203,13 @@ def inductor_bytes(
 ) -> dict:
     """GB per image that Inductor's own estimate (``GraphLowering.count_bytes``: the bytes its kernels, library
     matrix products included, read and write) gives for the compiled chunk bodies, compiled on this CPU for
-    ``chunk`` candidates and ``crops`` crops and scaled to the plan's survivors and kept masks. The glue around
-    the chunk bodies (index_select, cat, sort, normalize) is not included: see :func:`selection_bytes`."""
+    ``chunk`` candidates (with the engine's ``fused_amg.SELECTION_CHUNK_OPTIONS``) and ``crops`` crops and scaled
+    to the plan's survivors and kept masks. The glue around the chunk bodies (index_select, cat, sort, normalize)
+    is not included: see :func:`selection_bytes`."""
     from torch._inductor import config, metrics
 
     from ovseg_mine.crops import render_crops_from_logits
-    from ovseg_mine.mine.algorithms.fused_amg import postprocess_operator, selection_chunk
+    from ovseg_mine.mine.algorithms.fused_amg import SELECTION_CHUNK_OPTIONS, postprocess_operator, selection_chunk
 
     plan = plan or Plan()
     op = postprocess_operator(
@@ -231,7 +232,9 @@ def inductor_bytes(
         with config.patch(fx_graph_cache=False):
             torch._dynamo.reset()
             metrics.reset()
-            torch.compile(selection_chunk, dynamic=False)(logits[:chunk], op.ay, op.ax, 0.0)
+            torch.compile(selection_chunk, dynamic=False, options=SELECTION_CHUNK_OPTIONS)(
+                logits[:chunk], op.ay, op.ax, 0.0
+            )
             out["selection_chunk_mb_per_candidate"] = metrics.num_bytes_accessed / chunk / 1e6
             metrics.reset()
             ones = torch.ones(3)

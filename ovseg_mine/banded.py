@@ -6,8 +6,10 @@ ops, but a compiler keeps matrix products as library kernels whose outputs go th
 of the few input taps and weighted sums, the same map is element-wise work that ``torch.compile`` fuses into the
 kernel that consumes it (a threshold count, a crop), so the full-resolution values are never written.
 :func:`band` turns a matrix into that form (exactly: the weights are the matrix's own entries), and
-:func:`banded_resample` applies it. The results equal the dense products up to float32 rounding (the sums run over
-the band only, in another order).
+:func:`banded_resample` applies it (its row pass ``[N, R, w]`` may still be stored by the compiler);
+:func:`banded_taps` writes each output directly from its ``K x K`` input taps, in the same order of sums, so that
+nothing but the consumer's result is stored. The results equal the dense products up to float32 rounding (the sums
+run over the band only, in another order).
 """
 
 from __future__ import annotations
@@ -67,3 +69,44 @@ def banded_resample(
         cw[:, None, :, k] * across[item[:, None, None], r[None, :, None], ci[:, None, :, k]]
         for k in range(ci.shape[-1])
     )
+
+
+def banded_taps(
+    low: "torch.Tensor",
+    rows: tuple["torch.Tensor", "torch.Tensor"],
+    cols: tuple["torch.Tensor", "torch.Tensor"],
+    *,
+    transposed: bool = False,
+) -> "torch.Tensor":
+    """:func:`banded_resample` with bands shared by every item, written as one element-wise expression of the
+    low-resolution taps: ``out[i, y, x] = sum_kc cw[x, kc] * sum_kr rw[y, kr] * low[i, ri[y, kr], ci[x, kc]]``,
+    float32 ``[N, R, Q]`` (``transposed``: the same values as ``[N, Q, R]``, indexed ``[i, x, y]``).
+
+    The sums run in :func:`banded_resample`'s order (rows first, then columns), so the values are its own. There is
+    no row-pass intermediate: compiled, the expression inlines into the kernel that consumes it (a reduction), which
+    reads only ``low`` and the bands. The transposed form is a different graph of the same values, so that a second
+    reduction (along the other axis) recomputes them instead of sharing a realized buffer with the first.
+
+    Args:
+        low: ``[N, h, w]`` (any float dtype).
+        rows: :func:`band` of ``Ay``: ``[R, K]`` indices into ``h`` and float32 weights.
+        cols: :func:`band` of ``Ax``: ``[Q, K]`` indices into ``w`` and float32 weights.
+    """
+    import torch
+
+    (ri, rw), (ci, cw) = rows, cols
+    terms = []
+    for kc in range(ci.shape[-1]):
+        if transposed:  # [N, Q, R]
+            across = sum(
+                rw[None, :, kr] * low[:, ri[None, :, kr], ci[:, kc, None]].to(torch.float32)
+                for kr in range(ri.shape[-1])
+            )
+            terms.append(cw[:, kc, None] * across)
+        else:  # [N, R, Q]
+            across = sum(
+                rw[:, kr, None] * low[:, ri[:, kr, None], ci[None, :, kc]].to(torch.float32)
+                for kr in range(ri.shape[-1])
+            )
+            terms.append(cw[None, :, kc] * across)
+    return sum(terms)

@@ -168,6 +168,20 @@ def test_the_band_is_the_matrix_and_the_banded_resample_the_product(decoded):
     torch.testing.assert_close(banded, upsample_logits(low[:4], op.ay, op.ax).permute(1, 0, 2), atol=1e-4, rtol=1e-5)
 
 
+def test_the_banded_taps_are_the_banded_resample_in_both_layouts(decoded):
+    """The one-pass form of the compiled selection body sums in banded_resample's order: the same float32 values,
+    row-major and transposed."""
+    from ovseg_mine.banded import band, banded_resample, banded_taps
+
+    _, _, low, _, _, op = decoded[2]
+    rows, cols = band(op.ay), band(op.ax)
+    resampled = banded_resample(low[:3], rows, cols)
+    torch.testing.assert_close(banded_taps(low[:3], rows, cols), resampled, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        banded_taps(low[:3], rows, cols, transposed=True), resampled.transpose(1, 2), atol=1e-6, rtol=0
+    )
+
+
 def test_traced_crops_take_the_banded_path_and_agree(decoded):
     """Under torch.compile the crop body evaluates the mask from the bands (fused by Inductor); run through Dynamo
     with the eager backend, it renders what the eager body renders."""

@@ -123,19 +123,30 @@ class CompiledPart:
         dynamic: positional argument index -> its dimensions that vary with the image size (e.g. ``{1: (0,)}``):
             those are marked dynamic before each call (``torch._dynamo.maybe_mark_dynamic``), so one graph serves
             every image size; None: every shape static (``dynamic=False``).
+        options: Inductor settings for this part (``torch.compile``'s ``options``, merged over the mode's own).
     """
 
     def __init__(
-        self, name: str, fn: Callable[..., Any], mode: str, dynamic: dict[int, tuple[int, ...]] | None = None
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        mode: str,
+        dynamic: dict[int, tuple[int, ...]] | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         import torch
 
         self.name, self.fn, self.dynamic = name, fn, dynamic or {}
         self.stats = PartStats(mode)
         self._signatures: set[tuple] = set()
-        self.compiled = torch.compile(
-            fn, fullgraph=True, dynamic=None if self.dynamic else False, mode=None if mode == "default" else mode
-        )
+        dyn = None if self.dynamic else False
+        if options:  # torch.compile takes a mode or options, not both: the mode's options, then these
+            from torch._inductor import list_mode_options
+
+            merged = (list_mode_options(mode, dyn) if mode != "default" else {}) | options
+            self.compiled = torch.compile(fn, fullgraph=True, dynamic=dyn, options=merged)
+        else:
+            self.compiled = torch.compile(fn, fullgraph=True, dynamic=dyn, mode=None if mode == "default" else mode)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from torch._dynamo import maybe_mark_dynamic
@@ -192,13 +203,17 @@ class CompiledParts:
         self.parts: dict[str, CompiledPart] = {}
 
     def wrap(
-        self, name: str, fn: Callable[..., Any], dynamic: dict[int, tuple[int, ...]] | None = None
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        dynamic: dict[int, tuple[int, ...]] | None = None,
+        options: dict[str, Any] | None = None,
     ) -> Callable[..., Any]:
         """``fn`` compiled as the part ``name`` (``fn`` itself when the mode is ``off``); a name already taken
-        is replaced (its counts start again). ``dynamic``: as :class:`CompiledPart`'s."""
+        is replaced (its counts start again). ``dynamic``, ``options``: as :class:`CompiledPart`'s."""
         if self.mode == "off":
             return fn
-        self.parts[name] = CompiledPart(name, fn, self.mode, dynamic)
+        self.parts[name] = CompiledPart(name, fn, self.mode, dynamic, options)
         return self.parts[name]
 
     def stats(self) -> dict[str, dict[str, Any]]:

@@ -288,7 +288,7 @@ class MiningEngine:
         from ovseg_mine import precision as precision_mod
         from ovseg_mine.crops import render_crops_from_logits
         from ovseg_mine.mine.algorithms.compiled import CompiledPart, CompiledParts
-        from ovseg_mine.mine.algorithms.fused_amg import selection_chunk
+        from ovseg_mine.mine.algorithms.fused_amg import SELECTION_CHUNK_OPTIONS, selection_chunk
         from ovseg_mine.mine.algorithms.sam_batch import BatchedSam
         from ovseg_mine.models import clip_input_size, clip_mean_std
         from ovseg_mine.text import NounEmbeddings
@@ -330,7 +330,9 @@ class MiningEngine:
         # the fused selection's and crops' chunk bodies (image-size dimensions dynamic: compiled.py)
         self._select_chunk, self._crop_chunk = selection_chunk, render_crops_from_logits
         if self.kernels == "fused":
-            self._select_chunk = self.parts.wrap("select_chunk", selection_chunk, dynamic={1: (0,), 2: (0,)})
+            self._select_chunk = self.parts.wrap(
+                "select_chunk", selection_chunk, dynamic={1: (0,), 2: (0,)}, options=SELECTION_CHUNK_OPTIONS
+            )
             self._crop_chunk = self.parts.wrap(
                 "crop_chunk", render_crops_from_logits, dynamic={0: (1, 2), 2: (0,), 3: (0,)}
             )

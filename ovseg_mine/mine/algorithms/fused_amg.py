@@ -16,12 +16,16 @@ order and cap). What changes is how:
 * **Fixed-shape chunk bodies.** :func:`selection_chunk` maps a chunk of ``C`` candidates' logits to their
   stability score, area and box with pure tensor ops (no host value, no data-dependent shape). Eagerly, two plain
   matrix products write the chunk's full-resolution logits once (float32 ``[H, C, W]``) and every count reads
-  them. Under ``torch.compile`` the body takes the banded form (:mod:`ovseg_mine.banded`: gathers of the three
-  taps per axis, which Inductor fuses into one comparison with the three thresholds): the only full-resolution
-  tensor written is an int8 map of how many thresholds each pixel exceeds. Bytes per candidate at 640x480
-  (``benchmarks/selection_bytes.py``): 16 MB stock, 12 MB fused eagerly, about 2.3 MB compiled (Inductor's
-  estimate). The two forms agree up to float32 rounding of the logits. The last chunk of an image is padded to
-  ``C`` (its padding's results are dropped), and ``C`` is a power of two, so an image size compiles a few times.
+  them. Under ``torch.compile`` (with :data:`SELECTION_CHUNK_OPTIONS`) the body is one pass over the
+  low-resolution logits with no full-resolution buffer: each logit is an expression of its nine low-resolution
+  taps (:func:`~ovseg_mine.banded.banded_taps`, the bands of ``Ay`` and ``Ax``) that Inductor inlines into two
+  reductions, one along rows (the three threshold counts, packed in one int64) and one along columns (recomputing
+  the logits, transposed). Bytes per candidate (``benchmarks/selection_bytes.py``): 16 MB stock and 12 MB fused
+  eagerly at 640x480; compiled, Inductor's estimate, 0.70 MB in chunks of 8 and 0.28 MB in chunks of 512 (the bf16
+  logits read twice, and the bands; 2.3 MB before, with a row-resampled float32 buffer and an int8 map of the
+  thresholds written and read back). The two forms agree up to float32 rounding of the logits. The last chunk of
+  an image is padded to ``C`` (its padding's results are dropped), and ``C`` is a power of two, so an image size
+  compiles a few times.
 * **Several images, three host syncs.** :func:`select_masks_fused` takes every decoded image of a batch: the
   predicted-IoU filter of all images is one host read (the survivors' counts), the stability filter needs none
   (a failing candidate enters NMS with score ``-inf``: sorted after every passing one, it can suppress none of them,
@@ -38,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ovseg_mine.banded import band, banded_resample
+from ovseg_mine.banded import band, banded_taps
 from ovseg_mine.mine.algorithms.amg import MaskSet, boxes_from_projections
 
 if TYPE_CHECKING:
@@ -49,6 +53,13 @@ if TYPE_CHECKING:
 #: Operators kept per process (one per image size and device); cleared when full.
 _OPERATOR_CACHE_SIZE = 64
 _OPERATORS: dict[tuple, "PostprocessOperator"] = {}
+#: Bits of each of the three counts packed in one int64 by the compiled chunk body (widths below 2**21 pixels).
+_FIELD = 21
+#: Inductor settings for the compiled :func:`selection_chunk` (``torch.compile(..., options=...)``; the engine's
+#: ``select_chunk`` part passes them). Inductor stores a pointwise result whose expression exceeds 30 operations
+#: (50 on a CPU) or 8 input buffers (12): the nine-tap logits of the compiled body (about 70 operations) would be
+#: written at full resolution, float32, before the reductions read them. Raised, the logits stay inlined.
+SELECTION_CHUNK_OPTIONS = {"realize_opcount_threshold": 400, "realize_acc_reads_threshold": 64}
 
 
 @dataclass(frozen=True)
@@ -175,22 +186,25 @@ def selection_chunk(
 def _banded_selection_chunk(
     low: "torch.Tensor", ay: "torch.Tensor", ax: "torch.Tensor", mask_threshold: float
 ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
-    """:func:`selection_chunk` as Inductor fuses it best: the logits from the bands of ``Ay`` and ``Ax``
-    (:mod:`ovseg_mine.banded`) feed one comparison with the three thresholds, whose int8 count (thresholds below each
-    logit) is the only full-resolution tensor written; every statistic is read from it. Equal to the eager body up to
-    float32 rounding of the logits."""
+    """:func:`selection_chunk` as one pass over the low-resolution logits, for Inductor (with
+    :data:`SELECTION_CHUNK_OPTIONS`): each full-resolution logit is an expression of its nine low-resolution taps
+    (:func:`~ovseg_mine.banded.banded_taps`, the sums in :func:`~ovseg_mine.banded.banded_resample`'s order), never
+    written. One reduction along each row gives its three counts at once (pixels above ``mask_threshold - 1``,
+    ``mask_threshold``, ``mask_threshold + 1``, packed 21 bits apart in an int64, so the image width must be below
+    2**21), a second along each column, over the transposed expression (recomputed, not read back), the column's
+    any. Equal to the eager body up to float32 rounding of the logits."""
     import torch
 
-    full = banded_resample(low, band(ay), band(ax))  # [C, H, W], inlined into the comparison
+    rows_band, cols_band = band(ay), band(ax)
     bounds = torch.tensor([mask_threshold - 1.0, mask_threshold, mask_threshold + 1.0], device=low.device)
-    code = (full[..., None] > bounds).sum(dim=-1, dtype=torch.int8)  # one use of the logits
-    fg = code >= 2
-    row_area = fg.sum(dim=2, dtype=torch.int32)  # [C, H]
-    inter = (code == 3).sum(dim=2, dtype=torch.int32).sum(dim=1)
-    union = (code >= 1).sum(dim=2, dtype=torch.int32).sum(dim=1)
+    places = torch.tensor([1, 1 << _FIELD, 1 << (2 * _FIELD)], device=low.device)
+    logits = banded_taps(low, rows_band, cols_band)  # [C, H, W]: inlined into the row reduction
+    rows = ((logits[..., None] > bounds).to(torch.int64) * places).sum(dim=(2, 3))  # [C, H]: three packed counts
+    field = (1 << _FIELD) - 1
+    union, row_area, inter = (rows & field).sum(dim=1), (rows >> _FIELD) & field, (rows >> (2 * _FIELD)).sum(dim=1)
+    cols = (banded_taps(low, rows_band, cols_band, transposed=True) > mask_threshold).any(dim=2)  # [C, W]
     stability = inter.to(torch.float32) / union.to(torch.float32)
-    boxes = boxes_from_projections(row_area > 0, fg.any(dim=1))
-    return stability, row_area.sum(dim=1, dtype=torch.int64), boxes
+    return stability, row_area.sum(dim=1), boxes_from_projections(row_area > 0, cols)
 
 
 @dataclass
