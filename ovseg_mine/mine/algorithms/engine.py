@@ -286,7 +286,7 @@ class MiningEngine:
         import torch
 
         from ovseg_mine import precision as precision_mod
-        from ovseg_mine.crops import render_crops_from_logits
+        from ovseg_mine.crops import device_constant, render_crops_from_logits
         from ovseg_mine.mine.algorithms.compiled import CompiledPart, CompiledParts
         from ovseg_mine.mine.algorithms.fused_amg import SELECTION_CHUNK_OPTIONS, selection_chunk
         from ovseg_mine.mine.algorithms.sam_batch import BatchedSam
@@ -321,9 +321,11 @@ class MiningEngine:
         self.input_size = clip_input_size(self.clip)
         self.mean, self.std = clip_mean_std(self.clip)
         self.fill = [255.0 * m for m in self.mean]
-        # CLIP's normalization as device constants, made once (a tensor from a list is a blocking copy on CUDA)
-        self._mean = torch.tensor(list(self.mean), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(list(self.std), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        # the crops' fill and CLIP's normalization as float32 [3] device constants, made once (a tensor from a list
+        # is a blocking copy on CUDA); the stock and the fused crops take the same ones
+        self._fill, self._mean, self._std = (
+            device_constant(v, self.device, torch.float32) for v in (self.fill, self.mean, self.std)
+        )
         # One noun per encode_text call: a noun's embedding does not depend on which nouns this actor met first.
         self.text = NounEmbeddings(clip, tokenizer, self.device, nouns_per_call=1, precision=self.clip_precision)
         self.pooled = cfg.engine.batching == "pooled" or (cfg.engine.batching == "auto" and cuda)
@@ -339,9 +341,9 @@ class MiningEngine:
         self.chunk_bytes = cfg.ray.chunk_mib * 2**20
 
     def compile_stats(self) -> dict[str, dict[str, Any]]:
-        """Per compiled part (``sam_encoder``, ``sam_decoder``, ``clip_image``): its mode, graphs compiled, compile
-        seconds and calls so far (:meth:`~ovseg_mine.mine.algorithms.compiled.CompiledParts.stats`; empty when
-        ``engine.compile='off'``)."""
+        """Per compiled part (``sam_encoder``, ``sam_decoder``, ``clip_image``; with fused kernels ``select_chunk``
+        and ``crop_chunk``): its mode, graphs compiled, compile seconds, calls and input buckets so far
+        (:meth:`~ovseg_mine.mine.algorithms.compiled.CompiledParts.stats`; empty when ``engine.compile='off'``)."""
         return self.parts.stats()
 
     # ----------------------------------------------------------------------------------------------- inputs
@@ -509,23 +511,23 @@ class MiningEngine:
                 if not self.pooled:  # the per-mask loop refuses empty boxes; empty masks are flagged
                     boxes = torch.cat([boxes[:, :2], boxes[:, 2:].clamp(min=1)], dim=1)
                 crops = render(job.image, masks.masks(index), boxes, size=side, fill=self.fill)
-                out.append((crops / 255.0 - self._mean) / self._std)  # crops.normalize, constants made once
+                mean, std = self._mean.view(1, 3, 1, 1), self._std.view(1, 3, 1, 1)
+                out.append((crops / 255.0 - mean) / std)  # crops.normalize, with the constants made once
         return torch.cat(out) if out else torch.zeros((0, 3, side, side), device=self.device)
 
     def _fused_crops(self, job: ImageJob, masks: "MaskSet") -> list["torch.Tensor"]:
         """The crops of a fused selection's masks (:func:`~ovseg_mine.crops.render_crops_from_logits`: from the
-        low-resolution logits, no full-resolution mask; CLIP-normalized in the same body), ``[len(masks), 3, S, S]``
-        float32, in chunks of
-        a fixed number of crops for the run (``max_masks_per_image`` split evenly into the fewest chunks that fit the
-        chunk budget, :func:`~ovseg_mine.crops.even_chunk`; the last chunk padded and cut), so a compiled chunk sees
-        one shape per image size."""
+        low-resolution logits, no full-resolution mask; CLIP-normalized in the same body): float32
+        chunks that concatenate to ``[len(masks), 3, S, S]``, of a fixed number of crops for the run
+        (``max_masks_per_image`` split evenly into the fewest chunks that fit the chunk budget,
+        :func:`~ovseg_mine.crops.even_chunk`; the last chunk padded and cut), so a compiled chunk sees one shape."""
         import torch
 
-        from ovseg_mine.crops import device_constant, even_chunk
+        from ovseg_mine.crops import even_chunk
 
         k, side = len(masks), self.input_size
         step = even_chunk(self.cfg.sam.max_masks_per_image, self.chunk_bytes // (33 * 16 * side * side))
-        fill, mean, std = (device_constant(v, self.device, torch.float32) for v in (self.fill, self.mean, self.std))
+        fill, mean, std = self._fill, self._mean, self._std
         ay, ax, out = masks.operator.ay, masks.operator.ax, []
         for start in range(0, k, step):
             index = torch.arange(start, start + step, device=self.device).clamp(max=k - 1)  # padded: repeats the last
